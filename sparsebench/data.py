@@ -1,0 +1,196 @@
+"""Calibration windows and evaluation token streams, from the hub or a local data root.
+
+Protocol (METHODS.md): WikiText-2 raw test rows joined with "\\n\\n"; C4 eval = the
+first 1100 documents of the validation shard joined with " " and cut to 256 x seqlen
+tokens; calibration = `nsamples` random seqlen windows of random C4 train documents
+longer than seqlen, drawn exactly as the official SparseGPT/Wanda loader draws them.
+
+Offline (source=local), from the data root (see SOURCES.md there):
+  wikitext-2-raw-v1/wiki.test.raw   rows are the file's lines read in text mode
+                                     (the convention of the stated CPU fixed points)
+  c4/c4_validation_2k.parquet       docs [0, 1100) = C4 eval, [1100, 2000) = calibration
+
+Tokenized results are cached on disk, keyed by what determines them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SparsebenchError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("local", "hub")
+EVAL_SETS = ("wikitext2", "c4")
+CALIB_SETS = ("c4", "wikitext2")
+C4_EVAL_DOCS = 1100  # first 1100 validation documents (official C4 eval)
+C4_EVAL_WINDOWS = 256  # the official loader keeps 256 x seqlen tokens
+WIKI_FILE = "wikitext-2-raw-v1/wiki.{split}.raw"
+C4_FILE = "c4/c4_validation_2k.parquet"
+C4_HUB_TRAIN = "en/c4-train.00000-of-01024.json.gz"
+C4_HUB_VAL = "en/c4-validation.00000-of-00008.json.gz"
+
+
+@dataclass
+class DataSpec:
+    source: str = "local"
+    root: str | None = None  # local data root; None: $SPARSEBENCH_DATA_ROOT or ../shared/data
+    calib_set: str = "c4"
+    nsamples: int = 128
+    seed: int = 0
+    calib_docs: tuple[int, int] = (1100, 2000)  # local C4 documents that stand in for the train shard
+    cache: bool = True
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise SparsebenchError(f"unknown data.source '{self.source}'; valid: {', '.join(SOURCES)}")
+        if self.calib_set not in CALIB_SETS:
+            raise SparsebenchError(f"unknown calibration set '{self.calib_set}'; valid: {', '.join(CALIB_SETS)}")
+        if not isinstance(self.nsamples, int) or self.nsamples < 1:
+            raise SparsebenchError(f"data.nsamples must be a positive integer, got {self.nsamples!r}")
+        self.calib_docs = tuple(self.calib_docs)
+        if self.source == "local":
+            self.root = str(resolve_root(self.root))
+
+
+def resolve_root(root: str | None) -> Path:
+    """Explicit root > $SPARSEBENCH_DATA_ROOT > ../shared/data beside the repo or the cwd."""
+    candidates = [root] if root else []
+    if not root and os.environ.get("SPARSEBENCH_DATA_ROOT"):
+        candidates = [os.environ["SPARSEBENCH_DATA_ROOT"]]
+    if not candidates:
+        repo = Path(__file__).resolve().parent.parent
+        candidates = [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for c in candidates:
+        if Path(c).expanduser().is_dir():
+            return Path(c).expanduser().resolve()
+    raise SparsebenchError(
+        f"data root not found (tried {', '.join(str(c) for c in candidates)}); "
+        f"set data.root=<folder> or SPARSEBENCH_DATA_ROOT, or use data=hub"
+    )
+
+
+def _local_file(spec: DataSpec, rel: str) -> Path:
+    path = Path(spec.root) / rel
+    if not path.is_file():
+        raise SparsebenchError(f"data file {path} is missing (data.root={spec.root})")
+    return path
+
+
+# ----------------------------------------------------------------------------- raw text
+
+
+def wikitext_rows(spec: DataSpec, split: str = "test") -> list[str]:
+    if spec.source == "hub":
+        from datasets import load_dataset
+
+        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    local = {"test": "test", "validation": "valid"}
+    if split not in local:
+        raise SparsebenchError(f"WikiText-2 split '{split}' is not in the local data (have: test, validation)")
+    # Text mode turns the file's CRLF into "\n"; each row keeps its newline.
+    with open(_local_file(spec, WIKI_FILE.format(split=local[split])), encoding="utf-8") as f:
+        return f.readlines()
+
+
+def c4_documents(spec: DataSpec, split: str) -> list[str]:
+    """split='validation': the eval documents; split='train': the calibration pool."""
+    if spec.source == "hub":
+        from datasets import load_dataset
+
+        file = C4_HUB_VAL if split == "validation" else C4_HUB_TRAIN
+        docs = load_dataset("allenai/c4", data_files={split: file}, split=split)["text"]
+        return list(docs[:C4_EVAL_DOCS]) if split == "validation" else list(docs)
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(_local_file(spec, C4_FILE), columns=["text"]).column("text").to_pylist()
+    lo, hi = (0, C4_EVAL_DOCS) if split == "validation" else spec.calib_docs
+    if hi > len(texts) or lo >= hi:
+        raise SparsebenchError(f"C4 document range [{lo}, {hi}) is outside the {len(texts)} local documents")
+    return texts[lo:hi]
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def tokenizer_id(tok) -> str:
+    probe = "Sparsebench probe: 12345 naïve café\n\n  end."
+    return f"{getattr(tok, 'name_or_path', '')}|{len(tok)}|{tok(probe)['input_ids']}"
+
+
+def _cached(key: str, build):
+    from .models import cache_root
+
+    path = cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
+    if path.exists():
+        return torch.load(path)
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
+def _source_key(spec: DataSpec) -> str:
+    return f"{spec.source}|{spec.root if spec.source == 'local' else 'hub'}"
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def eval_stream(spec: DataSpec, name: str, tok, seqlen: int) -> torch.Tensor:
+    """The token stream (1, T) of an eval set; callers cut it into seqlen windows."""
+    if name not in EVAL_SETS:
+        raise SparsebenchError(f"unknown eval dataset '{name}'; valid: {', '.join(EVAL_SETS)}")
+
+    def build():
+        if name == "wikitext2":
+            return tok("\n\n".join(wikitext_rows(spec, "test")), return_tensors="pt").input_ids
+        ids = tok(" ".join(c4_documents(spec, "validation")), return_tensors="pt").input_ids
+        return ids[:, : C4_EVAL_WINDOWS * seqlen]
+
+    key = f"eval|{name}|{_source_key(spec)}|{tokenizer_id(tok)}|{seqlen if name == 'c4' else ''}"
+    return _cached(key, build) if spec.cache else build()
+
+
+def sample_windows(docs: list[str], tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The official C4 calibration draw: random documents longer than seqlen, random windows."""
+    random.seed(seed)
+    windows = []
+    for _ in range(nsamples):
+        for _attempt in range(10_000):
+            doc = random.randint(0, len(docs) - 1)
+            ids = tok(docs[doc], return_tensors="pt").input_ids
+            if ids.shape[1] > seqlen:
+                break
+        else:
+            raise SparsebenchError(f"no calibration document is longer than seqlen={seqlen} tokens; lower model.seqlen")
+        start = random.randint(0, ids.shape[1] - seqlen - 1)
+        windows.append(ids[:, start : start + seqlen])
+    return torch.cat(windows, 0)
+
+
+def calibration(spec: DataSpec, tok, seqlen: int) -> torch.Tensor:
+    """(nsamples, seqlen) token windows for calibration."""
+
+    def build():
+        if spec.calib_set == "c4":
+            docs = c4_documents(spec, "train")
+        else:  # WikiText-2 as one long document: train on the hub, validation offline (no train file)
+            split = "train" if spec.source == "hub" else "validation"
+            docs = ["\n\n".join(wikitext_rows(spec, split))]
+        return sample_windows(docs, tok, spec.nsamples, seqlen, spec.seed)
+
+    key = (
+        f"calib|{spec.calib_set}|{_source_key(spec)}|{spec.calib_docs}|{tokenizer_id(tok)}|"
+        f"{seqlen}|{spec.nsamples}|{spec.seed}"
+    )
+    return _cached(key, build) if spec.cache else build()

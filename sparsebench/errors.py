@@ -1,0 +1,8 @@
+"""The one exception type that reaches the user as a single clear line."""
+
+
+class SparsebenchError(Exception):
+    """Bad input or an unrecoverable run condition, worded for the user.
+
+    The CLI prints it as one line and exits non-zero; no traceback.
+    """

@@ -1,0 +1,65 @@
+"""Perplexity over non-overlapping seqlen windows (the protocol of every paper in METHODS.md)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import EVAL_SETS
+from .errors import SparsebenchError
+
+
+@dataclass
+class EvalSpec:
+    datasets: tuple[str, ...] = ("wikitext2", "c4")
+    batch_size: int = 1  # windows per forward; the result does not depend on it
+    max_windows: int | None = None  # None: every full window (the papers); N: the first N
+
+    def __post_init__(self):
+        self.datasets = tuple(self.datasets)
+        for name in self.datasets:
+            if name not in EVAL_SETS:
+                raise SparsebenchError(f"unknown eval dataset '{name}'; valid: {', '.join(EVAL_SETS)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise SparsebenchError(f"eval.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.max_windows is not None and (not isinstance(self.max_windows, int) or self.max_windows < 1):
+            raise SparsebenchError(f"eval.max_windows must be null or a positive integer, got {self.max_windows!r}")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    device: torch.device,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    desc: str = "ppl",
+) -> tuple[float, int]:
+    """exp(mean over windows of the mean next-token NLL in each window); remainder dropped.
+
+    The official code scales each window's mean loss by seqlen and divides the sum
+    by windows * seqlen, which is the same number. Returns (ppl, windows used).
+    """
+    windows = ids.shape[1] // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise SparsebenchError(f"eval stream has {ids.shape[1]} tokens, fewer than one window of seqlen={seqlen}")
+    stream = ids[0, : windows * seqlen].view(windows, seqlen)
+    total = 0.0
+    for start in tqdm(range(0, windows, batch_size), desc=desc, unit="batch"):
+        x = stream[start : start + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+        ).view(x.shape[0], -1)
+        total += loss.mean(1).sum().item()
+    mean_nll = total / windows
+    if not math.isfinite(mean_nll):
+        raise SparsebenchError(f"{desc}: the loss is {mean_nll} (NaN/inf); the model output is broken, check dtype and sparsity")
+    return math.exp(mean_nll), windows

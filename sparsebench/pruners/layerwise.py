@@ -1,0 +1,209 @@
+"""The sequential layer-by-layer calibration driver, written once for every one-shot method.
+
+1. Capture: run the calibration windows into the model and record the hidden states
+   entering block 0, plus every keyword argument the model passes to each block
+   (position_embeddings, attention_mask, position_ids, ...). Gemma-3 passes different
+   masks and rotary tables to sliding and global layers, so kwargs are kept per block.
+2. For block i: move it to the compute device; run it (dense) on its inputs with hooks
+   on its linears to accumulate statistics; prune every linear; re-run the pruned block
+   to produce the inputs of block i+1; move it back. Only one block is ever on the
+   device, so a model larger than the accelerator still prunes.
+
+Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, so
+SparseGPT inverts each distinct Hessian once instead of once per linear.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..masks import apply_mask
+from ..models import find_blocks, find_linears
+from ..sparsity import Pattern
+from .base import Pruner, PruneContext
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised inside the model forward once the needed inputs are recorded."""
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def move_outside_blocks(model: nn.Module, device: torch.device) -> None:
+    """Move embeddings, norms, rotary tables, lm_head to `device`; blocks stay where they are."""
+    path, blocks = find_blocks(model)
+    parent, attr = _parent_and_attr(model, path)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, blocks)
+
+
+def _block_out(out: Any) -> torch.Tensor:
+    # transformers 5 blocks return a tensor; older ones return a tuple.
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture(model: nn.Module, calib: torch.Tensor, device: torch.device):
+    """Inputs of block 0 for every window, and (args, kwargs) each block receives.
+
+    Window 0 runs the real blocks one at a time (so each records the kwargs the model
+    gives it); every later window stops at block 0.
+    """
+    _, blocks = find_blocks(model)
+    home = next(blocks.parameters()).device
+    n = calib.shape[0]
+    inps: torch.Tensor | None = None
+    block_args: list[Any] = [None] * len(blocks)
+    state = {"j": 0}
+
+    def make_recorder(i: int, block: nn.Module, original):
+        def forward(hidden, *args, **kwargs):
+            nonlocal inps
+            if i == 0:
+                if inps is None:
+                    inps = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                inps[state["j"]] = hidden[0]
+            if state["j"] > 0:
+                raise _Stop
+            block_args[i] = (args, kwargs)
+            if i == len(blocks) - 1:
+                raise _Stop
+            block.to(device)
+            out = original(hidden, *args, **kwargs)
+            block.to(home)
+            return out
+
+        return forward
+
+    move_outside_blocks(model, device)
+    for i, block in enumerate(blocks):
+        block.forward = make_recorder(i, block, block.forward)
+    try:
+        for j in range(n):
+            state["j"] = j
+            try:
+                model(calib[j : j + 1].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward  # drop the instance attribute; the class method is back
+        move_outside_blocks(model, home)
+    return inps, block_args
+
+
+def shared_input_groups(block: nn.Module, linears: dict[str, nn.Linear], run) -> dict[str, str]:
+    """Map each linear to the first linear that reads the very same input tensor."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args, out):  # returns None: a forward hook's return value replaces the output
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    hooks = [lin.register_forward_hook(record(name)) for name, lin in linears.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    # All recorded inputs are still referenced, so equal data_ptr means the same tensor.
+    leaders: dict[str, str] = {}
+    for name in linears:
+        x = seen[name]
+        for other in leaders.values():
+            y = seen[other]
+            if x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride():
+                leaders[name] = other
+                break
+        else:
+            leaders[name] = name
+    return leaders
+
+
+class LayerwisePruner(Pruner):
+    """A one-shot method: how to accumulate input statistics and prune one linear."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    def new_stats(self, columns: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def add_batch(self, stats: Any, x: torch.Tensor) -> None:
+        """x: the linear's input for one forward call, shape (batch, tokens, columns)."""
+        raise NotImplementedError
+
+    def prepare(self, stats: Any) -> Any:
+        """Per-distinct-input precomputation shared by linears that read the same input."""
+        return stats
+
+    def prune_linear(self, linear: nn.Linear, prepared: Any, sparsity: float, pattern: Pattern) -> torch.Tensor:
+        """Prune (and possibly update) linear.weight in place; return its keep mask."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        path, blocks = find_blocks(ctx.model)
+        inps, block_args = capture(ctx.model, ctx.calib, ctx.device)
+        outs = torch.empty_like(inps)
+        masks: dict[str, torch.Tensor] = {}
+        n = inps.shape[0]
+        for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
+            home = next(block.parameters()).device
+            block.to(ctx.device)
+            args, kwargs = _to(block_args[i], ctx.device)
+
+            def run_all(dst: torch.Tensor | None = None, count: int = n):
+                for j in range(count):
+                    out = _block_out(block(inps[j : j + 1], *args, **kwargs))
+                    if dst is not None:
+                        dst[j] = out[0]
+
+            linears = find_linears(block)
+            leaders = shared_input_groups(block, linears, lambda: run_all(count=1))
+            stats = {name: self.new_stats(linears[name].in_features, ctx.device) for name in set(leaders.values())}
+            hooks = [
+                linears[name].register_forward_hook(lambda m, a, o, s=s: self.add_batch(s, a[0].detach()))
+                for name, s in stats.items()
+            ]
+            try:
+                run_all()
+            finally:
+                for h in hooks:
+                    h.remove()
+            prepared: dict[str, Any] = {}
+            for name, linear in linears.items():
+                leader = leaders[name]
+                if leader not in prepared:
+                    prepared[leader] = self.prepare(stats.pop(leader))
+                keep = self.prune_linear(linear, prepared[leader], ctx.sparsity, ctx.pattern)
+                apply_mask(linear, keep)  # hard zeros even if a method's update left residue
+                masks[f"{path}.{i}.{name}"] = keep.cpu()
+            del prepared
+            run_all(outs)  # the pruned block feeds the next one
+            block.to(home)
+            inps, outs = outs, inps
+        return masks

@@ -1,0 +1,118 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS-style pruning with a Cholesky-factored inverse Hessian.
+
+Follows the official implementation: H = 2 X X^T / n as a running average, dead
+inputs get H_jj = 1 and a zero column, damping percdamp * mean(diag H), Hinv is the
+upper Cholesky factor of H^-1, columns in blocks of `blocksize`, the mask chosen per
+block by W^2 / diag(Hinv)^2 (N:M: per M-group as the sweep reaches it, on the
+already-updated weights), then column-wise error compensation.
+
+One deliberate difference: the official code prunes every weight whose score is
+<= the k-th smallest (k = int(block numel * s)), i.e. k+1 weights per block (more
+under ties). Here exactly k are pruned per block, so the mask meets the exact
+sparsity the verifier demands.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SparsebenchError
+from ..registry import METHODS
+from ..sparsity import project
+from .layerwise import LayerwisePruner
+
+log = logging.getLogger(__name__)
+
+
+class _Hessian:
+    def __init__(self, columns: int, device):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+
+@METHODS.register("sparsegpt")
+@dataclass
+class SparseGPT(LayerwisePruner):
+    blocksize: int = 128
+    percdamp: float = 0.01
+    damp_retries: int = 6  # each retry multiplies the damping by 10
+
+    def __post_init__(self):
+        if self.blocksize < 1:
+            raise SparsebenchError(f"sparsegpt blocksize must be >= 1, got {self.blocksize}")
+        if not (0 < self.percdamp < 1e3):
+            raise SparsebenchError(f"sparsegpt percdamp must be > 0, got {self.percdamp}")
+
+    @property
+    def group(self) -> str:  # type: ignore[override]
+        return f"block:{self.blocksize}"
+
+    def new_stats(self, columns, device):
+        return _Hessian(columns, device)
+
+    def add_batch(self, stats: _Hessian, x: torch.Tensor) -> None:
+        batch = x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        stats.H *= stats.nsamples / (stats.nsamples + batch)
+        stats.nsamples += batch
+        x = x * (2.0 / stats.nsamples) ** 0.5
+        stats.H.addmm_(x.t(), x)
+
+    def prepare(self, stats: _Hessian):
+        """(upper Cholesky factor of the damped H^-1, dead-input mask), once per distinct input."""
+        H = stats.H
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        mean_diag = torch.mean(torch.diag(H))
+        damp = self.percdamp
+        for attempt in range(self.damp_retries + 1):
+            Hd = H.clone()
+            Hd.diagonal().add_(damp * mean_diag)
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if info == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if info == 0:
+                    if attempt:
+                        log.warning("sparsegpt: Cholesky succeeded with percdamp=%g", damp)
+                    return U, dead
+            damp *= 10
+        raise SparsebenchError(
+            f"sparsegpt: Hessian not positive definite even with percdamp={damp / 10:g}; "
+            f"raise method.percdamp or use more calibration samples"
+        )
+
+    def prune_linear(self, linear, prepared, sparsity, pattern):
+        Hinv, dead = prepared
+        W = linear.weight.data.clone().float()
+        W[:, dead] = 0
+        rows, cols = W.shape
+        keep = torch.ones_like(W, dtype=torch.bool)
+        for i1 in range(0, cols, self.blocksize):
+            i2 = min(i1 + self.blocksize, cols)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            d = torch.diag(Hinv1)
+            if pattern.is_nm:
+                keep1 = torch.ones_like(W1, dtype=torch.bool)
+            else:
+                keep1 = project(W1.pow(2) / d.pow(2).unsqueeze(0), sparsity, pattern, "tensor")
+            for i in range(i2 - i1):
+                if pattern.is_nm and i % pattern.m == 0:
+                    score = W1[:, i : i + pattern.m].pow(2) / d[i : i + pattern.m].pow(2).unsqueeze(0)
+                    keep1[:, i : i + pattern.m] = project(score, sparsity, pattern)
+                w = W1[:, i]
+                q = w * keep1[:, i]
+                Q1[:, i] = q
+                err = (w - q) / Hinv1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i1:i2] = Q1
+            keep[:, i1:i2] = keep1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        linear.weight.data.copy_(W.to(linear.weight.dtype))
+        return keep

@@ -1,0 +1,148 @@
+"""The pipeline, top to bottom: specs -> model -> calibration -> prune -> verify -> evaluate -> record."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import data as datamod
+from .errors import SparsebenchError
+from .evaluate import EvalSpec, perplexity
+from .masks import summarize, verify
+from .models import ModelSpec, load_config, load_model, prunable_linears
+from .pruners import PruneContext, Pruner
+from .registry import METHODS, build_dataclass
+from .sparsity import Pattern, Ramp, Schedule, check_sparsity, parse_pattern
+from .tracking import Results, WandbLogger, peak_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Specs:
+    model: ModelSpec
+    pruner: Pruner
+    sparsity: float
+    pattern: Pattern
+    schedule: Schedule
+    data: datamod.DataSpec
+    eval: EvalSpec
+    device: torch.device
+    seed: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SparsebenchError(f"unknown device '{name}'; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparsebenchError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return device
+
+
+def build_specs(cfg: DictConfig) -> Specs:
+    """Parse and validate every config group once, before any heavy work."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    method = dict(c["method"])
+    pruner = METHODS.build(method.pop("name"), method)
+    pattern = parse_pattern(c["pattern"])
+    sched = dict(c["schedule"])
+    ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
+    return Specs(
+        model=build_dataclass(ModelSpec, c["model"], "model"),
+        pruner=pruner,
+        sparsity=0.0 if pruner.name == "dense" else check_sparsity(c["sparsity"], pattern),
+        pattern=Pattern() if pruner.name == "dense" else pattern,
+        schedule=build_dataclass(Schedule, {**sched, "ramp": ramp}, "schedule"),
+        data=build_dataclass(datamod.DataSpec, c["data"], "data"),
+        eval=build_dataclass(EvalSpec, c["eval"], "eval"),
+        device=resolve_device(str(c["device"])),
+        seed=int(c["seed"]),
+    )
+
+
+def check_data_files(specs: Specs) -> None:
+    """Fail on a missing local data file now, not after the model has loaded."""
+    d = specs.data
+    if d.source != "local":
+        return
+    needed = {datamod.WIKI_FILE.format(split="test") if n == "wikitext2" else datamod.C4_FILE for n in specs.eval.datasets}
+    if specs.pruner.needs_calibration:
+        needed.add(datamod.C4_FILE if d.calib_set == "c4" else datamod.WIKI_FILE.format(split="valid"))
+    for rel in sorted(needed):
+        datamod._local_file(d, rel)
+
+
+@contextmanager
+def timed(results: Results, key: str):
+    start = time.perf_counter()
+    yield
+    results.update(timings_s={key: round(time.perf_counter() - start, 3)})
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    specs = build_specs(cfg)
+    check_data_files(specs)
+    torch.manual_seed(specs.seed)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    results = Results(out_dir / "results.json", config, specs.seed)
+    lg = cfg.logger
+    logger = WandbLogger(
+        lg.mode, lg.project, lg.entity, lg.group,
+        name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
+        config=config, directory=out_dir,
+    )
+    exit_code = 1
+    try:
+        with timed(results, "load"):
+            load_config(specs.model)  # cheap check of seqlen against the model before the weights
+            model, tok = load_model(specs.model, specs.seed)
+        results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
+                              "params": sum(p.numel() for p in model.parameters())})
+
+        calib = None
+        if specs.pruner.needs_calibration:
+            with timed(results, "calibrate"):
+                calib = datamod.calibration(specs.data, tok, specs.model.seqlen)
+            results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
+
+        ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib)
+        with timed(results, "prune"):
+            masks = specs.pruner.prune(ctx)
+        linears = prunable_linears(model)
+        if specs.pruner.name == "dense":
+            per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
+        else:
+            per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
+        results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears)},
+                       per_layer_sparsity=per_tensor)
+        logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
+        log.info("pruned: %s", results.data["sparsity"])
+
+        model.to(specs.device)
+        for name in specs.eval.datasets:
+            with timed(results, f"eval_{name}"):
+                ids = datamod.eval_stream(specs.data, name, tok, specs.model.seqlen)
+                ppl, windows = perplexity(model, ids, specs.model.seqlen, specs.device,
+                                          specs.eval.batch_size, specs.eval.max_windows, desc=name)
+            results.update(metrics={name: ppl, f"{name}_windows": windows})
+            logger.log({f"ppl/{name}": ppl})
+            log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
+
+        results.update(memory=peak_memory(specs.device), status="complete")
+        exit_code = 0
+        return results.data
+    except BaseException as err:
+        results.update(status="failed", error=f"{type(err).__name__}: {err}", memory=peak_memory(specs.device))
+        raise
+    finally:
+        logger.finish({**results.data["metrics"], "status": results.data["status"]}, exit_code)

@@ -1,0 +1,178 @@
+"""Sparsity patterns, the projection that turns scores into masks, and schedules.
+
+What a mask means is defined here once: every method (one-shot or ADMM) turns a
+score tensor into a keep-mask through `project`, and the verifier checks masks
+against `expected_pruned`, so the two can never disagree.
+
+Comparison groups (METHODS.md): who competes with whom for survival.
+  "tensor"      one threshold per weight tensor (magnitude, ADMM projection)
+  "row"         each output row prunes int(in_features * s) (Wanda)
+  "block:B"     each (rows x B) column block prunes int(rows * B * s) (SparseGPT)
+N:M patterns ignore the group: every run of M consecutive input columns of a
+row keeps exactly N.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SparsebenchError
+
+PATTERN_HELP = "'unstructured' or 'N:M' with N/M = 1/2 (2:4, 4:8)"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    n: int = 0  # kept per group (N:M only)
+    m: int = 0  # group size (N:M only); 0 means unstructured
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+def parse_pattern(text: str) -> Pattern:
+    text = str(text).strip().lower()
+    if text == "unstructured":
+        return Pattern()
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if not match:
+        raise SparsebenchError(f"unknown sparsity pattern '{text}'; valid: {PATTERN_HELP}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if m <= 0 or 2 * n != m:
+        raise SparsebenchError(
+            f"pattern '{text}' prunes {0 if m <= 0 else (m - n) / m:.3g} of the weights; "
+            f"N:M patterns must have ratio 0.5 ({PATTERN_HELP})"
+        )
+    return Pattern(n, m)
+
+
+def check_sparsity(sparsity: float, pattern: Pattern) -> float:
+    """Validate the target against the pattern; returns it as a float."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise SparsebenchError(f"sparsity must be a number in [0, 1), got '{sparsity}'") from None
+    if not (0.0 <= s < 1.0) or math.isnan(s):
+        raise SparsebenchError(f"sparsity must be in [0, 1), got {sparsity}")
+    if pattern.is_nm and abs(s - 0.5) > 1e-9:
+        raise SparsebenchError(
+            f"pattern {pattern} fixes sparsity at 0.5, got sparsity={sparsity}; "
+            f"use sparsity=0.5 with N:M or pattern=unstructured"
+        )
+    return s
+
+
+def _block_size(group: str) -> int:
+    if not group.startswith("block:"):
+        raise ValueError(f"not a block group: {group}")
+    return int(group.split(":", 1)[1])
+
+
+def expected_pruned(shape: tuple[int, int], sparsity: float, pattern: Pattern, group: str) -> int:
+    """Exact number of pruned weights a mask of this shape must have."""
+    rows, cols = shape
+    if pattern.is_nm:
+        return rows * (cols // pattern.m) * (pattern.m - pattern.n)
+    if group == "tensor":
+        return int(rows * cols * sparsity)
+    if group == "row":
+        return rows * int(cols * sparsity)
+    b = _block_size(group)
+    return sum(int(rows * min(b, cols - c) * sparsity) for c in range(0, cols, b))
+
+
+def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest scores of every M consecutive input columns of each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise SparsebenchError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
+    groups = score.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def _lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    # A stable sort makes tie-breaking identical on every device and run.
+    return torch.sort(flat, dim=-1, stable=True).indices[..., :k]
+
+
+def project(score: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "tensor") -> torch.Tensor:
+    """Keep-mask (bool, same shape as score) pruning the lowest-scoring weights.
+
+    Exactly `expected_pruned(score.shape, ...)` entries are False.
+    """
+    score = score.float()
+    if pattern.is_nm:
+        return nm_keep(score, pattern.n, pattern.m)
+    rows, cols = score.shape
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if sparsity == 0:
+        return keep
+    if group == "tensor":
+        keep.view(-1)[_lowest(score.reshape(-1), int(score.numel() * sparsity))] = False
+    elif group == "row":
+        keep.scatter_(1, _lowest(score, int(cols * sparsity)), False)
+    else:
+        b = _block_size(group)
+        for c in range(0, cols, b):
+            block = score[:, c : c + b]
+            k = int(block.numel() * sparsity)
+            sub = torch.ones_like(block, dtype=torch.bool)
+            sub.view(-1)[_lowest(block.reshape(-1), k)] = False
+            keep[:, c : c + b] = sub
+    return keep
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """Sparsity target over optimisation steps (used by iterative methods).
+
+    constant: the target from step 0.
+    cubic:    gradual magnitude pruning (Zhu & Gupta 2017):
+              s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3 for t in [t0, t1].
+    """
+
+    kind: str = "constant"
+    initial: float = 0.0
+    start: float = 0.0  # fraction of total steps where the ramp starts
+    end: float = 0.5  # fraction of total steps where the target is reached
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "cubic"):
+            raise SparsebenchError(f"unknown ramp '{self.kind}'; valid: constant, cubic")
+        if self.kind == "cubic":
+            if not (0.0 <= self.start < self.end <= 1.0):
+                raise SparsebenchError(f"cubic ramp needs 0 <= start < end <= 1, got {self.start}, {self.end}")
+            if not (0.0 <= self.initial < 1.0):
+                raise SparsebenchError(f"ramp initial sparsity must be in [0, 1), got {self.initial}")
+
+    def at(self, step: int, total_steps: int, target: float) -> float:
+        if self.kind == "constant":
+            return target
+        t0, t1 = self.start * total_steps, self.end * total_steps
+        if step <= t0:
+            return min(self.initial, target)
+        if step >= t1:
+            return target
+        frac = (step - t0) / (t1 - t0)
+        return target + (min(self.initial, target) - target) * (1.0 - frac) ** 3
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The sparsity schedule group: how the target spreads over layers and steps."""
+
+    allocation: str = "uniform"
+    ramp: Ramp = Ramp()
+
+    def __post_init__(self):
+        if self.allocation != "uniform":
+            raise SparsebenchError(f"unknown allocation '{self.allocation}'; valid: uniform")

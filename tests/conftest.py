@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Tokenized-data and model caches go to a temp folder, never the user's ~/.cache.
+    os.environ["SPARSEBENCH_CACHE"] = str(tmp_path_factory.mktemp("sbcache"))
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    torch.set_num_threads(2)
+
+
+def tiny_spec(kind: str = "llama"):
+    from omegaconf import OmegaConf
+
+    from sparsebench.models import ModelSpec
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"tiny-{kind}.yaml"))["model"]
+    return ModelSpec(**cfg)
+
+
+@pytest.fixture(params=["llama", "gemma3"])
+def tiny_model(request):
+    from sparsebench.models import load_model
+
+    model, tok = load_model(tiny_spec(request.param), seed=0)
+    return model, tok
+
+
+def compose(overrides=()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))

@@ -1,0 +1,89 @@
+"""The sequential driver: captured inputs and kwargs reproduce the model, block by block."""
+import torch
+
+from sparsebench.models import find_blocks, find_linears, prunable_linears
+from sparsebench.pruners import PruneContext
+from sparsebench.pruners.layerwise import _block_out, capture, shared_input_groups
+from sparsebench.pruners.sparsegpt import SparseGPT
+from sparsebench.pruners.wanda import Wanda
+from sparsebench.sparsity import Pattern, Schedule, expected_pruned
+
+
+def test_capture_replays_every_block(tiny_model):
+    """For Llama and Gemma-3 (per-layer masks and rotary tables) the captured kwargs
+    make the blocks, run one by one, reproduce the model's hidden states."""
+    model, _ = tiny_model
+    calib = torch.randint(0, 256, (3, 64))
+    with torch.no_grad():
+        ref = model(calib, output_hidden_states=True, use_cache=False).hidden_states
+    inps, block_args = capture(model, calib, torch.device("cpu"))
+    torch.testing.assert_close(inps, ref[0])
+    _, blocks = find_blocks(model)
+    h = inps
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            args, kwargs = block_args[i]
+            h = torch.cat([_block_out(block(h[j : j + 1], *args, **kwargs)) for j in range(3)])
+            if i < len(blocks) - 1:  # the last hidden state is after the final norm
+                torch.testing.assert_close(h, ref[i + 1])
+    # capture leaves the model as it was
+    assert not any("forward" in vars(b) for b in blocks)
+
+
+def test_gemma_blocks_get_their_own_masks():
+    from sparsebench.models import load_model
+
+    from .conftest import tiny_spec
+
+    model, _ = load_model(tiny_spec("gemma3"))
+    _, block_args = capture(model, torch.randint(0, 256, (1, 64)), torch.device("cpu"))
+    (k0, k1) = (block_args[i][1] for i in range(2))
+    # layer 0 slides over 16 tokens (an explicit mask), layer 1 is plainly causal
+    assert k0["attention_mask"] is not None
+    assert k1["attention_mask"] is None or not torch.equal(k0["attention_mask"], k1["attention_mask"])
+    assert not torch.equal(k0["position_embeddings"][0], k1["position_embeddings"][0])  # local vs global RoPE
+
+
+def test_shared_input_groups(tiny_model):
+    model, _ = tiny_model
+    _, blocks = find_blocks(model)
+    linears = find_linears(blocks[0])
+    inps, block_args = capture(model, torch.randint(0, 256, (1, 64)), torch.device("cpu"))
+    args, kwargs = block_args[0]
+    groups = shared_input_groups(blocks[0], linears, lambda: blocks[0](inps, *args, **kwargs))
+    by_leader = {}
+    for name, leader in groups.items():
+        by_leader.setdefault(leader, set()).add(name.split(".")[-1])
+    assert sorted(map(sorted, by_leader.values())) == sorted(
+        [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    )
+
+
+def test_wanda_block0_uses_dense_inputs(tiny_model):
+    """Block 0's statistics come from the dense model's inputs to its linears."""
+    model, _ = tiny_model
+    calib = torch.randint(0, 256, (4, 64))
+    _, blocks = find_blocks(model)
+    q = blocks[0].self_attn.q_proj
+    seen = []
+    h = q.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    h.remove()
+    norms = torch.cat(seen).norm(dim=0)
+    w0 = q.weight.detach().clone()
+    masks = Wanda().prune(PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), calib))
+    score = w0.abs() * norms
+    keep = masks[[n for n in masks if n.endswith("0.self_attn.q_proj")][0]]
+    assert (torch.where(keep, score, torch.inf).amin(1) >= torch.where(~keep, score, -torch.inf).amax(1)).all()
+
+
+def test_sparsegpt_model_2of4(tiny_model):
+    model, _ = tiny_model
+    calib = torch.randint(0, 256, (4, 64))
+    masks = SparseGPT().prune(PruneContext(model, 0.5, Pattern(2, 4), Schedule(), torch.device("cpu"), calib))
+    for name, lin in prunable_linears(model).items():
+        keep = masks[name]
+        assert (keep.view(keep.shape[0], -1, 4).sum(-1) == 2).all()
+        assert (lin.weight[~keep] == 0).all()
+        assert int((~keep).sum()) == expected_pruned(tuple(keep.shape), 0.5, Pattern(2, 4), "tensor")
