@@ -161,33 +161,58 @@ def eval_stream(spec: DataSpec, name: str, tok, seqlen: int) -> torch.Tensor:
     return _cached(key, build) if spec.cache else build()
 
 
-def sample_windows(docs: list[str], tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """The official C4 calibration draw: random documents longer than seqlen, random windows."""
-    random.seed(seed)
-    windows = []
-    for _ in range(nsamples):
+class WindowSampler:
+    """Random seqlen windows of random documents longer than seqlen, the official way.
+
+    The official C4 loader seeds Python's `random` and, per sample, draws document
+    indices until one tokenizes to more than seqlen tokens, then a window start in
+    [0, n - seqlen - 1]. A private random.Random(seed) gives the same sequence without
+    touching global state; tokenized documents are memoised for long training runs.
+    """
+
+    def __init__(self, docs: list[str], tok, seqlen: int, seed: int):
+        self.docs, self.tok, self.seqlen = docs, tok, seqlen
+        self.rng = random.Random(seed)
+        self._ids: dict[int, torch.Tensor] = {}
+
+    def _tokens(self, i: int) -> torch.Tensor:
+        if i not in self._ids:
+            self._ids[i] = self.tok(self.docs[i], return_tensors="pt").input_ids[0]
+        return self._ids[i]
+
+    def draw(self) -> torch.Tensor:
         for _attempt in range(10_000):
-            doc = random.randint(0, len(docs) - 1)
-            ids = tok(docs[doc], return_tensors="pt").input_ids
-            if ids.shape[1] > seqlen:
+            ids = self._tokens(self.rng.randint(0, len(self.docs) - 1))
+            if ids.shape[0] > self.seqlen:
                 break
         else:
-            raise SparsebenchError(f"no calibration document is longer than seqlen={seqlen} tokens; lower model.seqlen")
-        start = random.randint(0, ids.shape[1] - seqlen - 1)
-        windows.append(ids[:, start : start + seqlen])
-    return torch.cat(windows, 0)
+            raise SparsebenchError(f"no calibration document is longer than seqlen={self.seqlen} tokens; lower model.seqlen")
+        start = self.rng.randint(0, ids.shape[0] - self.seqlen - 1)
+        return ids[start : start + self.seqlen]
+
+    def batch(self, n: int) -> torch.Tensor:
+        return torch.stack([self.draw() for _ in range(n)])
+
+
+def sample_windows(docs: list[str], tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) windows: the official calibration draw."""
+    return WindowSampler(docs, tok, seqlen, seed).batch(nsamples)
+
+
+def calibration_documents(spec: DataSpec) -> list[str]:
+    """The calibration pool: C4 train documents, or WikiText-2 as one long document."""
+    if spec.calib_set == "c4":
+        return c4_documents(spec, "train")
+    # train split on the hub; offline there is no train file, so validation
+    split = "train" if spec.source == "hub" else "validation"
+    return ["\n\n".join(wikitext_rows(spec, split))]
 
 
 def calibration(spec: DataSpec, tok, seqlen: int) -> torch.Tensor:
     """(nsamples, seqlen) token windows for calibration."""
 
     def build():
-        if spec.calib_set == "c4":
-            docs = c4_documents(spec, "train")
-        else:  # WikiText-2 as one long document: train on the hub, validation offline (no train file)
-            split = "train" if spec.source == "hub" else "validation"
-            docs = ["\n\n".join(wikitext_rows(spec, split))]
-        return sample_windows(docs, tok, spec.nsamples, seqlen, spec.seed)
+        return sample_windows(calibration_documents(spec), tok, spec.nsamples, seqlen, spec.seed)
 
     key = (
         f"calib|{spec.calib_set}|{_source_key(spec)}|{spec.calib_docs}|{tokenizer_id(tok)}|"

@@ -115,9 +115,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 calib = datamod.calibration(specs.data, tok, specs.model.seqlen)
             results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
 
-        ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib)
+        ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
+                           tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log)
         with timed(results, "prune"):
             masks = specs.pruner.prune(ctx)
+        if specs.pruner.report():
+            results.update(method_report=specs.pruner.report())
         linears = prunable_linears(model)
         if specs.pruner.name == "dense":
             per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}

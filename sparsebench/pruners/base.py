@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +18,12 @@ class PruneContext:
     schedule: Schedule
     device: torch.device
     calib: torch.Tensor | None = None  # (nsamples, seqlen) token ids, when the method needs it
+    # For methods that train on a stream of fresh windows (Elsa): the tokenizer, the
+    # data spec (calibration source) and the window length.
+    tokenizer: Any = None
+    data: Any = None
+    seqlen: int = 0
+    log: Callable[[dict[str, Any]], None] = lambda metrics: None  # e.g. wandb
 
 
 class Pruner:
@@ -30,3 +36,7 @@ class Pruner:
 
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """Method-specific measurements for results.json (curves, state sizes, ...)."""
+        return {}

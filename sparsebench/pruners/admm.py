@@ -1,0 +1,225 @@
+"""The ADMM engine, written once for Elsa, Elsa-L, SAFE and SAFE+.
+
+Problem: min f(w) s.t. ||w||_0 <= k per tensor. Scaled ADMM with split z and dual u:
+  x-step   the base optimizer's step on grad f(w) + lam * (w - z + u)
+           (the penalty gradient is added after gradient clipping, as in the
+           released Elsa code, so clipping never shrinks the constraint pull)
+  z-step   z = Proj_k(w + u)          every `interval` steps, step 0 included
+  u-step   u = u + w - z
+Final weights: Proj_k(w) with hard zeros; the mask goes to the core's verifier.
+
+Projection (sparsity.project, the one definition of a mask):
+  magnitude   rank |w + u|
+  objective   rank v * (w + u)^2 with v = Adam's second moment (Elsa's default:
+              the diagonal preconditioner), magnitude until Adam's v exists
+  wanda       rank |w + u| * ||X_j||_2 given per-column input norms (SAFE+)
+
+Storage: z and u in float32 (Elsa), or z in FP8 e4m3 with one dynamic scale per
+tensor and u in bfloat16 (Elsa-L); dequantized on use, requantized after each update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SparsebenchError
+from ..sparsity import Pattern, Ramp, project
+
+PROJECTIONS = ("magnitude", "objective", "wanda")
+LAMBDA_KINDS = ("constant", "linear", "cosine", "exponential")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """lam over the run: constant `end`, or from `start` to `end` (linear / cosine / exponential)."""
+
+    kind: str = "constant"
+    start: float = 0.0
+    end: float = 0.01
+
+    def __post_init__(self):
+        if self.kind not in LAMBDA_KINDS:
+            raise SparsebenchError(f"unknown lambda schedule '{self.kind}'; valid: {', '.join(LAMBDA_KINDS)}")
+        if self.end < 0 or self.start < 0:
+            raise SparsebenchError(f"lambda must be >= 0, got start={self.start}, end={self.end}")
+        if self.kind == "exponential" and self.start <= 0:
+            raise SparsebenchError("an exponential lambda schedule needs start > 0")
+
+    def at(self, step: int, total: int) -> float:
+        if self.kind == "constant":
+            return self.end
+        frac = min(max(step / max(total - 1, 1), 0.0), 1.0)
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * frac
+        if self.kind == "cosine":
+            return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * frac))
+        return self.start * (self.end / self.start) ** frac
+
+
+class Stored:
+    """A tensor kept in float32, bfloat16, or FP8 e4m3 with a per-tensor dynamic scale."""
+
+    FORMATS = ("float32", "bfloat16", "fp8")
+
+    def __init__(self, value: torch.Tensor, fmt: str):
+        if fmt not in self.FORMATS:
+            raise SparsebenchError(f"unknown ADMM state format '{fmt}'; valid: {', '.join(self.FORMATS)}")
+        self.fmt = fmt
+        self.scale: torch.Tensor | None = None
+        self.set(value)
+
+    def set(self, value: torch.Tensor) -> None:
+        if self.fmt == "float32":
+            self.data = value.detach().float().clone()
+        elif self.fmt == "bfloat16":
+            self.data = value.detach().to(torch.bfloat16)
+        else:
+            # scale = amax / fp8_max * 1.05: headroom so rounding never overflows to NaN.
+            amax = value.detach().abs().max().float()
+            self.scale = torch.where(amax > 0, amax / FP8_MAX * 1.05, torch.ones_like(amax))
+            self.data = (value.detach().float() / self.scale).to(torch.float8_e4m3fn)
+
+    def get(self) -> torch.Tensor:
+        if self.fmt == "fp8":
+            return self.data.float() * self.scale
+        return self.data.float()
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + (4 if self.scale is not None else 0)
+
+
+class ADMM:
+    """Wraps a torch optimizer: penalty gradients, z/u updates, final projection.
+
+    Usage per step (after backward and gradient clipping):
+        admm.add_penalty(step); optimizer.step(); admm.after_step(step)
+    """
+
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        sparsity: float,
+        pattern: Pattern,
+        total_steps: int,
+        interval: int = 32,
+        lam: LambdaSchedule = LambdaSchedule(),
+        ramp: Ramp = Ramp(),
+        projection: str = "objective",
+        magnitude_updates: int = 0,
+        z_format: str = "float32",
+        u_format: str = "float32",
+        input_norms: dict[str, torch.Tensor] | None = None,
+        z_init: dict[str, torch.Tensor] | None = None,
+    ):
+        if projection not in PROJECTIONS:
+            raise SparsebenchError(f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}")
+        if projection == "wanda" and input_norms is None:
+            raise SparsebenchError("the wanda projection needs input norms")
+        if interval < 1:
+            raise SparsebenchError(f"ADMM interval must be >= 1, got {interval}")
+        self.params, self.opt = params, optimizer
+        self.sparsity, self.pattern, self.total = sparsity, pattern, total_steps
+        self.interval, self.lam, self.ramp = interval, lam, ramp
+        self.projection, self.magnitude_updates = projection, magnitude_updates
+        self.input_norms = input_norms or {}
+        self.updates = 0  # z/u updates done
+        self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
+        self.z: dict[str, Stored] = {}
+        self.u: dict[str, Stored] = {}
+        self.keep: dict[str, torch.Tensor] = {}
+        for name, p in params.items():
+            # z0 = Proj_k(w0) by magnitude (or a given one-shot solution), u0 = 0.
+            if z_init is not None and name in z_init:
+                z0 = z_init[name].to(p.device, torch.float32)
+                keep = z0 != 0
+            else:
+                keep = self._project(name, p.detach().float(), self.target(0), "magnitude")
+                z0 = p.detach().float() * keep
+            self.keep[name] = keep
+            self.z[name] = Stored(z0, z_format)
+            self.u[name] = Stored(torch.zeros_like(p, dtype=torch.float32), u_format)
+
+    def target(self, step: int) -> float:
+        return self.ramp.at(step, self.total, self.sparsity)
+
+    def _project(self, name: str, x: torch.Tensor, sparsity: float, how: str) -> torch.Tensor:
+        if how == "magnitude":
+            score = x.abs()
+        elif how == "objective":
+            state = self.opt.state.get(self.params[name], {})
+            v = state.get("exp_avg_sq")
+            score = x.abs() if v is None else v.float() * x.pow(2)
+        else:
+            score = x.abs() * self.input_norms[name].to(x.device).unsqueeze(0)
+        return project(score, sparsity, self.pattern, "tensor")
+
+    @torch.no_grad()
+    def add_penalty(self, step: int) -> float:
+        """grad += lam * (w - z + u) on every ADMM tensor. Call after clipping."""
+        lam = self.lam.at(step, self.total)
+        if lam == 0:
+            return lam
+        for name, p in self.params.items():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            pen = p.detach().float() - self.z[name].get() + self.u[name].get()
+            p.grad.add_(pen.to(p.grad.dtype), alpha=lam)
+        return lam
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> bool:
+        """The z- and u-updates every `interval` steps (step 0 included). True if it ran."""
+        if step % self.interval:
+            return False
+        how = "magnitude" if self.updates < self.magnitude_updates else self.projection
+        s = self.target(step)
+        flipped = total = 0
+        for name, p in self.params.items():
+            w = p.detach().float()
+            wu = w + self.u[name].get()
+            keep = self._project(name, wu, s, how)
+            flipped += int((keep != self.keep[name]).sum())
+            total += keep.numel()
+            self.keep[name] = keep
+            z = wu * keep
+            self.z[name].set(z)
+            self.u[name].set(wu - z)  # u + w - z
+        self.churn = flipped / max(total, 1)
+        self.updates += 1
+        return True
+
+    @torch.no_grad()
+    def distance(self) -> float:
+        """||w - z|| over all ADMM tensors: how far the weights are from feasibility."""
+        sq = sum(float((p.detach().float() - self.z[n].get()).pow(2).sum()) for n, p in self.params.items())
+        return math.sqrt(sq)
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """w = Proj_k(w) with hard zeros at the final target; returns the keep masks."""
+        masks = {}
+        how = "magnitude" if self.updates < self.magnitude_updates else self.projection
+        for name, p in self.params.items():
+            keep = self._project(name, p.detach().float(), self.sparsity, how)
+            p.data.mul_(keep.to(p.dtype))
+            masks[name] = keep.cpu()
+        return masks
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held for z, u and the optimizer's state of the ADMM tensors, measured."""
+        opt = 0
+        for p in self.params.values():
+            for v in self.opt.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor):
+                    opt += v.numel() * v.element_size()
+        return {
+            "z": sum(s.nbytes() for s in self.z.values()),
+            "u": sum(s.nbytes() for s in self.u.values()),
+            "optimizer": opt,
+            "params": sum(p.numel() for p in self.params.values()),
+        }

@@ -1,0 +1,137 @@
+"""The ADMM engine: a toy problem with a known sparse optimum, the update rules, FP8 state."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebench.errors import SparsebenchError
+from sparsebench.pruners.admm import ADMM, FP8_MAX, LambdaSchedule, Stored
+from sparsebench.sparsity import Pattern, Ramp
+
+
+def _least_squares(seed=0, rows=4, cols=32, nnz=32):
+    g = torch.Generator().manual_seed(seed)
+    wstar = torch.randn(rows, cols, generator=g) * 2
+    support = torch.zeros(rows * cols, dtype=torch.bool)
+    support[torch.randperm(rows * cols, generator=g)[:nnz]] = True
+    wstar = wstar * support.view(rows, cols)
+    x = torch.randn(512, cols, generator=g)
+    return wstar, x, x @ wstar.t()
+
+
+@pytest.mark.parametrize("projection", ["objective", "magnitude"])
+@pytest.mark.parametrize("fmt", [("float32", "float32"), ("fp8", "bfloat16")])
+def test_admm_recovers_known_sparse_optimum(projection, fmt):
+    wstar, x, y = _least_squares()
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 4, bias=False)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05, betas=(0.9, 0.95))
+    steps = 400
+    admm = ADMM({"w": lin.weight}, opt, 0.75, Pattern(), steps, interval=10, lam=LambdaSchedule("constant", 0, 1.0),
+                projection=projection, z_format=fmt[0], u_format=fmt[1])
+    dists = []
+    for step in range(steps):
+        opt.zero_grad()
+        ((lin(x) - y) ** 2).mean().backward()
+        admm.add_penalty(step)
+        opt.step()
+        admm.after_step(step)
+        dists.append(admm.distance())
+    masks = admm.finalize()
+    assert torch.equal(masks["w"], wstar != 0)  # the support is found
+    # w converges to the feasible set, down to the FP8 rounding of z (~2^-5 relative) for Elsa-L
+    floor = 0.1 if fmt[0] == "float32" else 0.5
+    assert dists[-1] < floor * dists[0]
+    torch.testing.assert_close(lin.weight.detach(), wstar, atol=0.05, rtol=0.05)
+
+
+def test_updates_follow_the_equations():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4, bias=False)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    admm = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10, interval=3, lam=LambdaSchedule("constant", 0, 0.3),
+                projection="magnitude")
+    w0 = lin.weight.detach().clone()
+    z0 = admm.z["w"].get()
+    assert int((z0 == 0).sum()) == 16 and torch.equal(z0, w0 * (w0.abs() >= w0.abs().flatten().kthvalue(17).values))
+    assert torch.equal(admm.u["w"].get(), torch.zeros(4, 8))
+    g = torch.randn(4, 8)
+    lin.weight.grad = g.clone()
+    admm.add_penalty(0)
+    torch.testing.assert_close(lin.weight.grad, g + 0.3 * (w0 - z0))
+    opt.step()
+    w1 = lin.weight.detach().clone()
+    assert admm.after_step(0)  # step 0 updates
+    z1, u1 = admm.z["w"].get(), admm.u["w"].get()
+    keep = (w1.abs() >= w1.abs().flatten().kthvalue(17).values)
+    torch.testing.assert_close(z1, w1 * keep)
+    torch.testing.assert_close(u1, w1 - z1)
+    assert not admm.after_step(1) and not admm.after_step(2) and admm.after_step(3)
+
+
+def test_objective_projection_uses_adam_second_moment():
+    lin = nn.Linear(2, 1, bias=False)
+    lin.weight.data = torch.tensor([[1.0, 2.0]])
+    opt = torch.optim.Adam(lin.parameters())
+    admm = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10, interval=1, projection="objective")
+    opt.state[lin.weight]["exp_avg_sq"] = torch.tensor([[100.0, 1.0]])  # curvature favours column 0
+    admm.after_step(0)
+    assert admm.keep["w"].tolist() == [[True, False]]  # magnitude would keep column 1
+    assert admm.churn == 1.0  # both entries flipped from the magnitude init
+
+
+def test_nm_projection_and_ramp():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 4, bias=False)
+    opt = torch.optim.Adam(lin.parameters())
+    admm = ADMM({"w": lin.weight}, opt, 0.5, Pattern(2, 4), 10, interval=1, projection="magnitude")
+    assert (admm.z["w"].get().view(4, 4, 4) != 0).sum(-1).le(2).all()
+    ramped = ADMM({"w": lin.weight}, opt, 0.75, Pattern(), 100, ramp=Ramp("cubic", 0.25, 0.0, 0.5))
+    assert int((ramped.z["w"].get() == 0).sum()) == 16  # starts at 25%
+    ramped.after_step(0)
+    ramped.after_step(60 - 60 % 32 + 32)  # past the ramp end
+    assert int((~ramped.keep["w"]).sum()) == 48
+
+
+def test_lambda_schedules():
+    assert LambdaSchedule("constant", 0, 0.01).at(5, 10) == 0.01
+    lin = LambdaSchedule("linear", 0.0, 1.0)
+    assert lin.at(0, 11) == 0.0 and lin.at(5, 11) == pytest.approx(0.5) and lin.at(10, 11) == 1.0
+    cos = LambdaSchedule("cosine", 0.0, 1.0)
+    assert cos.at(0, 11) == pytest.approx(0.0) and cos.at(5, 11) == pytest.approx(0.5) and cos.at(10, 11) == pytest.approx(1.0)
+    exp = LambdaSchedule("exponential", 0.01, 1.0)
+    assert exp.at(5, 11) == pytest.approx(0.1)
+    with pytest.raises(SparsebenchError, match="valid: constant, linear"):
+        LambdaSchedule("step")
+
+
+def test_fp8_round_trip_error_bound():
+    torch.manual_seed(0)
+    x = torch.randn(64, 64) * torch.logspace(-3, 1, 64)  # many magnitudes
+    x[x.abs() < 0.01] = 0  # sparse, like z
+    s = Stored(x, "fp8")
+    assert s.data.dtype == torch.float8_e4m3fn and s.data.element_size() == 1
+    scale = float(s.scale)
+    assert scale == pytest.approx(float(x.abs().max()) / FP8_MAX * 1.05)
+    err = (s.get() - x).abs()
+    # e4m3: 3 mantissa bits -> relative error <= 2^-4 for normal values; subnormal
+    # spacing 2^-9 * scale -> absolute error <= 2^-10 * scale.
+    bound = torch.maximum(x.abs() * 2**-4, torch.full_like(x, scale * 2**-10))
+    assert (err <= bound + 1e-12).all()
+    assert (s.get()[x == 0] == 0).all()  # zeros stay exact
+    assert torch.isfinite(s.get()).all()
+    b = Stored(x, "bfloat16")
+    assert ((b.get() - x).abs() <= x.abs() * 2**-8 + 1e-30).all()
+
+
+def test_state_bytes_are_measured():
+    lin = nn.Linear(64, 32, bias=False)
+    opt = torch.optim.Adam(lin.parameters())
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    opt.step()
+    full = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10).state_bytes()
+    light = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10, z_format="fp8", u_format="bfloat16").state_bytes()
+    n = 64 * 32
+    assert full["z"] == 4 * n and full["u"] == 4 * n and full["optimizer"] >= 8 * n
+    assert light["z"] == n + 4 and light["u"] == 2 * n and light["params"] == n
