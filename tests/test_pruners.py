@@ -142,10 +142,10 @@ def test_sparsegpt_dead_inputs_zeroed():
 
 def test_sparsegpt_retries_damping(caplog):
     stats = SparseGPT().new_stats(16, torch.device("cpu"))
-    stats.H = torch.ones(16, 16)  # rank 1: tiny damping cannot make it positive definite in float32
+    stats.value = torch.ones(16, 16)  # rank 1: tiny damping cannot make it positive definite in float32
     with pytest.raises(SparsebenchError, match="percdamp"):
         SparseGPT(percdamp=1e-30, damp_retries=0).prepare(stats)
-    stats.H = torch.ones(16, 16)
+    stats.value = torch.ones(16, 16)
     with caplog.at_level(logging.WARNING):
         U, dead = SparseGPT(percdamp=1e-30, damp_retries=40).prepare(stats)
     assert torch.isfinite(U).all() and not dead.any()

@@ -144,6 +144,25 @@ def shared_input_groups(block: nn.Module, linears: dict[str, nn.Linear], run) ->
     return leaders
 
 
+class RunningMean:
+    """A statistic averaged over forward calls, weighted by their batch size.
+
+    This is how the official Wanda and SparseGPT code keep ||X_j||^2 and H: after n
+    calibration windows the value is sum(fn(X_window)) / n.
+    """
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+        self.nsamples = 0
+
+    def add(self, x: torch.Tensor, fn) -> None:
+        batch = x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.value *= self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        self.value += fn(x) / self.nsamples
+
+
 class LayerwisePruner(Pruner):
     """A one-shot method: how to accumulate input statistics and prune one linear."""
 

@@ -21,15 +21,9 @@ import torch
 from ..errors import SparsebenchError
 from ..registry import METHODS
 from ..sparsity import project
-from .layerwise import LayerwisePruner
+from .layerwise import LayerwisePruner, RunningMean
 
 log = logging.getLogger(__name__)
-
-
-class _Hessian:
-    def __init__(self, columns: int, device):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.nsamples = 0
 
 
 @METHODS.register("sparsegpt")
@@ -50,19 +44,14 @@ class SparseGPT(LayerwisePruner):
         return f"block:{self.blocksize}"
 
     def new_stats(self, columns, device):
-        return _Hessian(columns, device)
+        return RunningMean(torch.zeros(columns, columns, dtype=torch.float32, device=device))
 
-    def add_batch(self, stats: _Hessian, x: torch.Tensor) -> None:
-        batch = x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
-        stats.H *= stats.nsamples / (stats.nsamples + batch)
-        stats.nsamples += batch
-        x = x * (2.0 / stats.nsamples) ** 0.5
-        stats.H.addmm_(x.t(), x)
+    def add_batch(self, stats: RunningMean, x: torch.Tensor) -> None:
+        stats.add(x, lambda x2: 2.0 * (x2.t() @ x2))  # H = 2 X X^T / n
 
-    def prepare(self, stats: _Hessian):
+    def prepare(self, stats: RunningMean):
         """(upper Cholesky factor of the damped H^-1, dead-input mask), once per distinct input."""
-        H = stats.H
+        H = stats.value
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         mean_diag = torch.mean(torch.diag(H))
