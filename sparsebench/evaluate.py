@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,14 @@ class EvalSpec:
     datasets: tuple[str, ...] = ("wikitext2", "c4")
     batch_size: int = 1  # windows per forward; the result does not depend on it
     max_windows: int | None = None  # None: every full window (the papers); N: the first N
+    zeroshot: Any = field(default_factory=dict)  # ZeroShotSpec fields; no tasks: no zero-shot
 
     def __post_init__(self):
+        from .registry import build_dataclass
+        from .zeroshot import ZeroShotSpec
+
+        if isinstance(self.zeroshot, dict):
+            self.zeroshot = build_dataclass(ZeroShotSpec, self.zeroshot, "eval.zeroshot")
         self.datasets = tuple(self.datasets)
         for name in self.datasets:
             if name not in EVAL_SETS:

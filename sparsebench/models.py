@@ -128,6 +128,9 @@ def byte_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    # The NUL byte (byte-level symbol "Ā") never occurs in text: it is end-of-text,
+    # which lm-eval needs as the prefix of an empty context.
+    tok.eos_token = "Ā"
     tok.name_or_path = "sparsebench/byte-level-256"
     return tok
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ class Specs:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -80,6 +83,16 @@ def check_data_files(specs: Specs) -> None:
         needed.add(datamod.C4_FILE if d.calib_set == "c4" else datamod.WIKI_FILE.format(split="valid"))
     for rel in sorted(needed):
         datamod._local_file(d, rel)
+    specs.eval.zeroshot.check_source(d.source, d.root)
+
+
+def run_worker(specs: Specs) -> dict[str, Any]:
+    """Ranks > 0 under torchrun: load, join the training, write nothing (rank 0 records)."""
+    model, tok = load_model(specs.model, specs.seed)
+    ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
+                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen)
+    specs.pruner.prune(ctx)
+    return {"metrics": {}}
 
 
 @contextmanager
@@ -89,9 +102,45 @@ def timed(results: Results, key: str):
     results.update(timings_s={key: round(time.perf_counter() - start, 3)})
 
 
+def init_distributed(specs: Specs) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; returns this rank."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0
+    if not specs.pruner.distributed:
+        raise SparsebenchError(
+            f"method '{specs.pruner.name}' runs in one process; launch it without torchrun "
+            f"(multi-process methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).distributed)})"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if specs.device.type == "cuda" else "gloo")
+    if specs.device.type == "cuda":
+        torch.cuda.set_device(specs.device)
+    return dist.get_rank()
+
+
+def completed(out_dir: Path) -> dict[str, Any] | None:
+    """The results of an earlier complete run in this folder, if any."""
+    import json
+
+    path = out_dir / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("status") == "complete" else None
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     specs = build_specs(cfg)
+    if cfg.get("resume", False) and (done := completed(out_dir)) is not None:
+        log.info("%s holds a complete results.json: skipped (resume=false runs it again)", out_dir)
+        return done
     check_data_files(specs)
+    if init_distributed(specs) != 0:
+        return run_worker(specs)
     torch.manual_seed(specs.seed)
     config = OmegaConf.to_container(cfg, resolve=True)
     results = Results(out_dir / "results.json", config, specs.seed)
@@ -140,6 +189,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             results.update(metrics={name: ppl, f"{name}_windows": windows})
             logger.log({f"ppl/{name}": ppl})
             log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
+
+        zs = specs.eval.zeroshot
+        if zs.tasks:
+            from .models import cache_root
+            from .zeroshot import evaluate_zeroshot
+
+            with timed(results, "eval_zeroshot"):
+                out = evaluate_zeroshot(model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root())
+            results.update(zeroshot=out, metrics={**{t: v["headline"] for t, v in out["tasks"].items()}, "mean_acc": out["mean_acc"]})
+            logger.log({f"zeroshot/{t}": v["headline"] for t, v in out["tasks"].items()} | {"zeroshot/mean_acc": out["mean_acc"]})
+            logger.table("zeroshot", ["task", "acc", "acc_norm", "n"],
+                         [[t, v.get("acc"), v.get("acc_norm"), v["n"]] for t, v in out["tasks"].items()])
 
         results.update(memory=peak_memory(specs.device), status="complete")
         exit_code = 0

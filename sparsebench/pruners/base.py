@@ -31,6 +31,8 @@ class Pruner:
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    # True if prune() can run under torchrun (one process per GPU, torch.distributed).
+    distributed: ClassVar[bool] = False
     # Comparison group of unstructured masks (see sparsity.py); the verifier checks against it.
     group: ClassVar[str] = "tensor"
 

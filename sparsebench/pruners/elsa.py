@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 @METHODS.register("elsa")
 @dataclass
 class Elsa(Pruner):
+    distributed = True
+
     steps: int = 4096
     batch_size: int = 8  # windows per optimizer step (global, over all ranks and micro-batches)
     grad_accum: int = 1  # micro-batches per step
@@ -128,6 +130,12 @@ class Elsa(Pruner):
         model = ctx.model
 
         z_init = self._warm_start(ctx) if self.warm_start else None
+        # Adam on float16 weights underflows (eps 1e-8, tiny updates): train in float32
+        # master weights (bf16 autocast stays available) and cast back at the end.
+        dtype = next(model.parameters()).dtype
+        if dtype == torch.float16:
+            log.warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or float32 to avoid the copy)", self.name)
+            model.float()
         model.to(ctx.device)
         linears = prunable_linears(model)
         admm_params, others = self._trainable(model, set(linears))
@@ -183,6 +191,7 @@ class Elsa(Pruner):
             p.requires_grad_(True)
         self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes()}
         masks = admm.finalize()
+        model.to(dtype)  # zeros stay zeros in any dtype
         return masks
 
     def report(self) -> dict[str, Any]:

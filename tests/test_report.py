@@ -1,0 +1,59 @@
+"""sparsebench-report on hand-made results, and resume of completed runs."""
+import json
+
+import pytest
+
+from sparsebench import report
+from sparsebench.run import run
+
+from .conftest import compose
+
+
+def _result(folder, method, sparsity, wiki, c4, pattern="unstructured", status="complete"):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "status": status,
+        "config": {"model": {"name": "m"}, "method": {"name": method}, "sparsity": sparsity, "pattern": pattern},
+        "metrics": {"wikitext2": wiki, "c4": c4} if status == "complete" else {},
+        "sparsity": {"pattern": pattern, "actual_sparsity": sparsity},
+        "timings_s": {"prune": 1.5}, "memory": {"peak_rss_gib": 2.0},
+    }))
+
+
+def test_report_table_and_plot(tmp_path, capsys):
+    _result(tmp_path / "0", "dense", 0.5, 10.0, 20.0)  # dense ignores the sweep's sparsity
+    _result(tmp_path / "1", "wanda", 0.5, 20.0, 40.0)
+    _result(tmp_path / "2", "wanda", 0.7, 50.0, 80.0)
+    _result(tmp_path / "3", "sparsegpt", 0.5, 16.0, 25.0, pattern="2:4")
+    _result(tmp_path / "4", "sparsegpt", 0.7, 0, 0, status="failed")
+    report.main([str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    lines = md.splitlines()
+    assert len(lines) == 2 + 5
+    assert lines[2].startswith("| m | dense | 0.00 | unstructured | 10.00 | 20.00 | 100.0 | 100.0 |")
+    assert "| m | wanda | 0.70 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | complete |" in md
+    assert "| sparsegpt | 0.70 | unstructured | — | — | — | — | 1.5 | 2.00 | failed |" in md
+    rows = (tmp_path / "report.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("path,status,model,method")
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_empty_folder(tmp_path):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
+
+
+def test_resume_skips_complete_runs(tmp_path, monkeypatch):
+    cfg = compose(["model=tiny-llama", "logger=disabled", "method=magnitude"])
+    first = run(cfg, tmp_path)
+    import sparsebench.run as runmod
+
+    monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("re-ran a complete job"))
+    assert run(cfg, tmp_path) == first
+    # a failed record is run again
+    data = json.loads((tmp_path / "results.json").read_text())
+    data["status"] = "failed"
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    with pytest.raises(pytest.fail.Exception):
+        run(cfg, tmp_path)
