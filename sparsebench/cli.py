@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .errors import SparsebenchError
@@ -19,8 +20,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg: DictConfig) -> float | None:
     from .run import run  # heavy imports after Hydra has parsed the command line
 
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     try:
-        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        results = run(cfg, Path(hc.runtime.output_dir), sweep_dir)
     except SparsebenchError as err:
         logging.getLogger("sparsebench").error("%s", err)
         print(f"sparsebench: error: {err}", file=sys.stderr)

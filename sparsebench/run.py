@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import data as datamod
 from .errors import SparsebenchError
 from .evaluate import EvalSpec, perplexity
+from .export import load_masks, load_meta, save_pruned
 from .masks import summarize, verify
 from .models import ModelSpec, load_config, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
@@ -133,8 +134,24 @@ def completed(out_dir: Path) -> dict[str, Any] | None:
     return data if data.get("status") == "complete" else None
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def dense_baseline(cfg: DictConfig, sweep_dir: Path) -> None:
+    """In a sweep, the dense model under the same protocol, once per model: <sweep>/dense_<model>."""
+    if cfg.method.name == "dense":
+        return
+    dense_cfg = cfg.copy()
+    OmegaConf.set_struct(dense_cfg, False)
+    dense_cfg.method = {"name": "dense"}
+    dense_cfg.save.enabled = False
+    folder = sweep_dir / f"dense_{cfg.model.name}"
+    if completed(folder) is None:
+        log.info("sweep baseline: dense %s in %s", cfg.model.name, folder)
+        run(dense_cfg, folder)
+
+
+def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
     specs = build_specs(cfg)
+    if sweep_dir is not None and cfg.get("dense_baseline", False):
+        dense_baseline(cfg, sweep_dir)
     if cfg.get("resume", False) and (done := completed(out_dir)) is not None:
         log.info("%s holds a complete results.json: skipped (resume=false runs it again)", out_dir)
         return done
@@ -146,7 +163,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     results = Results(out_dir / "results.json", config, specs.seed)
     lg = cfg.logger
     logger = WandbLogger(
-        lg.mode, lg.project, lg.entity, lg.group,
+        lg.mode, lg.project, lg.entity, lg.group or (sweep_dir.name if sweep_dir else None),
         name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
         config=config, directory=out_dir,
     )
@@ -171,14 +188,28 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if specs.pruner.report():
             results.update(method_report=specs.pruner.report())
         linears = prunable_linears(model)
-        if specs.pruner.name == "dense":
-            per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
-        else:
+        saved = load_masks(specs.model.path) if specs.model.source == "local" else None
+        if specs.pruner.name != "dense":
             per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
+        elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
+            meta = load_meta(specs.model.path) or {}
+            per_tensor = verify(linears, saved, meta["sparsity"], parse_pattern(meta["pattern"]), meta["group"])
+            results.update(loaded_pruned_model=meta)
+        else:
+            per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
         results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears)},
                        per_layer_sparsity=per_tensor)
         logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
         log.info("pruned: %s", results.data["sparsity"])
+
+        if cfg.save.enabled:
+            meta = {"method": specs.pruner.name, "sparsity": specs.sparsity, "pattern": str(specs.pattern),
+                    "group": specs.pruner.group, "seed": specs.seed, "model": specs.model.name,
+                    "data": {"source": specs.data.source, "calib_set": specs.data.calib_set,
+                             "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen}}
+            with timed(results, "save"):
+                folder = save_pruned(model, tok, masks, Path(cfg.save.dir or out_dir / "model"), meta)
+            results.update(saved_model=str(folder))
 
         model.to(specs.device)
         for name in specs.eval.datasets:

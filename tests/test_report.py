@@ -57,3 +57,37 @@ def test_resume_skips_complete_runs(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text(json.dumps(data))
     with pytest.raises(pytest.fail.Exception):
         run(cfg, tmp_path)
+
+
+def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
+    """A 3 x 3 sweep from one command; killed midway, the same command finishes only what is missing."""
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sparsebench.cli", "-m", "model=tiny-llama", "logger=disabled",
+           "method=magnitude,wanda,sparsegpt", "sparsity=0.3,0.5,0.7", f"hydra.sweep.dir={sweep}"]
+
+    def complete():
+        return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")
+                if json.loads(p.read_text())["status"] == "complete"}
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(complete()) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    before = complete()
+    assert "dense_tiny-llama" in before and 4 <= len(before) < 10, before
+
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    after = complete()
+    assert len(after) == 10  # 9 jobs + the dense baseline
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished jobs were not re-run
+
+    report.main([str(sweep)])
+    rows = (sweep / "report.md").read_text().splitlines()[2:]
+    assert len(rows) == 10 and rows[0].startswith("| tiny-llama | dense |")
+    assert (sweep / "report.png").stat().st_size > 5000
