@@ -49,3 +49,13 @@ def test_nm_override_and_paper_models():
     assert str(specs.pattern) == "2:4" and specs.pruner.group == "block:128"
     for name in ["llama2-7b", "llama2-13b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "opt-1.3b", "gemma2-2b"]:
         assert compose([f"model={name}"]).model.source == "hub"
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1

@@ -91,3 +91,15 @@ def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
     rows = (sweep / "report.md").read_text().splitlines()[2:]
     assert len(rows) == 10 and rows[0].startswith("| tiny-llama | dense |")
     assert (sweep / "report.png").stat().st_size > 5000
+
+
+def test_report_zero_shot_columns(tmp_path):
+    for i, (method, s, acc) in enumerate([("dense", 0.0, 0.6), ("wanda", 0.5, 0.45)]):
+        _result(tmp_path / str(i), method, s, 10.0, 20.0)
+        path = tmp_path / str(i) / "results.json"
+        rec = json.loads(path.read_text())
+        rec["zeroshot"] = {"tasks": {"boolq": {"headline": acc}, "arc_easy": {"headline": acc / 2}}, "mean_acc": acc * 0.75}
+        path.write_text(json.dumps(rec))
+    md = report.markdown(report.table(report.load_results(tmp_path)))
+    assert "| boolq | arc_easy | mean acc | % dense (acc) |" in md
+    assert "| 0.4500 | 0.2250 | 0.3375 | 75.0 |" in md
