@@ -151,12 +151,18 @@ class ADMM:
         if how == "magnitude":
             score = x.abs()
         elif how == "objective":
-            state = self.opt.state.get(self.params[name], {})
-            v = state.get("exp_avg_sq")
+            v = self.second_moment(self.params[name])
             score = x.abs() if v is None else v.float() * x.pow(2)
         else:
             score = x.abs() * self.input_norms[name].to(x.device).unsqueeze(0)
         return project(score, sparsity, self.pattern, "tensor")
+
+    def second_moment(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Adam's v for p (dequantized for 8-bit Adam), or None before the first step."""
+        if hasattr(self.opt, "moments"):
+            moments = self.opt.moments(p)
+            return None if moments is None else moments[1]
+        return self.opt.state.get(p, {}).get("exp_avg_sq")
 
     @torch.no_grad()
     def add_penalty(self, step: int) -> float:

@@ -13,8 +13,8 @@ ran with 4-bit Adam (an indentation slip), and it divided the penalty by the num
 of GPUs after DDP had already averaged the gradients. Here the penalty is added once,
 after the all-reduce, on every rank.
 
-Elsa-L (`elsa_l`) is the same loop with z stored in FP8 e4m3 (per-tensor scale) and u
-in bfloat16.
+Elsa-L (`elsa_l`) is the same loop with z stored in FP8 e4m3 (per-tensor scale), u
+in bfloat16 and, by default, Adam's moments in 8 bits.
 
 Multi-process: under torchrun (torch.distributed initialised) the model is wrapped in
 DDP; every rank draws the same global batch and trains on its slice, so the data seen
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import METHODS
+from .adam8bit import Adam8bit
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
 
@@ -68,6 +69,7 @@ class Elsa(Pruner):
     grad_checkpointing: bool = False
     z_format: str = "float32"
     u_format: str = "float32"
+    optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
     seed: int = 0
     log_every: int = 8
     history: list[dict[str, float]] = field(default_factory=list, init=False, repr=False)
@@ -142,7 +144,10 @@ class Elsa(Pruner):
         groups = [{"params": admm_params, "lr": self.lr_pruned or self.lr}]
         if others:
             groups.append({"params": others, "lr": self.lr})
-        opt = torch.optim.Adam(groups, betas=self.betas, eps=self.eps, weight_decay=0.0)
+        if self.optim_8bit:
+            opt = Adam8bit(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+        else:
+            opt = torch.optim.Adam(groups, betas=self.betas, eps=self.eps, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / self.steps))
         admm = ADMM(
             {n: l.weight for n, l in linears.items()}, opt, ctx.sparsity, ctx.pattern, self.steps,
@@ -209,7 +214,9 @@ class Elsa(Pruner):
 @METHODS.register("elsa_l")
 @dataclass
 class ElsaL(Elsa):
-    """Elsa with memory-light ADMM state: z in FP8 e4m3 (per-tensor scale), u in bfloat16."""
+    """Elsa with memory-light state: z in FP8 e4m3 (per-tensor scale), u in bfloat16,
+    Adam's moments in 8 bits (optim_8bit=false keeps them in float32)."""
 
     z_format: str = "fp8"
     u_format: str = "bfloat16"
+    optim_8bit: bool = True

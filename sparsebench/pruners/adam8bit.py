@@ -1,0 +1,97 @@
+"""Adam with 8-bit states, in plain torch (runs on CPU and GPU; Elsa-L's optional optimizer).
+
+Each state tensor is split into blocks of `block` values:
+  exp_avg      int8, linear, one absmax scale per block (signed)
+  exp_avg_sq   uint8 in the log domain, one (min, max) of log(v) per block; 0 codes v = 0.
+               A log code keeps small second moments small but non-zero relative to
+               their block, so 1/sqrt(v) never explodes the way a linear code with
+               absmax scaling would (small v rounding to 0).
+States are dequantized for each step and requantized after it, so one float32 copy
+of a single tensor's state exists at a time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 2048
+
+
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block), pad
+
+
+def quantize_signed(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    b, _ = _blocks(x.float(), block)
+    scale = b.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127.0
+    return torch.round(b / scale).to(torch.int8), scale.squeeze(1)
+
+
+def dequantize_signed(q: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return (q.float() * scale.unsqueeze(1)).reshape(-1)[: like.numel()].view_as(like)
+
+
+def quantize_log(v: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """v >= 0 -> uint8 codes (0: v == 0; 1..255: log(v) spread over the block's range)."""
+    b, _ = _blocks(v.float(), block)
+    pos = b > 0
+    logs = torch.where(pos, b.clamp_min(1e-38).log(), torch.full_like(b, math.inf))
+    lo = logs.amin(1, keepdim=True)
+    hi = torch.where(pos, logs, torch.full_like(b, -math.inf)).amax(1, keepdim=True)
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, lo)
+    span = (hi - lo).clamp_min(1e-12)
+    code = 1 + torch.round((logs.clamp(max=1e30) - lo) / span * 254)
+    code = torch.where(pos, code, torch.zeros_like(code)).clamp(0, 255)
+    return code.to(torch.uint8), torch.cat([lo, hi], 1)
+
+
+def dequantize_log(q: torch.Tensor, lohi: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    lo, hi = lohi[:, :1], lohi[:, 1:]
+    v = torch.exp(lo + (q.float() - 1) / 254 * (hi - lo))
+    v = torch.where(q == 0, torch.zeros_like(v), v)
+    return v.reshape(-1)[: like.numel()].view_as(like)
+
+
+class Adam8bit(torch.optim.Optimizer):
+    """Adam (no weight decay) whose moments are stored in 8 bits per value."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, block: int = BLOCK):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, block=block))
+
+    def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(exp_avg, exp_avg_sq) dequantized to float32, or None before the first step."""
+        st = self.state.get(p)
+        if not st:
+            return None
+        return (dequantize_signed(st["m_q"], st["m_scale"], p), dequantize_log(st["v_q"], st["v_range"], p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
+                else:
+                    m, v = self.moments(p)
+                st["step"] += 1
+                g = p.grad.float()
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                bc1, bc2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
+                denom = (v / bc2).sqrt_().add_(group["eps"])
+                p.add_((m / bc1 / denom).to(p.dtype), alpha=-group["lr"])
+                st["m_q"], st["m_scale"] = quantize_signed(m, group["block"])
+                st["v_q"], st["v_range"] = quantize_log(v, group["block"])
+        return loss
