@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg: DictConfig) -> float | None:
     from .run import run  # heavy imports after Hydra has parsed the command line
 
+    # A killed job (SIGTERM from kill, SLURM, a launcher) unwinds like an error, so its
+    # results.json says "failed" and keeps everything measured before the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by signal {signum}"))
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     try:

@@ -103,3 +103,26 @@ def test_cli_multirun_sweep(tmp_path):
     assert len(results) == 4
     seen = {(r["config"]["method"]["name"], r["config"]["sparsity"]) for r in map(lambda p: json.loads(p.read_text()), results)}
     assert seen == {("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7)}
+
+
+def test_killed_run_is_recorded_as_failed(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsebench.cli", *TINY, "eval.max_windows=null",
+                             f"hydra.run.dir={out}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            rec = json.loads((out / "results.json").read_text())
+            if "sparsity" in rec:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    rec = json.loads((out / "results.json").read_text())
+    assert rec["status"] == "failed" and "terminated by signal 15" in rec["error"]
+    assert rec["sparsity"]["actual_sparsity"] == 0.5  # what was measured before the kill is kept
