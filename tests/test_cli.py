@@ -53,7 +53,7 @@ def test_pruning_hurts_in_order(tmp_path):
         (["sparsity=-0.2"], r"sparsity must be in \[0, 1\)"),
         (["pattern=3:4"], "ratio 0.5"),
         (["pattern=2:4", "sparsity=0.7"], "fixes sparsity at 0.5"),
-        (["method.name=wandaa"], "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: dense, magnitude"),
+        (["method.name=wandaa"], "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: dense, elsa, elsa_l, magnitude"),
         (["+method.blocksz=64", "method=sparsegpt"], "has no option 'blocksz' \\(did you mean 'blocksize'\\?\\)"),
         (["data.root=/nonexistent/data"], "data root not found"),
         (["device=tpu"], "unknown device 'tpu'"),
@@ -100,9 +100,10 @@ def test_cli_multirun_sweep(tmp_path):
     proc = _cli("-m", *TINY, "method=magnitude,wanda", "sparsity=0.5,0.7", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = sorted((tmp_path / "sweep").glob("*/results.json"))
-    assert len(results) == 4
+    assert len(results) == 5  # 4 jobs + the dense baseline of the sweep
     seen = {(r["config"]["method"]["name"], r["config"]["sparsity"]) for r in map(lambda p: json.loads(p.read_text()), results)}
-    assert seen == {("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7)}
+    assert seen == {("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7), ("dense", 0.5)}
+    assert (tmp_path / "sweep" / "dense_tiny-llama" / "results.json").is_file()
 
 
 def test_killed_run_is_recorded_as_failed(tmp_path):
