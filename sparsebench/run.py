@@ -17,7 +17,7 @@ from .errors import SparsebenchError
 from .evaluate import EvalSpec, perplexity
 from .export import load_masks, load_meta, save_pruned
 from .masks import summarize, verify
-from .models import ModelSpec, load_config, load_model, prunable_linears
+from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .registry import METHODS, build_dataclass
 from .sparsity import Pattern, Ramp, Schedule, check_sparsity, parse_pattern
@@ -170,8 +170,7 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[s
     exit_code = 1
     try:
         with timed(results, "load"):
-            load_config(specs.model)  # cheap check of seqlen against the model before the weights
-            model, tok = load_model(specs.model, specs.seed)
+            model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
         results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
                               "params": sum(p.numel() for p in model.parameters())})
 
