@@ -56,7 +56,7 @@ def _key(row):
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = sorted(rows, key=_key)
     dense = {r["model"]: r for r in rows if r["method"] == "dense" and r["status"] == "complete"}
-    tasks = [t for t in STOCK_TASKS if any(r.get(t) is not None for r in rows)]
+    tasks = zeroshot_tasks(rows)
     for r in rows:
         d = dense.get(r["model"])
         for k in PPL:
