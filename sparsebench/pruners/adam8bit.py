@@ -40,7 +40,8 @@ def quantize_log(v: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
     """v >= 0 -> uint8 codes (0: v == 0; 1..255: log(v) spread over the block's range)."""
     b, _ = _blocks(v.float(), block)
     pos = b > 0
-    logs = torch.where(pos, b.clamp_min(1e-38).log(), torch.full_like(b, math.inf))
+    # log of a subnormal float32 is exact enough; clamping them would inflate tiny v.
+    logs = torch.where(pos, b.log(), torch.full_like(b, math.inf))
     lo = logs.amin(1, keepdim=True)
     hi = torch.where(pos, logs, torch.full_like(b, -math.inf)).amax(1, keepdim=True)
     lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
