@@ -13,6 +13,8 @@ Projection (sparsity.project, the one definition of a mask):
   objective   rank v * (w + u)^2 with v = Adam's second moment (Elsa's default:
               the diagonal preconditioner), magnitude until Adam's v exists
   wanda       rank |w + u| * ||X_j||_2 given per-column input norms (SAFE+)
+Unstructured masks compare within the whole tensor (Elsa) or within each output row
+(SAFE and SAFE+, as Wanda does); N:M groups are always along the input dimension.
 
 Storage: z and u in float32 (Elsa), or z in FP8 e4m3 with one dynamic scale per
 tensor and u in bfloat16 (Elsa-L); dequantized on use, requantized after each update.
@@ -115,6 +117,7 @@ class ADMM:
         u_format: str = "float32",
         input_norms: dict[str, torch.Tensor] | None = None,
         z_init: dict[str, torch.Tensor] | None = None,
+        group: str = "tensor",
     ):
         if projection not in PROJECTIONS:
             raise SparsebenchError(f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}")
@@ -127,6 +130,7 @@ class ADMM:
         self.interval, self.lam, self.ramp = interval, lam, ramp
         self.projection, self.magnitude_updates = projection, magnitude_updates
         self.input_norms = input_norms or {}
+        self.group = group  # unstructured comparison group: tensor (Elsa) or row (SAFE, as Wanda)
         self.updates = 0  # z/u updates done
         self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
         self.z: dict[str, Stored] = {}
@@ -138,7 +142,9 @@ class ADMM:
                 z0 = z_init[name].to(p.device, torch.float32)
                 keep = z0 != 0
             else:
-                keep = self._project(name, p.detach().float(), self.target(0), "magnitude")
+                # Adam's v does not exist yet: the objective-aware metric starts as magnitude.
+                how = "magnitude" if projection == "objective" else projection
+                keep = self._project(name, p.detach().float(), self.target(0), how)
                 z0 = p.detach().float() * keep
             self.keep[name] = keep
             self.z[name] = Stored(z0, z_format)
@@ -155,7 +161,7 @@ class ADMM:
             score = x.abs() if v is None else v.float() * x.pow(2)
         else:
             score = x.abs() * self.input_norms[name].to(x.device).unsqueeze(0)
-        return project(score, sparsity, self.pattern, "tensor")
+        return project(score, sparsity, self.pattern, self.group)
 
     def second_moment(self, p: torch.Tensor) -> torch.Tensor | None:
         """Adam's v for p (dequantized for 8-bit Adam), or None before the first step."""

@@ -1,0 +1,262 @@
+"""SAFE and SAFE+ (Lee, Lee, Chung, Lee, ICML 2025): sharpness-aware ADMM, block by block.
+
+For LLMs the objective f is the block-wise reconstruction error. Block by block:
+  inputs   the calibration windows after the already-pruned earlier blocks
+  targets  the dense block's outputs on those same inputs
+  f(w)     MSE(block_w(inputs), targets) over a mini-batch
+and every linear of the block is an ADMM variable (engine: pruners/admm.py; same z/u
+updates and projection as Elsa). The x-step is a SAM step:
+  g1 = grad f(w);  e = rho * g1 / ||g1||  (one global norm over the block's linears)
+  g2 = grad f(w + e);  restore w;  grad = g2 + lam * (w - z + u);  Adam step.
+rho = 0 makes e = 0 and the step is exactly the plain ADMM step.
+
+SAFE projects with |w + u|; SAFE+ with the Wanda metric |w + u| * ||X_j||_2, the
+input column norms collected while the dense block computes its targets. Both
+compare within each output row (as Wanda), or N:M groups.
+
+Schedule per block: `epochs` passes over the windows in shuffled mini-batches, lr with
+linear warm-up over `warmup_epochs` then linear decay to 0, lam, rho, z/u update every
+`interval` steps (step 0 included). Only the block's linear weights train; norms stay.
+Published defaults (METHODS.md): 128 x 2048 C4 windows, batch 8, lr 2e-4, warm-up 2
+of 30 epochs, lam 1e-3, rho 2e-4, interval 32, betas (0.9, 0.95).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SparsebenchError
+from ..masks import apply_mask
+from ..models import find_blocks, find_linears
+from ..registry import METHODS
+from ..sparsity import project
+from .admm import ADMM, LambdaSchedule
+from .base import Pruner, PruneContext
+from .layerwise import RunningMean, _block_out, _to, capture
+
+log = logging.getLogger(__name__)
+
+
+def sam_gradients(params: list[torch.Tensor], loss_fn, rho: float) -> float:
+    """Set p.grad to the SAM gradient grad f(w + e), e = rho * g / ||g||; w is restored.
+
+    Returns the loss at the unperturbed point (what the progress bar shows).
+    """
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    scale = rho / (float(norm) + 1e-12)
+    with torch.no_grad():
+        eps = [g * scale for g in grads]
+        for p, e in zip(params, eps):
+            p.add_(e)
+    try:
+        grads2 = torch.autograd.grad(loss_fn(), params)
+    finally:
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.sub_(e)
+    for p, g in zip(params, grads2):
+        p.grad = g.detach().clone()
+    return float(loss.detach())
+
+
+def sam_admm_step(params, loss_fn, rho: float, admm: ADMM, opt: torch.optim.Optimizer, step: int) -> float:
+    """One SAFE x-step and, on its schedule, the z/u updates. Returns the unperturbed loss."""
+    loss = sam_gradients(params, loss_fn, rho)
+    admm.add_penalty(step)  # lam * (w - z + u) at the restored w
+    opt.step()
+    admm.after_step(step)
+    return loss
+
+
+@METHODS.register("safe")
+@dataclass
+class Safe(Pruner):
+    needs_calibration: ClassVar[bool] = True
+
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup_epochs: float = 2
+    lam: float = 1e-3
+    lam_schedule: str = "constant"  # constant | linear | cosine | exponential (lam_start -> lam), per block
+    lam_start: float = 0.0
+    rho: float = 2e-4
+    interval: int = 32
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    projection: str = "magnitude"  # SAFE: |w+u|; SAFE+: wanda
+    group: str = "row"  # unstructured masks compare per output row (as Wanda) or per tensor
+    seed: int = 0
+    blocks: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _state_bytes: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "interval"):
+            if int(getattr(self, key)) < 1:
+                raise SparsebenchError(f"{self.name}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.rho < 0 or self.lr <= 0 or self.warmup_epochs < 0:
+            raise SparsebenchError(f"{self.name}: need rho >= 0, lr > 0, warmup_epochs >= 0 (got {self.rho}, {self.lr}, {self.warmup_epochs})")
+        if self.projection not in ("magnitude", "wanda"):
+            raise SparsebenchError(f"{self.name}: unknown projection '{self.projection}'; valid: magnitude, wanda")
+        if self.group not in ("row", "tensor"):
+            raise SparsebenchError(f"{self.name}: unknown group '{self.group}'; valid: row, tensor")
+        self.betas = tuple(self.betas)
+        self.lam_sched = LambdaSchedule(self.lam_schedule, self.lam_start, self.lam)
+
+    def lr_at(self, step: int, steps_per_epoch: int, total: int) -> float:
+        warm = self.warmup_epochs * steps_per_epoch
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        return self.lr * max(0.0, (total - step) / max(total - warm, 1))
+
+    # ------------------------------------------------------------------ one block
+
+    @torch.no_grad()
+    def _mse(self, block, inps, targets, args, kwargs) -> float:
+        total = 0.0
+        for j in range(0, inps.shape[0], self.batch_size):
+            out = _block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
+            total += float((out.float() - targets[j : j + self.batch_size].float()).pow(2).sum())
+        return total / targets.numel()
+
+    def _targets(self, block, linears, inps, args, kwargs):
+        """Dense outputs on the block's inputs, and ||X_j||_2 of every linear's input."""
+        norms = {name: RunningMean(torch.zeros(lin.in_features, device=inps.device)) for name, lin in linears.items()}
+        hooks = [lin.register_forward_hook(lambda m, a, o, s=norms[name]: s.add(a[0].detach(), lambda x: x.pow(2).sum(0)))
+                 for name, lin in linears.items()] if self.projection == "wanda" else []
+        targets = torch.empty_like(inps)
+        try:
+            with torch.no_grad():
+                for j in range(inps.shape[0]):
+                    targets[j] = _block_out(block(inps[j : j + 1], *args, **kwargs))[0]
+        finally:
+            for h in hooks:
+                h.remove()
+        return targets, {name: s.value.sqrt() for name, s in norms.items()} if hooks else None
+
+    def _train_block(self, i, nblocks, block, inps, targets, args, kwargs, norms, ctx, gen):
+        linears = find_linears(block)
+        n = inps.shape[0]
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        total = self.epochs * steps_per_epoch
+        others = [p for p in block.parameters() if all(p is not lin.weight for lin in linears.values())]
+        for p in others:
+            p.requires_grad_(False)
+        params = {name: lin.weight for name, lin in linears.items()}
+        opt = torch.optim.Adam(list(params.values()), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
+        admm = ADMM(params, opt, ctx.sparsity, ctx.pattern, total, interval=self.interval, lam=self.lam_sched,
+                    ramp=ctx.schedule.ramp, projection=self.projection, input_norms=norms, group=self.group)
+        weights = list(params.values())
+        step, first = 0, None
+        bar = tqdm(range(self.epochs), desc=f"{self.name} block {i + 1}/{nblocks}", unit="epoch", leave=False)
+        for epoch in bar:
+            order = torch.randperm(n, generator=gen)
+            epoch_loss = 0.0
+            for j in range(0, n, self.batch_size):
+                idx = order[j : j + self.batch_size].to(inps.device)
+                x, y = inps[idx], targets[idx]
+
+                def loss_fn():
+                    out = _block_out(block(x, *args, **kwargs))
+                    return (out.float() - y.float()).pow(2).mean()
+
+                for g in opt.param_groups:
+                    g["lr"] = self.lr_at(step, steps_per_epoch, total)
+                loss = sam_admm_step(weights, loss_fn, self.rho, admm, opt, step)
+                if not math.isfinite(loss):
+                    raise SparsebenchError(f"{self.name}: reconstruction loss is {loss} in block {i} step {step}; lower method.lr")
+                epoch_loss += loss * len(idx)
+                step += 1
+            epoch_loss /= n
+            first = epoch_loss if first is None else first
+            bar.set_postfix(loss=f"{epoch_loss:.3g}", dist=f"{admm.distance():.3g}")
+        for p in others:
+            p.requires_grad_(True)
+        dist = admm.distance()
+        masks = admm.finalize()
+        self._state_bytes = admm.state_bytes()
+        return masks, {"loss_first_epoch": first, "loss_last_epoch": epoch_loss, "dist_before_final": dist, "steps": total}
+
+    # ------------------------------------------------------------------ the driver
+
+    def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        if ctx.calib is None:
+            raise SparsebenchError(f"{self.name} needs calibration windows")
+        path, blocks = find_blocks(ctx.model)
+        with torch.no_grad():
+            inps, block_args = capture(ctx.model, ctx.calib, ctx.device)
+        inps = inps.float()  # the block trains in float32 whatever the model's dtype
+        gen = torch.Generator().manual_seed(self.seed)
+        masks: dict[str, torch.Tensor] = {}
+        self.blocks = []
+        for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
+            home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
+            block.to(ctx.device, torch.float32)
+            args, kwargs = _to(block_args[i], ctx.device)
+            args, kwargs = _to_float(args), _to_float(kwargs)
+            linears = find_linears(block)
+            targets, norms = self._targets(block, linears, inps, args, kwargs)
+            # "before": the one-shot projection of the dense block by the same metric (the ADMM start).
+            dense = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+            with torch.no_grad():
+                for name, lin in linears.items():
+                    score = lin.weight.abs().float()
+                    if norms is not None:
+                        score = score * norms[name].unsqueeze(0)
+                    lin.weight.mul_(project(score, ctx.sparsity, ctx.pattern, self.group))
+            before = self._mse(block, inps, targets, args, kwargs)
+            with torch.no_grad():
+                for name, lin in linears.items():
+                    lin.weight.copy_(dense[name])
+            del dense
+            block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, ctx, gen)
+            with torch.no_grad():
+                for name, lin in linears.items():
+                    apply_mask(lin, block_masks[name])
+                    masks[f"{path}.{i}.{name}"] = block_masks[name]
+            after = self._mse(block, inps, targets, args, kwargs)
+            rec = {"block": i, "recon_error_before": before, "recon_error_after": after, **rec}
+            self.blocks.append(rec)
+            log.info("%s block %d: reconstruction error %.4g (one-shot) -> %.4g", self.name, i, before, after)
+            ctx.log({f"{self.name}/block": i, f"{self.name}/recon_error_before": before, f"{self.name}/recon_error_after": after})
+            with torch.no_grad():  # the pruned block feeds the next one
+                for j in range(0, inps.shape[0], self.batch_size):
+                    targets[j : j + self.batch_size] = _block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
+            inps = targets
+            block.to(home, dtype)
+        return masks
+
+    def report(self) -> dict[str, Any]:
+        if not self.blocks:
+            return {}
+        before = sum(b["recon_error_before"] for b in self.blocks)
+        after = sum(b["recon_error_after"] for b in self.blocks)
+        return {"blocks": self.blocks, "recon_error_sum_before": before, "recon_error_sum_after": after,
+                "state_bytes_last_block": self._state_bytes}
+
+
+def _to_float(obj: Any) -> Any:
+    """Floating tensors (rotary tables, additive masks) to float32, to match the training block."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_float(v) for k, v in obj.items()}
+    return obj
+
+
+@METHODS.register("safe_plus")
+@dataclass
+class SafePlus(Safe):
+    """SAFE+: the projection ranks |w + u| * ||X_j||_2 (the Wanda metric)."""
+
+    projection: str = "wanda"
