@@ -33,13 +33,15 @@ class _Stop(Exception):
     """Raised inside the model forward once the needed inputs are recorded."""
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Tensors inside nested args/kwargs to `device`; floating ones also to `float_dtype` if given."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else obj.dtype
+        return obj.to(device, dtype)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, float_dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, float_dtype) for k, v in obj.items()}
     return obj
 
 

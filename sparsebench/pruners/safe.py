@@ -200,8 +200,8 @@ class Safe(Pruner):
         for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
             home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
             block.to(ctx.device, torch.float32)
-            args, kwargs = _to(block_args[i], ctx.device)
-            args, kwargs = _to_float(args), _to_float(kwargs)
+            # rotary tables and additive masks in float32, to match the training block
+            args, kwargs = _to(block_args[i], ctx.device, torch.float32)
             linears = find_linears(block)
             targets, norms = self._targets(block, linears, inps, args, kwargs)
             # "before": the one-shot projection of the dense block by the same metric (the ADMM start).
@@ -241,17 +241,6 @@ class Safe(Pruner):
         after = sum(b["recon_error_after"] for b in self.blocks)
         return {"blocks": self.blocks, "recon_error_sum_before": before, "recon_error_sum_after": after,
                 "state_bytes_last_block": self._state_bytes}
-
-
-def _to_float(obj: Any) -> Any:
-    """Floating tensors (rotary tables, additive masks) to float32, to match the training block."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_float(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_float(v) for k, v in obj.items()}
-    return obj
 
 
 @METHODS.register("safe_plus")
