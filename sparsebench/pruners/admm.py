@@ -144,7 +144,7 @@ class ADMM:
             else:
                 # Adam's v does not exist yet: the objective-aware metric starts as magnitude.
                 how = "magnitude" if projection == "objective" else projection
-                keep = self._project(name, p.detach().float(), self.target(0), how)
+                keep = self.mask_of(name, p.detach().float(), self.target(0), how)
                 z0 = p.detach().float() * keep
             self.keep[name] = keep
             self.z[name] = Stored(z0, z_format)
@@ -153,7 +153,8 @@ class ADMM:
     def target(self, step: int) -> float:
         return self.ramp.at(step, self.total, self.sparsity)
 
-    def _project(self, name: str, x: torch.Tensor, sparsity: float, how: str) -> torch.Tensor:
+    def mask_of(self, name: str, x: torch.Tensor, sparsity: float, how: str) -> torch.Tensor:
+        """Keep mask of x (w, or w + u) for tensor `name` by metric `how` at `sparsity`."""
         if how == "magnitude":
             score = x.abs()
         elif how == "objective":
@@ -194,7 +195,7 @@ class ADMM:
         for name, p in self.params.items():
             w = p.detach().float()
             wu = w + self.u[name].get()
-            keep = self._project(name, wu, s, how)
+            keep = self.mask_of(name, wu, s, how)
             flipped += int((keep != self.keep[name]).sum())
             total += keep.numel()
             self.keep[name] = keep
@@ -217,7 +218,7 @@ class ADMM:
         masks = {}
         how = "magnitude" if self.updates < self.magnitude_updates else self.projection
         for name, p in self.params.items():
-            keep = self._project(name, p.detach().float(), self.sparsity, how)
+            keep = self.mask_of(name, p.detach().float(), self.sparsity, how)
             p.data.mul_(keep.to(p.dtype))
             masks[name] = keep.cpu()
         return masks

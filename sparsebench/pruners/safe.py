@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import find_blocks, find_linears
 from ..registry import METHODS
-from ..sparsity import project
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
 from .layerwise import RunningMean, _block_out, _to, capture
@@ -120,10 +119,11 @@ class Safe(Pruner):
     # ------------------------------------------------------------------ one block
 
     @torch.no_grad()
-    def _mse(self, block, inps, targets, args, kwargs) -> float:
+    def _mse(self, forward, inps, targets) -> float:
+        """Mean squared error of forward(batch) against the targets, over all windows."""
         total = 0.0
         for j in range(0, inps.shape[0], self.batch_size):
-            out = _block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
+            out = _block_out(forward(inps[j : j + self.batch_size]))
             total += float((out.float() - targets[j : j + self.batch_size].float()).pow(2).sum())
         return total / targets.numel()
 
@@ -155,6 +155,12 @@ class Safe(Pruner):
         admm = ADMM(params, opt, ctx.sparsity, ctx.pattern, total, interval=self.interval, lam=self.lam_sched,
                     ramp=ctx.schedule.ramp, projection=self.projection, input_norms=norms, group=self.group)
         weights = list(params.values())
+        # "before": the block with the one-shot projection of its dense weights by the same
+        # metric (what ADMM starts from), evaluated without touching the weights.
+        oneshot = {f"{name}.weight": w.detach() * admm.mask_of(name, w.detach().float(), ctx.sparsity, self.projection)
+                   for name, w in params.items()}
+        before = self._mse(lambda x: functional_call(block, oneshot, (x, *args), kwargs), inps, targets)
+        del oneshot
         step, first = 0, None
         bar = tqdm(range(self.epochs), desc=f"{self.name} block {i + 1}/{nblocks}", unit="epoch", leave=False)
         for epoch in bar:
@@ -183,7 +189,7 @@ class Safe(Pruner):
         dist = admm.distance()
         masks = admm.finalize()
         self._state_bytes = admm.state_bytes()
-        return masks, {"loss_first_epoch": first, "loss_last_epoch": epoch_loss, "dist_before_final": dist, "steps": total}
+        return masks, {"recon_error_before": before, "loss_first_epoch": first, "loss_last_epoch": epoch_loss, "dist_before_final": dist, "steps": total}
 
     # ------------------------------------------------------------------ the driver
 
@@ -204,26 +210,14 @@ class Safe(Pruner):
             args, kwargs = _to(block_args[i], ctx.device, torch.float32)
             linears = find_linears(block)
             targets, norms = self._targets(block, linears, inps, args, kwargs)
-            # "before": the one-shot projection of the dense block by the same metric (the ADMM start).
-            dense = {name: lin.weight.detach().clone() for name, lin in linears.items()}
-            with torch.no_grad():
-                for name, lin in linears.items():
-                    score = lin.weight.abs().float()
-                    if norms is not None:
-                        score = score * norms[name].unsqueeze(0)
-                    lin.weight.mul_(project(score, ctx.sparsity, ctx.pattern, self.group))
-            before = self._mse(block, inps, targets, args, kwargs)
-            with torch.no_grad():
-                for name, lin in linears.items():
-                    lin.weight.copy_(dense[name])
-            del dense
             block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, ctx, gen)
             with torch.no_grad():
                 for name, lin in linears.items():
                     apply_mask(lin, block_masks[name])
                     masks[f"{path}.{i}.{name}"] = block_masks[name]
-            after = self._mse(block, inps, targets, args, kwargs)
-            rec = {"block": i, "recon_error_before": before, "recon_error_after": after, **rec}
+            after = self._mse(lambda x: block(x, *args, **kwargs), inps, targets)
+            rec = {"block": i, **rec, "recon_error_after": after}
+            before = rec["recon_error_before"]
             self.blocks.append(rec)
             log.info("%s block %d: reconstruction error %.4g (one-shot) -> %.4g", self.name, i, before, after)
             ctx.log({f"{self.name}/block": i, f"{self.name}/recon_error_before": before, f"{self.name}/recon_error_after": after})
