@@ -18,6 +18,15 @@ Unstructured masks compare within the whole tensor (Elsa) or within each output 
 
 Storage: z and u in float32 (Elsa), or z in FP8 e4m3 with one dynamic scale per
 tensor and u in bfloat16 (Elsa-L); dequantized on use, requantized after each update.
+
+Residual coding of a lossy z (on by default). In exact ADMM, z and u have disjoint
+supports: on a kept entry z = w + u, so the u-step gives u + w - z = 0 there. Elsa-L's
+bfloat16 u therefore has a free slot on every entry that z keeps, and the engine stores
+z's FP8 rounding residual (z_fp8 - z) in it. Without it the penalty pulls every kept
+weight onto the FP8 grid (3 mantissa bits: up to 3% off), a fixed point ADMM then
+converges to; with it the penalty w - z + u is exact to bfloat16 precision at the same
+bytes. The support is read back as z_fp8 != 0 (an entry whose kept value underflows FP8
+is then treated as pruned with u = -z, which leaves the penalty exact).
 """
 from __future__ import annotations
 
@@ -118,6 +127,7 @@ class ADMM:
         input_norms: dict[str, torch.Tensor] | None = None,
         z_init: dict[str, torch.Tensor] | None = None,
         group: str = "tensor",
+        residual: bool = True,
     ):
         if projection not in PROJECTIONS:
             raise SparsebenchError(f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}")
@@ -131,11 +141,11 @@ class ADMM:
         self.projection, self.magnitude_updates = projection, magnitude_updates
         self.input_norms = input_norms or {}
         self.group = group  # unstructured comparison group: tensor (Elsa) or row (SAFE, as Wanda)
+        self.residual = residual and z_format != "float32"  # a float32 z has no residual
         self.updates = 0  # z/u updates done
         self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
         self.z: dict[str, Stored] = {}
         self.u: dict[str, Stored] = {}
-        self.keep: dict[str, torch.Tensor] = {}
         for name, p in params.items():
             # z0 = Proj_k(w0) by magnitude (or a given one-shot solution), u0 = 0.
             if z_init is not None and name in z_init:
@@ -146,9 +156,24 @@ class ADMM:
                 how = "magnitude" if projection == "objective" else projection
                 keep = self.mask_of(name, p.detach().float(), self.target(0), how)
                 z0 = p.detach().float() * keep
-            self.keep[name] = keep
             self.z[name] = Stored(z0, z_format)
-            self.u[name] = Stored(torch.zeros_like(p, dtype=torch.float32), u_format)
+            self.u[name] = Stored(self._u_slot(name, z0, torch.zeros_like(z0)), u_format)
+
+    def _u_slot(self, name: str, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """What the u tensor stores: u, plus z's rounding residual on z's support."""
+        return u + (self.z[name].get() - z) if self.residual else u
+
+    def z_value(self, name: str) -> torch.Tensor:
+        z = self.z[name].get()
+        return z - self.u[name].get() * (z != 0) if self.residual else z
+
+    def u_value(self, name: str) -> torch.Tensor:
+        u = self.u[name].get()
+        return u * (self.z[name].get() == 0) if self.residual else u
+
+    def keep(self, name: str) -> torch.Tensor:
+        """The current mask: the support of z (no separate mask is held)."""
+        return self.z[name].get() != 0
 
     def target(self, step: int) -> float:
         return self.ramp.at(step, self.total, self.sparsity)
@@ -180,6 +205,7 @@ class ADMM:
         for name, p in self.params.items():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            # = w - z_value + u_value, also with residual coding (the residual cancels)
             pen = p.detach().float() - self.z[name].get() + self.u[name].get()
             p.grad.add_(pen.to(p.grad.dtype), alpha=lam)
         return lam
@@ -194,14 +220,13 @@ class ADMM:
         flipped = total = 0
         for name, p in self.params.items():
             w = p.detach().float()
-            wu = w + self.u[name].get()
+            wu = w + self.u_value(name)
             keep = self.mask_of(name, wu, s, how)
-            flipped += int((keep != self.keep[name]).sum())
+            flipped += int((keep != self.keep(name)).sum())
             total += keep.numel()
-            self.keep[name] = keep
             z = wu * keep
             self.z[name].set(z)
-            self.u[name].set(wu - z)  # u + w - z
+            self.u[name].set(self._u_slot(name, z, wu - z))  # u + w - z
         self.churn = flipped / max(total, 1)
         self.updates += 1
         return True
@@ -209,7 +234,7 @@ class ADMM:
     @torch.no_grad()
     def distance(self) -> float:
         """||w - z|| over all ADMM tensors: how far the weights are from feasibility."""
-        sq = sum(float((p.detach().float() - self.z[n].get()).pow(2).sum()) for n, p in self.params.items())
+        sq = sum(float((p.detach().float() - self.z_value(n)).pow(2).sum()) for n, p in self.params.items())
         return math.sqrt(sq)
 
     @torch.no_grad()

@@ -69,6 +69,7 @@ class Elsa(Pruner):
     grad_checkpointing: bool = False
     z_format: str = "float32"
     u_format: str = "float32"
+    z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (pruners/admm.py)
     optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
     seed: int = 0
     log_every: int = 8
@@ -153,6 +154,7 @@ class Elsa(Pruner):
             {n: l.weight for n, l in linears.items()}, opt, ctx.sparsity, ctx.pattern, self.steps,
             interval=self.interval, lam=self.lam_sched, ramp=ctx.schedule.ramp, projection=self.projection,
             magnitude_updates=self.magnitude_updates, z_format=self.z_format, u_format=self.u_format, z_init=z_init,
+            residual=self.z_residual,
         )
         if self.grad_checkpointing:
             model.gradient_checkpointing_enable()
