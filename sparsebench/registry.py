@@ -47,12 +47,16 @@ class Registry:
 
 def build_dataclass(cls: type[T], kwargs: dict[str, Any], what: str) -> T:
     """Instantiate a config dataclass, rejecting unknown keys with a did-you-mean hint."""
-    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in kwargs:
-        if key not in allowed:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    allowed = list(fields)
+    for key, value in kwargs.items():
+        if key not in fields:
             raise SparsebenchError(
                 f"{what} has no option '{key}'{did_you_mean(key, allowed)}; valid: {', '.join(allowed) or '(none)'}"
             )
+        # a switch given as "maybe" or 1 would otherwise pass as truthy without a word
+        if fields[key].type in (bool, "bool") and not isinstance(value, bool):
+            raise SparsebenchError(f"{what} option '{key}' must be true or false, got {value!r}")
     return cls(**kwargs)
 
 

@@ -90,6 +90,13 @@ def test_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_rejects_a_switch_that_is_not_a_bool(tmp_path):
+    proc = _cli(*TINY, "method=elsa_l", "method.z_residual=maybe", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "sparsebench: error: method 'elsa_l' option 'z_residual' must be true or false, got 'maybe'")
+
+
 def test_cli_unknown_model_lists_valid(tmp_path):
     proc = _cli("model=llama9", cwd=tmp_path)
     assert proc.returncode != 0
