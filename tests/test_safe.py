@@ -90,6 +90,31 @@ def test_block_reconstruction_error_decreases(cls):
         assert (per_row == int(lin.weight.shape[1] * 0.6)).all()  # row-wise, exact count
 
 
+def test_warm_start_from_wanda_starts_at_wandas_solution():
+    from sparsebench.pruners.wanda import Wanda
+
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    wanda = Wanda().prune(_ctx(model, tok, 0.5))
+    wanda_w = {n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()}
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    # lr ~ 0: ADMM cannot move the weights, so SAFE must end exactly where Wanda put them
+    method = Safe(epochs=1, batch_size=4, lam=0.0, rho=0.0, lr=1e-12, warm_start="wanda")
+    masks = method.prune(_ctx(model, tok, 0.5))
+    for name, lin in prunable_linears(model).items():
+        assert torch.equal(masks[name], wanda[name]), name
+        torch.testing.assert_close(lin.weight, wanda_w[name], rtol=0, atol=1e-9)
+    for b in method.report()["blocks"]:
+        assert b["recon_error_after"] == pytest.approx(b["recon_error_before"], rel=1e-6)
+
+
+def test_warm_started_safe_improves_on_the_one_shot_solution():
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    method = Safe(epochs=24, batch_size=2, lr=3e-4, warmup_epochs=1, lam=0.05, rho=1e-3, interval=2, warm_start="sparsegpt")
+    method.prune(_ctx(model, tok, 0.6))
+    for b in method.report()["blocks"]:
+        assert b["recon_error_after"] < 0.95 * b["recon_error_before"], b
+
+
 def test_safe_plus_uses_input_norms():
     # Same weights, same data: the Wanda metric must give different masks than |w| alone.
     masks = []
@@ -125,3 +150,5 @@ def test_safe_published_defaults_and_bad_options():
         build_specs(compose(["method=safe", "method.projection=objective"]))
     with pytest.raises(SparsebenchError, match="rho >= 0"):
         build_specs(compose(["method=safe", "method.rho=-1"]))
+    with pytest.raises(SparsebenchError, match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: sparsegpt, wanda"):
+        build_specs(compose(["method=safe", "method.warm_start=magnitude"]))

@@ -186,45 +186,52 @@ class LayerwisePruner(Pruner):
         raise NotImplementedError
 
     @torch.no_grad()
+    def prune_block(self, block: nn.Module, inps: torch.Tensor, args, kwargs, sparsity: float,
+                    pattern: Pattern) -> dict[str, torch.Tensor]:
+        """Prune one block in place from its inputs (one window per forward, as the official
+        code); return {linear name inside the block: keep mask} on the block's device."""
+
+        def run_all(count: int = inps.shape[0]):
+            for j in range(count):
+                block(inps[j : j + 1], *args, **kwargs)
+
+        linears = find_linears(block)
+        leaders = shared_input_groups(block, linears, lambda: run_all(count=1))
+        stats = {name: self.new_stats(linears[name].in_features, inps.device) for name in set(leaders.values())}
+        hooks = [
+            linears[name].register_forward_hook(lambda m, a, o, s=s: self.add_batch(s, a[0].detach()))
+            for name, s in stats.items()
+        ]
+        try:
+            run_all()
+        finally:
+            for h in hooks:
+                h.remove()
+        prepared: dict[str, Any] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for name, linear in linears.items():
+            leader = leaders[name]
+            if leader not in prepared:
+                prepared[leader] = self.prepare(stats.pop(leader))
+            keep = self.prune_linear(linear, prepared[leader], sparsity, pattern)
+            apply_mask(linear, keep)  # hard zeros even if a method's update left residue
+            masks[name] = keep
+        return masks
+
+    @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         path, blocks = find_blocks(ctx.model)
         inps, block_args = capture(ctx.model, ctx.calib, ctx.device)
         outs = torch.empty_like(inps)
         masks: dict[str, torch.Tensor] = {}
-        n = inps.shape[0]
         for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
             home = next(block.parameters()).device
             block.to(ctx.device)
             args, kwargs = _to(block_args[i], ctx.device)
-
-            def run_all(dst: torch.Tensor | None = None, count: int = n):
-                for j in range(count):
-                    out = _block_out(block(inps[j : j + 1], *args, **kwargs))
-                    if dst is not None:
-                        dst[j] = out[0]
-
-            linears = find_linears(block)
-            leaders = shared_input_groups(block, linears, lambda: run_all(count=1))
-            stats = {name: self.new_stats(linears[name].in_features, ctx.device) for name in set(leaders.values())}
-            hooks = [
-                linears[name].register_forward_hook(lambda m, a, o, s=s: self.add_batch(s, a[0].detach()))
-                for name, s in stats.items()
-            ]
-            try:
-                run_all()
-            finally:
-                for h in hooks:
-                    h.remove()
-            prepared: dict[str, Any] = {}
-            for name, linear in linears.items():
-                leader = leaders[name]
-                if leader not in prepared:
-                    prepared[leader] = self.prepare(stats.pop(leader))
-                keep = self.prune_linear(linear, prepared[leader], ctx.sparsity, ctx.pattern)
-                apply_mask(linear, keep)  # hard zeros even if a method's update left residue
-                masks[f"{path}.{i}.{name}"] = keep.cpu()
-            del prepared
-            run_all(outs)  # the pruned block feeds the next one
+            block_masks = self.prune_block(block, inps, args, kwargs, ctx.sparsity, ctx.pattern)
+            masks.update({f"{path}.{i}.{name}": keep.cpu() for name, keep in block_masks.items()})
+            for j in range(inps.shape[0]):  # the pruned block feeds the next one
+                outs[j] = _block_out(block(inps[j : j + 1], *args, **kwargs))[0]
             block.to(home)
             inps, outs = outs, inps
         return masks

@@ -37,7 +37,7 @@ from ..models import find_blocks, find_linears
 from ..registry import METHODS
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
-from .layerwise import RunningMean, _block_out, _to, capture
+from .layerwise import LayerwisePruner, RunningMean, _block_out, _to, capture
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ class Safe(Pruner):
     eps: float = 1e-8
     projection: str = "magnitude"  # SAFE: |w+u|; SAFE+: wanda
     group: str = "row"  # unstructured masks compare per output row (as Wanda) or per tensor
+    # A layer-wise one-shot method (wanda, sparsegpt) whose solution for each block, from
+    # the same inputs, starts w and z; None starts from the dense block (published).
+    warm_start: str | None = None
     seed: int = 0
     blocks: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
     _state_bytes: dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -108,6 +111,13 @@ class Safe(Pruner):
         if self.group not in ("row", "tensor"):
             raise SparsebenchError(f"{self.name}: unknown group '{self.group}'; valid: row, tensor")
         self.betas = tuple(self.betas)
+        self._oneshot = None
+        if self.warm_start is not None:
+            layerwise = [n for n in METHODS.names() if issubclass(METHODS.get(n), LayerwisePruner)]
+            if self.warm_start not in layerwise:
+                raise SparsebenchError(f"{self.name}: warm_start '{self.warm_start}' is not a layer-wise one-shot method; "
+                                       f"valid: {', '.join(layerwise)} (or null)")
+            self._oneshot = METHODS.build(self.warm_start, {})
         self.lam_sched = LambdaSchedule(self.lam_schedule, self.lam_start, self.lam)
 
     def lr_at(self, step: int, steps_per_epoch: int, total: int) -> float:
@@ -142,7 +152,7 @@ class Safe(Pruner):
                 h.remove()
         return targets, {name: s.value.sqrt() for name, s in norms.items()} if hooks else None
 
-    def _train_block(self, i, nblocks, block, inps, targets, args, kwargs, norms, ctx, gen):
+    def _train_block(self, i, nblocks, block, inps, targets, args, kwargs, norms, ctx, gen, z_init=None):
         linears = find_linears(block)
         n = inps.shape[0]
         steps_per_epoch = math.ceil(n / self.batch_size)
@@ -153,14 +163,19 @@ class Safe(Pruner):
         params = {name: lin.weight for name, lin in linears.items()}
         opt = torch.optim.Adam(list(params.values()), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
         admm = ADMM(params, opt, ctx.sparsity, ctx.pattern, total, interval=self.interval, lam=self.lam_sched,
-                    ramp=ctx.schedule.ramp, projection=self.projection, input_norms=norms, group=self.group)
+                    ramp=ctx.schedule.ramp, projection=self.projection, input_norms=norms, group=self.group,
+                    z_init=z_init)
         weights = list(params.values())
-        # "before": the block with the one-shot projection of its dense weights by the same
-        # metric (what ADMM starts from), evaluated without touching the weights.
-        oneshot = {f"{name}.weight": w.detach() * admm.mask_of(name, w.detach().float(), ctx.sparsity, self.projection)
-                   for name, w in params.items()}
-        before = self._mse(lambda x: functional_call(block, oneshot, (x, *args), kwargs), inps, targets)
-        del oneshot
+        # "before": the one-shot solution ADMM starts from. Warm-started, that is the block
+        # as it is; else the projection of its dense weights by the same metric, evaluated
+        # without touching the weights.
+        if z_init is not None:
+            before = self._mse(lambda x: block(x, *args, **kwargs), inps, targets)
+        else:
+            oneshot = {f"{name}.weight": w.detach() * admm.mask_of(name, w.detach().float(), ctx.sparsity, self.projection)
+                       for name, w in params.items()}
+            before = self._mse(lambda x: functional_call(block, oneshot, (x, *args), kwargs), inps, targets)
+            del oneshot
         step, first = 0, None
         bar = tqdm(range(self.epochs), desc=f"{self.name} block {i + 1}/{nblocks}", unit="epoch", leave=False)
         for epoch in bar:
@@ -209,8 +224,12 @@ class Safe(Pruner):
             # rotary tables and additive masks in float32, to match the training block
             args, kwargs = _to(block_args[i], ctx.device, torch.float32)
             linears = find_linears(block)
-            targets, norms = self._targets(block, linears, inps, args, kwargs)
-            block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, ctx, gen)
+            targets, norms = self._targets(block, linears, inps, args, kwargs)  # from the dense block
+            z_init = None
+            if self._oneshot is not None:  # prune this block in place from the same inputs
+                self._oneshot.prune_block(block, inps, args, kwargs, ctx.sparsity, ctx.pattern)
+                z_init = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
+            block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, ctx, gen, z_init)
             with torch.no_grad():
                 for name, lin in linears.items():
                     apply_mask(lin, block_masks[name])
