@@ -12,7 +12,8 @@ cost and its numbers:
 - the official accumulation (running means; H built as sqrt(2/n) X scaled products);
 - the official tie rules: Wanda prunes the first int(cols*s) of a stable per-row sort;
   SparseGPT prunes every weight whose score is <= the k-th smallest of its 128-column
-  block (k+1 or more per block, so its sparsity is a hair above the target);
+  block (k+1 or more per block, so its sparsity is a hair above the target; sparsebench's
+  default count=official does the same, count=exact prunes k);
 - N:M as the official column loop (topk of each M-group as the sweep reaches it);
 - every window runs alone through the block, before and after pruning.
 
@@ -21,12 +22,14 @@ which records what transformers passes to each block (the official Catcher's rol
 
     python scripts/bench_reference.py                      # wanda:0.5 sparsegpt:0.5
     python scripts/bench_reference.py wanda:2:4 sparsegpt:0.7
+    python scripts/bench_reference.py sparsegpt:0.5 --option count=exact --repeats 1
 
-For each config it prunes the dense model with the reference loop and then with
-sparsebench in the same process (each from the dense weights) and prints one JSON line
-per run (impl, method, sparsity, pattern, wikitext2, c4, prune_seconds,
-actual_sparsity), then one with the ratios and the fraction of weights whose
-pruned/kept state agrees.
+For each config it prunes the dense model with the reference loop and with sparsebench
+in the same process, each from the dense weights, `--repeats` times each in ABBA order
+(repeats must reproduce the first run's masks), evaluates the first run of each, and
+prints one JSON line per implementation (impl, method, sparsity, pattern, options,
+wikitext2, c4, actual_sparsity, prune_seconds per run and their mean), then one with
+the ratios and the fraction of weights whose pruned/kept state agrees.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse  # noqa: E402
@@ -163,8 +167,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="*", default=["wanda:0.5", "sparsegpt:0.5"],
                     help="method:sparsity or method:N:M, method in {wanda, sparsegpt}")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="prune runs per implementation, in ABBA order; the time is their mean")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a sparsebench method option, e.g. count=exact for SparseGPT")
     add_protocol_args(ap)
     args = ap.parse_args()
+    if args.repeats < 1 or any("=" not in o for o in args.option):
+        sys.exit("bench_reference: --repeats must be >= 1 and each --option KEY=VALUE")
     configs = [parse(c) for c in args.configs]
     for name, _, _ in configs:
         if name not in REFERENCE:
@@ -173,27 +183,43 @@ def main() -> None:
     device = torch.device(args.device)
     model, calib, streams = load_protocol(args)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
+    options = {k: yaml.safe_load(v) for k, v in (opt.split("=", 1) for opt in args.option)}
 
+    def prune(impl, method, sparsity, pattern):
+        model.load_state_dict(dense)
+        model.to("cpu")
+        start = time.perf_counter()
+        if impl == "reference":
+            reference_prune(model, calib, method, sparsity, pattern, device)
+        else:
+            METHODS.build(method, options).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib))
+        return time.perf_counter() - start
+
+    # Timing order ABBA... (reference, sparsebench, sparsebench, reference, ...): a drift in
+    # the machine's speed over the run (other load, memory, clocks) hits both sides alike.
+    order = [("reference", "sparsebench"), ("sparsebench", "reference")]
     for method, sparsity, pattern in configs:
-        rows, zeros = {}, {}
-        for impl in ("reference", "sparsebench"):
-            model.load_state_dict(dense)
-            model.to("cpu")
-            start = time.perf_counter()
-            if impl == "reference":
-                reference_prune(model, calib, method, sparsity, pattern, device)
-            else:
-                METHODS.build(method, {}).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib))
-            prune_s = time.perf_counter() - start
-            zeros[impl] = zero_masks(model)
-            total = sum(z.numel() for z in zeros[impl].values())
-            ppl = evaluate(model, streams, args)
-            rows[impl] = {
-                "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
-                "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
-                "prune_seconds": round(prune_s, 2),
-                "actual_sparsity": round(sum(int(z.sum()) for z in zeros[impl].values()) / total, 6),
-            }
+        rows, zeros, times = {}, {}, {"reference": [], "sparsebench": []}
+        for rep in range(args.repeats):
+            for impl in order[rep % 2]:
+                times[impl].append(prune(impl, method, sparsity, pattern))
+                z = zero_masks(model)
+                if impl in zeros:  # a repeat: it must reproduce the first run's masks
+                    if any(not torch.equal(z[k], zeros[impl][k]) for k in z):
+                        sys.exit(f"bench_reference: {impl} {method} is not deterministic across repeats")
+                    continue
+                zeros[impl] = z
+                total = sum(m.numel() for m in z.values())
+                ppl = evaluate(model, streams, args)
+                rows[impl] = {
+                    "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
+                    "options": options if impl == "sparsebench" else {},
+                    "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
+                    "actual_sparsity": round(sum(int(m.sum()) for m in z.values()) / total, 6),
+                }
+        for impl in rows:
+            rows[impl]["prune_seconds"] = [round(t, 2) for t in times[impl]]
+            rows[impl]["prune_seconds_mean"] = round(sum(times[impl]) / len(times[impl]), 2)
             print(json.dumps(rows[impl]), flush=True)
         ref, ours = rows["reference"], rows["sparsebench"]
         same = sum(int((zeros["reference"][k] == zeros["sparsebench"][k]).sum()) for k in zeros["reference"])
@@ -201,7 +227,7 @@ def main() -> None:
             "compare": f"{method}:{pattern}" + ("" if pattern.is_nm else f":{sparsity}"),
             "wikitext2_rel_diff": round(ours["wikitext2"] / ref["wikitext2"] - 1, 5),
             "c4_rel_diff": round(ours["c4"] / ref["c4"] - 1, 5),
-            "prune_time_ratio_sparsebench_over_reference": round(ours["prune_seconds"] / ref["prune_seconds"], 3),
+            "prune_time_ratio_sparsebench_over_reference": round(ours["prune_seconds_mean"] / ref["prune_seconds_mean"], 3),
             "mask_agreement": round(same / total, 6),
         }), flush=True)
 

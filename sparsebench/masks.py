@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import SparsebenchError
-from .sparsity import Pattern, expected_pruned
+from .sparsity import Pattern, pruned_bounds
 
 
 @torch.no_grad()
@@ -20,7 +20,8 @@ def verify(
     pattern: Pattern,
     group: str,
 ) -> dict[str, float]:
-    """Check every mask: exact pruned count, N:M validity, hard zeros in the weight.
+    """Check every mask: pruned count (exact; SparseGPT's official rule may add score ties),
+    N:M validity, hard zeros in the weight.
 
     Returns per-tensor sparsity (pruned / numel). Raises on any violation.
     """
@@ -34,11 +35,13 @@ def verify(
         if keep.shape != weight.shape:
             raise SparsebenchError(f"mask of {name} has shape {tuple(keep.shape)}, weight {tuple(weight.shape)}")
         pruned = int((~keep).sum())
-        want = expected_pruned(tuple(weight.shape), sparsity, pattern, group)
-        if pruned != want:
+        low, high = pruned_bounds(tuple(weight.shape), sparsity, pattern, group)
+        if not low <= pruned <= high:
+            target = f"{low}" if low == high else f"{low} plus at most {high - low} tied at the threshold"
+            hint = "; method.count=exact prunes exactly k per block" if low != high else ""
             raise SparsebenchError(
-                f"{name}: mask prunes {pruned} of {keep.numel()} weights, target {want} "
-                f"(sparsity {sparsity}, {pattern}, group {group})"
+                f"{name}: mask prunes {pruned} of {keep.numel()} weights, target {target} "
+                f"(sparsity {sparsity}, {pattern}, group {group}){hint}"
             )
         if pattern.is_nm:
             per_group = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)

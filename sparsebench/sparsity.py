@@ -7,7 +7,11 @@ against `expected_pruned`, so the two can never disagree.
 Comparison groups (METHODS.md): who competes with whom for survival.
   "tensor"      one threshold per weight tensor (magnitude, ADMM projection)
   "row"         each output row prunes int(in_features * s) (Wanda)
-  "block:B"     each (rows x B) column block prunes int(rows * B * s) (SparseGPT)
+  "block:B"     each (rows x B) column block prunes int(rows * B * s) (SparseGPT, exact)
+  "block:B+1"   the official SparseGPT rule: each block prunes every score <= its k-th
+                smallest (0-based), k = int(rows * B * s): k+1 weights, more only when
+                scores tie at that value (quantized checkpoints have repeated weights);
+                the verifier allows a tie surplus of TIE_SURPLUS of the block
 N:M patterns ignore the group: every run of M consecutive input columns of a
 row keeps exactly N.
 """
@@ -69,14 +73,37 @@ def check_sparsity(sparsity: float, pattern: Pattern) -> float:
     return s
 
 
-def _block_size(group: str) -> int:
-    if not group.startswith("block:"):
+def _block_group(group: str) -> tuple[int, int]:
+    """'block:B' -> (B, 0); 'block:B+1' -> (B, 1)."""
+    match = re.fullmatch(r"block:(\d+)(\+1)?", group)
+    if not match:
         raise ValueError(f"not a block group: {group}")
-    return int(group.split(":", 1)[1])
+    return int(match.group(1)), int(bool(match.group(2)))
+
+
+def _block_count(rows: int, width: int, sparsity: float, extra: int) -> int:
+    return min(int(rows * width * sparsity) + (extra if sparsity > 0 else 0), rows * width)
+
+
+# Ties at the k-th score are rare (a few weights per block in SmolLM2's Q4 weights); a
+# surplus beyond this fraction of a block means something other than ties.
+TIE_SURPLUS = 1e-3
+
+
+def pruned_bounds(shape: tuple[int, int], sparsity: float, pattern: Pattern, group: str) -> tuple[int, int]:
+    """(fewest, most) pruned weights a mask of this shape may have: equal, except under
+    the official SparseGPT rule ("block:B+1"), where ties may add up to TIE_SURPLUS."""
+    want = expected_pruned(shape, sparsity, pattern, group)
+    if pattern.is_nm or not group.startswith("block:") or not _block_group(group)[1] or sparsity == 0:
+        return want, want
+    rows, cols = shape
+    b = _block_group(group)[0]
+    surplus = sum(max(1, int(rows * min(b, cols - c) * TIE_SURPLUS)) for c in range(0, cols, b))
+    return want, min(want + surplus, rows * cols)
 
 
 def expected_pruned(shape: tuple[int, int], sparsity: float, pattern: Pattern, group: str) -> int:
-    """Exact number of pruned weights a mask of this shape must have."""
+    """Number of pruned weights a mask of this shape must have (the fewest, for "block:B+1")."""
     rows, cols = shape
     if pattern.is_nm:
         return rows * (cols // pattern.m) * (pattern.m - pattern.n)
@@ -84,8 +111,8 @@ def expected_pruned(shape: tuple[int, int], sparsity: float, pattern: Pattern, g
         return int(rows * cols * sparsity)
     if group == "row":
         return rows * int(cols * sparsity)
-    b = _block_size(group)
-    return sum(int(rows * min(b, cols - c) * sparsity) for c in range(0, cols, b))
+    b, extra = _block_group(group)
+    return sum(_block_count(rows, min(b, cols - c), sparsity, extra) for c in range(0, cols, b))
 
 
 def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -122,7 +149,8 @@ def _lowest_flat_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
 def project(score: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "tensor") -> torch.Tensor:
     """Keep-mask (bool, same shape as score) pruning the lowest-scoring weights.
 
-    Exactly `expected_pruned(score.shape, ...)` entries are False.
+    Exactly `expected_pruned(score.shape, ...)` entries are False (for "block:B+1", within
+    `pruned_bounds`: ties at the threshold all go, as in the official SparseGPT code).
     """
     score = score.float()
     if pattern.is_nm:
@@ -136,10 +164,13 @@ def project(score: torch.Tensor, sparsity: float, pattern: Pattern, group: str =
     elif group == "row":
         keep.scatter_(1, _lowest(score, int(cols * sparsity)), False)
     else:
-        b = _block_size(group)
+        b, extra = _block_group(group)
         for c in range(0, cols, b):
             block = score[:, c : c + b]
-            k = int(block.numel() * sparsity)
+            k = _block_count(rows, block.shape[1], sparsity, extra)
+            if extra:  # official: everything <= the (k+1)-th smallest value, ties included
+                keep[:, c : c + b] = block > torch.kthvalue(block.reshape(-1), k).values
+                continue
             sub = torch.ones_like(block, dtype=torch.bool)
             sub.view(-1)[_lowest(block.reshape(-1), k)] = False
             keep[:, c : c + b] = sub

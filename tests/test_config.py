@@ -46,7 +46,7 @@ def test_models_choose_protocols_and_cli_wins():
 
 def test_nm_override_and_paper_models():
     specs = build_specs(compose(["pattern=2:4", "method=sparsegpt"]))
-    assert str(specs.pattern) == "2:4" and specs.pruner.group == "block:128"
+    assert str(specs.pattern) == "2:4" and specs.pruner.group == "block:128+1"
     for name in ["llama2-7b", "llama2-13b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "opt-1.3b", "gemma2-2b"]:
         assert compose([f"model={name}"]).model.source == "hub"
 

@@ -27,6 +27,23 @@ def test_verify_catches_wrong_count():
         verify({"l": lin}, {"l": keep}, 0.5, Pattern(), "row")
 
 
+def test_verify_official_sparsegpt_count():
+    # "block:8+1": k+1 = 33 of 64 per 8-column block (66 in all); ties may add up to 1 per block
+    lin = nn.Linear(16, 8, bias=False)
+    keep = project(lin.weight.detach().abs(), 0.5, Pattern(), "block:8+1")
+    apply_mask(lin, keep)
+    assert verify({"l": lin}, {"l": keep}, 0.5, Pattern(), "block:8+1") == {"l": 66 / 128}
+    keep.view(-1)[torch.nonzero(keep.view(-1))[:2].flatten()] = False  # two tied extras: allowed
+    apply_mask(lin, keep)
+    verify({"l": lin}, {"l": keep}, 0.5, Pattern(), "block:8+1")
+    keep.view(-1)[torch.nonzero(keep.view(-1))[:1].flatten()] = False  # a third: not a tie surplus
+    apply_mask(lin, keep)
+    with pytest.raises(SparsebenchError, match=r"target 66 plus at most 2 tied .*count=exact"):
+        verify({"l": lin}, {"l": keep}, 0.5, Pattern(), "block:8+1")
+    with pytest.raises(SparsebenchError, match="target 66 plus"):  # too few fails too
+        verify({"l": lin}, {"l": project(lin.weight.detach().abs(), 0.5, Pattern(), "block:8")}, 0.5, Pattern(), "block:8+1")
+
+
 def test_verify_catches_weights_outside_mask():
     lin, keep = _pruned_linear()
     lin.weight.data[~keep] += 1.0

@@ -65,8 +65,9 @@ def test_magnitude_on_model(tiny_model):
     assert "lm_head" not in " ".join(masks)
 
 
-def sparsegpt_reference(w, x, s, pattern, blocksize, percdamp=0.01):
-    """Naive float64 OBS with an explicit inverse and Schur-complement eliminations."""
+def sparsegpt_reference(w, x, s, pattern, blocksize, percdamp=0.01, extra=1):
+    """Naive float64 OBS with an explicit inverse and Schur-complement eliminations.
+    Unstructured blocks prune int(numel * s) + extra weights (official: +1)."""
     w = w.double().clone()
     rows, cols = w.shape
     H = 2 * x.double().t() @ x.double()
@@ -83,7 +84,7 @@ def sparsegpt_reference(w, x, s, pattern, blocksize, percdamp=0.01):
         i2 = min(i1 + blocksize, cols)
         if not pattern.is_nm:
             score = (w[:, i1:i2] ** 2 / d2[i1:i2]).flatten()
-            k = int(score.numel() * s)
+            k = int(score.numel() * s) + extra
             block = torch.ones(score.numel(), dtype=torch.bool)
             block[score.argsort()[:k]] = False
             keep[:, i1:i2] = block.view(rows, i2 - i1)
@@ -101,13 +102,16 @@ def sparsegpt_reference(w, x, s, pattern, blocksize, percdamp=0.01):
     return w, keep
 
 
+@pytest.mark.parametrize("count", ["official", "exact"])
 @pytest.mark.parametrize("pattern,s", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)])
-def test_sparsegpt_matches_naive_obs(pattern, s):
+def test_sparsegpt_matches_naive_obs(pattern, s, count):
     torch.manual_seed(0)
     x = torch.randn(96, 24) @ torch.randn(24, 24)  # correlated inputs
     w = torch.randn(6, 24)
-    got, keep = _prune_one(SparseGPT(blocksize=8), w, x, s, pattern)
-    ref, ref_keep = sparsegpt_reference(w, x, s, pattern, blocksize=8)
+    method = SparseGPT(blocksize=8, count=count)
+    got, keep = _prune_one(method, w, x, s, pattern)
+    ref, ref_keep = sparsegpt_reference(w, x, s, pattern, blocksize=8, extra=int(count == "official"))
+    assert int((~keep).sum()) == expected_pruned((6, 24), s, pattern, method.group)
     assert torch.equal(keep, ref_keep)
     torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4)
 
@@ -138,6 +142,23 @@ def test_sparsegpt_dead_inputs_zeroed():
     x[:, 3] = 0
     got, keep = _prune_one(SparseGPT(), torch.randn(4, 8) + 5, x, 0.25)
     assert (got[:, 3] == 0).all()
+
+
+def test_sparsegpt_count_option():
+    assert SparseGPT().group == "block:128+1" and SparseGPT(count="exact").group == "block:128"
+    with pytest.raises(SparsebenchError, match=r"count must be one of \['official', 'exact'\], got 'round'"):
+        SparseGPT(count="round")
+
+
+def test_sparsegpt_hessian_as_official():
+    # H = 2 X X^T / n over all tokens of all calls, whatever the split into calls
+    xs = [torch.randn(1, 7, 5), torch.randn(2, 3, 5)]
+    stats = SparseGPT().new_stats(5, torch.device("cpu"))
+    for x in xs:
+        SparseGPT().add_batch(stats, x)
+    flat = torch.cat([x.reshape(-1, 5) for x in xs]).double()
+    torch.testing.assert_close(stats.value.double(), 2 * flat.t() @ flat / 3, rtol=1e-5, atol=1e-6)
+    assert stats.nsamples == 3
 
 
 def test_sparsegpt_retries_damping(caplog):

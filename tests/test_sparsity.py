@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparsebench.errors import SparsebenchError
-from sparsebench.sparsity import Pattern, Ramp, check_sparsity, expected_pruned, nm_keep, parse_pattern, project
+from sparsebench.sparsity import Pattern, Ramp, check_sparsity, expected_pruned, nm_keep, parse_pattern, project, pruned_bounds
 
 
 def test_parse_pattern():
@@ -49,7 +49,26 @@ def test_project_block_counts():
     assert int((~keep).sum()) == expected_pruned((5, 10), 0.3, Pattern(), "block:4") == 15
 
 
-@pytest.mark.parametrize("group", ["tensor", "row", "block:128"])
+def test_project_block_official_count():
+    # "block:B+1": the official SparseGPT cut, score <= the k-th smallest (0-based), k+1 per block
+    score = torch.rand(5, 10)
+    keep = project(score, 0.3, Pattern(), "block:4+1")
+    for c, w in ((0, 4), (4, 4), (8, 2)):
+        blk = score[:, c : c + w]
+        k = int(blk.numel() * 0.3)
+        assert torch.equal(~keep[:, c : c + w], blk <= blk.flatten().sort().values[k])
+    assert int((~keep).sum()) == expected_pruned((5, 10), 0.3, Pattern(), "block:4+1") == 18
+    assert project(score, 0.0, Pattern(), "block:4+1").all()  # sparsity 0 stays dense
+    # ties at the threshold all go, as with the official `<=`; the bounds allow them
+    tied = torch.tensor([[1.0, 2.0, 2.0, 2.0], [3.0, 4.0, 5.0, 6.0]])  # k = int(8 * 0.25) = 2 -> value 2.0
+    keep = project(tied, 0.25, Pattern(), "block:4+1")
+    assert keep.tolist() == [[False, False, False, False], [True, True, True, True]]
+    assert pruned_bounds((2, 4), 0.25, Pattern(), "block:4+1") == (3, 4)
+    assert pruned_bounds((5, 10), 0.3, Pattern(), "block:4") == (15, 15)
+    assert expected_pruned((2, 2), 0.9, Pattern(), "block:2+1") == 4  # capped at the block size
+
+
+@pytest.mark.parametrize("group", ["tensor", "row", "block:128", "block:128+1"])
 @pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.7, 0.9, 0.99])
 def test_project_exact_count(group, s):
     score = torch.randn(33, 300)

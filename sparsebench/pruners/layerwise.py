@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import find_blocks, find_linears
 from ..sparsity import Pattern
@@ -116,34 +117,28 @@ def capture(model: nn.Module, calib: torch.Tensor, device: torch.device):
     return inps, block_args
 
 
-def shared_input_groups(block: nn.Module, linears: dict[str, nn.Linear], run) -> dict[str, str]:
-    """Map each linear to the first linear that reads the very same input tensor."""
-    seen: dict[str, torch.Tensor] = {}
+class SharedInputs:
+    """Which linears read the very same input tensor (q/k/v, gate/up), learnt from the
+    first forward call of the statistics pass itself, so finding them costs no extra run."""
 
-    def record(name):
-        def hook(module, args, out):  # returns None: a forward hook's return value replaces the output
-            seen.setdefault(name, args[0])
+    def __init__(self):
+        self.leader: dict[str, str] = {}  # linear -> the first linear that read its input
+        self._first: dict[str, torch.Tensor] = {}  # leaders' first inputs, kept alive: equal data_ptr = same tensor
 
-        return hook
+    def observe(self, name: str, x: torch.Tensor) -> str:
+        """The leader of `name`: itself unless an earlier linear read this very tensor."""
+        if name not in self.leader:
+            for other, y in self._first.items():
+                if x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride():
+                    self.leader[name] = other
+                    break
+            else:
+                self.leader[name] = name
+                self._first[name] = x
+        return self.leader[name]
 
-    hooks = [lin.register_forward_hook(record(name)) for name, lin in linears.items()]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    # All recorded inputs are still referenced, so equal data_ptr means the same tensor.
-    leaders: dict[str, str] = {}
-    for name in linears:
-        x = seen[name]
-        for other in leaders.values():
-            y = seen[other]
-            if x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride():
-                leaders[name] = other
-                break
-        else:
-            leaders[name] = name
-    return leaders
+    def release(self) -> None:
+        self._first.clear()
 
 
 class RunningMean:
@@ -158,11 +153,17 @@ class RunningMean:
         self.nsamples = 0
 
     def add(self, x: torch.Tensor, fn) -> None:
+        """value += fn(x) / n after rescaling, x flattened to (tokens, columns)."""
+        self.add_term(x, lambda x2, n: fn(x2) / n)
+
+    def add_term(self, x: torch.Tensor, term) -> None:
+        """value += term(x, n), n the new sample count: for statistics that fold 1/n in
+        themselves (SparseGPT scales X by sqrt(2/n) before the product)."""
         batch = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         self.value *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
-        self.value += fn(x) / self.nsamples
+        self.value += term(x, self.nsamples)
 
 
 class LayerwisePruner(Pruner):
@@ -191,22 +192,36 @@ class LayerwisePruner(Pruner):
         """Prune one block in place from its inputs (one window per forward, as the official
         code); return {linear name inside the block: keep mask} on the block's device."""
 
-        def run_all(count: int = inps.shape[0]):
-            for j in range(count):
+        def run_all():
+            for j in range(inps.shape[0]):
                 block(inps[j : j + 1], *args, **kwargs)
 
         linears = find_linears(block)
-        leaders = shared_input_groups(block, linears, lambda: run_all(count=1))
-        stats = {name: self.new_stats(linears[name].in_features, inps.device) for name in set(leaders.values())}
-        hooks = [
-            linears[name].register_forward_hook(lambda m, a, o, s=s: self.add_batch(s, a[0].detach()))
-            for name, s in stats.items()
-        ]
+        sharing = SharedInputs()
+        stats: dict[str, Any] = {}  # one statistic per distinct input
+
+        def record(name):
+            def hook(module, args, out):  # returns None: a forward hook's return value replaces the output
+                x = args[0].detach()
+                if sharing.observe(name, x) == name:
+                    if name not in stats:
+                        stats[name] = self.new_stats(linears[name].in_features, inps.device)
+                    self.add_batch(stats[name], x)
+
+            return hook
+
+        hooks = [lin.register_forward_hook(record(name)) for name, lin in linears.items()]
         try:
             run_all()
         finally:
             for h in hooks:
                 h.remove()
+            sharing.release()
+        unused = sorted(set(linears) - set(sharing.leader))
+        if unused:
+            raise SparsebenchError(f"{self.name}: linears {unused} never ran in the block's forward, "
+                                   f"so they have no input statistics to prune with")
+        leaders = sharing.leader
         prepared: dict[str, Any] = {}
         masks: dict[str, torch.Tensor] = {}
         for name, linear in linears.items():
