@@ -19,8 +19,9 @@ class Wanda(LayerwisePruner):
         return RunningMean(torch.zeros(columns, dtype=torch.float32, device=device))
 
     def add_batch(self, stats: RunningMean, x: torch.Tensor) -> None:
-        # mean squared column norm per window; its scale does not change the per-row ranking
-        stats.add(x, lambda x2: x2.pow(2).sum(0))
+        # mean squared column norm per window, as the official code sums it (a norm over the
+        # transposed input: no (tokens x columns) temporary, and the same bits)
+        stats.add(x, lambda x2: torch.norm(x2.t(), p=2, dim=1) ** 2)
 
     def prune_linear(self, linear, stats: RunningMean, sparsity, pattern):
         score = linear.weight.abs().float() * stats.value.sqrt().unsqueeze(0)
