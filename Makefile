@@ -27,7 +27,7 @@ test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M (minutes)
 bench: ## the one-shot table of docs/BENCHMARKS.md (about an hour on 2 CPU cores)
 	$(PY) scripts/bench_oneshot.py
 
-bench-reference: ## Wanda and SparseGPT side by side with the official per-layer loop (about 25 minutes)
+bench-reference: ## Wanda and SparseGPT side by side with the official per-layer loop (about 35 minutes: two ABBA repeats each)
 	$(PY) scripts/bench_reference.py
 
 clean: ## remove run folders (outputs/, multirun/)
