@@ -94,10 +94,10 @@ def pruned_bounds(shape: tuple[int, int], sparsity: float, pattern: Pattern, gro
     """(fewest, most) pruned weights a mask of this shape may have: equal, except under
     the official SparseGPT rule ("block:B+1"), where ties may add up to TIE_SURPLUS."""
     want = expected_pruned(shape, sparsity, pattern, group)
-    if pattern.is_nm or not group.startswith("block:") or not _block_group(group)[1] or sparsity == 0:
+    if pattern.is_nm or sparsity == 0 or not group.endswith("+1"):
         return want, want
     rows, cols = shape
-    b = _block_group(group)[0]
+    b, _ = _block_group(group)
     surplus = sum(max(1, int(rows * min(b, cols - c) * TIE_SURPLUS)) for c in range(0, cols, b))
     return want, min(want + surplus, rows * cols)
 
