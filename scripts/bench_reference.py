@@ -26,7 +26,7 @@ which records what transformers passes to each block (the official Catcher's rol
 
 For each config it prunes the dense model with the reference loop and with sparsebench
 in the same process, each from the dense weights, `--repeats` times each in ABBA order
-(repeats must reproduce the first run's masks), evaluates the first run of each, and
+(repeats must reproduce the first run's masks), then evaluates the first run of each, and
 prints one JSON line per implementation (impl, method, sparsity, pattern, options,
 wikitext2, c4, actual_sparsity, prune_seconds per run and their mean), then one with
 the ratios and the fraction of weights whose pruned/kept state agrees.
@@ -197,9 +197,12 @@ def main() -> None:
 
     # Timing order ABBA... (reference, sparsebench, sparsebench, reference, ...): a drift in
     # the machine's speed over the run (other load, memory, clocks) hits both sides alike.
+    # Nothing but pruning runs between the timed runs: each implementation's first pruned
+    # weights are kept and evaluated after the last timed run. (Evaluating in between put an
+    # evaluation right before sparsebench's first run and before none of the reference's.)
     order = [("reference", "sparsebench"), ("sparsebench", "reference")]
     for method, sparsity, pattern in configs:
-        rows, zeros, times = {}, {}, {"reference": [], "sparsebench": []}
+        rows, zeros, pruned, times = {}, {}, {}, {"reference": [], "sparsebench": []}
         for rep in range(args.repeats):
             for impl in order[rep % 2]:
                 times[impl].append(prune(impl, method, sparsity, pattern))
@@ -209,14 +212,18 @@ def main() -> None:
                         sys.exit(f"bench_reference: {impl} {method} is not deterministic across repeats")
                     continue
                 zeros[impl] = z
-                total = sum(m.numel() for m in z.values())
-                ppl = evaluate(model, streams, args)
-                rows[impl] = {
-                    "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
-                    "options": options if impl == "sparsebench" else {},
-                    "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
-                    "actual_sparsity": round(sum(int(m.sum()) for m in z.values()) / total, 6),
-                }
+                pruned[impl] = {k: v.clone() for k, v in model.state_dict().items()}
+        for impl in ("reference", "sparsebench"):
+            model.load_state_dict(pruned.pop(impl))
+            z = zeros[impl]
+            total = sum(m.numel() for m in z.values())
+            ppl = evaluate(model, streams, args)
+            rows[impl] = {
+                "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
+                "options": options if impl == "sparsebench" else {},
+                "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
+                "actual_sparsity": round(sum(int(m.sum()) for m in z.values()) / total, 6),
+            }
         for impl in rows:
             rows[impl]["prune_seconds"] = [round(t, 2) for t in times[impl]]
             rows[impl]["prune_seconds_mean"] = round(sum(times[impl]) / len(times[impl]), 2)
