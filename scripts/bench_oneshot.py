@@ -63,6 +63,12 @@ def load_protocol(args):
     return model, calib, streams
 
 
+def sync(device: torch.device) -> None:
+    """GPU work is asynchronous: wait for it before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def evaluate(model, streams, args) -> dict[str, float]:
     device = torch.device(args.device)
     model.to(device)
@@ -87,8 +93,10 @@ def main() -> None:
         model.to("cpu")
         pruner = METHODS.build(method, {})
         ctx = PruneContext(model, sparsity, pattern, Schedule(), device, calib if pruner.needs_calibration else None)
+        sync(device)
         start = time.perf_counter()
         masks = pruner.prune(ctx)
+        sync(device)
         prune_s = time.perf_counter() - start
         linears = prunable_linears(model)
         if method == "dense":

@@ -44,7 +44,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse  # noqa: E402
+from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse, sync  # noqa: E402
 
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
@@ -58,7 +58,7 @@ class RefWanda:
 
     def __init__(self, linear):
         self.linear = linear
-        self.scaler_row = torch.zeros(linear.in_features)
+        self.scaler_row = torch.zeros(linear.in_features, device=linear.weight.device)
         self.n = 0
 
     def add_batch(self, inp):
@@ -86,7 +86,7 @@ class RefSparseGPT:
 
     def __init__(self, linear):
         self.linear = linear
-        self.H = torch.zeros(linear.in_features, linear.in_features)
+        self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
         self.n = 0
 
     def add_batch(self, inp):
@@ -160,7 +160,8 @@ def reference_prune(model, calib, method, sparsity, pattern, device):
 
 
 def zero_masks(model) -> dict[str, torch.Tensor]:
-    return {name: lin.weight.detach() == 0 for name, lin in prunable_linears(model).items()}
+    # on the CPU: the reference loop leaves its blocks on the compute device, sparsebench does not
+    return {name: (lin.weight.detach() == 0).cpu() for name, lin in prunable_linears(model).items()}
 
 
 def main() -> None:
@@ -169,12 +170,15 @@ def main() -> None:
                     help="method:sparsity or method:N:M, method in {wanda, sparsegpt}")
     ap.add_argument("--repeats", type=int, default=2,
                     help="prune runs per implementation, in ABBA order; the time is their mean")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="untimed prune runs per implementation before the timed ones (use 1 on a GPU: "
+                         "the first run pays CUDA context, cuBLAS and allocator start-up)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a sparsebench method option, e.g. count=exact for SparseGPT")
     add_protocol_args(ap)
     args = ap.parse_args()
-    if args.repeats < 1 or any("=" not in o for o in args.option):
-        sys.exit("bench_reference: --repeats must be >= 1 and each --option KEY=VALUE")
+    if args.repeats < 1 or args.warmup < 0 or any("=" not in o for o in args.option):
+        sys.exit("bench_reference: --repeats must be >= 1, --warmup >= 0 and each --option KEY=VALUE")
     configs = [parse(c) for c in args.configs]
     for name, _, _ in configs:
         if name not in REFERENCE:
@@ -188,11 +192,13 @@ def main() -> None:
     def prune(impl, method, sparsity, pattern):
         model.load_state_dict(dense)
         model.to("cpu")
+        sync(device)
         start = time.perf_counter()
         if impl == "reference":
             reference_prune(model, calib, method, sparsity, pattern, device)
         else:
             METHODS.build(method, options).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib))
+        sync(device)
         return time.perf_counter() - start
 
     # Timing order ABBA... (reference, sparsebench, sparsebench, reference, ...): a drift in
@@ -203,6 +209,9 @@ def main() -> None:
     order = [("reference", "sparsebench"), ("sparsebench", "reference")]
     for method, sparsity, pattern in configs:
         rows, zeros, pruned, times = {}, {}, {}, {"reference": [], "sparsebench": []}
+        for _ in range(args.warmup):
+            for impl in order[0]:
+                prune(impl, method, sparsity, pattern)
         for rep in range(args.repeats):
             for impl in order[rep % 2]:
                 times[impl].append(prune(impl, method, sparsity, pattern))

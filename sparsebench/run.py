@@ -96,10 +96,17 @@ def run_worker(specs: Specs) -> dict[str, Any]:
     return {"metrics": {}}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def timed(results: Results, key: str):
+    _sync()
     start = time.perf_counter()
     yield
+    _sync()  # CUDA work is asynchronous: a phase ends when its kernels have finished
     results.update(timings_s={key: round(time.perf_counter() - start, 3)})
 
 

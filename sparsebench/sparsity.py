@@ -116,13 +116,19 @@ def expected_pruned(shape: tuple[int, int], sparsity: float, pattern: Pattern, g
 
 
 def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the N highest scores of every M consecutive input columns of each row."""
+    """Keep the N highest scores of every M consecutive input columns of each row.
+
+    Done as the official Wanda/SparseGPT code does it: prune the M - N lowest of each group
+    (`topk(largest=False)`). Keeping the N highest differs only at ties, but ties are not
+    rare (dequantized weights repeat values; pruned zeros tie), and one tie decided the
+    other way changes every later block's inputs: 0.9% of a 2:4 mask of SmolLM2-135M.
+    """
     rows, cols = score.shape
     if cols % m:
         raise SparsebenchError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = score.reshape(rows, cols // m, m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, m - n, dim=2, largest=False).indices, False)
     return keep.reshape(rows, cols)
 
 

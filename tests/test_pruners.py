@@ -116,6 +116,28 @@ def test_sparsegpt_matches_naive_obs(pattern, s, count):
     torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("pattern,s", [(Pattern(), 0.5), (Pattern(2, 4), 0.5)])
+def test_sparsegpt_group_sweep_equals_one_sweep_per_linear(pattern, s):
+    # q/k/v share a Hessian and are swept as one stacked matrix; the result must be each
+    # linear's own sweep. Different scales: a threshold pooled over the stack would prune
+    # the small linear far more than its share.
+    torch.manual_seed(2)
+    x = torch.randn(96, 24) @ torch.randn(24, 24)
+    weights = [torch.randn(6, 24), 0.01 * torch.randn(10, 24), torch.randn(3, 24)]
+    method = SparseGPT(blocksize=8)
+    stats = method.new_stats(24, torch.device("cpu"))
+    method.add_batch(stats, x.unsqueeze(0))
+    prepared = method.prepare(stats)
+    grouped = [_linear(w) for w in weights]
+    keeps = method.prune_group(grouped, prepared, s, pattern)
+    for w, lin, keep in zip(weights, grouped, keeps):
+        alone = _linear(w)
+        alone_keep = method.prune_linear(alone, prepared, s, pattern)
+        assert torch.equal(keep, alone_keep)
+        assert torch.equal(lin.weight, alone.weight)  # bitwise: the same operations per row
+        assert int((~keep).sum()) == expected_pruned(tuple(w.shape), s, pattern, method.group)
+
+
 def test_sparsegpt_orthogonal_inputs_is_magnitude():
     # H = 2 I: no cross-column correction, every d equal -> per-block magnitude, kept weights untouched.
     w = torch.randn(4, 16)

@@ -99,6 +99,18 @@ def test_nm_known_answer():
     assert nm_keep(score, 2, 4).tolist() == [[False, True, True, False, True, True, False, False]]
 
 
+def test_nm_ties_broken_as_the_official_group_loop():
+    # The official code prunes topk(largest=False) of each M-column slice; keeping the top N
+    # instead decides ties differently. Small integers make ties in most groups.
+    torch.manual_seed(0)
+    score = torch.randint(0, 3, (64, 32)).float()
+    for n, m in ((2, 4), (4, 8)):
+        prune = torch.zeros_like(score, dtype=torch.bool)
+        for c in range(0, score.shape[1], m):
+            prune.scatter_(1, c + torch.topk(score[:, c:c + m], m - n, dim=1, largest=False)[1], True)
+        assert torch.equal(nm_keep(score, n, m), ~prune)
+
+
 def test_nm_requires_divisible_columns():
     with pytest.raises(SparsebenchError, match="divisible by 4"):
         nm_keep(torch.randn(2, 6), 2, 4)

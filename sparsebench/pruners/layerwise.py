@@ -186,6 +186,12 @@ class LayerwisePruner(Pruner):
         """Prune (and possibly update) linear.weight in place; return its keep mask."""
         raise NotImplementedError
 
+    def prune_group(self, linears: list[nn.Linear], prepared: Any, sparsity: float,
+                    pattern: Pattern) -> list[torch.Tensor]:
+        """Prune linears that read the same input (q/k/v, gate/up); one keep mask each.
+        Methods whose per-linear work can be done once for all of them override this."""
+        return [self.prune_linear(linear, prepared, sparsity, pattern) for linear in linears]
+
     @torch.no_grad()
     def prune_block(self, block: nn.Module, inps: torch.Tensor, args, kwargs, sparsity: float,
                     pattern: Pattern) -> dict[str, torch.Tensor]:
@@ -221,16 +227,16 @@ class LayerwisePruner(Pruner):
         if unused:
             raise SparsebenchError(f"{self.name}: linears {unused} never ran in the block's forward, "
                                    f"so they have no input statistics to prune with")
-        leaders = sharing.leader
-        prepared: dict[str, Any] = {}
+        groups: dict[str, list[str]] = {}  # leader -> the linears reading its input, in block order
+        for name in linears:
+            groups.setdefault(sharing.leader[name], []).append(name)
         masks: dict[str, torch.Tensor] = {}
-        for name, linear in linears.items():
-            leader = leaders[name]
-            if leader not in prepared:
-                prepared[leader] = self.prepare(stats.pop(leader))
-            keep = self.prune_linear(linear, prepared[leader], sparsity, pattern)
-            apply_mask(linear, keep)  # hard zeros even if a method's update left residue
-            masks[name] = keep
+        for leader, names in groups.items():
+            prepared = self.prepare(stats.pop(leader))
+            keeps = self.prune_group([linears[n] for n in names], prepared, sparsity, pattern)
+            for name, keep in zip(names, keeps):
+                apply_mask(linears[name], keep)  # hard zeros even if a method's update left residue
+                masks[name] = keep
         return masks
 
     @torch.no_grad()

@@ -97,9 +97,25 @@ class SparseGPT(LayerwisePruner):
         )
 
     def prune_linear(self, linear, prepared, sparsity, pattern):
+        return self.prune_group([linear], prepared, sparsity, pattern)[0]
+
+    def prune_group(self, linears, prepared, sparsity, pattern):
+        """One OBS sweep for all linears that share this Hessian (q/k/v, gate/up).
+
+        Rows are independent in the sweep (each row's update uses only its own error and the
+        shared Hinv), so stacking the weights row-wise computes the same numbers as one sweep
+        per linear, with the per-column loop run 4 times per Llama block instead of 7: that
+        loop is launch-bound on a GPU. Unstructured masks are still chosen per linear (the
+        official per-block threshold is over one weight matrix), N:M ones per row anyway;
+        the per-column updates are elementwise (outer products), and the block-end product
+        is done per linear.
+        """
         Hinv, dead = prepared
-        W = linear.weight.data.clone().float()
+        W = torch.cat([lin.weight.data.float() for lin in linears])  # a fresh float copy
         W[:, dead] = 0
+        bounds = [0]
+        for lin in linears:
+            bounds.append(bounds[-1] + lin.out_features)
         rows, cols = W.shape
         keep = torch.ones_like(W, dtype=torch.bool)
         for i1 in range(0, cols, self.blocksize):
@@ -109,10 +125,11 @@ class SparseGPT(LayerwisePruner):
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             d = torch.diag(Hinv1)
-            if pattern.is_nm:
-                keep1 = torch.ones_like(W1, dtype=torch.bool)
-            else:
-                keep1 = project(W1.pow(2) / d.pow(2).unsqueeze(0), sparsity, pattern, self.group)
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+            if not pattern.is_nm:
+                score = W1.pow(2) / d.pow(2).unsqueeze(0)
+                for r1, r2 in zip(bounds, bounds[1:]):
+                    keep1[r1:r2] = project(score[r1:r2], sparsity, pattern, self.group)
             for i in range(i2 - i1):
                 if pattern.is_nm and i % pattern.m == 0:
                     score = W1[:, i : i + pattern.m].pow(2) / d[i : i + pattern.m].pow(2).unsqueeze(0)
@@ -125,6 +142,12 @@ class SparseGPT(LayerwisePruner):
                 Err1[:, i] = err
             W[:, i1:i2] = Q1
             keep[:, i1:i2] = keep1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        linear.weight.data.copy_(W.to(linear.weight.dtype))
-        return keep
+            for r1, r2 in zip(bounds, bounds[1:]):
+                # one product per linear, shaped as in a sweep of that linear alone: a GPU
+                # matmul's summation order depends on the row count, and 1-ulp differences
+                # flip near-tied scores downstream (one stacked product moved SmolLM2-135M's
+                # WikiText-2 perplexity by 1.5% at 0.5 on an H100)
+                W[r1:r2, i2:] -= Err1[r1:r2] @ Hinv[i1:i2, i2:]
+        for lin, r1, r2 in zip(linears, bounds, bounds[1:]):
+            lin.weight.data.copy_(W[r1:r2].to(lin.weight.dtype))
+        return [keep[r1:r2].clone() for r1, r2 in zip(bounds, bounds[1:])]  # own storage: saved masks stay small
