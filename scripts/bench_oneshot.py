@@ -26,6 +26,7 @@ from sparsebench.masks import summarize, verify
 from sparsebench.models import ModelSpec, load_model, prunable_linears
 from sparsebench.pruners import PruneContext
 from sparsebench.registry import METHODS
+from sparsebench.run import sync_cuda
 from sparsebench.sparsity import Schedule, check_sparsity, parse_pattern
 
 TABLE = ["dense", "magnitude:0.5"] + [f"{m}:{s}" for m in ("wanda", "sparsegpt") for s in ("0.5", "0.7", "0.9", "2:4")]
@@ -63,12 +64,6 @@ def load_protocol(args):
     return model, calib, streams
 
 
-def sync(device: torch.device) -> None:
-    """GPU work is asynchronous: wait for it before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def evaluate(model, streams, args) -> dict[str, float]:
     device = torch.device(args.device)
     model.to(device)
@@ -93,10 +88,10 @@ def main() -> None:
         model.to("cpu")
         pruner = METHODS.build(method, {})
         ctx = PruneContext(model, sparsity, pattern, Schedule(), device, calib if pruner.needs_calibration else None)
-        sync(device)
+        sync_cuda()
         start = time.perf_counter()
         masks = pruner.prune(ctx)
-        sync(device)
+        sync_cuda()
         prune_s = time.perf_counter() - start
         linears = prunable_linears(model)
         if method == "dense":

@@ -44,12 +44,13 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse, sync  # noqa: E402
+from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse  # noqa: E402
 
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
 from sparsebench.pruners.layerwise import _block_out, _to, capture  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
+from sparsebench.run import sync_cuda  # noqa: E402
 from sparsebench.sparsity import Schedule  # noqa: E402
 
 
@@ -192,13 +193,13 @@ def main() -> None:
     def prune(impl, method, sparsity, pattern):
         model.load_state_dict(dense)
         model.to("cpu")
-        sync(device)
+        sync_cuda()
         start = time.perf_counter()
         if impl == "reference":
             reference_prune(model, calib, method, sparsity, pattern, device)
         else:
             METHODS.build(method, options).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib))
-        sync(device)
+        sync_cuda()
         return time.perf_counter() - start
 
     # Timing order ABBA... (reference, sparsebench, sparsebench, reference, ...): a drift in

@@ -96,17 +96,19 @@ def run_worker(specs: Specs) -> dict[str, Any]:
     return {"metrics": {}}
 
 
-def _sync() -> None:
+def sync_cuda() -> None:
+    """Wait for queued CUDA work (it runs asynchronously) before reading a clock; a no-op
+    where CUDA was never used."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
 @contextmanager
 def timed(results: Results, key: str):
-    _sync()
+    sync_cuda()
     start = time.perf_counter()
     yield
-    _sync()  # CUDA work is asynchronous: a phase ends when its kernels have finished
+    sync_cuda()  # CUDA work is asynchronous: a phase ends when its kernels have finished
     results.update(timings_s={key: round(time.perf_counter() - start, 3)})
 
 
