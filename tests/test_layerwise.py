@@ -145,3 +145,59 @@ def test_driver_matches_the_official_loop(tiny_model):
                     if ".0." in n:
                         assert not (ours & ~theirs).any(), n
                         assert int((theirs & ~ours).sum()) == -(-lin.weight.shape[1] // 128), n
+
+
+class _CountingWanda(Wanda):
+    """Wanda that reports how many forward calls each shared statistic averaged."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: list[int] = []
+
+    def prepare(self, stats):
+        self.counts.append(stats.nsamples)
+        return super().prepare(stats)
+
+
+def test_statistics_pass_stops_at_the_last_input(tiny_model):
+    """After window 0 each window stops once every linear has its input: the last linear
+    (down_proj) runs its product once, yet every statistic still averages all windows."""
+    model, _ = tiny_model
+    n = 5
+    inps, block_args = capture(model, torch.randint(0, 256, (n, 64)), torch.device("cpu"))
+    _, blocks = find_blocks(model)
+    block = blocks[0]
+    args, kwargs = block_args[0]
+    runs = {name: 0 for name in find_linears(block)}
+    hooks = [lin.register_forward_hook(lambda m, a, o, k=name: runs.__setitem__(k, runs[k] + 1))
+             for name, lin in find_linears(block).items()]
+    pruner = _CountingWanda()
+    pruner.prune_block(block, inps, args, kwargs, 0.5, Pattern())
+    for h in hooks:
+        h.remove()
+    assert runs.pop("mlp.down_proj") == 1
+    assert set(runs.values()) == {n}
+    assert pruner.counts == [n] * 4  # q/k/v, o, gate/up, down
+
+
+class _Twice(torch.nn.Module):
+    """A block that runs one linear twice: its windows may not be cut short."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(self.a(self.a(x)))
+
+
+def test_statistics_pass_runs_whole_blocks_that_repeat_a_linear():
+    torch.manual_seed(0)
+    block, inps, n = _Twice(), torch.randn(3, 1, 4, 8), 3
+    runs = []
+    h = block.b.register_forward_hook(lambda m, a, o: runs.append(1))
+    pruner = _CountingWanda()
+    pruner.prune_block(block, inps, (), {}, 0.5, Pattern())
+    h.remove()
+    assert len(runs) == n
+    assert pruner.counts == [2 * n, n]  # a's statistic saw both calls of every window

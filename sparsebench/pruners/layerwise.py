@@ -7,7 +7,9 @@
 2. For block i: move it to the compute device; run it (dense) on its inputs with hooks
    on its linears to accumulate statistics; prune every linear; re-run the pruned block
    to produce the inputs of block i+1; move it back. Only one block is ever on the
-   device, so a model larger than the accelerator still prunes.
+   device, so a model larger than the accelerator still prunes. The statistics pass stops
+   each window once every linear has seen its input (the last linear's product and
+   whatever follows it change no statistic).
 
 Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, so
 SparseGPT inverts each distinct Hessian once instead of once per linear.
@@ -197,28 +199,39 @@ class LayerwisePruner(Pruner):
                     pattern: Pattern) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (one window per forward, as the official
         code); return {linear name inside the block: keep mask} on the block's device."""
-
-        def run_all():
-            for j in range(inps.shape[0]):
-                block(inps[j : j + 1], *args, **kwargs)
-
         linears = find_linears(block)
         sharing = SharedInputs()
         stats: dict[str, Any] = {}  # one statistic per distinct input
+        calls: list[str] = []  # the linears the current window has run, in order
+        skip_tail = False  # stop each window once every linear's input is recorded (see below)
 
         def record(name):
-            def hook(module, args, out):  # returns None: a forward hook's return value replaces the output
+            def hook(module, args):  # a pre-hook (the input is all we need); returning None keeps the input
                 x = args[0].detach()
                 if sharing.observe(name, x) == name:
                     if name not in stats:
                         stats[name] = self.new_stats(linears[name].in_features, inps.device)
                     self.add_batch(stats[name], x)
+                calls.append(name)
+                if skip_tail and len(set(calls)) == len(linears):
+                    raise _Stop  # the last linear's own product and the rest of the block are not needed
 
             return hook
 
-        hooks = [lin.register_forward_hook(record(name)) for name, lin in linears.items()]
+        hooks = [lin.register_forward_pre_hook(record(name)) for name, lin in linears.items()]
         try:
-            run_all()
+            for j in range(inps.shape[0]):  # one window per forward, as the official code
+                calls.clear()
+                try:
+                    block(inps[j : j + 1], *args, **kwargs)
+                except _Stop:
+                    pass
+                if j == 0:
+                    # Window 0 runs the whole block. If it ran every linear exactly once (not a
+                    # mixture of experts, whose linears run as the data routes them), every later
+                    # window stops as soon as all of them have their input: in a Llama block
+                    # that skips down_proj's product, a fifth of this pass's multiply-adds.
+                    skip_tail = sorted(calls) == sorted(linears)
         finally:
             for h in hooks:
                 h.remove()
