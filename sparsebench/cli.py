@@ -1,7 +1,19 @@
-"""The `sparsebench` command: Hydra composes conf/, run.py does the work."""
+"""The `sparsebench` command: Hydra composes conf/, run.py does the work.
+
+Around Hydra, this file keeps the command's promises:
+- `sparsebench --help` is sparsebench's own help (groups, options, examples);
+- every job of the command line is composed once before anything runs, so an unknown
+  key, group option or malformed override is one line naming the valid ones (exit 2);
+- in a sweep a job that fails is recorded (results.json "failed") and the sweep goes
+  on; at the end the command exits 1 naming the failed jobs;
+- Ctrl-C and SIGTERM end the run or the sweep with one line (exit 130 / 143), the
+  running job's results.json saying "interrupted".
+"""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -11,28 +23,210 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .errors import SparsebenchError
+from . import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
+from .errors import Interrupted, SparsebenchError
+from .registry import did_you_mean
 
 # conf/ sits beside the package in the repository (installed editable: `make install`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MULTIRUN_FLAGS = ("-m", "--multirun")
+FAILED: list[str] = []  # jobs of this sweep that failed, for the closing line
+
+log = logging.getLogger("sparsebench")
+
+
+def _fail(message: str, code: int = 2):
+    print(f"sparsebench: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _task(cfg: DictConfig) -> float | None:
     from .run import run  # heavy imports after Hydra has parsed the command line
 
-    # A killed job (SIGTERM from kill, SLURM, a launcher) unwinds like an error, so its
-    # results.json says "failed" and keeps everything measured before the signal.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by signal {signum}"))
     hc = HydraConfig.get()
-    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    multirun = hc.mode == RunMode.MULTIRUN
+    out = Path(hc.runtime.output_dir)
     try:
-        results = run(cfg, Path(hc.runtime.output_dir), sweep_dir)
-    except SparsebenchError as err:
-        logging.getLogger("sparsebench").error("%s", err)
-        print(f"sparsebench: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        results = run(cfg, out, Path(hc.sweep.dir) if multirun else None)
+    except ledger.FolderBusy as err:
+        if not multirun:
+            _fail(str(err))
+        print(f"sparsebench: skipped: {err}", file=sys.stderr)
+        return None
+    except Exception as err:
+        known = isinstance(err, SparsebenchError)
+        text = str(err) if known else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        where = "" if known else f" (traceback in {out / 'results.json'})"
+        if not multirun:
+            _fail(text + where, 2 if known else 1)
+        FAILED.append(f"{out.name}: {text}")
+        print(f"sparsebench: job {out.name} failed: {text}{where}; the sweep goes on", file=sys.stderr)
+        return None
     return results["metrics"].get("wikitext2")
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def help_text() -> str:
+    groups = {g: _options(g) for g in ("model", "method", "protocol", "data", "eval", "schedule", "logger")}
+    width = max(map(len, groups)) + 1
+    lines = [
+        "sparsebench: prune a causal LM with one method at one sparsity, evaluate it, record results.json.",
+        "",
+        "usage: sparsebench [-m] [GROUP=OPTION ...] [KEY=VALUE ...]",
+        "",
+        "Config groups (GROUP=OPTION):",
+        *(f"  {g + '=':<{width + 1}} {', '.join(opts)}" for g, opts in groups.items()),
+        "",
+        "Keys (KEY=VALUE):",
+        "  sparsity=0.5            fraction of zeros in every pruned linear, in [0, 1)",
+        "  pattern=unstructured    unstructured | 2:4 | 4:8 (N:M fixes sparsity at 0.5)",
+        "  seed=0  device=auto     auto | cpu | cuda | cuda:N",
+        "  method.<option>=...     a method's options (see conf/method/<name>.yaml)",
+        "  model.seqlen=...  data.nsamples=...  data.root=...  eval.max_windows=...",
+        "  save.enabled=true save.dir=<new or empty folder>   export the pruned model",
+        "  resume=true             skip a folder holding this run's complete result",
+        "  hydra.run.dir=...  hydra.sweep.dir=...   where results go",
+        "",
+        "Examples:",
+        "  sparsebench                                            # SmolLM2-135M, Wanda, 50%, offline",
+        "  sparsebench method=sparsegpt sparsity=0.7",
+        "  sparsebench method=wanda pattern=2:4 model=gemma3-270m",
+        "  sparsebench -m method=magnitude,wanda,sparsegpt sparsity=0.5,0.7 hydra.sweep.dir=sweeps/s",
+        "  sparsebench-report sweeps/s                            # table + plot of a sweep",
+        "  sparsebench --cfg job method=sparsegpt                 # print the composed config",
+        "",
+        "Hydra's own help: sparsebench --hydra-help. README.md has the rest.",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command line, checked once
+
+
+def _node_keys(cfg, dotted: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(cfg, dotted) if dotted else cfg
+    return sorted(str(k) for k in node.keys()) if hasattr(node, "keys") else []
+
+
+def _explain(err: Exception, job: list[str], compose) -> str:
+    """One line for a composition error: the bad key or option and the valid ones."""
+    text = str(err)
+    cause = err.__cause__ or err
+    missing = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", text)
+    if missing and (CONF_DIR / missing.group(1)).is_dir():
+        group, name = missing.groups()
+        opts = _options(group)
+        return f"unknown {group} '{name}'{did_you_mean(name, opts)}; valid: {', '.join(opts)}"
+    override = re.search(r"Could not override '([^']+)'", text)
+    key = override.group(1) if override else getattr(cause, "full_key", None)
+    if key and ("not in struct" in str(cause) or "Could not override" in text):
+        parent, _, leaf = str(key).rpartition(".")
+        rest = [o for o in job if not o.lstrip("+~").split("=")[0].startswith(str(key))]
+        try:
+            valid = _node_keys(compose(rest), parent)
+        except Exception:
+            valid = []
+        where = f"{parent}" if parent else "the config"
+        return f"unknown key '{key}'{did_you_mean(leaf, valid)}; valid keys of {where}: {', '.join(valid) or '(none)'}"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    return f"{first} (see sparsebench --help)"
+
+
+def _check_output_root(folder: str) -> None:
+    """The nearest existing folder of a run or sweep folder must take a file, before Hydra
+    creates anything (a read-only place is one line, not a traceback from Hydra)."""
+    path = Path(folder).absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        _fail(f"output folder {folder}: {path} is a file; set hydra.run.dir (hydra.sweep.dir) to a folder")
+    try:
+        probe = path / f".sparsebench-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        _fail(f"output folder {folder} is not writable ({path}: {err.strerror}); set hydra.run.dir "
+              f"(hydra.sweep.dir for -m) to a writable folder")
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose every job of the command line (as Hydra will) and stop on the first error."""
+    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
+        return  # --cfg, --info, --config-dir, ...: Hydra's own modes
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        _fail(f"cannot parse the command line: {str(err).splitlines()[0]}")
+    if multirun:
+        jobs = [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    else:
+        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+        if sweeps:
+            _fail(f"{sweeps[0]} lists several values: add -m to run a sweep")
+        jobs = [overrides]
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        def compose(job):
+            return hydra_compose("config", overrides=job, return_hydra_config=True)
+
+        for job in jobs[:500]:
+            try:
+                cfg = compose(job)
+            except Exception as err:
+                _fail(_explain(err, job, compose))
+        try:
+            root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        except Exception as err:
+            _fail(f"hydra output folder cannot be resolved: {str(err).splitlines()[0]}")
+    _check_output_root(str(root))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return
+    precheck(argv)
+    # A killed job (SIGTERM from kill, SLURM, a launcher) unwinds like Ctrl-C: its
+    # results.json says "failed" (interrupted) and keeps everything measured before.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    FAILED.clear()
+    sys.argv = [sys.argv[0] or "sparsebench", *argv]
+    try:
+        _task()
+    except (KeyboardInterrupt, Interrupted) as err:
+        name = "SIGINT" if isinstance(err, KeyboardInterrupt) else str(err)
+        print(f"sparsebench: interrupted ({name}); the running job's results.json records it", file=sys.stderr)
+        sys.exit(130 if name == "SIGINT" else 128 + int(getattr(signal, name, signal.SIGTERM)))
+    if FAILED:
+        print(f"sparsebench: {len(FAILED)} job(s) of the sweep failed:", file=sys.stderr)
+        for line in FAILED:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Offline (source=local), from the data root (see SOURCES.md there):
                                      (the convention of the stated CPU fixed points)
   c4/c4_validation_2k.parquet       docs [0, 1100) = C4 eval, [1100, 2000) = calibration
 
-Tokenized results are cached on disk, keyed by what determines them.
+Tokenized results are cached on disk, keyed by what determines them: the content
+digest of the file they came from (never its path: a file edited in place is read
+again), the tokenizer, seqlen and the draw. A cache entry that cannot be read is rebuilt.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparsebenchError
+from .registry import option
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,10 @@ C4_HUB_VAL = "en/c4-validation.00000-of-00008.json.gz"
 class DataSpec:
     source: str = "local"
     root: str | None = None  # local data root; None: $SPARSEBENCH_DATA_ROOT or ../shared/data
-    calib_set: str = "c4"
-    nsamples: int = 128
+    calib_set: str = option("c4", choices=CALIB_SETS)
+    nsamples: int = option(128, ge=1)
     seed: int = 0
-    calib_docs: tuple[int, int] = (1100, 2000)  # local C4 documents that stand in for the train shard
+    calib_docs: tuple[int, int] = option((1100, 2000), ge=0)  # local C4 documents that stand in for the train shard
     cache: bool = True
 
     def __post_init__(self):
@@ -84,6 +87,55 @@ def _local_file(spec: DataSpec, rel: str) -> Path:
     return path
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content (memoised per path, size and mtime in this process)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _read_parquet_texts(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise SparsebenchError(f"data file {path} is not a readable parquet file with a 'text' column "
+                               f"({str(err).splitlines()[0][:200]}); restore it from its source (SOURCES.md)") from None
+    return table.column("text").to_pylist()
+
+
+def check_file(spec: DataSpec, rel: str) -> str:
+    """Check a local data file now (present, non-empty, readable, enough documents), before
+    any model loads; returns its content digest."""
+    path = _local_file(spec, rel)
+    if path.stat().st_size == 0:
+        raise SparsebenchError(f"data file {path} is empty; restore it from its source (SOURCES.md in data.root)")
+    if rel.endswith(".parquet"):
+        n = len(_read_parquet_texts(path))
+        need = max(C4_EVAL_DOCS, spec.calib_docs[1])
+        if n < need:
+            raise SparsebenchError(f"data file {path} has {n} documents; sparsebench reads documents [0, {need})")
+    else:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            try:
+                if not f.read().strip():
+                    raise SparsebenchError(f"data file {path} holds only white space; restore it from its source")
+            except UnicodeDecodeError as err:
+                raise SparsebenchError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return file_digest(path)
+
+
 # ----------------------------------------------------------------------------- raw text
 
 
@@ -108,9 +160,7 @@ def c4_documents(spec: DataSpec, split: str) -> list[str]:
         file = C4_HUB_VAL if split == "validation" else C4_HUB_TRAIN
         docs = load_dataset("allenai/c4", data_files={split: file}, split=split)["text"]
         return list(docs[:C4_EVAL_DOCS]) if split == "validation" else list(docs)
-    import pyarrow.parquet as pq
-
-    texts = pq.read_table(_local_file(spec, C4_FILE), columns=["text"]).column("text").to_pylist()
+    texts = _read_parquet_texts(_local_file(spec, C4_FILE))
     lo, hi = (0, C4_EVAL_DOCS) if split == "validation" else spec.calib_docs
     if hi > len(texts) or lo >= hi:
         raise SparsebenchError(f"C4 document range [{lo}, {hi}) is outside the {len(texts)} local documents")
@@ -130,7 +180,13 @@ def _cached(key: str, build):
 
     path = cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
     if path.exists():
-        return torch.load(path)
+        try:
+            value = torch.load(path)
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.numel() > 0:
+                return value
+            raise ValueError(f"holds {type(value).__name__}, not a token tensor")
+        except Exception as err:  # truncated, corrupt or foreign: rebuild it, once
+            log.warning("cache entry %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0][:120])
     value = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -139,8 +195,11 @@ def _cached(key: str, build):
     return value
 
 
-def _source_key(spec: DataSpec) -> str:
-    return f"{spec.source}|{spec.root if spec.source == 'local' else 'hub'}"
+def _source_key(spec: DataSpec, rel: str) -> str:
+    """What the tokens of one source file depend on: its content (local), or the hub name."""
+    if spec.source == "hub":
+        return f"hub|{rel}"
+    return f"local|{file_digest(_local_file(spec, rel))}"
 
 
 # ----------------------------------------------------------------------------- public
@@ -157,7 +216,7 @@ def eval_stream(spec: DataSpec, name: str, tok, seqlen: int) -> torch.Tensor:
         ids = tok(" ".join(c4_documents(spec, "validation")), return_tensors="pt").input_ids
         return ids[:, : C4_EVAL_WINDOWS * seqlen]
 
-    key = f"eval|{name}|{_source_key(spec)}|{tokenizer_id(tok)}|{seqlen if name == 'c4' else ''}"
+    key = f"eval|{name}|{_source_key(spec, eval_file(name))}|{tokenizer_id(tok)}|{seqlen if name == 'c4' else ''}"
     return _cached(key, build) if spec.cache else build()
 
 
@@ -208,6 +267,15 @@ def calibration_documents(spec: DataSpec) -> list[str]:
     return ["\n\n".join(wikitext_rows(spec, split))]
 
 
+def calibration_file(spec: DataSpec) -> str:
+    """The local file the calibration pool comes from (relative to the data root)."""
+    return C4_FILE if spec.calib_set == "c4" else WIKI_FILE.format(split="valid")
+
+
+def eval_file(name: str) -> str:
+    return WIKI_FILE.format(split="test") if name == "wikitext2" else C4_FILE
+
+
 def calibration(spec: DataSpec, tok, seqlen: int) -> torch.Tensor:
     """(nsamples, seqlen) token windows for calibration."""
 
@@ -215,7 +283,7 @@ def calibration(spec: DataSpec, tok, seqlen: int) -> torch.Tensor:
         return sample_windows(calibration_documents(spec), tok, spec.nsamples, seqlen, spec.seed)
 
     key = (
-        f"calib|{spec.calib_set}|{_source_key(spec)}|{spec.calib_docs}|{tokenizer_id(tok)}|"
+        f"calib|{spec.calib_set}|{_source_key(spec, calibration_file(spec))}|{spec.calib_docs}|{tokenizer_id(tok)}|"
         f"{seqlen}|{spec.nsamples}|{spec.seed}"
     )
     return _cached(key, build) if spec.cache else build()

@@ -6,3 +6,8 @@ class SparsebenchError(Exception):
 
     The CLI prints it as one line and exits non-zero; no traceback.
     """
+
+
+class Interrupted(BaseException):
+    """A signal (SIGTERM from kill, SLURM, a launcher) asked the run to stop. A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` swallows it and a sweep ends."""

@@ -12,13 +12,14 @@ from tqdm.auto import tqdm
 
 from .data import EVAL_SETS
 from .errors import SparsebenchError
+from .registry import option
 
 
 @dataclass
 class EvalSpec:
     datasets: tuple[str, ...] = ("wikitext2", "c4")
-    batch_size: int = 1  # windows per forward; the result does not depend on it
-    max_windows: int | None = None  # None: every full window (the papers); N: the first N
+    batch_size: int = option(1, ge=1)  # windows per forward; the result does not depend on it
+    max_windows: int | None = option(None, ge=1)  # None: every full window (the papers); N: the first N
     zeroshot: Any = field(default_factory=dict)  # ZeroShotSpec fields; no tasks: no zero-shot
 
     def __post_init__(self):

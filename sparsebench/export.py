@@ -3,46 +3,91 @@
 The folder loads back with `model=local model.path=<folder>`; with `method=dense`
 that is the eval-only mode, and the masks saved beside the weights are verified
 again (hard zeros outside them) and their sparsity reported.
+
+sparsebench never deletes what it did not write: an export goes into a new or empty
+folder, or replaces an earlier export of the same run (same fingerprint); any other
+existing folder is refused before pruning starts (`check_save_dir`).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import SparsebenchError
+
 MASKS_FILE = "sparsebench_masks.safetensors"
 META_FILE = "sparsebench.json"
 
 
+def check_save_dir(folder: Path, fingerprint: str) -> None:
+    """Refuse, now, a save folder that holds anything but an export of this very run."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SparsebenchError(f"save.dir {folder} is a file, not a folder; choose a new folder")
+    if not any(folder.iterdir()):
+        return
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint:
+        return
+    what = "an export of another run" if isinstance(meta, dict) else "files sparsebench did not write"
+    raise SparsebenchError(f"save.dir {folder} already holds {what}; sparsebench never deletes it: "
+                           f"choose a new or empty folder (or leave save.dir unset: <run folder>/model)")
+
+
 def save_pruned(model, tokenizer, masks: dict[str, torch.Tensor], folder: Path, meta: dict[str, Any]) -> Path:
+    """Write into a private temporary folder, then put it in place (check_save_dir has
+    already said that whatever stands at `folder` may be replaced)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if masks:
         save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.replace(folder)
     return folder
 
 
-def load_masks(folder: str | Path) -> dict[str, torch.Tensor] | None:
-    path = Path(folder) / MASKS_FILE
-    if not path.is_file():
+def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(masks, metadata) of a sparsebench export, None for a folder that is not one.
+
+    A folder with only one of the two files, or a file that cannot be read, is an error:
+    an export whose masks cannot be checked must not evaluate as a verified pruned model.
+    """
+    folder = Path(folder)
+    masks_path, meta_path = folder / MASKS_FILE, folder / META_FILE
+    if not masks_path.exists() and not meta_path.exists():
         return None
+    for path in (masks_path, meta_path):
+        if not path.is_file():
+            raise SparsebenchError(f"{folder} is a sparsebench export without {path.name}; its masks cannot be "
+                                   f"verified: export it again (save.enabled=true)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or not {"sparsity", "pattern", "group"} <= set(meta):
+            raise ValueError("it lacks sparsity, pattern or group")
+    except (OSError, ValueError) as err:
+        raise SparsebenchError(f"{meta_path} is unreadable ({err}); export the model again") from None
     from safetensors.torch import load_file
 
-    return {k: v.bool() for k, v in load_file(str(path)).items()}
-
-
-def load_meta(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        masks = {k: v.bool() for k, v in load_file(str(masks_path)).items()}
+    except Exception as err:  # safetensors raises its own error types for cut-off files
+        raise SparsebenchError(f"{masks_path} is unreadable ({str(err).splitlines()[0][:120]}); export the model again") from None
+    return masks, meta

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import SparsebenchError
+from .registry import option
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class ModelSpec:
     path: str | None = None  # hub id, folder, or the Python package holding the GGUF file
     gguf_file: str | None = None
     gguf_assemble: str | None = None  # "module:function" that writes the GGUF file and returns its path
-    dtype: str = "float32"
-    seqlen: int = 2048
+    dtype: str = option("float32", choices=tuple(DTYPES))
+    seqlen: int = option(2048, ge=2)
     revision: str | None = None
     trust_remote_code: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # model_type + config kwargs for source=tiny

@@ -1,9 +1,16 @@
-"""The pipeline, top to bottom: specs -> model -> calibration -> prune -> verify -> evaluate -> record."""
+"""The pipeline, top to bottom: specs -> claim -> model -> calibration -> prune -> verify -> evaluate -> record.
+
+Before any heavy work a run validates every option, checks its data files and output
+folders, claims its folder (sparsebench/ledger.py) and compares its fingerprint with a
+result already there: the same run is skipped (resume), another config's complete
+result is never overwritten.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +20,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import data as datamod
-from .errors import SparsebenchError
+from . import ledger
+from .errors import Interrupted, SparsebenchError
 from .evaluate import EvalSpec, perplexity
-from .export import load_masks, load_meta, save_pruned
+from .export import check_save_dir, load_saved, save_pruned
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
-from .registry import METHODS, build_dataclass
+from .registry import METHODS, build_dataclass, check_value
 from .sparsity import Pattern, Ramp, Schedule, check_sparsity, parse_pattern
-from .tracking import Results, WandbLogger, peak_memory
+from .tracking import LoggerSpec, Results, WandbLogger, peak_memory
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveSpec:
+    enabled: bool = False
+    dir: str | None = None
 
 
 @dataclass
@@ -37,31 +51,42 @@ class Specs:
     eval: EvalSpec
     device: torch.device
     seed: int
+    logger: LoggerSpec
+    save: SaveSpec
 
 
 def resolve_device(name: str) -> torch.device:
+    cuda = torch.cuda.is_available()
+    valid = "auto, cpu" + (f", cuda, cuda:0..{torch.cuda.device_count() - 1}" if cuda else "")
     if name == "auto":
-        if torch.cuda.is_available():
+        if cuda:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SparsebenchError(f"unknown device '{name}'; valid: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SparsebenchError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+        raise SparsebenchError(f"unknown device '{name}'; valid here: {valid}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SparsebenchError(f"device={name} is not supported by sparsebench (valid here: {valid})")
+    if device.type == "cuda" and not cuda:
+        raise SparsebenchError(f"device={name} but no CUDA GPU is visible to this torch build; valid here: {valid}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SparsebenchError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; valid here: {valid}")
     return device
 
 
 def build_specs(cfg: DictConfig) -> Specs:
     """Parse and validate every config group once, before any heavy work."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    seed = check_value(c["seed"], int, "seed")  # first: data.seed and method.seed copy it
     method = dict(c["method"])
-    pruner = METHODS.build(method.pop("name"), method)
-    pattern = parse_pattern(c["pattern"])
+    pruner = METHODS.build(method.pop("name", None), method)
+    pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
-    return Specs(
+    for key in ("resume", "dense_baseline"):
+        check_value(c.get(key, True), bool, key)
+    specs = Specs(
         model=build_dataclass(ModelSpec, c["model"], "model"),
         pruner=pruner,
         sparsity=0.0 if pruner.name == "dense" else check_sparsity(c["sparsity"], pattern),
@@ -70,21 +95,35 @@ def build_specs(cfg: DictConfig) -> Specs:
         data=build_dataclass(datamod.DataSpec, c["data"], "data"),
         eval=build_dataclass(EvalSpec, c["eval"], "eval"),
         device=resolve_device(str(c["device"])),
-        seed=int(c["seed"]),
+        seed=seed,
+        logger=build_dataclass(LoggerSpec, c["logger"], "logger"),
+        save=build_dataclass(SaveSpec, c["save"], "save"),
     )
+    # Options that change nothing for this run: say so once, never silently ignore them.
+    if ramp.kind != "constant" and not pruner.iterative:
+        log.warning("schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target at once",
+                    ramp.kind, pruner.name)
+    if specs.save.dir and not specs.save.enabled:
+        log.warning("save.dir is set but save.enabled=false: nothing will be saved")
+    return specs
 
 
-def check_data_files(specs: Specs) -> None:
-    """Fail on a missing local data file now, not after the model has loaded."""
+def check_data_files(specs: Specs) -> tuple[dict[str, str], dict[str, str]]:
+    """Check every local file the run will read, now (missing, empty, corrupt, too short),
+    not after the model has loaded. Returns the content digests of (all of them, the ones
+    the evaluation reads)."""
     d = specs.data
+    zs = specs.eval.zeroshot
+    zs.check_source(d.source, d.root)
     if d.source != "local":
-        return
-    needed = {datamod.WIKI_FILE.format(split="test") if n == "wikitext2" else datamod.C4_FILE for n in specs.eval.datasets}
-    if specs.pruner.needs_calibration:
-        needed.add(datamod.C4_FILE if d.calib_set == "c4" else datamod.WIKI_FILE.format(split="valid"))
-    for rel in sorted(needed):
-        datamod._local_file(d, rel)
-    specs.eval.zeroshot.check_source(d.source, d.root)
+        return {}, {}
+    evals = {datamod.eval_file(n) for n in specs.eval.datasets}
+    reads = evals | ({datamod.calibration_file(d)} if specs.pruner.reads_calibration else set())
+    digests = {rel: datamod.check_file(d, rel) for rel in sorted(reads)}
+    for rel in zs.local_files():
+        digests[rel] = datamod.file_digest(Path(d.root) / rel)
+    eval_digests = {rel: h for rel, h in digests.items() if rel in evals or rel.startswith("zeroshot/")}
+    return digests, eval_digests
 
 
 def run_worker(specs: Specs) -> dict[str, Any]:
@@ -131,121 +170,208 @@ def init_distributed(specs: Specs) -> int:
     return dist.get_rank()
 
 
-def completed(out_dir: Path) -> dict[str, Any] | None:
-    """The results of an earlier complete run in this folder, if any."""
-    import json
-
-    path = out_dir / "results.json"
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if data.get("status") == "complete" else None
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation that cannot be resolved
+        raise SparsebenchError(f"the config cannot be resolved: {str(err).splitlines()[0]}") from None
 
 
-def dense_baseline(cfg: DictConfig, sweep_dir: Path) -> None:
-    """In a sweep, the dense model under the same protocol, once per model: <sweep>/dense_<model>."""
-    if cfg.method.name == "dense":
-        return
+def resume_decision(existing: dict[str, Any] | None, fp: dict[str, Any], resume: bool, out_dir: Path) -> bool:
+    """True if `existing` (the folder's results.json) is this run's complete result and may
+    be returned as it is; raises if the folder holds a complete result of another config."""
+    if existing is None or existing.get("status") != "complete":
+        return False  # nothing, or a failed or interrupted attempt: run (again)
+    old = ledger.stored_fingerprint(existing)
+    if old["digest"] == fp["digest"]:
+        return resume
+    diffs = ledger.differences(old, fp) if old["digest"] else ["it was written before run fingerprints existed"]
+    shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+    raise SparsebenchError(
+        f"{out_dir} holds a complete result of another config ({shown}); sparsebench never overwrites it: "
+        f"choose another hydra.run.dir (hydra.sweep.dir for a sweep) or move that folder away"
+    )
+
+
+def save_folder(specs: Specs, out_dir: Path, sweep_dir: Path | None) -> Path:
+    """<run folder>/model, or save.dir; in a sweep save.dir gets one subfolder per job."""
+    if not specs.save.dir:
+        return out_dir / "model"
+    return Path(specs.save.dir) / out_dir.name if sweep_dir is not None else Path(specs.save.dir)
+
+
+def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
+    """The dense model under this job's evaluation protocol, once per protocol in a sweep:
+    <sweep>/dense_<model>_<protocol id>. Its failure is logged, never the job's."""
     dense_cfg = cfg.copy()
     OmegaConf.set_struct(dense_cfg, False)
     dense_cfg.method = {"name": "dense"}
     dense_cfg.save.enabled = False
-    folder = sweep_dir / f"dense_{cfg.model.name}"
-    if completed(folder) is None:
-        log.info("sweep baseline: dense %s in %s", cfg.model.name, folder)
+    dense_cfg.resume = True
+    folder = sweep_dir / f"dense_{cfg.model.name}_{protocol[:8]}"
+    try:
         run(dense_cfg, folder)
+    except ledger.FolderBusy as err:
+        log.info("sweep baseline: %s", err)
+    except Exception as err:
+        log.warning("sweep baseline in %s failed (%s); the report has no %% of dense for this protocol", folder, err)
+
+
+def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
+    """Hydra's record of the job (.hydra/), written only for a run that really runs here
+    (config.yaml sets hydra.output_subdir to null so Hydra does not overwrite it first)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    folder = out_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "overrides.yaml")
 
 
 def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
-    specs = build_specs(cfg)
-    if sweep_dir is not None and cfg.get("dense_baseline", False):
-        dense_baseline(cfg, sweep_dir)
-    if cfg.get("resume", False) and (done := completed(out_dir)) is not None:
-        log.info("%s holds a complete results.json: skipped (resume=false runs it again)", out_dir)
-        return done
-    check_data_files(specs)
-    if init_distributed(specs) != 0:
+    out_dir = Path(out_dir)
+    config = _resolved(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 claims and records
+        specs = build_specs(cfg)
+        files, _ = check_data_files(specs)
+        config["device"] = specs.device.type
+        fp = ledger.fingerprint(config, files, needs_calibration=specs.pruner.reads_calibration,
+                                dense=specs.pruner.name == "dense")
+        if resume_decision(ledger.previous_results(out_dir) if (out_dir / "results.json").exists() else None,
+                           fp, bool(cfg.get("resume", True)), out_dir):
+            return {"metrics": {}}
+        init_distributed(specs)
         return run_worker(specs)
+    ledger.check_writable(out_dir, "run folder", "set hydra.run.dir=<folder> (hydra.sweep.dir in a sweep)")
+    with ledger.claim(out_dir):
+        return _run_claimed(cfg, config, out_dir, sweep_dir)
+
+
+def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_dir: Path | None) -> dict[str, Any]:
+    existing = ledger.previous_results(out_dir)
+    holds_result = existing is not None and existing.get("status") == "complete"
+    try:
+        specs = build_specs(cfg)
+        files, eval_files = check_data_files(specs)
+    except SparsebenchError as err:
+        if not holds_result:  # record the failure, never over another run's complete result
+            Results(out_dir / "results.json", config, config.get("seed")).update(status="failed", error=str(err))
+        raise
+    config["device"] = specs.device.type  # "auto" means different things on different machines
+    dense = specs.pruner.name == "dense"
+    fp = ledger.fingerprint(config, files, needs_calibration=specs.pruner.reads_calibration, dense=dense)
+    protocol = ledger.protocol_id(config, eval_files)
+    if sweep_dir is not None and cfg.get("dense_baseline", False) and not dense:
+        dense_baseline(cfg, sweep_dir, protocol)  # also when this job is done: a deleted baseline comes back
+    if resume_decision(existing, fp, bool(cfg.get("resume", True)), out_dir):
+        log.info("%s holds this run's complete result: skipped (resume=false runs it again)", out_dir)
+        return existing
+    save_dir = save_folder(specs, out_dir, sweep_dir) if specs.save.enabled else None
+    if save_dir is not None:  # before the expensive part: never delete what is not ours
+        check_save_dir(save_dir, fp["digest"])
+        ledger.check_writable(save_dir.parent, "save folder", "set save.dir=<writable folder>")
+
+    _save_hydra_files(cfg, out_dir)
+    file_log = logging.FileHandler(out_dir / "run.log")
+    file_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(file_log)
     torch.manual_seed(specs.seed)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    results = Results(out_dir / "results.json", config, specs.seed)
-    lg = cfg.logger
-    logger = WandbLogger(
-        lg.mode, lg.project, lg.entity, lg.group or (sweep_dir.name if sweep_dir else None),
-        name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
-        config=config, directory=out_dir,
-    )
+    results = Results(out_dir / "results.json", config, specs.seed, fingerprint=fp, protocol_id=protocol)
+    logger = None
     exit_code = 1
     try:
-        with timed(results, "load"):
-            model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
-        results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
-                              "params": sum(p.numel() for p in model.parameters())})
-
-        calib = None
-        if specs.pruner.needs_calibration:
-            with timed(results, "calibrate"):
-                calib = datamod.calibration(specs.data, tok, specs.model.seqlen)
-            results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
-
-        ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
-                           tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log)
-        with timed(results, "prune"):
-            masks = specs.pruner.prune(ctx)
-        if specs.pruner.report():
-            results.update(method_report=specs.pruner.report())
-        linears = prunable_linears(model)
-        saved = load_masks(specs.model.path) if specs.model.source == "local" else None
-        if specs.pruner.name != "dense":
-            per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
-        elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
-            meta = load_meta(specs.model.path) or {}
-            per_tensor = verify(linears, saved, meta["sparsity"], parse_pattern(meta["pattern"]), meta["group"])
-            results.update(loaded_pruned_model=meta)
-        else:
-            per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
-        results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears)},
-                       per_layer_sparsity=per_tensor)
-        logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
-        log.info("pruned: %s", results.data["sparsity"])
-
-        if cfg.save.enabled:
-            meta = {"method": specs.pruner.name, "sparsity": specs.sparsity, "pattern": str(specs.pattern),
-                    "group": specs.pruner.group, "seed": specs.seed, "model": specs.model.name,
-                    "data": {"source": specs.data.source, "calib_set": specs.data.calib_set,
-                             "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen}}
-            with timed(results, "save"):
-                folder = save_pruned(model, tok, masks, Path(cfg.save.dir or out_dir / "model"), meta)
-            results.update(saved_model=str(folder))
-
-        model.to(specs.device)
-        for name in specs.eval.datasets:
-            with timed(results, f"eval_{name}"):
-                ids = datamod.eval_stream(specs.data, name, tok, specs.model.seqlen)
-                ppl, windows = perplexity(model, ids, specs.model.seqlen, specs.device,
-                                          specs.eval.batch_size, specs.eval.max_windows, desc=name)
-            results.update(metrics={name: ppl, f"{name}_windows": windows})
-            logger.log({f"ppl/{name}": ppl})
-            log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
-
-        zs = specs.eval.zeroshot
-        if zs.tasks:
-            from .models import cache_root
-            from .zeroshot import evaluate_zeroshot
-
-            with timed(results, "eval_zeroshot"):
-                out = evaluate_zeroshot(model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root())
-            results.update(zeroshot=out, metrics={**{t: v["headline"] for t, v in out["tasks"].items()}, "mean_acc": out["mean_acc"]})
-            logger.log({f"zeroshot/{t}": v["headline"] for t, v in out["tasks"].items()} | {"zeroshot/mean_acc": out["mean_acc"]})
-            logger.table("zeroshot", ["task", "acc", "acc_norm", "n"],
-                         [[t, v.get("acc"), v.get("acc_norm"), v["n"]] for t, v in out["tasks"].items()])
-
-        results.update(memory=peak_memory(specs.device), status="complete")
+        lg = specs.logger
+        logger = WandbLogger(
+            lg.mode, lg.project, lg.entity, lg.group or (sweep_dir.name if sweep_dir else None),
+            name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
+            config=config, directory=out_dir,
+        )
+        data = _pipeline(specs, results, logger, save_dir, fp["digest"])
         exit_code = 0
-        return results.data
+        return data
     except BaseException as err:
-        results.update(status="failed", error=f"{type(err).__name__}: {err}", memory=peak_memory(specs.device))
+        fields: dict[str, Any] = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        if isinstance(err, (KeyboardInterrupt, Interrupted)):
+            fields.update(error=f"interrupted ({'SIGINT' if isinstance(err, KeyboardInterrupt) else err})", reason="interrupted")
+        elif isinstance(err, SparsebenchError):
+            fields.update(error=str(err))
+        else:
+            fields.update(traceback=traceback.format_exc())
+        results.update(**fields, memory=peak_memory(specs.device))
         raise
     finally:
-        logger.finish({**results.data["metrics"], "status": results.data["status"]}, exit_code)
+        if logger is not None:
+            logger.finish({**results.data["metrics"], "status": results.data["status"]}, exit_code)
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+
+
+def _pipeline(specs: Specs, results: Results, logger: WandbLogger, save_dir: Path | None, fingerprint: str) -> dict[str, Any]:
+    with timed(results, "load"):
+        model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
+    results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
+                          "params": sum(p.numel() for p in model.parameters())})
+    saved = load_saved(specs.model.path) if specs.model.source == "local" else None
+
+    calib = None
+    if specs.pruner.needs_calibration:
+        with timed(results, "calibrate"):
+            calib = datamod.calibration(specs.data, tok, specs.model.seqlen)
+        results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
+
+    ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
+                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log)
+    with timed(results, "prune"):
+        masks = specs.pruner.prune(ctx)
+    if specs.pruner.report():
+        results.update(method_report=specs.pruner.report())
+    linears = prunable_linears(model)
+    if specs.pruner.name != "dense":
+        per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
+    elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
+        saved_masks, meta = saved
+        per_tensor = verify(linears, saved_masks, meta["sparsity"], parse_pattern(meta["pattern"]), meta["group"])
+        results.update(loaded_pruned_model=meta)
+    else:
+        per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
+    results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears)},
+                   per_layer_sparsity=per_tensor)
+    logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
+    log.info("pruned: %s", results.data["sparsity"])
+
+    if save_dir is not None:
+        meta = {"method": specs.pruner.name, "sparsity": specs.sparsity, "pattern": str(specs.pattern),
+                "group": specs.pruner.group, "seed": specs.seed, "model": specs.model.name, "fingerprint": fingerprint,
+                "data": {"source": specs.data.source, "calib_set": specs.data.calib_set,
+                         "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen}}
+        with timed(results, "save"):
+            folder = save_pruned(model, tok, masks, save_dir, meta)
+        results.update(saved_model=str(folder))
+
+    model.to(specs.device)
+    for name in specs.eval.datasets:
+        with timed(results, f"eval_{name}"):
+            ids = datamod.eval_stream(specs.data, name, tok, specs.model.seqlen)
+            ppl, windows = perplexity(model, ids, specs.model.seqlen, specs.device,
+                                      specs.eval.batch_size, specs.eval.max_windows, desc=name)
+        results.update(metrics={name: ppl, f"{name}_windows": windows})
+        logger.log({f"ppl/{name}": ppl})
+        log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
+
+    zs = specs.eval.zeroshot
+    if zs.tasks:
+        from .models import cache_root
+        from .zeroshot import evaluate_zeroshot
+
+        with timed(results, "eval_zeroshot"):
+            out = evaluate_zeroshot(model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root())
+        results.update(zeroshot=out, metrics={**{t: v["headline"] for t, v in out["tasks"].items()}, "mean_acc": out["mean_acc"]})
+        logger.log({f"zeroshot/{t}": v["headline"] for t, v in out["tasks"].items()} | {"zeroshot/mean_acc": out["mean_acc"]})
+        logger.table("zeroshot", ["task", "acc", "acc_norm", "n"],
+                     [[t, v.get("acc"), v.get("acc_norm"), v["n"]] for t, v in out["tasks"].items()])
+
+    results.update(memory=peak_memory(specs.device), status="complete")
+    return results.data

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SparsebenchError
+from .registry import option
 
 PATTERN_HELP = "'unstructured' or 'N:M' with N/M = 1/2 (2:4, 4:8)"
 
@@ -59,10 +60,10 @@ def parse_pattern(text: str) -> Pattern:
 
 def check_sparsity(sparsity: float, pattern: Pattern) -> float:
     """Validate the target against the pattern; returns it as a float."""
-    try:
-        s = float(sparsity)
-    except (TypeError, ValueError):
-        raise SparsebenchError(f"sparsity must be a number in [0, 1), got '{sparsity}'") from None
+    # A string ("0.5 " quoted on the command line) is an error, not a number read later.
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise SparsebenchError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    s = float(sparsity)
     if not (0.0 <= s < 1.0) or math.isnan(s):
         raise SparsebenchError(f"sparsity must be in [0, 1), got {sparsity}")
     if pattern.is_nm and abs(s - 0.5) > 1e-9:
@@ -192,10 +193,10 @@ class Ramp:
               s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3 for t in [t0, t1].
     """
 
-    kind: str = "constant"
-    initial: float = 0.0
-    start: float = 0.0  # fraction of total steps where the ramp starts
-    end: float = 0.5  # fraction of total steps where the target is reached
+    kind: str = option("constant", choices=("constant", "cubic"))
+    initial: float = option(0.0, ge=0, lt=1)
+    start: float = option(0.0, ge=0, le=1)  # fraction of total steps where the ramp starts
+    end: float = option(0.5, ge=0, le=1)  # fraction of total steps where the target is reached
 
     def __post_init__(self):
         if self.kind not in ("constant", "cubic"):

@@ -5,7 +5,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,31 @@ from typing import Any
 import torch
 
 from .errors import SparsebenchError
+from .registry import option
 
 LOGGER_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class LoggerSpec:
+    mode: str = option("offline", choices=LOGGER_MODES)
+    project: str = "sparsebench"
+    entity: str | None = None
+    group: str | None = None
+
+
+def code_version() -> str | None:
+    """The git commit of the sparsebench checkout (with '+dirty' for local changes), if any."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -31,6 +56,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": platform.platform()}
+    if (code := code_version()) is not None:
+        out["sparsebench_commit"] = code
     for pkg in ("sparsebench", "torch", "transformers", "hydra-core", "datasets", "tokenizers", "gguf", "wandb", "lm-eval"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -53,12 +80,13 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 class Results:
     """The run's record; every save() rewrites results.json completely and atomically."""
 
-    def __init__(self, path: Path, config: dict[str, Any], seed: int):
+    def __init__(self, path: Path, config: dict[str, Any], seed: Any, **identity: Any):
         self.path = Path(path)
         self.data: dict[str, Any] = {
             "status": "running",
             "config": config,
             "seed": seed,
+            **identity,  # fingerprint, protocol_id (sparsebench/ledger.py)
             "metrics": {},
             "timings_s": {},
             "versions": versions(),

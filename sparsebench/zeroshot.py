@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SparsebenchError
+from .registry import option
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,9 @@ def write_offline_tasks(data_root: Path, dest: Path) -> Path:
 @dataclass
 class ZeroShotSpec:
     tasks: tuple[str, ...] = ()
-    limit: int | None = None  # documents per task (quick runs); None: all
-    batch_size: int = 8
-    num_fewshot: int = 0
+    limit: int | None = option(None, ge=1)  # documents per task (quick runs); None: all
+    batch_size: int = option(8, ge=1)
+    num_fewshot: int = option(0, ge=0)
     headline: str = "acc"  # acc | acc_norm (tasks without acc_norm report acc)
 
     def __post_init__(self):
@@ -194,6 +195,10 @@ class ZeroShotSpec:
             raise SparsebenchError(f"unknown eval.zeroshot.headline '{self.headline}'; valid: {', '.join(HEADLINES)}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise SparsebenchError(f"eval.zeroshot.limit must be null or a positive integer, got {self.limit!r}")
+
+    def local_files(self) -> list[str]:
+        """The offline files these tasks read, relative to the data root."""
+        return [f"zeroshot/{OFFLINE[t]['file']}" for t in self.tasks if t in OFFLINE]
 
     def check_source(self, source: str, data_root: str | None) -> None:
         if source == "local":

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from sparsebench.export import load_masks, load_meta
+from sparsebench.export import load_saved
 from sparsebench.run import run
 
 from .conftest import compose
@@ -15,9 +15,9 @@ def test_save_reload_round_trip(tmp_path):
     folder = tmp_path / "prune" / "model"
     assert pruned["saved_model"] == str(folder)
     assert (folder / "model.safetensors").is_file()
-    meta = load_meta(folder)
+    masks, meta = load_saved(folder)
     assert (meta["method"], meta["pattern"], meta["seed"], meta["data"]["nsamples"]) == ("sparsegpt", "2:4", 0, 8)
-    masks = load_masks(folder)
+    assert meta["fingerprint"] == pruned["fingerprint"]["digest"]
     assert len(masks) == 14 and all(m.dtype == torch.bool for m in masks.values())
 
     again = run(compose(["model=local", f"model.path={folder}", "model.dtype=float32", "model.seqlen=64",

@@ -28,13 +28,13 @@ def test_report_table_and_plot(tmp_path, capsys):
     _result(tmp_path / "4", "sparsegpt", 0.7, 0, 0, status="failed")
     report.main([str(tmp_path)])
     md = (tmp_path / "report.md").read_text()
-    lines = md.splitlines()
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + 5
     assert lines[2].startswith("| m | dense | 0.00 | unstructured | 10.00 | 20.00 | 100.0 | 100.0 |")
     assert "| m | wanda | 0.70 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | complete |" in md
     assert "| sparsegpt | 0.70 | unstructured | — | — | — | — | 1.5 | 2.00 | failed |" in md
     rows = (tmp_path / "report.csv").read_text().splitlines()
-    assert len(rows) == 6 and rows[0].startswith("path,status,model,method")
+    assert len(rows) == 6 and rows[0].startswith("path,status,error,model,method")
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -80,7 +80,7 @@ def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
     proc.kill()
     proc.wait()
     before = complete()
-    assert "dense_tiny-llama" in before and 4 <= len(before) < 10, before
+    assert any(n.startswith("dense_tiny-llama_") for n in before) and 4 <= len(before) < 10, before
 
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     after = complete()
@@ -88,7 +88,7 @@ def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
     assert all(after[name] == mtime for name, mtime in before.items())  # finished jobs were not re-run
 
     report.main([str(sweep)])
-    rows = (sweep / "report.md").read_text().splitlines()[2:]
+    rows = [ln for ln in (sweep / "report.md").read_text().splitlines() if ln.startswith("|")][2:]
     assert len(rows) == 10 and rows[0].startswith("| tiny-llama | dense |")
     assert (sweep / "report.png").stat().st_size > 5000
 

@@ -148,7 +148,7 @@ def test_safe_published_defaults_and_bad_options():
 
     with pytest.raises(SparsebenchError, match="valid: magnitude, wanda"):
         build_specs(compose(["method=safe", "method.projection=objective"]))
-    with pytest.raises(SparsebenchError, match="rho >= 0"):
+    with pytest.raises(SparsebenchError, match="option .rho. must be >= 0, got -1.0"):
         build_specs(compose(["method=safe", "method.rho=-1"]))
     with pytest.raises(SparsebenchError, match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: sparsegpt, wanda"):
         build_specs(compose(["method=safe", "method.warm_start=magnitude"]))

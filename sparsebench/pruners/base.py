@@ -35,6 +35,15 @@ class Pruner:
     distributed: ClassVar[bool] = False
     # Comparison group of unstructured masks (see sparsity.py); the verifier checks against it.
     group: ClassVar[str] = "tensor"
+    # True if the method draws its own windows from the calibration pool (Elsa's stream):
+    # the pool's file is then part of the run's fingerprint even without `needs_calibration`.
+    reads_data: ClassVar[bool] = False
+    # True if the method runs over steps, so that a ramp (schedule.ramp) changes what it does.
+    iterative: ClassVar[bool] = False
+
+    @property
+    def reads_calibration(self) -> bool:
+        return self.needs_calibration or self.reads_data
 
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SparsebenchError
 from ..models import prunable_linears
-from ..registry import METHODS
+from ..registry import METHODS, option
 from .adam8bit import Adam8bit
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
@@ -45,34 +45,36 @@ log = logging.getLogger(__name__)
 @dataclass
 class Elsa(Pruner):
     distributed = True
+    reads_data = True
+    iterative = True
 
-    steps: int = 4096
-    batch_size: int = 8  # windows per optimizer step (global, over all ranks and micro-batches)
-    grad_accum: int = 1  # micro-batches per step
-    seqlen: int | None = None  # training window; None: model.seqlen
-    lr: float = 2e-4
-    lr_pruned: float | None = None  # separate lr for the ADMM weights; None: lr
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip: float = 1.0
-    lam: float = 0.01
-    lam_schedule: str = "constant"  # constant | linear | cosine | exponential (from lam_start to lam)
-    lam_start: float = 0.0
-    interval: int = 32
-    projection: str = "objective"  # objective | magnitude
-    magnitude_updates: int = 0  # first z-updates by magnitude (Adam's v is noisy early)
+    steps: int = option(4096, ge=1)
+    batch_size: int = option(8, ge=1)  # windows per optimizer step (global, over all ranks and micro-batches)
+    grad_accum: int = option(1, ge=1)  # micro-batches per step
+    seqlen: int | None = option(None, ge=2)  # training window; None: model.seqlen
+    lr: float = option(2e-4, gt=0, lt=1)
+    lr_pruned: float | None = option(None, gt=0, lt=1)  # separate lr for the ADMM weights; None: lr
+    betas: tuple[float, float] = option((0.9, 0.95), ge=0, lt=1)
+    eps: float = option(1e-8, gt=0)
+    clip: float = option(1.0, gt=0)
+    lam: float = option(0.01, ge=0)
+    lam_schedule: str = option("constant", choices=("constant", "linear", "cosine", "exponential"))  # from lam_start to lam
+    lam_start: float = option(0.0, ge=0)
+    interval: int = option(32, ge=1)
+    projection: str = option("objective", choices=("objective", "magnitude"))
+    magnitude_updates: int = option(0, ge=0)  # first z-updates by magnitude (Adam's v is noisy early)
     train_others: bool = True  # train embeddings, norms, lm_head without penalty
     freeze_embeddings: bool = False  # with train_others: keep embeddings and lm_head fixed
     warm_start: str | None = None  # a one-shot method whose solution initialises w and z
-    warm_start_nsamples: int = 64
+    warm_start_nsamples: int = option(64, ge=1)
     bf16: bool = False  # autocast the forward in bfloat16
     grad_checkpointing: bool = False
-    z_format: str = "float32"
-    u_format: str = "float32"
+    z_format: str = option("float32", choices=("float32", "bfloat16", "fp8"))
+    u_format: str = option("float32", choices=("float32", "bfloat16", "fp8"))
     z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (pruners/admm.py)
     optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
     seed: int = 0
-    log_every: int = 8
+    log_every: int = option(8, ge=1)
     history: list[dict[str, float]] = field(default_factory=list, init=False, repr=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -196,7 +198,7 @@ class Elsa(Pruner):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes()}
+        self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes(), "steps_run": self.steps}
         masks = admm.finalize()
         model.to(dtype)  # zeros stay zeros in any dtype
         return masks
@@ -206,6 +208,7 @@ class Elsa(Pruner):
             return {}
         sb = self._state["state_bytes"]
         return {
+            "steps_run": self._state["steps_run"],
             "history": self.history,
             "dist_before_final_projection": self._state["dist_before_final"],
             "state_bytes": sb,

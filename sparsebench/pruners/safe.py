@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import find_blocks, find_linears
-from ..registry import METHODS
+from ..registry import METHODS, option
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
 from .layerwise import LayerwisePruner, RunningMean, _block_out, _to, capture
@@ -79,20 +79,21 @@ def sam_admm_step(params, loss_fn, rho: float, admm: ADMM, opt: torch.optim.Opti
 @dataclass
 class Safe(Pruner):
     needs_calibration: ClassVar[bool] = True
+    iterative: ClassVar[bool] = True
 
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 2e-4
-    warmup_epochs: float = 2
-    lam: float = 1e-3
-    lam_schedule: str = "constant"  # constant | linear | cosine | exponential (lam_start -> lam), per block
-    lam_start: float = 0.0
-    rho: float = 2e-4
-    interval: int = 32
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    projection: str = "magnitude"  # SAFE: |w+u|; SAFE+: wanda
-    group: str = "row"  # unstructured masks compare per output row (as Wanda) or per tensor
+    epochs: int = option(30, ge=1)
+    batch_size: int = option(8, ge=1)
+    lr: float = option(2e-4, gt=0, lt=1)
+    warmup_epochs: float = option(2, ge=0)
+    lam: float = option(1e-3, ge=0)
+    lam_schedule: str = option("constant", choices=("constant", "linear", "cosine", "exponential"))  # per block
+    lam_start: float = option(0.0, ge=0)
+    rho: float = option(2e-4, ge=0)
+    interval: int = option(32, ge=1)
+    betas: tuple[float, float] = option((0.9, 0.95), ge=0, lt=1)
+    eps: float = option(1e-8, gt=0)
+    projection: str = option("magnitude", choices=("magnitude", "wanda"))  # SAFE: |w+u|; SAFE+: wanda
+    group: str = option("row", choices=("row", "tensor"))  # unstructured masks compare per output row (as Wanda) or per tensor
     # A layer-wise one-shot method (wanda, sparsegpt) whose solution for each block, from
     # the same inputs, starts w and z; None starts from the dense block (published).
     warm_start: str | None = None
@@ -252,7 +253,8 @@ class Safe(Pruner):
             return {}
         before = sum(b["recon_error_before"] for b in self.blocks)
         after = sum(b["recon_error_after"] for b in self.blocks)
-        return {"blocks": self.blocks, "recon_error_sum_before": before, "recon_error_sum_after": after,
+        return {"blocks": self.blocks, "steps_run": sum(b["steps"] for b in self.blocks),
+                "recon_error_sum_before": before, "recon_error_sum_after": after,
                 "state_bytes_last_block": self._state_bytes}
 
 

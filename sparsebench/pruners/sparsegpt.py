@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import SparsebenchError
-from ..registry import METHODS
+from ..registry import METHODS, option
 from ..sparsity import project
 from .layerwise import LayerwisePruner, RunningMean
 
@@ -46,10 +46,10 @@ def _scaled_gram(x: torch.Tensor, n: int) -> torch.Tensor:
 @METHODS.register("sparsegpt")
 @dataclass
 class SparseGPT(LayerwisePruner):
-    blocksize: int = 128
-    percdamp: float = 0.01
-    damp_retries: int = 6  # each retry multiplies the damping by 10
-    count: str = "official"  # "official": score <= the k-th smallest, as the official code; "exact": k
+    blocksize: int = option(128, ge=1)
+    percdamp: float = option(0.01, gt=0, lt=1e3)
+    damp_retries: int = option(6, ge=0)  # each retry multiplies the damping by 10
+    count: str = option("official", choices=("official", "exact"))  # "official": score <= the k-th smallest, as the official code; "exact": k
 
     COUNTS: ClassVar[tuple[str, ...]] = ("official", "exact")
 
