@@ -256,6 +256,9 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
     try:
         specs = build_specs(cfg)
         files, eval_files = check_data_files(specs)
+        # an exported pruned model's masks and metadata are read now, not after loading it
+        local = specs.model.source == "local" and Path(specs.model.path).is_dir()
+        saved = load_saved(specs.model.path) if local else None
     except SparsebenchError as err:
         if not holds_result:  # record the failure, never over another run's complete result
             Results(out_dir / "results.json", config, config.get("seed")).update(status="failed", error=str(err))
@@ -289,7 +292,7 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
             name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
             config=config, directory=out_dir,
         )
-        data = _pipeline(specs, results, logger, save_dir, fp["digest"])
+        data = _pipeline(specs, results, logger, saved, save_dir, fp["digest"])
         exit_code = 0
         return data
     except BaseException as err:
@@ -309,12 +312,12 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         file_log.close()
 
 
-def _pipeline(specs: Specs, results: Results, logger: WandbLogger, save_dir: Path | None, fingerprint: str) -> dict[str, Any]:
+def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple | None, save_dir: Path | None,
+              fingerprint: str) -> dict[str, Any]:
     with timed(results, "load"):
         model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
     results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
                           "params": sum(p.numel() for p in model.parameters())})
-    saved = load_saved(specs.model.path) if specs.model.source == "local" else None
 
     calib = None
     if specs.pruner.needs_calibration:

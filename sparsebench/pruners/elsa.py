@@ -35,7 +35,9 @@ from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import METHODS, option
 from .adam8bit import Adam8bit
-from .admm import ADMM, LambdaSchedule
+from .admm import ADMM, LambdaSchedule, Stored
+
+STATE_FORMATS = Stored.FORMATS
 from .base import Pruner, PruneContext
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,8 @@ class Elsa(Pruner):
     warm_start_nsamples: int = option(64, ge=1)
     bf16: bool = False  # autocast the forward in bfloat16
     grad_checkpointing: bool = False
-    z_format: str = option("float32", choices=("float32", "bfloat16", "fp8"))
-    u_format: str = option("float32", choices=("float32", "bfloat16", "fp8"))
+    z_format: str = option("float32", choices=STATE_FORMATS)
+    u_format: str = option("float32", choices=STATE_FORMATS)
     z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (pruners/admm.py)
     optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
     seed: int = 0
@@ -222,6 +224,6 @@ class ElsaL(Elsa):
     """Elsa with memory-light state: z in FP8 e4m3 (per-tensor scale), u in bfloat16,
     Adam's moments in 8 bits (optim_8bit=false keeps them in float32)."""
 
-    z_format: str = "fp8"
-    u_format: str = "bfloat16"
+    z_format: str = option("fp8", choices=STATE_FORMATS)
+    u_format: str = option("bfloat16", choices=STATE_FORMATS)
     optim_8bit: bool = True

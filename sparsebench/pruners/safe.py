@@ -263,4 +263,4 @@ class Safe(Pruner):
 class SafePlus(Safe):
     """SAFE+: the projection ranks |w + u| * ||X_j||_2 (the Wanda metric)."""
 
-    projection: str = "wanda"
+    projection: str = option("wanda", choices=("magnitude", "wanda"))
