@@ -37,7 +37,7 @@ NOT_RESULTS = ("logger", "resume", "dense_baseline", "save", "hydra")
 # Data keys that only the calibration draw reads.
 CALIBRATION_KEYS = ("nsamples", "seed", "calib_set", "calib_docs")
 # Keys that only pruning reads: the dense model's numbers never depend on them.
-PRUNING_KEYS = ("method", "sparsity", "pattern", "schedule")
+PRUNING_KEYS = ("method", "sparsity", "pattern", "schedule", "recover")
 LOCK = ".sparsebench.lock"
 
 

@@ -27,9 +27,11 @@ from .export import check_save_dir, load_saved, save_pruned
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
+from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import Pattern, Ramp, Schedule, check_sparsity, parse_pattern
-from .tracking import LoggerSpec, Results, WandbLogger, peak_memory
+from .tracking import LoggerSpec, Results, WandbLogger, peak_memory, stage_peak
+from .training import Budget
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Specs:
     seed: int
     logger: LoggerSpec
     save: SaveSpec
+    recover: Any = None  # a Recovery (sparsebench/recover/), or None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,7 +83,11 @@ def build_specs(cfg: DictConfig) -> Specs:
     c = OmegaConf.to_container(cfg, resolve=True)
     seed = check_value(c["seed"], int, "seed")  # first: data.seed and method.seed copy it
     method = dict(c["method"])
+    method.pop("preset", None)  # a preset's own name, for tables: it is not an option
     pruner = METHODS.build(method.pop("name", None), method)
+    recover = dict(c.get("recover") or {"name": "none"})
+    recover_name = recover.pop("name", None)
+    recovery = None if recover_name == "none" else RECOVERIES.build(recover_name, recover)
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
@@ -98,6 +105,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         seed=seed,
         logger=build_dataclass(LoggerSpec, c["logger"], "logger"),
         save=build_dataclass(SaveSpec, c["save"], "save"),
+        recover=recovery,
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -206,6 +214,7 @@ def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
     dense_cfg = cfg.copy()
     OmegaConf.set_struct(dense_cfg, False)
     dense_cfg.method = {"name": "dense"}
+    dense_cfg.recover = {"name": "none"}
     dense_cfg.save.enabled = False
     dense_cfg.resume = True
     folder = sweep_dir / f"dense_{cfg.model.name}_{protocol[:8]}"
@@ -259,6 +268,9 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         # an exported pruned model's masks and metadata are read now, not after loading it
         local = specs.model.source == "local" and Path(specs.model.path).is_dir()
         saved = load_saved(specs.model.path) if local else None
+        if specs.recover is not None and specs.pruner.name == "dense" and saved is None:
+            raise SparsebenchError("a recovery stage needs masks: choose a pruning method, or method=dense on a "
+                                   "saved sparsebench export (model=local model.path=<export>)")
     except SparsebenchError as err:
         if not holds_result:  # record the failure, never over another run's complete result
             Results(out_dir / "results.json", config, config.get("seed")).update(status="failed", error=str(err))
@@ -320,6 +332,7 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
                           "params": sum(p.numel() for p in model.parameters())})
 
     calib = None
+    stage_peak(specs.device)  # the prune stage's peak starts here
     if specs.pruner.needs_calibration:
         with timed(results, "calibrate"):
             calib = datamod.calibration(specs.data, tok, specs.model.seqlen)
@@ -331,6 +344,9 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
         masks = specs.pruner.prune(ctx)
     if specs.pruner.report():
         results.update(method_report=specs.pruner.report())
+    spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(specs.pruner.budget())
+    wall = results.data["timings_s"].get("calibrate", 0.0) + results.data["timings_s"]["prune"]
+    results.update(budget={"prune": {**spent.as_dict(), "wall_s": round(wall, 3), "peak_mem_gib": stage_peak(specs.device)}})
     linears = prunable_linears(model)
     if specs.pruner.name != "dense":
         per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
@@ -340,7 +356,24 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
         results.update(loaded_pruned_model=meta)
     else:
         per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
-    results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears)},
+    if specs.recover is not None:  # the masks are frozen: trained around, then verified again
+        frozen = masks if specs.pruner.name != "dense" else saved[0]
+        rctx = RecoverContext(model, frozen, specs.device, tok, specs.data, specs.model.seqlen,
+                              load_dense=lambda: load_model(specs.model, specs.seed)[0], log=logger.log)
+        with timed(results, "recover"):
+            specs.recover.run(rctx)
+        linears = prunable_linears(model)
+        if specs.pruner.name != "dense":
+            per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
+        else:
+            per_tensor = verify(linears, saved[0], meta["sparsity"], parse_pattern(meta["pattern"]), meta["group"])
+        results.update(recover_report=specs.recover.report(),
+                       budget={"recover": {**specs.recover.budget().as_dict(), "wall_s": results.data["timings_s"]["recover"],
+                                           "peak_mem_gib": stage_peak(specs.device)}})
+    nonzero = sum(p.numel() for p in model.parameters()) - sum(int(round(s * linears[n].weight.numel()))
+                                                               for n, s in per_tensor.items())
+    results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears),
+                             "nonzero_params": nonzero},
                    per_layer_sparsity=per_tensor)
     logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
     log.info("pruned: %s", results.data["sparsity"])

@@ -77,6 +77,17 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
+def stage_peak(device: torch.device) -> float:
+    """Peak memory (GiB) of the stage that ends now, and a fresh start for the next: on CUDA
+    the allocator's peak since the last call; on the CPU the process's peak so far (the
+    kernel keeps no resettable peak), so a later stage's figure includes earlier ones."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return round(peak, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
 class Results:
     """The run's record; every save() rewrites results.json completely and atomically."""
 

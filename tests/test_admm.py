@@ -178,3 +178,46 @@ def test_state_bytes_are_measured():
     n = 64 * 32
     assert full["z"] == 4 * n and full["u"] == 4 * n and full["optimizer"] >= 8 * n
     assert light["z"] == n + 4 and light["u"] == 2 * n and light["params"] == n
+
+
+def test_u_is_rescaled_when_lambda_changes():
+    """Scaled-form ADMM: u = y / lam. With the weights held still (no optimizer steps),
+    the second z/u update sees lam go 0.5 -> 1.0 and must use u * 0.5 before the u-step."""
+    w = nn.Parameter(torch.tensor([[3.0, -1.0, 0.5, 2.0]]))
+    admm = ADMM({"w": w}, torch.optim.SGD([w], lr=0.0), 0.5, Pattern(), total_steps=3, interval=1,
+                lam=LambdaSchedule("linear", 0.5, 1.0), projection="magnitude")
+    # z0 = Proj(w) = [3, 0, 0, 2], u0 = 0; update at step 0 (lam 0.5): z = [3,0,0,2], u = w - z
+    admm.after_step(0)
+    u1 = admm.u["w"].get().clone()
+    torch.testing.assert_close(u1, torch.tensor([[0.0, -1.0, 0.5, 0.0]]))
+    admm.after_step(2)  # lam(2) = 1.0: u is halved first, then u + w - z
+    scaled = u1 * 0.5
+    z = (w.detach() + scaled) * torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    torch.testing.assert_close(admm.u["w"].get(), scaled + w.detach() - z)
+    assert admm.lam_at_update == 1.0
+
+
+def test_dual_carries_over_a_lambda_ramp():
+    """f(w) = 0.5 ||w - a||^2 under a lambda ramp (u rescaled at each change): the run ends
+    at the KKT point of the final lambda, lam * u = a on the pruned entries."""
+    a = torch.tensor([[4.0, -0.3, 2.5, 0.2, -3.0, 0.1]])
+    w = nn.Parameter(a.clone())
+    steps = 3000
+    admm = ADMM({"w": w}, torch.optim.SGD([w], lr=0.05), 0.5, Pattern(), steps, interval=5,
+                lam=LambdaSchedule("exponential", 0.05, 2.0), projection="magnitude")
+    for step in range(steps):
+        w.grad = w.detach() - a
+        admm.add_penalty(step)
+        w.data.sub_(0.05 * w.grad)
+        admm.after_step(step)
+    pruned = ~admm.keep("w")
+    assert pruned.tolist() == [[False, True, False, True, False, True]]
+    lam = admm.lam.at(steps - 1, steps)
+    torch.testing.assert_close(lam * admm.u["w"].get()[pruned], a[pruned], atol=2e-3, rtol=1e-2)
+
+
+def test_update_offset_moves_the_z_u_steps():
+    w = nn.Parameter(torch.randn(2, 8))
+    admm = ADMM({"w": w}, torch.optim.SGD([w], lr=0.1), 0.5, Pattern(), 100, interval=4, offset=1)
+    ran = [step for step in range(12) if admm.after_step(step)]
+    assert ran == [3, 7, 11]  # the released SAFE code: (step + 1) % interval == 0

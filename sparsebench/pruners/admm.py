@@ -4,8 +4,12 @@ Problem: min f(w) s.t. ||w||_0 <= k per tensor. Scaled ADMM with split z and dua
   x-step   the base optimizer's step on grad f(w) + lam * (w - z + u)
            (the penalty gradient is added after gradient clipping, as in the
            released Elsa code, so clipping never shrinks the constraint pull)
-  z-step   z = Proj_k(w + u)          every `interval` steps, step 0 included
+  z-step   z = Proj_k(w + u)          every `interval` steps: at (step + offset) % interval
+                                      == 0, so step 0 included for Elsa (offset 0) and
+                                      after steps 31, 63, ... for SAFE (offset 1)
   u-step   u = u + w - z
+u is the scaled dual (y / lam): when lam changes between two z/u updates (a lambda
+schedule), u is first rescaled by lam_old / lam_new, so the dual y = lam u carries over.
 Final weights: Proj_k(w) with hard zeros; the mask goes to the core's verifier.
 
 Projection (sparsity.project, the one definition of a mask):
@@ -128,6 +132,7 @@ class ADMM:
         z_init: dict[str, torch.Tensor] | None = None,
         group: str = "tensor",
         residual: bool = True,
+        offset: int = 0,
     ):
         if projection not in PROJECTIONS:
             raise SparsebenchError(f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}")
@@ -142,7 +147,9 @@ class ADMM:
         self.input_norms = input_norms or {}
         self.group = group  # unstructured comparison group: tensor (Elsa) or row (SAFE, as Wanda)
         self.residual = residual and z_format != "float32"  # a float32 z has no residual
+        self.offset = offset
         self.updates = 0  # z/u updates done
+        self.lam_at_update: float | None = None  # lam at the last z/u update (u's scale)
         self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
         self.z: dict[str, Stored] = {}
         self.u: dict[str, Stored] = {}
@@ -210,17 +217,28 @@ class ADMM:
             p.grad.add_(pen.to(p.grad.dtype), alpha=lam)
         return lam
 
+    def u_scale(self, step: int) -> float:
+        """lam_old / lam_new for the scaled dual at this update (1 if lam did not change, or
+        either is 0: a dual of a zero penalty has no scale to carry)."""
+        lam = self.lam.at(step, self.total)
+        old, self.lam_at_update = self.lam_at_update, lam
+        if old is None or old == lam or old <= 0 or lam <= 0:
+            return 1.0
+        return old / lam
+
     @torch.no_grad()
     def after_step(self, step: int) -> bool:
-        """The z- and u-updates every `interval` steps (step 0 included). True if it ran."""
-        if step % self.interval:
+        """The z- and u-updates every `interval` steps (see offset). True if it ran."""
+        if (step + self.offset) % self.interval:
             return False
         how = "magnitude" if self.updates < self.magnitude_updates else self.projection
         s = self.target(step)
+        ratio = self.u_scale(step)
         flipped = total = 0
         for name, p in self.params.items():
             w = p.detach().float()
-            wu = w + self.u_value(name)
+            u = self.u_value(name)
+            wu = w + (u * ratio if ratio != 1.0 else u)
             keep = self.mask_of(name, wu, s, how)
             flipped += int((keep != self.keep(name)).sum())
             total += keep.numel()

@@ -48,6 +48,13 @@ class Pruner:
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def budget(self):
+        """Tokens and optimizer steps the method spent beyond the run's calibration windows
+        (training methods; see sparsebench/training.py)."""
+        from ..training import Budget
+
+        return Budget()
+
     def report(self) -> dict[str, Any]:
         """Method-specific measurements for results.json (curves, state sizes, ...)."""
         return {}

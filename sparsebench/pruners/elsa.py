@@ -35,6 +35,7 @@ from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import METHODS, option
 from .adam8bit import Adam8bit
+from ..training import ADMMHook, Budget, Trainer, linear_decay
 from .admm import ADMM, LambdaSchedule, Stored
 
 STATE_FORMATS = Stored.FORMATS
@@ -69,7 +70,7 @@ class Elsa(Pruner):
     freeze_embeddings: bool = False  # with train_others: keep embeddings and lm_head fixed
     warm_start: str | None = None  # a one-shot method whose solution initialises w and z
     warm_start_nsamples: int = option(64, ge=1)
-    bf16: bool = False  # autocast the forward in bfloat16
+    bf16: bool | None = None  # autocast the forward in bfloat16; None: on CUDA (the released code), never on the CPU
     grad_checkpointing: bool = False
     z_format: str = option("float32", choices=STATE_FORMATS)
     u_format: str = option("float32", choices=STATE_FORMATS)
@@ -94,6 +95,13 @@ class Elsa(Pruner):
         self.lam_sched = LambdaSchedule(self.lam_schedule, self.lam_start, self.lam)
 
     # ------------------------------------------------------------------ pieces
+
+    def use_bf16(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.bf16 is None else self.bf16
+
+    def budget(self) -> Budget:
+        warm = self.warm_start_nsamples * self._seqlen if self.warm_start else 0
+        return Budget(calib_tokens=warm).add(getattr(self, "_budget", Budget()))
 
     def _trainable(self, model, admm_names: set[str]):
         admm, others = [], []
@@ -134,6 +142,7 @@ class Elsa(Pruner):
         if micro % world:
             raise SparsebenchError(f"{self.name}: micro-batch {micro} is not divisible by {world} ranks")
         seqlen = self.seqlen or ctx.seqlen
+        self._seqlen = ctx.seqlen  # the warm start's windows
         model = ctx.model
 
         z_init = self._warm_start(ctx) if self.warm_start else None
@@ -153,7 +162,6 @@ class Elsa(Pruner):
             opt = Adam8bit(groups, lr=self.lr, betas=self.betas, eps=self.eps)
         else:
             opt = torch.optim.Adam(groups, betas=self.betas, eps=self.eps, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / self.steps))
         admm = ADMM(
             {n: l.weight for n, l in linears.items()}, opt, ctx.sparsity, ctx.pattern, self.steps,
             interval=self.interval, lam=self.lam_sched, ramp=ctx.schedule.ramp, projection=self.projection,
@@ -164,43 +172,38 @@ class Elsa(Pruner):
             model.gradient_checkpointing_enable()
         model.train()
         net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-        trainable = admm_params + others
         sampler = WindowSampler(calibration_documents(ctx.data), ctx.tokenizer, seqlen, self.seed)
-        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        hook = ADMMHook(admm)
+        trainer = Trainer(admm_params + others, opt, linear_decay(self.steps), clip=self.clip, hooks=[hook],
+                          name=self.name, reduce_loss=_mean_over_ranks(ctx.device) if distributed else (lambda x: x))
+        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.use_bf16(ctx.device))
+        share = micro // world
+
+        def closure(x):
+            def loss():
+                with autocast:
+                    return net(input_ids=x, labels=x, use_cache=False).loss / self.grad_accum
+            return loss
 
         bar = tqdm(range(self.steps), desc=self.name, unit="step", disable=rank != 0)
         for step in bar:
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for _ in range(self.grad_accum):
-                x = sampler.batch(micro)[rank * (micro // world) : (rank + 1) * (micro // world)].to(ctx.device)
-                with autocast:
-                    loss = net(input_ids=x, labels=x, use_cache=False).loss / self.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
-            if distributed:
-                t = torch.tensor([loss_sum], device=ctx.device)
-                dist.all_reduce(t)
-                loss_sum = float(t) / world
-            if not torch.isfinite(torch.tensor(loss_sum)):
-                raise SparsebenchError(f"{self.name}: loss is {loss_sum} at step {step}; lower method.lr or method.lam")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, self.clip))
-            lam = admm.add_penalty(step)  # after clipping, after DDP's all-reduce, not divided by ranks
-            opt.step()
-            sched.step()
-            updated = admm.after_step(step)
-            if updated or step % self.log_every == 0 or step == self.steps - 1:
+            # every rank draws the same global batch and trains on its slice
+            batches = [sampler.batch(micro)[rank * share : (rank + 1) * share].to(ctx.device) for _ in range(self.grad_accum)]
+            loss_sum = trainer.step([closure(x) for x in batches], tokens=self.batch_size * seqlen)
+            if hook.updated or step % self.log_every == 0 or step == self.steps - 1:
                 rec = {"step": step, "loss": loss_sum, "dist": admm.distance(), "churn": admm.churn,
-                       "lam": lam, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "target": admm.target(step)}
+                       "lam": hook.lam, "lr": trainer.lr, "grad_norm": trainer.grad_norm, "target": admm.target(step)}
                 self.history.append(rec)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", dist=f"{rec['dist']:.3g}", churn=f"{admm.churn:.2%}")
                 ctx.log({f"{self.name}/{k}": v for k, v in rec.items()})
+        self._budget = trainer.budget()
         if self.grad_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes(), "steps_run": self.steps}
+        self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes(),
+                       "steps_run": trainer.steps_done}
         masks = admm.finalize()
         model.to(dtype)  # zeros stay zeros in any dtype
         return masks
@@ -216,6 +219,14 @@ class Elsa(Pruner):
             "state_bytes": sb,
             "state_bytes_per_param": {k: sb[k] / sb["params"] for k in ("z", "u", "optimizer")},
         }
+
+
+def _mean_over_ranks(device: torch.device):
+    def reduce(loss: float) -> float:
+        t = torch.tensor([loss], device=device)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+    return reduce
 
 
 @METHODS.register("elsa_l")

@@ -35,44 +35,12 @@ from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import find_blocks, find_linears
 from ..registry import METHODS, option
+from ..training import ADMMHook, Budget, Trainer, warmup_linear
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
 from .layerwise import LayerwisePruner, RunningMean, _block_out, _to, capture
 
 log = logging.getLogger(__name__)
-
-
-def sam_gradients(params: list[torch.Tensor], loss_fn, rho: float) -> float:
-    """Set p.grad to the SAM gradient grad f(w + e), e = rho * g / ||g||; w is restored.
-
-    Returns the loss at the unperturbed point (what the progress bar shows).
-    """
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, params)
-    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
-    scale = rho / (float(norm) + 1e-12)
-    with torch.no_grad():
-        eps = [g * scale for g in grads]
-        for p, e in zip(params, eps):
-            p.add_(e)
-    try:
-        grads2 = torch.autograd.grad(loss_fn(), params)
-    finally:
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.sub_(e)
-    for p, g in zip(params, grads2):
-        p.grad = g.detach().clone()
-    return float(loss.detach())
-
-
-def sam_admm_step(params, loss_fn, rho: float, admm: ADMM, opt: torch.optim.Optimizer, step: int) -> float:
-    """One SAFE x-step and, on its schedule, the z/u updates. Returns the unperturbed loss."""
-    loss = sam_gradients(params, loss_fn, rho)
-    admm.add_penalty(step)  # lam * (w - z + u) at the restored w
-    opt.step()
-    admm.after_step(step)
-    return loss
 
 
 @METHODS.register("safe")
@@ -93,7 +61,14 @@ class Safe(Pruner):
     betas: tuple[float, float] = option((0.9, 0.95), ge=0, lt=1)
     eps: float = option(1e-8, gt=0)
     projection: str = option("magnitude", choices=("magnitude", "wanda"))  # SAFE: |w+u|; SAFE+: wanda
-    group: str = option("row", choices=("row", "tensor"))  # unstructured masks compare per output row (as Wanda) or per tensor
+    # One threshold per tensor, as the released code (which prunes every score <= the
+    # k-th: k+1 and ties; sparsebench prunes exactly k). "row" compares per output row.
+    group: str = option("tensor", choices=("row", "tensor"))
+    # The block's other parameters (norms, biases) train with SAM + Adam and no penalty,
+    # as in the released code; false trains only the ADMM linears.
+    train_others: bool = True
+    update_offset: int = option(1, ge=0)  # z/u update when (step + offset) % interval == 0; released: (step+1)
+    bf16: bool | None = None  # bf16 autocast; None: on CUDA (the released code), never on the CPU
     # A layer-wise one-shot method (wanda, sparsegpt) whose solution for each block, from
     # the same inputs, starts w and z; None starts from the dense block (published).
     warm_start: str | None = None
@@ -121,11 +96,11 @@ class Safe(Pruner):
             self._oneshot = METHODS.build(self.warm_start, {})
         self.lam_sched = LambdaSchedule(self.lam_schedule, self.lam_start, self.lam)
 
-    def lr_at(self, step: int, steps_per_epoch: int, total: int) -> float:
-        warm = self.warmup_epochs * steps_per_epoch
-        if step < warm:
-            return self.lr * (step + 1) / warm
-        return self.lr * max(0.0, (total - step) / max(total - warm, 1))
+    def use_bf16(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.bf16 is None else self.bf16
+
+    def budget(self) -> Budget:
+        return getattr(self, "_budget", Budget())
 
     # ------------------------------------------------------------------ one block
 
@@ -160,13 +135,18 @@ class Safe(Pruner):
         total = self.epochs * steps_per_epoch
         others = [p for p in block.parameters() if all(p is not lin.weight for lin in linears.values())]
         for p in others:
-            p.requires_grad_(False)
+            p.requires_grad_(self.train_others)
         params = {name: lin.weight for name, lin in linears.items()}
-        opt = torch.optim.Adam(list(params.values()), lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
+        weights = list(params.values())
+        trained = weights + (others if self.train_others else [])
+        groups = [{"params": weights}] + ([{"params": others}] if self.train_others and others else [])
+        opt = torch.optim.Adam(groups, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
         admm = ADMM(params, opt, ctx.sparsity, ctx.pattern, total, interval=self.interval, lam=self.lam_sched,
                     ramp=ctx.schedule.ramp, projection=self.projection, input_norms=norms, group=self.group,
-                    z_init=z_init)
-        weights = list(params.values())
+                    z_init=z_init, offset=self.update_offset)
+        trainer = Trainer(trained, opt, warmup_linear(math.ceil(self.warmup_epochs * steps_per_epoch), total),
+                          rho=self.rho, hooks=[ADMMHook(admm)], name=f"{self.name} block {i}")
+        autocast = torch.autocast(inps.device.type, dtype=torch.bfloat16, enabled=self.use_bf16(inps.device))
         # "before": the one-shot solution ADMM starts from. Warm-started, that is the block
         # as it is; else the projection of its dense weights by the same metric, evaluated
         # without touching the weights.
@@ -177,7 +157,7 @@ class Safe(Pruner):
                        for name, w in params.items()}
             before = self._mse(lambda x: functional_call(block, oneshot, (x, *args), kwargs), inps, targets)
             del oneshot
-        step, first = 0, None
+        first = None
         bar = tqdm(range(self.epochs), desc=f"{self.name} block {i + 1}/{nblocks}", unit="epoch", leave=False)
         for epoch in bar:
             order = torch.randperm(n, generator=gen)
@@ -187,21 +167,18 @@ class Safe(Pruner):
                 x, y = inps[idx], targets[idx]
 
                 def loss_fn():
-                    out = _block_out(block(x, *args, **kwargs))
+                    with autocast:
+                        out = _block_out(block(x, *args, **kwargs))
                     return (out.float() - y.float()).pow(2).mean()
 
-                for g in opt.param_groups:
-                    g["lr"] = self.lr_at(step, steps_per_epoch, total)
-                loss = sam_admm_step(weights, loss_fn, self.rho, admm, opt, step)
-                if not math.isfinite(loss):
-                    raise SparsebenchError(f"{self.name}: reconstruction loss is {loss} in block {i} step {step}; lower method.lr")
+                loss = trainer.step([loss_fn], tokens=len(idx) * inps.shape[1])
                 epoch_loss += loss * len(idx)
-                step += 1
             epoch_loss /= n
             first = epoch_loss if first is None else first
             bar.set_postfix(loss=f"{epoch_loss:.3g}", dist=f"{admm.distance():.3g}")
         for p in others:
             p.requires_grad_(True)
+        self._budget = self.budget().add(trainer.budget())
         dist = admm.distance()
         masks = admm.finalize()
         self._state_bytes = admm.state_bytes()
@@ -219,6 +196,7 @@ class Safe(Pruner):
         gen = torch.Generator().manual_seed(self.seed)
         masks: dict[str, torch.Tensor] = {}
         self.blocks = []
+        self._budget = Budget()
         for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
             home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
             block.to(ctx.device, torch.float32)

@@ -1,0 +1,70 @@
+"""Recovery after pruning: a stage between prune + verify and evaluation that trains the
+pruned model again with its masks frozen (METHODS.md, "Recovery after pruning").
+
+Every recovery is one file, registered by name, configured by `conf/recover/<name>.yaml`,
+and composable with every method and pattern: it takes the pruned model and its masks,
+trains, and leaves the masks as they were (the pipeline verifies them again after it).
+
+  none         no recovery (default)
+  finetune     masked fine-tuning of the whole model on fresh windows: Elsa's stream,
+               optimizer, lr schedule and clipping, so it is an ADMM method's control
+  perp         parameter-efficient retraining (PERP): norms and biases, or MaskLoRA
+  reconstruct  block-wise reconstruction of the kept weights against the dense blocks,
+               attention and MLP separately (the "free lunch" paper's best granularity)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from ..training import Budget
+
+RECOVERIES = Registry("recovery")
+
+
+@dataclass
+class RecoverContext:
+    model: nn.Module
+    masks: dict[str, torch.Tensor]  # {linear name: keep mask}; frozen
+    device: torch.device
+    tokenizer: Any
+    data: Any  # DataSpec: the calibration pool and the draw
+    seqlen: int
+    load_dense: Callable[[], nn.Module]  # the dense model again (reconstruction targets)
+    log: Callable[[dict[str, Any]], None] = lambda metrics: None
+
+
+class Recovery:
+    """run(ctx) trains ctx.model in place, keeping every pruned weight at exactly zero."""
+
+    name: ClassVar[str]
+
+    def run(self, ctx: RecoverContext) -> None:
+        raise NotImplementedError
+
+    def budget(self) -> Budget:
+        return getattr(self, "_budget", Budget())
+
+    def report(self) -> dict[str, Any]:
+        return getattr(self, "_report", {})
+
+
+def norm_and_bias_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every normalization parameter (any module whose class name has "Norm") and every
+    bias: PERP's parameter-efficient set."""
+    params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                params[id(p)] = p
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            params[id(p)] = p
+    return list(params.values())
+
+
+from . import finetune, perp, reconstruct  # noqa: E402,F401  (registration side effects)

@@ -1,0 +1,176 @@
+"""The one training step every method that trains shares: Elsa and Elsa-L (whole model,
+next-token loss), SAFE and SAFE+ (block by block, reconstruction loss, SAM), and the
+recovery stages (masked fine-tuning, PERP, block-wise reconstruction).
+
+One step, in this order (the released Elsa and SAFE codes' order):
+  gradients       the sum over micro-batch closures of loss.backward(); with rho > 0 a
+                  SAM step: the gradient at w + rho g/||g|| (one norm over every trained
+                  parameter), w restored afterwards
+  finite check    a NaN/inf loss is one clear error naming the step
+  clipping        clip_grad_norm_ over every trained parameter (None: no clipping)
+  before_update   hooks: the ADMM penalty lam (w - z + u), added after clipping
+  optimizer step  then the lr schedule advances
+  after_update    hooks: ADMM z/u updates, or re-masking (pruned weights exactly zero)
+
+Callers own their data (fresh windows, shuffled block inputs) and pass one closure per
+micro-batch; the trainer counts steps, tokens and wall time for the run's budget.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from .errors import SparsebenchError
+
+
+class Hook(Protocol):
+    def before_update(self, step: int) -> None: ...
+    def after_update(self, step: int) -> None: ...
+
+
+def linear_decay(total: int) -> Callable[[int], float]:
+    """lr multiplier 1 -> 0 over `total` steps, no warm-up (Elsa; masked fine-tuning)."""
+    return lambda step: max(0.0, 1.0 - step / total)
+
+
+def warmup_linear(warmup: int, total: int) -> Callable[[int], float]:
+    """transformers' get_linear_schedule_with_warmup (the released SAFE code): 0 -> 1 over
+    `warmup` steps (step 0 has lr 0), then linearly to 0 at `total`."""
+    def at(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return at
+
+
+@dataclass
+class Budget:
+    """What a stage spent: tokens read for calibration and for training, optimizer steps."""
+
+    calib_tokens: int = 0
+    train_tokens: int = 0
+    optimizer_steps: int = 0
+
+    def add(self, other: "Budget") -> "Budget":
+        return Budget(self.calib_tokens + other.calib_tokens, self.train_tokens + other.train_tokens,
+                      self.optimizer_steps + other.optimizer_steps)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"calib_tokens": self.calib_tokens, "train_tokens": self.train_tokens,
+                "optimizer_steps": self.optimizer_steps}
+
+
+class MaskHook:
+    """Re-mask after every optimizer step: pruned weights stay exactly zero."""
+
+    def __init__(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = [(p, m.to(p.device, p.dtype)) for p, m in pairs]
+
+    def before_update(self, step: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_update(self, step: int) -> None:
+        for p, m in self.pairs:
+            p.mul_(m)
+
+
+class ADMMHook:
+    """The ADMM engine (pruners/admm.py) as a trainer hook."""
+
+    def __init__(self, admm):
+        self.admm = admm
+        self.lam = 0.0
+        self.updated = False
+
+    def before_update(self, step: int) -> None:
+        self.lam = self.admm.add_penalty(step)  # after clipping, after DDP's all-reduce
+
+    def after_update(self, step: int) -> None:
+        self.updated = self.admm.after_step(step)
+
+
+@dataclass
+class Trainer:
+    params: list[torch.Tensor]  # every trained parameter (clipping and SAM's norm run over them)
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]  # lr multiplier of each param group's base lr
+    clip: float | None = None
+    rho: float = 0.0  # SAM radius; 0: a plain step
+    hooks: list = field(default_factory=list)
+    name: str = "train"
+    reduce_loss: Callable[[float], float] = lambda loss: loss  # e.g. the mean over DDP ranks
+    steps_done: int = field(default=0, init=False)
+    tokens: int = field(default=0, init=False)
+    wall_s: float = field(default=0.0, init=False)
+    grad_norm: float = field(default=0.0, init=False)
+
+    def __post_init__(self):
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _backward(self, closures: list[Callable[[], torch.Tensor]]) -> float:
+        total = 0.0
+        for closure in closures:
+            loss = closure()
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def _sam(self, closures) -> float:
+        """grad f(w + e), e = rho g / ||g||; returns the loss at w (what the bar shows)."""
+        loss = self._backward(closures)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads))) if grads else 0.0
+        scale = self.rho / (norm + 1e-12)
+        eps = []
+        with torch.no_grad():
+            for p in self.params:
+                e = p.grad * scale if p.grad is not None else None
+                if e is not None:
+                    p.add_(e)
+                eps.append(e)
+        for p in self.params:
+            p.grad = None
+        try:
+            self._backward(closures)
+        finally:
+            with torch.no_grad():
+                for p, e in zip(self.params, eps):
+                    if e is not None:
+                        p.sub_(e)
+        return loss
+
+    def step(self, closures: list[Callable[[], torch.Tensor]], tokens: int) -> float:
+        """One optimizer step over the micro-batch closures; returns the (reduced) loss."""
+        start = time.perf_counter()
+        step = self.steps_done
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._sam(closures) if self.rho > 0 else self._backward(closures)
+        loss = self.reduce_loss(loss)
+        if not math.isfinite(loss):
+            raise SparsebenchError(f"{self.name}: loss is {loss} at step {step}; lower the learning rate "
+                                   f"(or lambda), or check the model's dtype")
+        if self.clip is not None:
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        for hook in self.hooks:
+            hook.before_update(step)
+        self.optimizer.step()
+        for hook in self.hooks:
+            hook.after_update(step)
+        self.steps_done += 1
+        self.tokens += tokens
+        self.wall_s += time.perf_counter() - start
+        return loss
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def budget(self) -> Budget:
+        return Budget(train_tokens=self.tokens, optimizer_steps=self.steps_done)
