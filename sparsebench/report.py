@@ -1,20 +1,34 @@
-"""`sparsebench-report <sweep dir>`: every results.json below it -> Markdown + CSV table + PNG plot.
+"""`sparsebench-report <sweep dir>`: every results.json below it -> Markdown + CSV table + PNG plots.
 
-Rows: model x method x sparsity/pattern (dense first); columns: WikiText-2 and C4
-perplexity, the dense perplexity relative to each row's (% of dense retained: 100 for
-dense, lower is worse), every zero-shot task, their mean and its % of dense, prune
-time and peak memory. "% of dense" divides by the dense run of the row's own protocol
-(same `protocol_id`: model, seqlen, eval data and windows, dtype), never by another
-protocol's. Runs that did not complete are listed with their status and error, and a
-results.json that cannot be read (cut off, hand-edited) is a row saying so, so nothing
-is silently dropped. Code and package versions are listed under the table. The plot is
-perplexity against sparsity per method on a log scale, dense as a horizontal line.
+Rows: model x method(+recovery) x sparsity/pattern (dense first). A preset is named by
+its preset (`elsa_cpu`), never as the paper's method, and a recovery stage is appended
+(`sparsegpt+finetune_cpu`). Columns: WikiText-2 and C4 perplexity, the dense perplexity
+relative to each row's (% of dense retained: 100 for dense, lower is worse), every
+zero-shot task, their mean and its % of dense, the budget (training tokens and optimizer
+steps over all stages, wall time), prune time and peak memory. "% of dense" divides by
+the dense run of the row's own protocol (same `protocol_id`: model, seqlen, eval data and
+windows, dtype), never by another protocol's.
+
+Seeds: runs whose configs differ only in the seed (`seed=0,1,2`) fold into one row with
+mean, std and n; a row whose mean is within the two rows' spread (|difference| <= the sum
+of their standard deviations) of another row at the same model, protocol, sparsity and
+pattern is marked in the "within spread of" column. `--by-tokens` groups the rows by
+training tokens, so rows of equal budget stand together.
+
+Runs that did not complete are listed with their status and error, and a results.json
+that cannot be read (cut off, hand-edited) is a row saying so: nothing is silently
+dropped. Code and package versions are listed under the table.
+
+Plots: report.png, perplexity against sparsity per method (log scale, error bars where
+seeds were folded, dense as a horizontal line); report_nonzero.png, perplexity against
+the number of non-zero parameters (the Elsa paper's Figure 3 view), log-log.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +37,7 @@ from typing import Any
 from .zeroshot import STOCK_TASKS
 
 PPL = ("wikitext2", "c4")
+SEED_KEYS = (("seed",), ("data", "seed"), ("method", "seed"), ("recover", "seed"))
 
 
 def _num(value) -> float | None:
@@ -34,12 +49,37 @@ def _dict(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def fold_key(config: dict[str, Any]) -> str:
+    """The config's identity without its seeds: runs equal in everything but the seed."""
+    import copy
+
+    from .ledger import digest, identity
+
+    ident = copy.deepcopy(identity(config))
+    for path in SEED_KEYS:
+        node = ident
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return digest(ident)
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    method = _dict(cfg.get("method"))
+    label = str(method.get("preset") or method.get("name", "?"))
+    recover = _dict(cfg.get("recover")).get("name")
+    return label + (f"+{recover}" if recover and recover != "none" else "")
+
+
 def load_row(path: Path) -> dict[str, Any]:
     """One report row from one results.json; a file that is not what sparsebench writes
     becomes a row with status 'unreadable' and the reason, never a crash."""
     row: dict[str, Any] = {"path": str(path.parent), "status": "unreadable", "error": None, "model": "?", "method": "?",
-                           "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None,
-                           **{k: None for k in PPL}, "mean_acc": None, "prune_s": None, "peak_gib": None, "versions": {}}
+                           "label": "?", "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None,
+                           **{k: None for k in PPL}, "mean_acc": None, "prune_s": None, "peak_gib": None,
+                           "train_tokens": None, "steps": None, "wall_s": None, "nonzero_params": None,
+                           "seed": None, "fold_key": str(path), "n": 1, "versions": {}}
     try:
         rec = json.loads(path.read_text())
         if not isinstance(rec, dict):
@@ -51,12 +91,14 @@ def load_row(path: Path) -> dict[str, Any]:
     method = _dict(cfg.get("method")).get("name", "?")
     tasks = _dict(_dict(rec.get("zeroshot")).get("tasks"))
     metrics, memory = _dict(rec.get("metrics")), _dict(rec.get("memory"))
+    stages = [_dict(v) for v in _dict(rec.get("budget")).values()]
     status = rec.get("status")
     row.update({
         "status": status if isinstance(status, str) else "unknown",
         "error": rec.get("error") if isinstance(rec.get("error"), str) else None,
         "model": str(_dict(cfg.get("model")).get("name", "?")),
         "method": str(method),
+        "label": _label(cfg),
         "sparsity": 0.0 if method == "dense" else _num(cfg.get("sparsity")),
         "pattern": str(sp.get("pattern", cfg.get("pattern", "?"))),
         "actual_sparsity": _num(sp.get("actual_sparsity")),
@@ -66,6 +108,12 @@ def load_row(path: Path) -> dict[str, Any]:
         "mean_acc": _num(_dict(rec.get("zeroshot")).get("mean_acc")),
         "prune_s": _num(_dict(rec.get("timings_s")).get("prune")),
         "peak_gib": max((v for v in map(_num, memory.values()) if v is not None), default=None),
+        "train_tokens": int(sum(_num(s.get("train_tokens")) or 0 for s in stages)) if stages else None,
+        "steps": int(sum(_num(s.get("optimizer_steps")) or 0 for s in stages)) if stages else None,
+        "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
+        "nonzero_params": _num(sp.get("nonzero_params")),
+        "seed": cfg.get("seed"),
+        "fold_key": fold_key(cfg) if cfg else str(path),
         "versions": _dict(rec.get("versions")),
     })
     if cfg.get("sparsity") is not None and row["sparsity"] is None and method != "dense":
@@ -75,6 +123,55 @@ def load_row(path: Path) -> dict[str, Any]:
 
 def load_results(root: Path) -> list[dict[str, Any]]:
     return [load_row(path) for path in sorted(Path(root).rglob("results.json"))]
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def fold_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete rows equal in all but the seed become one row: mean of every number,
+    `<metric>_std` for the perplexities and mean accuracy, `n`, `seeds`. Other rows stay."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    out = []
+    for r in rows:
+        (groups[r["fold_key"]] if r["status"] == "complete" else out).append(r)
+    numeric = [*PPL, "mean_acc", *STOCK_TASKS, "prune_s", "peak_gib", "wall_s", "actual_sparsity"]
+    for members in groups.values():
+        row = dict(members[0])
+        row["n"] = len(members)
+        row["seeds"] = sorted(str(m["seed"]) for m in members)
+        if len(members) > 1:
+            row["path"] = "; ".join(m["path"] for m in members)
+        for k in numeric:
+            vals = [m[k] for m in members if m.get(k) is not None]
+            if len(vals) == len(members) and vals:
+                row[k], std = _mean_std(vals)
+                if k in (*PPL, "mean_acc"):
+                    row[f"{k}_std"] = std if len(vals) > 1 else None
+        out.append(row)
+    return out
+
+
+def mark_within_spread(rows: list[dict[str, Any]], metric: str = "wikitext2") -> None:
+    """Each folded row lists the rows (same model, protocol, sparsity, pattern) whose mean
+    is within the two rows' spread: their difference is not beyond the seeds' noise."""
+    for r in rows:
+        r["within_spread_of"] = []
+    folded = [r for r in rows if r.get("n", 1) > 1 and r.get(f"{metric}_std") is not None and r.get(metric) is not None]
+    for a in folded:
+        for b in folded:
+            same = (a["model"], a["protocol_id"], a["sparsity"], a["pattern"]) == (b["model"], b["protocol_id"], b["sparsity"], b["pattern"])
+            if a is not b and same and abs(a[metric] - b[metric]) <= a[f"{metric}_std"] + b[f"{metric}_std"]:
+                a["within_spread_of"].append(b["label"])
+
+
+# ----------------------------------------------------------------------------- the table
 
 
 def _dense_for(row: dict[str, Any], dense: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -87,12 +184,12 @@ def _dense_for(row: dict[str, Any], dense: list[dict[str, Any]]) -> dict[str, An
 
 
 def _key(row):
-    return (row["model"], row["method"] != "dense", row["method"], row["pattern"] != "unstructured",
+    return (row["model"], row["method"] != "dense", row["label"], row["pattern"] != "unstructured",
             row["sparsity"] if row["sparsity"] is not None else -1, row["pattern"], row["path"])
 
 
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = sorted(rows, key=_key)
+    rows = sorted(fold_seeds(rows), key=_key)
     dense = [r for r in rows if r["method"] == "dense" and r["status"] == "complete"]
     tasks = zeroshot_tasks(rows)
     for r in rows:
@@ -100,10 +197,13 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in PPL:
             ok = d is not None and d.get(k) and r.get(k)
             r[f"{k}_dense_retained_pct"] = round(100.0 * d[k] / r[k], 2) if ok else None
+            r.setdefault(f"{k}_std", None)
         for t in tasks:
             r.setdefault(t, None)
         ok = d is not None and d.get("mean_acc") and r.get("mean_acc") is not None
         r["mean_acc_dense_retained_pct"] = round(100.0 * r["mean_acc"] / d["mean_acc"], 2) if ok else None
+        r.setdefault("seeds", [])
+    mark_within_spread(rows)
     return rows
 
 
@@ -119,21 +219,49 @@ def _fmt(v, digits=2):
     return str(v)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """Perplexity columns' '% dense' is dense ppl / ppl; accuracy's is mean acc / dense mean acc."""
-    tasks = zeroshot_tasks(rows)
+def _ppl(r: dict[str, Any], k: str) -> str:
+    if r.get("n", 1) > 1 and r.get(f"{k}_std") is not None:
+        return f"{r[k]:.2f} ± {r[f'{k}_std']:.2f} (n={r['n']})"
+    return _fmt(r[k])
+
+
+def _tokens(v) -> str:
+    return "—" if v is None else f"{int(v):,}"
+
+
+def _table_lines(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list[str]:
     zs_head = [*tasks, "mean acc", "% dense (acc)"] if tasks else []
     head = ["model", "method", "sparsity", "pattern", "WikiText-2", "C4", "% dense (Wiki)", "% dense (C4)",
-            *zs_head, "prune s", "peak GiB", "status"]
+            *zs_head, "train tokens", "steps", "prune s", "wall s", "peak GiB", "status"]
+    if spread:
+        head.append("within spread of")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         zs = [*(_fmt(r[t], 4) for t in tasks), _fmt(r["mean_acc"], 4), _fmt(r["mean_acc_dense_retained_pct"], 1)] if tasks else []
-        cells = [r["model"], r["method"], _fmt(r["sparsity"]), r["pattern"], _fmt(r["wikitext2"]), _fmt(r["c4"]),
+        status = r["status"] if r["status"] == "complete" or not r.get("error") else f"{r['status']}: {_cell(r['error'])}"
+        cells = [r["model"], r["label"], _fmt(r["sparsity"]), r["pattern"], _ppl(r, "wikitext2"), _ppl(r, "c4"),
                  _fmt(r["wikitext2_dense_retained_pct"], 1), _fmt(r["c4_dense_retained_pct"], 1),
-                 *zs, _fmt(r["prune_s"], 1), _fmt(r["peak_gib"]), r["status"]]
-        if r["status"] != "complete" and r.get("error"):
-            cells[-1] = f"{r['status']}: {_cell(r['error'])}"
+                 *zs, _tokens(r["train_tokens"]), _tokens(r["steps"]), _fmt(r["prune_s"], 1), _fmt(r["wall_s"], 1),
+                 _fmt(r["peak_gib"]), status]
+        if spread:
+            cells.append(", ".join(r.get("within_spread_of") or []) or "—")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], by_tokens: bool = False) -> str:
+    """Perplexity columns' '% dense' is dense ppl / ppl; accuracy's is mean acc / dense mean acc."""
+    tasks = zeroshot_tasks(rows)
+    spread = any(r.get("n", 1) > 1 for r in rows)
+    if not by_tokens:
+        lines = _table_lines(rows, tasks, spread)
+    else:
+        lines = []
+        budgets = sorted({r["train_tokens"] or 0 for r in rows})
+        for tokens in budgets:
+            group = [r for r in rows if (r["train_tokens"] or 0) == tokens]
+            lines += ["", f"Training tokens: {tokens:,}", "", *_table_lines(group, tasks, spread)]
+        lines = lines[1:]
     return "\n".join(lines) + "\n" + versions_note(rows)
 
 
@@ -160,59 +288,98 @@ def versions_note(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- plots
+
+
+def _series(rows, x_key: str, metric: str):
+    protocols = defaultdict(set)
+    for r in rows:
+        protocols[r["model"]].add(r["protocol_id"])
+    series = defaultdict(list)
+    for r in rows:
+        if r["status"] == "complete" and r[metric] and r["pattern"] == "unstructured" and r.get(x_key) is not None:
+            # one line per protocol: seqlen 512 and 2048 are different curves, never one
+            tag = r["model"] if len(protocols[r["model"]]) == 1 else f"{r['model']}, protocol {str(r['protocol_id'])[:8]}"
+            series[(tag, r["label"], r["method"] == "dense")].append((r[x_key], r[metric], r.get(f"{metric}_std")))
+    return series
+
+
 def plot(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
+    """Perplexity against sparsity per method(+recovery), log scale; error bars for folded seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    series = defaultdict(list)
-    protocols = defaultdict(set)
-    for r in rows:
-        protocols[r["model"]].add(r["protocol_id"])
-    for r in rows:
-        if r["status"] == "complete" and r[metric] and r["pattern"] == "unstructured" and r["sparsity"] is not None:
-            # one line per protocol: seqlen 512 and 2048 are different curves, never one
-            tag = r["model"] if len(protocols[r["model"]]) == 1 else f"{r['model']}, protocol {str(r['protocol_id'])[:8]}"
-            series[(tag, r["method"])].append((r["sparsity"], r[metric]))
-    for (tag, method), pts in sorted(series.items()):
+    for (tag, label, dense), pts in sorted(_series(rows, "sparsity", metric).items()):
         pts.sort()
-        if method == "dense":
+        if dense:
             ax.axhline(pts[0][1], color="gray", ls="--", lw=1, label=f"dense ({tag})")
         else:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} ({tag})")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
+                        capsize=3, label=f"{label} ({tag})")
     ax.set_yscale("log")
     ax.set_xlabel("sparsity")
     ax.set_ylabel(f"{metric} perplexity (log)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
+def plot_nonzero(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
+    """Perplexity against the number of non-zero parameters (Elsa's Figure 3), log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for (tag, label, dense), pts in sorted(_series(rows, "nonzero_params", metric).items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
+                    marker="*" if dense else "o", ls="none" if dense else "-", capsize=3, label=f"{label} ({tag})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("non-zero parameters (log)")
+    ax.set_ylabel(f"{metric} perplexity (log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -> dict[str, Path]:
     out = Path(out or root)
     rows = table(load_results(root))
     if not rows:
         raise SystemExit(f"sparsebench-report: no results.json under {root}")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png"}
-    paths["markdown"].write_text(markdown(rows))
+    paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png",
+             "plot_nonzero": out / "report_nonzero.png"}
+    paths["markdown"].write_text(markdown(rows, by_tokens))
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({**r, "versions": json.dumps(r.get("versions") or {}, sort_keys=True)} for r in rows)
+        for r in rows:
+            writer.writerow({**r, "versions": json.dumps(r.get("versions") or {}, sort_keys=True),
+                             "seeds": " ".join(r.get("seeds") or []),
+                             "within_spread_of": " ".join(r.get("within_spread_of") or [])})
     plot(rows, paths["plot"])
+    plot_nonzero(rows, paths["plot_nonzero"])
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sparsebench-report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="sparsebench-report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="a sweep folder (or any folder with results.json files below it)")
     ap.add_argument("--out", type=Path, default=None, help="where report.md/.csv/.png go (default: root)")
+    ap.add_argument("--by-tokens", action="store_true", help="group the table's rows by training tokens")
     ap.add_argument("--wandb", choices=["online", "offline"], default=None,
                     help="also log the table and the plot to a wandb run (group: the sweep folder's name)")
     ap.add_argument("--project", default="sparsebench")
@@ -220,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.root.is_dir():
         print(f"sparsebench-report: error: {args.root} is not a folder", file=sys.stderr)
         raise SystemExit(2)
-    paths = write_report(args.root, args.out)
+    paths = write_report(args.root, args.out, args.by_tokens)
     print(paths["markdown"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))
     if args.wandb:
@@ -235,7 +402,8 @@ def log_to_wandb(paths: dict[str, Path], root: Path, mode: str, project: str) ->
     run = wandb.init(mode=mode, project=project, group=Path(root).resolve().name, job_type="report",
                      name=f"report-{Path(root).resolve().name}", dir=str(paths["csv"].parent))
     run.log({"report/table": wandb.Table(columns=rows[0], data=rows[1:]),
-             "report/ppl_vs_sparsity": wandb.Image(str(paths["plot"]))})
+             "report/ppl_vs_sparsity": wandb.Image(str(paths["plot"])),
+             "report/ppl_vs_nonzero": wandb.Image(str(paths["plot_nonzero"]))})
     run.finish()
 
 

@@ -31,8 +31,8 @@ def test_report_table_and_plot(tmp_path, capsys):
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + 5
     assert lines[2].startswith("| m | dense | 0.00 | unstructured | 10.00 | 20.00 | 100.0 | 100.0 |")
-    assert "| m | wanda | 0.70 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | complete |" in md
-    assert "| sparsegpt | 0.70 | unstructured | — | — | — | — | 1.5 | 2.00 | failed |" in md
+    assert "| m | wanda | 0.70 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | — | — | 1.5 | — | 2.00 | complete |" in md
+    assert "| sparsegpt | 0.70 | unstructured | — | — | — | — | — | — | 1.5 | — | 2.00 | failed |" in md
     rows = (tmp_path / "report.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith("path,status,error,model,method")
     png = (tmp_path / "report.png").read_bytes()
