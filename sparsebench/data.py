@@ -253,6 +253,26 @@ class WindowSampler:
         return torch.stack([self.draw() for _ in range(n)])
 
 
+class RandomWindows:
+    """Random token ids of a vocabulary: the windows of a random-weight model (source=random),
+    which has no tokenizer and whose quality is never measured."""
+
+    def __init__(self, vocab_size: int, seqlen: int, seed: int):
+        self.vocab, self.seqlen = vocab_size, seqlen
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (n, self.seqlen), generator=self.gen)
+
+
+def window_source(spec: DataSpec, tok, seqlen: int, seed: int, vocab_size: int | None = None):
+    """Fresh training windows: the calibration pool drawn the official way, or random ids
+    for a model without a tokenizer (source=random)."""
+    if tok is None:
+        return RandomWindows(vocab_size, seqlen, seed)
+    return WindowSampler(calibration_documents(spec), tok, seqlen, seed)
+
+
 def sample_windows(docs: list[str], tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(nsamples, seqlen) windows: the official calibration draw."""
     return WindowSampler(docs, tok, seqlen, seed).batch(nsamples)
@@ -276,8 +296,10 @@ def eval_file(name: str) -> str:
     return WIKI_FILE.format(split="test") if name == "wikitext2" else C4_FILE
 
 
-def calibration(spec: DataSpec, tok, seqlen: int) -> torch.Tensor:
-    """(nsamples, seqlen) token windows for calibration."""
+def calibration(spec: DataSpec, tok, seqlen: int, vocab_size: int | None = None) -> torch.Tensor:
+    """(nsamples, seqlen) token windows for calibration (random ids without a tokenizer)."""
+    if tok is None:
+        return RandomWindows(vocab_size, seqlen, spec.seed).batch(spec.nsamples)
 
     def build():
         return sample_windows(calibration_documents(spec), tok, spec.nsamples, seqlen, spec.seed)

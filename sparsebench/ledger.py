@@ -33,7 +33,7 @@ from .errors import SparsebenchError
 log = logging.getLogger(__name__)
 
 # Top-level keys that change no number: wandb, the resume/baseline switches, exports.
-NOT_RESULTS = ("logger", "resume", "dense_baseline", "save", "hydra")
+NOT_RESULTS = ("logger", "resume", "dense_baseline", "save", "hydra", "dry_run", "world_size", "plan")
 # Data keys that only the calibration draw reads.
 CALIBRATION_KEYS = ("nsamples", "seed", "calib_set", "calib_docs")
 # Keys that only pruning reads: the dense model's numbers never depend on them.
@@ -59,8 +59,8 @@ def identity(config: dict[str, Any], *, needs_calibration: bool = True, dense: b
     if dense:
         for key in PRUNING_KEYS:
             c.pop(key, None)
-        if (c.get("model") or {}).get("source") != "tiny":
-            c.pop("seed", None)  # the seed initialises only random (tiny) models
+        if (c.get("model") or {}).get("source") not in ("tiny", "random"):
+            c.pop("seed", None)  # the seed initialises only random models
     return c
 
 

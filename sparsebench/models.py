@@ -6,7 +6,11 @@ Sources:
   gguf   a GGUF file shipped inside a Python package (offline; dequantized to float).
          The first load converts it and caches a save_pretrained copy, so later
          loads take a second instead of ~25 s of dequantisation.
-  tiny   a randomly initialised model built from a config (tests; no download)
+  tiny   a randomly initialised small model built from `arch` (tests; no download),
+         with a byte-level tokenizer, evaluated like any model
+  random a full-size architecture from `arch` (its public config values, kept in conf/model)
+         with random weights and no tokenizer: memory and speed measurements and dry runs,
+         fed random token ids of the vocabulary; never quality (no perplexity is measured)
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from .registry import option
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "local", "gguf", "tiny")
+SOURCES = ("hub", "local", "gguf", "tiny", "random")
+RANDOM_SOURCES = ("tiny", "random")  # built from `arch`, weights drawn from the seed
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,7 +47,7 @@ class ModelSpec:
     seqlen: int = option(2048, ge=2)
     revision: str | None = None
     trust_remote_code: bool = False
-    tiny: dict[str, Any] = field(default_factory=dict)  # model_type + config kwargs for source=tiny
+    arch: dict[str, Any] = field(default_factory=dict)  # model_type + config values (source=tiny|random)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -51,10 +56,16 @@ class ModelSpec:
             raise SparsebenchError(f"model '{self.name}': unknown dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
         if not isinstance(self.seqlen, int) or self.seqlen < 2:
             raise SparsebenchError(f"model.seqlen must be an integer >= 2, got {self.seqlen!r}")
-        if self.source != "tiny" and not self.path:
+        if self.source not in RANDOM_SOURCES and not self.path:
             raise SparsebenchError(f"model '{self.name}' (source {self.source}) needs model.path")
-        if self.source == "tiny" and "model_type" not in self.tiny:
-            raise SparsebenchError(f"tiny model '{self.name}' needs tiny.model_type (llama, gemma3_text, ...)")
+        if self.source in RANDOM_SOURCES and "model_type" not in self.arch:
+            raise SparsebenchError(f"model '{self.name}' has no architecture (model.arch.model_type) to build with "
+                                   f"source={self.source}; models that have one: the hub model files in conf/model")
+
+    @property
+    def random_weights(self) -> bool:
+        """A full-size model with random weights: measurements only, never quality."""
+        return self.source == "random"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -157,8 +168,8 @@ def load_config(spec: ModelSpec):
     """Only the config: cheap, so bad input (seqlen) fails before weights load."""
     from transformers import AutoConfig
 
-    if spec.source == "tiny":
-        kwargs = dict(spec.tiny)
+    if spec.source in RANDOM_SOURCES:
+        kwargs = dict(spec.arch)
         model_type = kwargs.pop("model_type")
         config = AutoConfig.for_model(model_type, **kwargs)
     elif spec.source == "gguf":
@@ -182,10 +193,10 @@ def load_model(spec: ModelSpec, seed: int = 0):
 
     config = load_config(spec)
     dtype = DTYPES[spec.dtype]
-    if spec.source == "tiny":
+    if spec.source in RANDOM_SOURCES:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tok = byte_tokenizer()
+        tok = byte_tokenizer() if spec.source == "tiny" else None  # random: random token ids
     else:
         where = _gguf_folder(spec) if spec.source == "gguf" else spec.path
         extra = {} if spec.source == "gguf" else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
@@ -193,6 +204,17 @@ def load_model(spec: ModelSpec, seed: int = 0):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **extra)
     model.config.use_cache = False
     return model.eval(), tok
+
+
+def meta_model(spec: ModelSpec):
+    """The model's modules with shapes and dtypes but no storage (the memory plan's input).
+    Hub and local models read only their config; random ones their `arch`."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
+    return model
 
 
 # ----------------------------------------------------------------------------- structure

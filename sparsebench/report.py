@@ -116,6 +116,8 @@ def load_row(path: Path) -> dict[str, Any]:
         "fold_key": fold_key(cfg) if cfg else str(path),
         "versions": _dict(rec.get("versions")),
     })
+    if _dict(rec.get("model")).get("random_weights"):  # a measurement run: never a quality result
+        row["label"] += " [random weights]"
     if cfg.get("sparsity") is not None and row["sparsity"] is None and method != "dense":
         row.update(status="unreadable", error=f"config.sparsity is not a number: {cfg.get('sparsity')!r}")
     return row
@@ -323,7 +325,8 @@ def plot(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> N
     ax.set_xlabel("sparsity")
     ax.set_ylabel(f"{metric} perplexity (log)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -346,7 +349,8 @@ def plot_nonzero(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext
     ax.set_xlabel("non-zero parameters (log)")
     ax.set_ylabel(f"{metric} perplexity (log)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

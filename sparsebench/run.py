@@ -27,6 +27,7 @@ from .export import check_save_dir, load_saved, save_pruned
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
+from .plan import PlanSpec, build_plan, check_fits, knobs_of, shapes_of
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import Pattern, Ramp, Schedule, check_sparsity, parse_pattern
@@ -56,10 +57,15 @@ class Specs:
     logger: LoggerSpec
     save: SaveSpec
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
+    plan: Any = None  # PlanSpec
+    world_size: int = 1  # ranks to plan for (dry runs)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, planning: bool = False) -> torch.device:
+    """The compute device; `planning` (dry runs) accepts cuda without a visible GPU."""
     cuda = torch.cuda.is_available()
+    if planning and not cuda and str(name).startswith("cuda"):
+        return torch.device(name if ":" in str(name) else "cuda:0")
     valid = "auto, cpu" + (f", cuda, cuda:0..{torch.cuda.device_count() - 1}" if cuda else "")
     if name == "auto":
         if cuda:
@@ -91,8 +97,8 @@ def build_specs(cfg: DictConfig) -> Specs:
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
-    for key in ("resume", "dense_baseline"):
-        check_value(c.get(key, True), bool, key)
+    for key in ("resume", "dense_baseline", "dry_run"):
+        check_value(c.get(key, False), bool, key)
     specs = Specs(
         model=build_dataclass(ModelSpec, c["model"], "model"),
         pruner=pruner,
@@ -101,11 +107,13 @@ def build_specs(cfg: DictConfig) -> Specs:
         schedule=build_dataclass(Schedule, {**sched, "ramp": ramp}, "schedule"),
         data=build_dataclass(datamod.DataSpec, c["data"], "data"),
         eval=build_dataclass(EvalSpec, c["eval"], "eval"),
-        device=resolve_device(str(c["device"])),
+        device=resolve_device(str(c["device"]), planning=bool(c.get("dry_run", False))),
         seed=seed,
         logger=build_dataclass(LoggerSpec, c["logger"], "logger"),
         save=build_dataclass(SaveSpec, c["save"], "save"),
         recover=recovery,
+        plan=build_dataclass(PlanSpec, c.get("plan") or {}, "plan"),
+        world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -122,6 +130,8 @@ def check_data_files(specs: Specs) -> tuple[dict[str, str], dict[str, str]]:
     the evaluation reads)."""
     d = specs.data
     zs = specs.eval.zeroshot
+    if specs.model.random_weights:
+        return {}, {}  # random token ids, no evaluation: no data file is read
     zs.check_source(d.source, d.root)
     if d.source != "local":
         return {}, {}
@@ -240,9 +250,28 @@ def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "overrides.yaml")
 
 
+def memory_plan(specs: Specs, world: int):
+    """(plan, shapes) for this run from the model's meta-device shapes (sparsebench/plan.py)."""
+    from .models import meta_model
+
+    shapes = shapes_of(meta_model(specs.model))
+    return build_plan(specs.model.name, shapes, knobs_of(specs, world)), shapes
+
+
+def dry_run(specs: Specs) -> dict[str, Any]:
+    """Print the plan and return it; nothing is loaded, claimed or written."""
+    plan, _ = memory_plan(specs, specs.world_size)
+    if specs.world_size > 1 and plan.knobs.kind != "train":
+        print(f"{specs.pruner.name} runs in one process: planned for 1 rank (world_size={specs.world_size} ignored)")
+    print(plan.table())
+    return {"plan": plan.as_dict(), "metrics": {}}
+
+
 def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     config = _resolved(cfg)
+    if cfg.get("dry_run", False):
+        return dry_run(build_specs(cfg))
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 claims and records
         specs = build_specs(cfg)
         files, _ = check_data_files(specs)
@@ -289,12 +318,17 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         check_save_dir(save_dir, fp["digest"])
         ledger.check_writable(save_dir.parent, "save folder", "set save.dir=<writable folder>")
 
+    # the memory plan, checked against the visible memory before anything loads
+    plan, shapes = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
+    check_fits(plan, shapes, specs.plan, specs.device)
+
     _save_hydra_files(cfg, out_dir)
     file_log = logging.FileHandler(out_dir / "run.log")
     file_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(file_log)
     torch.manual_seed(specs.seed)
-    results = Results(out_dir / "results.json", config, specs.seed, fingerprint=fp, protocol_id=protocol)
+    results = Results(out_dir / "results.json", config, specs.seed, fingerprint=fp, protocol_id=protocol,
+                      plan=plan.as_dict())
     logger = None
     exit_code = 1
     try:
@@ -329,13 +363,14 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     with timed(results, "load"):
         model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
     results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
-                          "params": sum(p.numel() for p in model.parameters())})
+                          "params": sum(p.numel() for p in model.parameters()),
+                          "random_weights": specs.model.random_weights})
 
     calib = None
     stage_peak(specs.device)  # the prune stage's peak starts here
     if specs.pruner.needs_calibration:
         with timed(results, "calibrate"):
-            calib = datamod.calibration(specs.data, tok, specs.model.seqlen)
+            calib = datamod.calibration(specs.data, tok, specs.model.seqlen, model.config.vocab_size)
         results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
@@ -388,6 +423,10 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
         results.update(saved_model=str(folder))
 
     model.to(specs.device)
+    if specs.model.random_weights:  # a measurement run: the perplexity of random weights is no result
+        log.info("random weights (model.source=random): no quality evaluation")
+        results.update(memory=peak_memory(specs.device), evaluation="skipped: random weights", status="complete")
+        return results.data
     for name in specs.eval.datasets:
         with timed(results, f"eval_{name}"):
             ids = datamod.eval_stream(specs.data, name, tok, specs.model.seqlen)

@@ -122,7 +122,7 @@ class Elsa(Pruner):
 
         spec: DataSpec = ctx.data
         cal_spec = DataSpec(**{**spec.__dict__, "nsamples": self.warm_start_nsamples})
-        calib = calibration(cal_spec, ctx.tokenizer, ctx.seqlen)
+        calib = calibration(cal_spec, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size)
         method = METHODS.build(self.warm_start, {})
         sub = PruneContext(ctx.model, ctx.sparsity, ctx.pattern, ctx.schedule, ctx.device, calib)
         masks = method.prune(sub)
@@ -132,10 +132,10 @@ class Elsa(Pruner):
     # ------------------------------------------------------------------ the loop
 
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        from ..data import WindowSampler, calibration_documents
+        from ..data import window_source
 
-        if ctx.data is None or ctx.tokenizer is None:
-            raise SparsebenchError(f"{self.name} needs a data source and a tokenizer")
+        if ctx.data is None:
+            raise SparsebenchError(f"{self.name} needs a data source")
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         micro = self.batch_size // self.grad_accum
@@ -172,7 +172,7 @@ class Elsa(Pruner):
             model.gradient_checkpointing_enable()
         model.train()
         net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-        sampler = WindowSampler(calibration_documents(ctx.data), ctx.tokenizer, seqlen, self.seed)
+        sampler = window_source(ctx.data, ctx.tokenizer, seqlen, self.seed, model.config.vocab_size)
         hook = ADMMHook(admm)
         trainer = Trainer(admm_params + others, opt, linear_decay(self.steps), clip=self.clip, hooks=[hook],
                           name=self.name, reduce_loss=_mean_over_ranks(ctx.device) if distributed else (lambda x: x))

@@ -52,7 +52,7 @@ class WindowTraining:
     def train_on_windows(self, ctx: RecoverContext, trainable: list[torch.nn.Parameter], hooks: list) -> Trainer:
         """Steps of next-token loss on fresh windows from the calibration pool (the stream
         Elsa reads for the same seed), with `trainable` as the only trained parameters."""
-        from ..data import WindowSampler, calibration_documents
+        from ..data import window_source
 
         model, device = ctx.model, ctx.device
         seqlen = self.seqlen or ctx.seqlen
@@ -60,7 +60,7 @@ class WindowTraining:
         opt = torch.optim.Adam(trainable, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
         trainer = Trainer(trainable, opt, linear_decay(self.steps), clip=self.clip, hooks=hooks,
                           name=f"recover={self.name}")
-        sampler = WindowSampler(calibration_documents(ctx.data), ctx.tokenizer, seqlen, self.seed)
+        sampler = window_source(ctx.data, ctx.tokenizer, seqlen, self.seed, model.config.vocab_size)
         bf16 = device.type == "cuda" if self.bf16 is None else self.bf16
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 

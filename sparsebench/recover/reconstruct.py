@@ -151,7 +151,8 @@ class Reconstruct(Recovery):
 
         spec: DataSpec = ctx.data
         nsamples = self.nsamples or spec.nsamples
-        calib = calibration(DataSpec(**{**spec.__dict__, "nsamples": nsamples}), ctx.tokenizer, ctx.seqlen)
+        calib = calibration(DataSpec(**{**spec.__dict__, "nsamples": nsamples}), ctx.tokenizer, ctx.seqlen,
+                            ctx.model.config.vocab_size)
         self._budget = Budget(calib_tokens=int(calib.numel()))
         dense = ctx.load_dense()
         model = ctx.model

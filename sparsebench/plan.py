@@ -1,0 +1,337 @@
+"""The memory plan: what a run will hold, per rank, before anything is loaded.
+
+Built from the model's meta-device shapes (no weights, no download: hub models read their
+config, random ones their `arch`) and the run's specs. Every term is a tensor count times
+its dtype's bytes, for the stated micro-batch and seqlen; there are no fitted factors.
+
+  one-shot (magnitude, Wanda, SparseGPT)  the model on the host; on the compute device one
+      block, the calibration inputs and outputs of a block (n x seqlen x hidden, model
+      dtype), the statistics of the block (Wanda: a norm per input column; SparseGPT: one
+      Hessian per distinct input, plus the prune-time copies of one linear: damped H, its
+      inverse factor, the weight in float32) and one window's forward through the block
+  SAFE  one-shot's terms, inputs and dense targets in float32, and one block in training:
+      float32 weights, gradients, Adam's two moments, z and u of its linears, the saved
+      activations of a batch through the block
+  Elsa / masked fine-tuning / PERP  float32 master weights, gradients and Adam's moments
+      of every trained parameter (8-bit moments: 2 bytes + block scales), z and u of the
+      pruned linears in their formats (Elsa), activations saved for the backward of one
+      micro-batch (per token and block: every linear's output, two norm inputs and the MLP
+      product; with checkpointing only each block's input plus one block's set) and the
+      float32 logits with their log-softmax and gradient
+  ranks  one-shot methods plan one process whatever world_size says; training under DDP
+      holds everything on every rank plus DDP's gradient buckets; FSDP2 (issue #18, not
+      implemented yet: planned numbers only) shards weights, gradients, moments, z and u
+      and gathers two blocks at a time
+
+On the CPU the device is the host: every term adds to the host total. A real run compares
+the totals with the visible memory before loading and stops with one line naming the
+options that would fit (`plan.enforce=false` runs anyway).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SparsebenchError
+from .registry import option
+
+GIB = 2**30
+ADAM8_BLOCK = 2048  # pruners/adam8bit.py: one float32 scale (two for v) per block of 2048
+FORMAT_BYTES = {"float32": 4, "bfloat16": 2, "fp8": 1}
+
+
+@dataclass
+class PlanSpec:
+    """Config of the plan itself (top-level `plan` group)."""
+
+    enforce: bool = True  # refuse a run whose plan does not fit the visible memory
+    margin: float = option(0.05, ge=0, lt=1)  # keep this share of the visible memory free
+    host_limit_gib: float | None = option(None, gt=0)  # override the visible host memory (tests)
+    device_limit_gib: float | None = option(None, gt=0)  # override the visible device memory
+
+
+@dataclass
+class Shapes:
+    params: int
+    prunable: int
+    blocks: int
+    hidden: int
+    vocab: int
+    embeddings: int  # input + output embedding parameters (counted once when tied)
+    block_params: int  # the largest block's parameters
+    block_linear_params: int  # the largest block's prunable parameters
+    act_per_token: int  # elements saved per token and block for the backward
+    hessian_elems: int  # SparseGPT: one Hessian per distinct input of the largest block
+    norm_elems: int  # Wanda: one norm per input column of the largest block's linears
+    largest_linear: tuple[int, int]
+    dtype_bytes: int
+
+
+def shapes_of(model: nn.Module) -> Shapes:
+    from .models import find_blocks, find_linears
+
+    _, blocks = find_blocks(model)
+    params = sum(p.numel() for p in model.parameters())
+    emb = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight.numel()}
+    if model.get_output_embeddings() is not None:
+        emb[id(model.get_output_embeddings().weight)] = model.get_output_embeddings().weight.numel()
+    best = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    lins = find_linears(best)
+    hidden = model.config.hidden_size
+    # distinct inputs: linears reading the same tensor (q/k/v, gate/up) share one Hessian;
+    # in a block those are the linears with the same in_features fed from the same norm
+    # output, i.e. everything but o_proj and down_proj reads one of two inputs.
+    distinct: dict[str, int] = {}
+    for name, lin in lins.items():
+        leaf = name.rsplit(".", 1)[-1]
+        key = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+               "gate_proj": "mlp_in", "up_proj": "mlp_in"}.get(leaf, name)
+        distinct[key] = lin.in_features
+    mlp_mid = max(lin.in_features for lin in lins.values())
+    return Shapes(
+        params=params,
+        prunable=sum(lin.weight.numel() for b in blocks for lin in find_linears(b).values()),
+        blocks=len(blocks),
+        hidden=hidden,
+        vocab=model.config.vocab_size,
+        embeddings=sum(emb.values()),
+        block_params=sum(p.numel() for p in best.parameters()),
+        block_linear_params=sum(lin.weight.numel() for lin in lins.values()),
+        act_per_token=sum(lin.out_features for lin in lins.values()) + 2 * hidden + mlp_mid,
+        hessian_elems=sum(c * c for c in distinct.values()),
+        norm_elems=sum(lin.in_features for lin in lins.values()),
+        largest_linear=max(((lin.out_features, lin.in_features) for lin in lins.values()), key=lambda s: s[0] * s[1]),
+        dtype_bytes=next(model.parameters()).element_size(),
+    )
+
+
+@dataclass
+class Knobs:
+    """What the plan varies: the run's own settings, and the alternatives it suggests."""
+
+    kind: str  # oneshot | safe | train
+    method: str
+    stats: str = "none"  # none | norms | hessian
+    nsamples: int = 0
+    seqlen: int = 2048
+    micro_batch: int = 1
+    world: int = 1
+    engine: str = "single"  # single | ddp | fsdp
+    z_bytes: int = 0  # 0: no ADMM state
+    u_bytes: int = 0
+    adam8: bool = False
+    trained: str = "all"  # all | no_embeddings | none (PERP: only a few parameters)
+    extra_trained: int = 0  # PERP adapters / norms
+    checkpointing: bool = False
+    act_bytes: int = 4  # 2 under bf16 autocast
+    merged_copy: bool = False  # MaskLoRA keeps each linear's merged weight for the backward
+    device: str = "cpu"
+
+
+@dataclass
+class Plan:
+    model: str
+    knobs: Knobs
+    terms: list[tuple[str, str, float]] = field(default_factory=list)  # (component, where, GiB)
+
+    def add(self, name: str, where: str, nbytes: float) -> None:
+        if nbytes > 0:
+            self.terms.append((name, where, nbytes / GIB))
+
+    def total(self, where: str) -> float:
+        """GiB on the host or on the device; on the CPU every term is on the host."""
+        if self.knobs.device == "cpu":
+            return sum(g for _, _, g in self.terms) if where == "host" else 0.0
+        return sum(g for _, w, g in self.terms if w == where)
+
+    def as_dict(self) -> dict[str, Any]:
+        k = self.knobs
+        return {"engine": k.engine, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
+                "micro_batch": k.micro_batch, "device": k.device,
+                "per_rank_gib": {"host": round(self.total("host"), 3), "device": round(self.total("device"), 3)},
+                "terms": [{"component": n, "where": w, "gib": round(g, 4), "bytes": round(g * GIB)} for n, w, g in self.terms]}
+
+    def table(self) -> str:
+        k = self.knobs
+        head = (f"memory plan: {self.model}, {k.method}, engine {k.engine}, {k.world} rank(s), seqlen {k.seqlen}, "
+                f"micro-batch {k.micro_batch}, device {k.device} (GiB per rank)")
+        width = max(len(n) for n, _, _ in self.terms) if self.terms else 10
+        lines = [head, f"  {'component':<{width}}  where    GiB"]
+        for name, where, gib in self.terms:
+            lines.append(f"  {name:<{width}}  {where if k.device != 'cpu' else 'host':<7} {gib:8.3f}")
+        lines.append(f"  {'total host':<{width}}  {'':<7} {self.total('host'):8.3f}")
+        if k.device != "cpu":
+            lines.append(f"  {'total device':<{width}}  {'':<7} {self.total('device'):8.3f}")
+        return "\n".join(lines)
+
+
+def knobs_of(specs, world: int) -> Knobs:
+    """The plan's view of a run's specs."""
+    from .pruners.layerwise import LayerwisePruner
+    from .pruners.safe import Safe
+
+    p, r = specs.pruner, specs.recover
+    device = specs.device.type
+    common = dict(method=p.name, nsamples=specs.data.nsamples if p.needs_calibration else 0,
+                  seqlen=specs.model.seqlen, device=device)
+    stats = {"wanda": "norms", "sparsegpt": "hessian"}.get(p.name, "none")
+    if isinstance(p, Safe):
+        return Knobs(kind="safe", stats="norms", micro_batch=p.batch_size, z_bytes=4, u_bytes=4, **common)
+    if isinstance(p, LayerwisePruner) or p.name in ("dense", "magnitude"):
+        knobs = Knobs(kind="oneshot", stats=stats, **common)
+        if r is not None and r.name in ("finetune", "perp"):  # the training stage is the larger one
+            return _recover_knobs(r, knobs, world, specs)
+        return knobs
+    # Elsa and Elsa-L
+    engine = "ddp" if world > 1 else "single"
+    micro = p.batch_size // p.grad_accum // max(world, 1)
+    return Knobs(kind="train", stats="none", micro_batch=max(micro, 1), world=world, engine=engine,
+                 z_bytes=FORMAT_BYTES[p.z_format], u_bytes=FORMAT_BYTES[p.u_format], adam8=p.optim_8bit,
+                 trained="no_embeddings" if p.freeze_embeddings else ("all" if p.train_others else "linears"),
+                 checkpointing=p.grad_checkpointing, act_bytes=2 if p.use_bf16(specs.device) else 4,
+                 **{**common, "seqlen": p.seqlen or specs.model.seqlen})
+
+
+def _recover_knobs(r, base: Knobs, world: int, specs) -> Knobs:
+    bf16 = (specs.device.type == "cuda") if r.bf16 is None else r.bf16
+    trained = "no_embeddings" if getattr(r, "freeze_embeddings", False) else "all"
+    if r.name == "perp":
+        trained = "none"
+    return replace(base, kind="train", method=f"{base.method}+{r.name}", micro_batch=max(r.batch_size // r.grad_accum, 1),
+                   seqlen=r.seqlen or base.seqlen, trained=trained, act_bytes=2 if bf16 else 4,
+                   merged_copy=r.name == "perp" and r.variant == "masklora")
+
+
+def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
+    plan = Plan(model_name, k)
+    b = s.dtype_bytes
+    host, dev = "host", "device"
+    rows, cols = s.largest_linear
+    if k.method != "dense":
+        plan.add("masks (bool, on the host until the run ends)", host, s.prunable)
+        # a projection ranks one tensor at a time: its score (float32) and a sort's values
+        # (float32) and indices (int64)
+        plan.add("projection of one linear: score, sorted values, indices", dev, rows * cols * (4 + 4 + 8))
+    if k.kind in ("oneshot", "safe"):
+        plan.add("weights (model dtype)", host, s.params * b)
+        plan.add("one block on the device", dev, s.block_params * b if k.device != "cpu" else 0)
+        in_bytes = 4 if k.kind == "safe" else b
+        plan.add("calibration inputs of a block", dev, k.nsamples * k.seqlen * s.hidden * in_bytes)
+        plan.add("calibration outputs of a block", dev, k.nsamples * k.seqlen * s.hidden * in_bytes)
+        if k.stats == "norms":
+            plan.add("statistics: input norms (float32)", dev, s.norm_elems * 4)
+        if k.stats == "hessian":
+            plan.add("statistics: Hessians (float32)", dev, s.hessian_elems * 4)
+            plan.add("prune copies: damped H, inverse factor", dev, 2 * cols * cols * 4)
+            plan.add("prune copies: weight in float32", dev, 2 * rows * cols * 4)
+        plan.add("one window's forward through a block", dev, k.seqlen * s.act_per_token * in_bytes)
+        if k.kind == "safe":
+            w = s.block_params * 4
+            plan.add("block in training: weights, grads, Adam (float32)", dev, 4 * w)
+            plan.add("block in training: z, u", dev, s.block_linear_params * (k.z_bytes + k.u_bytes))
+            plan.add("block in training: saved activations", dev, k.micro_batch * k.seqlen * s.act_per_token * 4)
+        return plan
+    # training of the whole model (Elsa, masked fine-tuning, PERP)
+    shard = k.world if k.engine == "fsdp" else 1
+    trained = {"all": s.params, "no_embeddings": s.params - s.embeddings, "linears": s.prunable,
+               "none": k.extra_trained}[k.trained]
+    plan.add("weights (float32 master)", dev, s.params * 4 / shard)
+    plan.add("gradients", dev, trained * 4 / shard)
+    adam = trained * (2 + 3 * 4 / ADAM8_BLOCK) if k.adam8 else trained * 8
+    plan.add("Adam moments" + (" (8-bit)" if k.adam8 else ""), dev, adam / shard)
+    if k.z_bytes:
+        plan.add("ADMM z", dev, s.prunable * k.z_bytes / shard)
+        plan.add("ADMM u", dev, s.prunable * k.u_bytes / shard)
+    if k.engine == "ddp":
+        plan.add("DDP gradient buckets", dev, trained * 4)
+    if k.engine == "fsdp":
+        plan.add("FSDP: two gathered blocks", dev, 2 * s.block_params * 4)
+    tokens = k.micro_batch * k.seqlen
+    if k.checkpointing:
+        plan.add("activations (checkpointed: block inputs)", dev, s.blocks * tokens * s.hidden * k.act_bytes)
+        plan.add("activations (one block recomputed)", dev, tokens * s.act_per_token * k.act_bytes)
+    else:
+        plan.add("activations saved for the backward", dev, s.blocks * tokens * s.act_per_token * k.act_bytes)
+    plan.add("logits, log-softmax, their gradient (float32)", dev, 3 * tokens * s.vocab * 4)
+    if k.merged_copy:
+        plan.add("MaskLoRA: merged weights kept for the backward", dev, s.prunable * 4)
+    return plan
+
+
+def plan_run(specs, world: int = 1) -> Plan:
+    from .models import meta_model
+
+    return build_plan(specs.model.name, shapes_of(meta_model(specs.model)), knobs_of(specs, world))
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def visible_memory(plan_spec: PlanSpec, device: torch.device) -> tuple[float, float | None]:
+    """(host GiB available, device GiB total) as this process sees them."""
+    host = plan_spec.host_limit_gib
+    if host is None:
+        host = _mem_available_gib()
+    dev = plan_spec.device_limit_gib
+    if dev is None and device.type == "cuda":
+        dev = torch.cuda.get_device_properties(device).total_memory / GIB
+    return host, dev
+
+
+def _mem_available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def alternatives(model_name: str, s: Shapes, k: Knobs) -> list[tuple[str, Knobs]]:
+    """Option changes the user can make, each with the plan it would give."""
+    out = []
+    if k.kind == "train":
+        if k.z_bytes and (k.z_bytes, k.u_bytes, k.adam8) != (1, 2, True):
+            out.append(("method=elsa_l", replace(k, z_bytes=1, u_bytes=2, adam8=True)))
+        if not k.checkpointing:
+            out.append(("method.grad_checkpointing=true", replace(k, checkpointing=True)))
+        if k.act_bytes == 4 and k.device == "cuda":
+            out.append(("method.bf16=true", replace(k, act_bytes=2)))
+        if k.micro_batch > 1:
+            out.append((f"method.grad_accum (micro-batch {k.micro_batch // 2})", replace(k, micro_batch=k.micro_batch // 2)))
+        for w in (2, 4, 8, 16, 32, 64):
+            if w > k.world:
+                out.append((f"{w} ranks with FSDP2 (issue #18)", replace(k, world=w, engine="fsdp")))
+    else:
+        for n in (k.nsamples // 2, k.nsamples // 4):
+            if n >= 1:
+                out.append((f"data.nsamples={n}", replace(k, nsamples=n)))
+        if k.seqlen > 512:
+            out.append((f"model.seqlen={k.seqlen // 2}", replace(k, seqlen=k.seqlen // 2)))
+    return out
+
+
+def check_fits(plan: Plan, s: Shapes, plan_spec: PlanSpec, device: torch.device) -> None:
+    """Stop before loading when the plan does not fit, naming the options that would."""
+    host_avail, dev_avail = visible_memory(plan_spec, device)
+    keep = 1 - plan_spec.margin
+
+    def fits(p: Plan) -> bool:
+        return p.total("host") <= keep * host_avail and (dev_avail is None or p.total("device") <= keep * dev_avail)
+
+    if fits(plan) or not plan_spec.enforce:
+        return
+    need = f"{plan.total('host'):.1f} GiB of host memory ({host_avail:.1f} available)"
+    if dev_avail is not None and plan.total("device") > keep * dev_avail:
+        need = f"{plan.total('device'):.1f} GiB of device memory ({dev_avail:.1f} on the device)"
+    ok = [name for name, knobs in alternatives(plan.model, s, plan.knobs) if fits(build_plan(plan.model, s, knobs))]
+    advice = f"options that fit: {'; '.join(ok)}" if ok else "no single option fits: combine them, or use a larger machine"
+    raise SparsebenchError(f"the memory plan needs {need}; {advice}; plan.enforce=false runs anyway "
+                           f"(sparsebench dry_run=true ... prints the plan)")

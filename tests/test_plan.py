@@ -1,0 +1,141 @@
+"""The memory plan (issue #17): its arithmetic against tensors actually allocated, dry runs
+of every model config offline, the refusal before loading, random full-size architectures."""
+import json
+import time
+
+import pytest
+import torch
+
+from sparsebench import cli
+from sparsebench.errors import SparsebenchError
+from sparsebench.models import load_model, meta_model, prunable_linears
+from sparsebench.plan import shapes_of
+from sparsebench.run import build_specs, memory_plan, run
+
+from .conftest import compose, tiny_spec
+
+TINY = ["model=tiny-llama", "logger=disabled"]
+HUB = ["llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "gemma2-2b", "gemma2-27b", "opt-1.3b"]
+METHODS = [["method=magnitude"], ["method=wanda"], ["method=sparsegpt"], ["method=elsa"], ["method=elsa_l"],
+           ["method=safe_plus"], ["method=sparsegpt", "recover=finetune"], ["method=wanda", "recover=perp"]]
+
+
+def _terms(plan) -> dict[str, float]:
+    return {name: gib * 2**30 for name, _, gib in plan.terms}
+
+
+def test_shapes_match_the_allocated_model():
+    model, _ = load_model(tiny_spec("llama"), seed=0)
+    meta = meta_model(tiny_spec("llama"))
+    s = shapes_of(meta)
+    assert s.params == sum(p.numel() for p in model.parameters())
+    assert s.prunable == sum(lin.weight.numel() for lin in prunable_linears(model).values())
+    assert (s.blocks, s.hidden, s.vocab, s.dtype_bytes) == (2, 64, 256, 4)
+    # q/k/v share the block input, gate/up the MLP input: 4 distinct Hessians (q/k/v, o, gate/up: 64
+    # columns; down: 128)
+    assert s.hessian_elems == 3 * 64 * 64 + 128 * 128
+
+
+@pytest.mark.parametrize("method,z,u", [("elsa", 4, 4), ("elsa_l", 1, 2)])
+def test_admm_and_adam_terms_equal_the_measured_state(tmp_path, method, z, u):
+    res = run(compose(TINY + [f"method={method}", "method.steps=2", "method.batch_size=2"]), tmp_path)
+    plan_terms = {t["component"]: t["bytes"] for t in res["plan"]["terms"]}
+    state = res["method_report"]["state_bytes"]
+    n_tensors = len(res["per_layer_sparsity"])
+    scales = 4 * n_tensors if z == 1 else 0  # FP8 z: one float32 scale per tensor
+    assert plan_terms["ADMM z"] == pytest.approx(state["z"] - scales, rel=1e-4)
+    assert plan_terms["ADMM u"] == pytest.approx(state["u"], rel=1e-4)
+    assert state["params"] * z == pytest.approx(plan_terms["ADMM z"], rel=1e-4)
+    # Adam's moments of the ADMM tensors (measured) are the plan's per-parameter bytes
+    adam_key = "Adam moments (8-bit)" if method == "elsa_l" else "Adam moments"
+    per_param = plan_terms[adam_key] / res["model"]["params"]
+    assert state["optimizer"] / state["params"] == pytest.approx(per_param, rel=0.02)
+
+
+def test_plan_runs_offline_for_every_model_and_method():
+    start = time.perf_counter()
+    for name in HUB:
+        for overrides in METHODS:
+            specs = build_specs(compose([f"model={name}", "model.source=random", "logger=disabled", *overrides]))
+            plan, shapes = memory_plan(specs, 4)
+            assert plan.total("host") > 0 and shapes.params > 1e9 or name in ("opt-1.3b", "gemma2-2b")
+    assert time.perf_counter() - start < 60  # 72 plans; the bar is 30 s for each
+
+
+def test_llama2_7b_shapes_are_the_published_ones():
+    specs = build_specs(compose(["model=llama2-7b", "model.source=random", "method=elsa"]))
+    plan, s = memory_plan(specs, 1)
+    assert s.params == 6_738_415_616  # Llama-2-7B's parameter count
+    assert plan.knobs.engine == "single" and memory_plan(specs, 4)[0].knobs.engine == "ddp"
+    t = _terms(plan)
+    assert t["weights (float32 master)"] == s.params * 4 and t["ADMM z"] == s.prunable * 4
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    try:
+        cli.main(["model=llama2-70b", "model.source=random", "method=elsa_l", "dry_run=true", "world_size=4",
+                  "device=cuda", f"hydra.run.dir={out}"])
+    except SystemExit as err:
+        pytest.fail(f"exit {err.code}")
+    printed = capsys.readouterr().out
+    assert "memory plan: llama2-70b, elsa_l, engine ddp, 4 rank(s)" in printed
+    for term in ("weights (float32 master)", "Adam moments (8-bit)", "ADMM z", "total device"):
+        assert term in printed
+    assert not (out / "results.json").exists()
+
+
+def test_one_shot_plans_one_process(capsys):
+    specs = build_specs(compose(["model=llama2-13b", "model.source=random", "method=sparsegpt", "world_size=8",
+                                 "dry_run=true"]))
+    from sparsebench.run import dry_run
+
+    res = dry_run(specs)
+    assert res["plan"]["engine"] == "single" and res["plan"]["world_size"] == 1
+    assert "runs in one process" in capsys.readouterr().out
+
+
+def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch):
+    import sparsebench.run as runmod
+
+    monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("loaded a model that does not fit"))
+    with pytest.raises(SparsebenchError, match=r"the memory plan needs .* GiB of host memory \(0.0 available\); "
+                                               r"no single option fits"):
+        run(compose(TINY + ["method=wanda", "plan.host_limit_gib=0.00001"]), tmp_path / "a")
+    # a limit between Elsa-L's plan and Elsa's: the advice names elsa_l
+    specs = build_specs(compose(TINY + ["method=elsa"]))
+    elsa = memory_plan(specs, 1)[0].total("host")
+    elsa_l = memory_plan(build_specs(compose(TINY + ["method=elsa_l"])), 1)[0].total("host")
+    limit = (elsa + elsa_l) / 2 / 0.95
+    with pytest.raises(SparsebenchError, match=r"options that fit: method=elsa_l"):
+        run(compose(TINY + ["method=elsa", f"plan.host_limit_gib={limit}"]), tmp_path / "b")
+    rec = json.loads((tmp_path / "b" / "results.json").read_text()) if (tmp_path / "b" / "results.json").exists() else None
+    assert rec is None or rec["status"] == "failed"
+
+
+def test_enforce_false_runs_anyway(tmp_path):
+    res = run(compose(TINY + ["method=magnitude", "plan.host_limit_gib=0.00001", "plan.enforce=false"]), tmp_path)
+    assert res["status"] == "complete" and res["plan"]["per_rank_gib"]["host"] > 0
+
+
+def test_random_full_size_architecture_runs_without_tokenizer(tmp_path):
+    small = ["model=llama2-7b", "model.source=random", "model.name=llama-random-small", "model.dtype=float32",
+             "model.seqlen=32", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
+             "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=4",
+             "protocol=tiny", "logger=disabled"]
+    res = run(compose(small + ["method=sparsegpt"]), tmp_path / "a")
+    assert res["status"] == "complete" and res["model"]["random_weights"] is True
+    assert res["metrics"] == {} and res["evaluation"] == "skipped: random weights"
+    assert res["sparsity"]["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert res["fingerprint"]["data"] == {}  # no data file was read
+    elsa = run(compose(small + ["method=elsa", "method.steps=2", "method.batch_size=2"]), tmp_path / "b")
+    assert elsa["status"] == "complete" and elsa["method_report"]["steps_run"] == 2
+    from sparsebench import report
+
+    rows = report.table(report.load_results(tmp_path))
+    assert all(r["label"].endswith("[random weights]") for r in rows)
+
+
+def test_random_needs_an_architecture():
+    with pytest.raises(SparsebenchError, match="has no architecture"):
+        build_specs(compose(["model=smollm2-135m", "model.source=random"]))
