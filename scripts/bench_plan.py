@@ -65,11 +65,13 @@ def measure(name: str, conf: Path) -> dict:
 def main(argv: list[str]) -> None:
     conf = Path(__file__).resolve().parent.parent / "conf"
     names = argv or list(CASES)
-    rows = [measure(n, conf) for n in names]
-    print("| case | plan (GiB) | measured peak - after imports (GiB) | plan / measured |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |")
+    print("| case | plan (GiB) | measured peak - after imports (GiB) | plan / measured |", flush=True)
+    print("|---|---|---|---|", flush=True)
+    rows = []
+    for n in names:  # one row as soon as it is measured
+        r = measure(n, conf)
+        rows.append(r)
+        print(f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |", flush=True)
     for r in rows:
         print(f"\n{r['case']}: " + ", ".join(f"{t['component']} {t['gib']:.3f}" for t in r["terms"]))
 

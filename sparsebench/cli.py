@@ -74,7 +74,7 @@ def _options(group: str) -> list[str]:
 
 
 def help_text() -> str:
-    groups = {g: _options(g) for g in ("model", "method", "protocol", "data", "eval", "schedule", "logger")}
+    groups = {g: _options(g) for g in ("model", "method", "recover", "protocol", "data", "eval", "schedule", "logger")}
     width = max(map(len, groups)) + 1
     lines = [
         "sparsebench: prune a causal LM with one method at one sparsity, evaluate it, record results.json.",
@@ -92,6 +92,7 @@ def help_text() -> str:
         "  model.seqlen=...  data.nsamples=...  data.root=...  eval.max_windows=...",
         "  save.enabled=true save.dir=<new or empty folder>   export the pruned model",
         "  resume=true             skip a folder holding this run's complete result",
+        "  dry_run=true world_size=4   print the memory plan and exit (model.source=random: no download)",
         "  hydra.run.dir=...  hydra.sweep.dir=...   where results go",
         "",
         "Examples:",
@@ -99,7 +100,9 @@ def help_text() -> str:
         "  sparsebench method=sparsegpt sparsity=0.7",
         "  sparsebench method=wanda pattern=2:4 model=gemma3-270m",
         "  sparsebench -m method=magnitude,wanda,sparsegpt sparsity=0.5,0.7 hydra.sweep.dir=sweeps/s",
-        "  sparsebench-report sweeps/s                            # table + plot of a sweep",
+        "  sparsebench method=sparsegpt sparsity=0.9 recover=finetune_cpu   # elsa_cpu's control",
+        "  sparsebench model=llama2-7b model.source=random method=elsa dry_run=true world_size=4 device=cuda",
+        "  sparsebench-report sweeps/s --by-tokens                # table + plots of a sweep",
         "  sparsebench --cfg job method=sparsegpt                 # print the composed config",
         "",
         "Hydra's own help: sparsebench --hydra-help. README.md has the rest.",

@@ -6,7 +6,7 @@ from sparsebench.run import build_specs
 
 from .conftest import CONF, compose
 
-GROUPS = ["model", "method", "schedule", "data", "eval", "logger", "protocol"]
+GROUPS = ["model", "method", "recover", "schedule", "data", "eval", "logger", "protocol"]
 
 
 def options(group):
