@@ -306,54 +306,50 @@ def _series(rows, x_key: str, metric: str):
     return series
 
 
-def plot(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
-    """Perplexity against sparsity per method(+recovery), log scale; error bars for folded seeds."""
+def _figure(path: Path, xlabel: str, ylabel: str, draw) -> None:
+    """One log-scale figure: `draw(ax)` plots, this sets the axes and writes the PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for (tag, label, dense), pts in sorted(_series(rows, "sparsity", metric).items()):
-        pts.sort()
-        if dense:
-            ax.axhline(pts[0][1], color="gray", ls="--", lw=1, label=f"dense ({tag})")
-        else:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
-                        capsize=3, label=f"{label} ({tag})")
+    draw(ax)
     ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel(f"{metric} perplexity (log)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
+    """Perplexity against sparsity per method(+recovery), log scale; error bars for folded seeds."""
+    def draw(ax):
+        for (tag, label, dense), pts in sorted(_series(rows, "sparsity", metric).items()):
+            pts.sort()
+            if dense:
+                ax.axhline(pts[0][1], color="gray", ls="--", lw=1, label=f"dense ({tag})")
+            else:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
+                            capsize=3, label=f"{label} ({tag})")
+
+    _figure(path, "sparsity", f"{metric} perplexity (log)", draw)
 
 
 def plot_nonzero(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
     """Perplexity against the number of non-zero parameters (Elsa's Figure 3), log-log."""
-    import matplotlib
+    def draw(ax):
+        for (tag, label, dense), pts in sorted(_series(rows, "nonzero_params", metric).items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
+                        marker="*" if dense else "o", ls="none" if dense else "-", capsize=3, label=f"{label} ({tag})")
+        ax.set_xscale("log")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for (tag, label, dense), pts in sorted(_series(rows, "nonzero_params", metric).items()):
-        pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
-                    marker="*" if dense else "o", ls="none" if dense else "-", capsize=3, label=f"{label} ({tag})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("non-zero parameters (log)")
-    ax.set_ylabel(f"{metric} perplexity (log)")
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _figure(path, "non-zero parameters (log)", f"{metric} perplexity (log)", draw)
 
 
 def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -> dict[str, Path]:
