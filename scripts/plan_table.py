@@ -30,7 +30,7 @@ def specs_for(model: str, method: str):
 
 
 def main() -> None:
-    cols = ["params (B)", "host: weights", "SparseGPT device", "Wanda device", "SAFE+ device",
+    cols = ["params (B)", "host (SparseGPT)", "SparseGPT device", "Wanda device", "SAFE+ device",
             "Elsa 1 GPU", "Elsa DDP x4 /rank", "Elsa FSDP x4 /rank", "Elsa-L 1 GPU", "Elsa-L FSDP x8 /rank",
             "Elsa-L FSDP x8 ckpt /rank"]
     print("| model | " + " | ".join(cols) + " |")

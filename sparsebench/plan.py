@@ -65,6 +65,8 @@ class Shapes:
     block_linear_params: int  # the largest block's prunable parameters
     act_per_token: int  # elements saved per token and block for the backward
     hessian_elems: int  # SparseGPT: one Hessian per distinct input of the largest block
+    max_in: int  # the widest linear input (the largest Hessian's side)
+    group_elems: int  # the largest set of linears sharing one input (q/k/v, gate/up), in weights
     norm_elems: int  # Wanda: one norm per input column of the largest block's linears
     largest_linear: tuple[int, int]
     dtype_bytes: int
@@ -85,11 +87,13 @@ def shapes_of(model: nn.Module) -> Shapes:
     # in a block those are the linears with the same in_features fed from the same norm
     # output, i.e. everything but o_proj and down_proj reads one of two inputs.
     distinct: dict[str, int] = {}
+    group: dict[str, int] = {}
     for name, lin in lins.items():
         leaf = name.rsplit(".", 1)[-1]
         key = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                "gate_proj": "mlp_in", "up_proj": "mlp_in"}.get(leaf, name)
         distinct[key] = lin.in_features
+        group[key] = group.get(key, 0) + lin.weight.numel()
     mlp_mid = max(lin.in_features for lin in lins.values())
     return Shapes(
         params=params,
@@ -102,6 +106,8 @@ def shapes_of(model: nn.Module) -> Shapes:
         block_linear_params=sum(lin.weight.numel() for lin in lins.values()),
         act_per_token=sum(lin.out_features for lin in lins.values()) + 2 * hidden + mlp_mid,
         hessian_elems=sum(c * c for c in distinct.values()),
+        max_in=max(distinct.values()),
+        group_elems=max(group.values()),
         norm_elems=sum(lin.in_features for lin in lins.values()),
         largest_linear=max(((lin.out_features, lin.in_features) for lin in lins.values()), key=lambda s: s[0] * s[1]),
         dtype_bytes=next(model.parameters()).element_size(),
@@ -225,8 +231,11 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             plan.add("statistics: input norms (float32)", dev, s.norm_elems * 4)
         if k.stats == "hessian":
             plan.add("statistics: Hessians (float32)", dev, s.hessian_elems * 4)
-            plan.add("prune copies: damped H, inverse factor", dev, 2 * cols * cols * 4)
-            plan.add("prune copies: weight in float32", dev, 2 * rows * cols * 4)
+            # prepare(): damped H, its Cholesky factor, the inverse and its upper factor, of
+            # the largest Hessian; prune_group(): the group's stacked float32 weights, its
+            # masks and their per-linear copies (bool)
+            plan.add("prune copies: 4 of the largest Hessian (float32)", dev, 4 * s.max_in * s.max_in * 4)
+            plan.add("prune copies: a Hessian group's weights (float32) and masks", dev, s.group_elems * (4 + 1 + 1))
         plan.add("one window's forward through a block", dev, k.seqlen * s.act_per_token * in_bytes)
         if k.kind == "safe":
             w = s.block_params * 4
