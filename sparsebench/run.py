@@ -300,6 +300,8 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         if specs.recover is not None and specs.pruner.name == "dense" and saved is None:
             raise SparsebenchError("a recovery stage needs masks: choose a pruning method, or method=dense on a "
                                    "saved sparsebench export (model=local model.path=<export>)")
+        # the memory plan from the model's config alone (this also checks seqlen against it)
+        plan, shapes = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
     except SparsebenchError as err:
         if not holds_result:  # record the failure, never over another run's complete result
             Results(out_dir / "results.json", config, config.get("seed")).update(status="failed", error=str(err))
@@ -318,9 +320,11 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         check_save_dir(save_dir, fp["digest"])
         ledger.check_writable(save_dir.parent, "save folder", "set save.dir=<writable folder>")
 
-    # the memory plan, checked against the visible memory before anything loads
-    plan, shapes = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
-    check_fits(plan, shapes, specs.plan, specs.device)
+    try:  # the plan against the visible memory, before anything loads
+        check_fits(plan, shapes, specs.plan, specs.device)
+    except SparsebenchError as err:
+        Results(out_dir / "results.json", config, specs.seed, plan=plan.as_dict()).update(status="failed", error=str(err))
+        raise
 
     _save_hydra_files(cfg, out_dir)
     file_log = logging.FileHandler(out_dir / "run.log")
