@@ -409,10 +409,9 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
         results.update(recover_report=specs.recover.report(),
                        budget={"recover": {**specs.recover.budget().as_dict(), "wall_s": results.data["timings_s"]["recover"],
                                            "peak_mem_gib": stage_peak(specs.device)}})
-    nonzero = sum(p.numel() for p in model.parameters()) - sum(int(round(s * linears[n].weight.numel()))
-                                                               for n, s in per_tensor.items())
-    results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summarize(per_tensor, linears),
-                             "nonzero_params": nonzero},
+    summary = summarize(per_tensor, linears)
+    nonzero = sum(p.numel() for p in model.parameters()) - summary["pruned_params"]  # Elsa's Figure 3 axis
+    results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summary, "nonzero_params": nonzero},
                    per_layer_sparsity=per_tensor)
     logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
     log.info("pruned: %s", results.data["sparsity"])
