@@ -4,7 +4,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from sparsebench import cli
 from sparsebench.errors import SparsebenchError
