@@ -106,9 +106,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- results on disk
 
 
-def previous_results(out_dir: Path) -> dict[str, Any] | None:
+def previous_results(out_dir: Path, move_aside: bool = True) -> dict[str, Any] | None:
     """The results.json already in a run folder, if any. One that cannot be read (cut off,
-    hand-edited into invalid JSON) is moved aside, never silently overwritten."""
+    hand-edited into invalid JSON) is moved aside (by the folder's claimant only), never
+    silently overwritten."""
     path = Path(out_dir) / "results.json"
     if not path.exists():
         return None
@@ -118,6 +119,8 @@ def previous_results(out_dir: Path) -> dict[str, Any] | None:
             raise ValueError("not a JSON object")
         return data
     except (OSError, ValueError) as err:
+        if not move_aside:
+            return None
         aside = path.with_name(f"results.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json")
         path.replace(aside)
         log.warning("%s could not be read (%s); moved to %s and the run starts afresh", path, err, aside.name)

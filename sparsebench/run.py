@@ -278,8 +278,7 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[s
         config["device"] = specs.device.type
         fp = ledger.fingerprint(config, files, needs_calibration=specs.pruner.reads_calibration,
                                 dense=specs.pruner.name == "dense")
-        if resume_decision(ledger.previous_results(out_dir) if (out_dir / "results.json").exists() else None,
-                           fp, bool(cfg.get("resume", True)), out_dir):
+        if resume_decision(ledger.previous_results(out_dir, move_aside=False), fp, bool(cfg.get("resume", True)), out_dir):
             return {"metrics": {}}
         init_distributed(specs)
         return run_worker(specs)
