@@ -68,7 +68,7 @@ def fold_key(config: dict[str, Any]) -> str:
 def _label(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
-    recover = _dict(cfg.get("recover")).get("name")
+    recover = _dict(cfg.get("recover")).get("preset") or _dict(cfg.get("recover")).get("name")
     return label + (f"+{recover}" if recover and recover != "none" else "")
 
 

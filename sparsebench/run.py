@@ -92,6 +92,7 @@ def build_specs(cfg: DictConfig) -> Specs:
     method.pop("preset", None)  # a preset's own name, for tables: it is not an option
     pruner = METHODS.build(method.pop("name", None), method)
     recover = dict(c.get("recover") or {"name": "none"})
+    recover.pop("preset", None)  # as for methods: a name for tables, not an option
     recover_name = recover.pop("name", None)
     recovery = None if recover_name == "none" else RECOVERIES.build(recover_name, recover)
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))

@@ -190,6 +190,8 @@ def test_within_spread_marks_and_labels():
     assert a["within_spread_of"] == ["b"] and b["within_spread_of"] == ["a"] and c["within_spread_of"] == []
     assert report._label({"method": {"name": "elsa", "preset": "elsa_cpu"}, "recover": {"name": "none"}}) == "elsa_cpu"
     assert report._label({"method": {"name": "sparsegpt"}, "recover": {"name": "finetune_cpu"}}) == "sparsegpt+finetune_cpu"
+    assert report._label({"method": {"name": "sparsegpt"}, "recover": {"name": "finetune", "preset": "finetune_cpu"}}) \
+        == "sparsegpt+finetune_cpu"
 
 
 def test_train_tokens_group_the_table(tmp_path):
