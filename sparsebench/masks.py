@@ -16,12 +16,13 @@ def apply_mask(linear: nn.Linear, keep: torch.Tensor) -> None:
 def verify(
     linears: dict[str, nn.Linear],
     masks: dict[str, torch.Tensor],
-    sparsity: float,
+    sparsity: float | dict[str, float],
     pattern: Pattern,
     group: str,
 ) -> dict[str, float]:
     """Check every mask: pruned count (exact; SparseGPT's official rule may add score ties),
-    N:M validity, hard zeros in the weight.
+    N:M validity, hard zeros in the weight. `sparsity` is one target, or each linear's
+    (a non-uniform allocation, schedule=owl).
 
     Returns per-tensor sparsity (pruned / numel). Raises on any violation.
     """
@@ -35,13 +36,14 @@ def verify(
         if keep.shape != weight.shape:
             raise SparsebenchError(f"mask of {name} has shape {tuple(keep.shape)}, weight {tuple(weight.shape)}")
         pruned = int((~keep).sum())
-        low, high = pruned_bounds(tuple(weight.shape), sparsity, pattern, group)
+        target = sparsity[name] if isinstance(sparsity, dict) else sparsity
+        low, high = pruned_bounds(tuple(weight.shape), target, pattern, group)
         if not low <= pruned <= high:
-            target = f"{low}" if low == high else f"{low} plus at most {high - low} tied at the threshold"
+            want = f"{low}" if low == high else f"{low} plus at most {high - low} tied at the threshold"
             hint = "; method.count=exact prunes exactly k per block" if low != high else ""
             raise SparsebenchError(
-                f"{name}: mask prunes {pruned} of {keep.numel()} weights, target {target} "
-                f"(sparsity {sparsity}, {pattern}, group {group}){hint}"
+                f"{name}: mask prunes {pruned} of {keep.numel()} weights, target {want} "
+                f"(sparsity {target}, {pattern}, group {group}){hint}"
             )
         if pattern.is_nm:
             per_group = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)

@@ -120,7 +120,7 @@ class Knobs:
 
     kind: str  # oneshot | safe | train
     method: str
-    stats: str = "none"  # none | norms | hessian
+    stats: str = "none"  # none | norms | hessian (SparseGPT) | gram_eig (ALPS) | gram_inv (L-ADMM)
     nsamples: int = 0
     seqlen: int = 2048
     micro_batch: int = 1
@@ -183,7 +183,7 @@ def knobs_of(specs, world: int) -> Knobs:
     device = specs.device.type
     common = dict(method=p.name, nsamples=specs.data.nsamples if p.needs_calibration else 0,
                   seqlen=specs.model.seqlen, device=device)
-    stats = {"wanda": "norms", "sparsegpt": "hessian"}.get(p.name, "none")
+    stats = {"wanda": "norms", "sparsegpt": "hessian", "alps": "gram_eig", "ladmm": "gram_inv"}.get(p.name, "none")
     if isinstance(p, Safe):
         return Knobs(kind="safe", stats="norms", micro_batch=p.batch_size, z_bytes=4, u_bytes=4, **common)
     if isinstance(p, LayerwisePruner) or p.name in ("dense", "magnitude"):
@@ -236,6 +236,16 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             # masks and their per-linear copies (bool)
             plan.add("prune copies: 4 of the largest Hessian (float32)", dev, 4 * s.max_in * s.max_in * 4)
             plan.add("prune copies: a Hessian group's weights (float32) and masks", dev, s.group_elems * (4 + 1 + 1))
+        if k.stats in ("gram_eig", "gram_inv"):  # ALPS, L-ADMM: the Gram statistic as SparseGPT's
+            plan.add("statistics: Gram matrices (float32)", dev, s.hessian_elems * 4)
+            side = s.max_in * s.max_in
+            if k.stats == "gram_eig":  # damped copy, normalised H, eigenvectors and a (H + rho I)^-1 in float64, one float32
+                plan.add("prune copies: H, eigendecomposition, inverse", dev, side * (4 + 4 + 8 + 8 + 4))
+            else:  # normalised H, H + rho I, its inverse
+                plan.add("prune copies: H, H + rho I, inverse", dev, side * 3 * 4)
+            # one linear at a time: W, Y, B, D, D0, V and a product temporary (float32), masks
+            rows, cols = s.largest_linear
+            plan.add("prune copies: one linear's ADMM variables (float32) and masks", dev, rows * cols * (7 * 4 + 3))
         plan.add("one window's forward through a block", dev, k.seqlen * s.act_per_token * in_bytes)
         if k.kind == "safe":
             w = s.block_params * 4

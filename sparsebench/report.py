@@ -69,6 +69,9 @@ def _label(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
     recover = _dict(cfg.get("recover")).get("preset") or _dict(cfg.get("recover")).get("name")
+    allocation = _dict(cfg.get("schedule")).get("allocation")
+    if allocation and allocation != "uniform":  # OWL + Wanda is its own row
+        label = f"{allocation}-{label}"
     return label + (f"+{recover}" if recover and recover != "none" else "")
 
 

@@ -24,13 +24,14 @@ from . import ledger
 from .errors import Interrupted, SparsebenchError
 from .evaluate import EvalSpec, perplexity
 from .export import check_save_dir, load_saved, save_pruned
+from .allocation import allocate
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .plan import PlanSpec, build_plan, check_fits, knobs_of, shapes_of
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
-from .sparsity import Pattern, Ramp, Schedule, check_sparsity, parse_pattern
+from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
 from .tracking import LoggerSpec, Results, WandbLogger, peak_memory, stage_peak
 from .training import Budget
 
@@ -59,6 +60,15 @@ class Specs:
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
     plan: Any = None  # PlanSpec
     world_size: int = 1  # ranks to plan for (dry runs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.pruner.needs_calibration or self.schedule.needs_calibration
+
+    @property
+    def reads_calibration(self) -> bool:
+        """The calibration pool's file is part of the run's identity."""
+        return self.pruner.reads_calibration or self.schedule.needs_calibration
 
 
 def resolve_device(name: str, planning: bool = False) -> torch.device:
@@ -98,6 +108,9 @@ def build_specs(cfg: DictConfig) -> Specs:
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
+    owl = sched.pop("owl", None)
+    if owl is not None or sched.get("allocation") == "owl":
+        owl = build_dataclass(OWL, owl or {}, "schedule.owl")
     for key in ("resume", "dense_baseline", "dry_run"):
         check_value(c.get(key, False), bool, key)
     specs = Specs(
@@ -105,7 +118,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         pruner=pruner,
         sparsity=0.0 if pruner.name == "dense" else check_sparsity(c["sparsity"], pattern),
         pattern=Pattern() if pruner.name == "dense" else pattern,
-        schedule=build_dataclass(Schedule, {**sched, "ramp": ramp}, "schedule"),
+        schedule=build_dataclass(Schedule, {**sched, "ramp": ramp, "owl": owl}, "schedule"),
         data=build_dataclass(datamod.DataSpec, c["data"], "data"),
         eval=build_dataclass(EvalSpec, c["eval"], "eval"),
         device=resolve_device(str(c["device"]), planning=bool(c.get("dry_run", False))),
@@ -120,6 +133,16 @@ def build_specs(cfg: DictConfig) -> Specs:
     if ramp.kind != "constant" and not pruner.iterative:
         log.warning("schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target at once",
                     ramp.kind, pruner.name)
+    if specs.schedule.allocation != "uniform":
+        if pruner.name == "dense":
+            raise SparsebenchError(f"schedule={specs.schedule.allocation} allocates sparsity over blocks, but method=dense "
+                                   f"prunes nothing; use schedule=uniform")
+        if pattern.is_nm:
+            raise SparsebenchError(f"schedule={specs.schedule.allocation} gives blocks different sparsities, but pattern "
+                                   f"{pattern} fixes every block at 0.5; use pattern=unstructured or schedule=uniform")
+    if owl is not None and specs.schedule.allocation != "owl":
+        log.warning("schedule.owl is set but schedule.allocation=%s: the OWL options do nothing",
+                    specs.schedule.allocation)
     if specs.save.dir and not specs.save.enabled:
         log.warning("save.dir is set but save.enabled=false: nothing will be saved")
     return specs
@@ -137,12 +160,20 @@ def check_data_files(specs: Specs) -> tuple[dict[str, str], dict[str, str]]:
     if d.source != "local":
         return {}, {}
     evals = {datamod.eval_file(n) for n in specs.eval.datasets}
-    reads = evals | ({datamod.calibration_file(d)} if specs.pruner.reads_calibration else set())
+    reads = evals | ({datamod.calibration_file(d)} if specs.reads_calibration else set())
     digests = {rel: datamod.check_file(d, rel) for rel in sorted(reads)}
     for rel in zs.local_files():
         digests[rel] = datamod.file_digest(Path(d.root) / rel)
     eval_digests = {rel: h for rel, h in digests.items() if rel in evals or rel.startswith("zeroshot/")}
     return digests, eval_digests
+
+
+def saved_targets(meta: dict[str, Any], model, linears) -> float | dict[str, float]:
+    """The targets an exported model's masks were verified against (per block under OWL)."""
+    if not meta.get("block_targets"):
+        return meta["sparsity"]
+    return PruneContext(model, meta["sparsity"], Pattern(), Schedule(), torch.device("cpu"),
+                        block_targets=list(meta["block_targets"])).targets(linears)
 
 
 def run_worker(specs: Specs) -> dict[str, Any]:
@@ -277,7 +308,7 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[s
         specs = build_specs(cfg)
         files, _ = check_data_files(specs)
         config["device"] = specs.device.type
-        fp = ledger.fingerprint(config, files, needs_calibration=specs.pruner.reads_calibration,
+        fp = ledger.fingerprint(config, files, needs_calibration=specs.reads_calibration,
                                 dense=specs.pruner.name == "dense")
         if resume_decision(ledger.previous_results(out_dir, move_aside=False), fp, bool(cfg.get("resume", True)), out_dir):
             return {"metrics": {}}
@@ -308,7 +339,7 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         raise
     config["device"] = specs.device.type  # "auto" means different things on different machines
     dense = specs.pruner.name == "dense"
-    fp = ledger.fingerprint(config, files, needs_calibration=specs.pruner.reads_calibration, dense=dense)
+    fp = ledger.fingerprint(config, files, needs_calibration=specs.reads_calibration, dense=dense)
     protocol = ledger.protocol_id(config, eval_files)
     if sweep_dir is not None and cfg.get("dense_baseline", False) and not dense:
         dense_baseline(cfg, sweep_dir, protocol)  # also when this job is done: a deleted baseline comes back
@@ -372,26 +403,35 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
 
     calib = None
     stage_peak(specs.device)  # the prune stage's peak starts here
-    if specs.pruner.needs_calibration:
+    if specs.needs_calibration:
         with timed(results, "calibrate"):
             calib = datamod.calibration(specs.data, tok, specs.model.seqlen, model.config.vocab_size)
         results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
+    allocation = None
+    if specs.schedule.needs_calibration:  # schedule=owl: per-block targets from the dense model
+        with timed(results, "allocate"):
+            allocation = allocate(specs.schedule, model, calib, specs.sparsity, specs.pattern, specs.pruner.group,
+                                  specs.device)
+        results.update(allocation=allocation.report)
 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
-                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log)
+                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
+                       block_targets=allocation.targets if allocation else None)
     with timed(results, "prune"):
         masks = specs.pruner.prune(ctx)
     if specs.pruner.report():
         results.update(method_report=specs.pruner.report())
     spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(specs.pruner.budget())
-    wall = results.data["timings_s"].get("calibrate", 0.0) + results.data["timings_s"]["prune"]
+    wall = sum(results.data["timings_s"].get(k, 0.0) for k in ("calibrate", "allocate", "prune"))
     results.update(budget={"prune": {**spent.as_dict(), "wall_s": round(wall, 3), "peak_mem_gib": stage_peak(specs.device)}})
     linears = prunable_linears(model)
+    targets = ctx.targets(linears) if allocation else specs.sparsity  # what each mask must prune
     if specs.pruner.name != "dense":
-        per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
+        per_tensor = verify(linears, masks, targets, specs.pattern, specs.pruner.group)
     elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
         saved_masks, meta = saved
-        per_tensor = verify(linears, saved_masks, meta["sparsity"], parse_pattern(meta["pattern"]), meta["group"])
+        per_tensor = verify(linears, saved_masks, saved_targets(meta, model, linears), parse_pattern(meta["pattern"]),
+                            meta["group"])
         results.update(loaded_pruned_model=meta)
     else:
         per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
@@ -403,9 +443,10 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
             specs.recover.run(rctx)
         linears = prunable_linears(model)
         if specs.pruner.name != "dense":
-            per_tensor = verify(linears, masks, specs.sparsity, specs.pattern, specs.pruner.group)
+            per_tensor = verify(linears, masks, targets, specs.pattern, specs.pruner.group)
         else:
-            per_tensor = verify(linears, saved[0], meta["sparsity"], parse_pattern(meta["pattern"]), meta["group"])
+            per_tensor = verify(linears, saved[0], saved_targets(meta, model, linears), parse_pattern(meta["pattern"]),
+                                meta["group"])
         results.update(recover_report=specs.recover.report(),
                        budget={"recover": {**specs.recover.budget().as_dict(), "wall_s": results.data["timings_s"]["recover"],
                                            "peak_mem_gib": stage_peak(specs.device)}})
@@ -418,6 +459,7 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
 
     if save_dir is not None:
         meta = {"method": specs.pruner.name, "sparsity": specs.sparsity, "pattern": str(specs.pattern),
+                "block_targets": allocation.targets if allocation else None,
                 "group": specs.pruner.group, "seed": specs.seed, "model": specs.model.name, "fingerprint": fingerprint,
                 "data": {"source": specs.data.source, "calib_set": specs.data.calib_set,
                          "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen}}

@@ -219,13 +219,38 @@ class Ramp:
         return target + (min(self.initial, target) - target) * (1.0 - frac) ** 3
 
 
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass(frozen=True)
+class OWL:
+    """Outlier-weighted layer-wise sparsity (Yin et al., ICML 2024), published defaults.
+
+    A block's outlier ratio is the share of its Wanda scores |W_ij| * ||X_j|| above `m`
+    times the block's mean score; the ratios are scaled to a spread of 2 * lam and
+    centred on the target, so blocks with more outliers keep more weights.
+    """
+
+    m: float = option(5.0, gt=0)  # outlier threshold, in multiples of the block's mean score
+    lam: float = option(0.08, ge=0, lt=1)  # block targets lie within target +/- lam
+    # Fix per-row rounding drift: each block's target is nudged so the pruned count so far
+    # tracks the exact total (false: the released code's targets, as computed there).
+    balance: bool = True
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The sparsity schedule group: how the target spreads over layers and steps."""
 
-    allocation: str = "uniform"
+    allocation: str = option("uniform", choices=ALLOCATIONS)
     ramp: Ramp = Ramp()
+    owl: OWL | None = None  # options of allocation=owl
 
     def __post_init__(self):
-        if self.allocation != "uniform":
-            raise SparsebenchError(f"unknown allocation '{self.allocation}'; valid: uniform")
+        if self.allocation not in ALLOCATIONS:
+            raise SparsebenchError(f"unknown allocation '{self.allocation}'; valid: {', '.join(ALLOCATIONS)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """OWL scores blocks by the Wanda metric: it reads calibration windows for any method."""
+        return self.allocation != "uniform"

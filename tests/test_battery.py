@@ -94,7 +94,7 @@ def _save_dir_is_file(t: Path):
 
 CASES = [
     # --- the command line and the config
-    ("unknown-method", lambda t: (TINY + ["method=wandaa"], r"unknown method 'wandaa' \(did you mean 'wanda'\?\); valid: dense, ")),
+    ("unknown-method", lambda t: (TINY + ["method=wandaa"], r"unknown method 'wandaa' \(did you mean 'wanda'\?\); valid: alps, dense, ")),
     ("unknown-model", lambda t: (["model=llama9"], r"unknown model 'llama9'.*valid: .*smollm2-135m")),
     ("unknown-method-key", lambda t: (TINY + ["method=sparsegpt", "method.blocksz=64"],
                                       r"unknown key 'method.blocksz' \(did you mean 'blocksize'\?\); valid keys of method: blocksize")),

@@ -53,7 +53,7 @@ def test_pruning_hurts_in_order(tmp_path):
         (["sparsity=-0.2"], r"sparsity must be in \[0, 1\)"),
         (["pattern=3:4"], "ratio 0.5"),
         (["pattern=2:4", "sparsity=0.7"], "fixes sparsity at 0.5"),
-        (["method.name=wandaa"], "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: dense, elsa, elsa_l, magnitude"),
+        (["method.name=wandaa"], "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, dense, elsa, elsa_l, ladmm, magnitude"),
         (["+method.blocksz=64", "method=sparsegpt"], "has no option 'blocksz' \\(did you mean 'blocksize'\\?\\)"),
         (["data.root=/nonexistent/data"], "data root not found"),
         (["device=tpu"], "unknown device 'tpu'"),

@@ -185,5 +185,5 @@ def test_safe_published_defaults_and_bad_options():
         build_specs(compose(["method=safe", "method.projection=objective"]))
     with pytest.raises(SparsebenchError, match="option .rho. must be >= 0, got -1.0"):
         build_specs(compose(["method=safe", "method.rho=-1"]))
-    with pytest.raises(SparsebenchError, match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: sparsegpt, wanda"):
+    with pytest.raises(SparsebenchError, match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: alps, ladmm, sparsegpt, wanda"):
         build_specs(compose(["method=safe", "method.warm_start=magnitude"]))

@@ -133,6 +133,7 @@ class ADMM:
         group: str = "tensor",
         residual: bool = True,
         offset: int = 0,
+        targets: dict[str, float] | None = None,
     ):
         if projection not in PROJECTIONS:
             raise SparsebenchError(f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}")
@@ -148,6 +149,7 @@ class ADMM:
         self.group = group  # unstructured comparison group: tensor (Elsa) or row (SAFE, as Wanda)
         self.residual = residual and z_format != "float32"  # a float32 z has no residual
         self.offset = offset
+        self.targets = targets or {}  # per-tensor final targets (non-uniform allocation), else `sparsity`
         self.updates = 0  # z/u updates done
         self.lam_at_update: float | None = None  # lam at the last z/u update (u's scale)
         self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
@@ -161,7 +163,7 @@ class ADMM:
             else:
                 # Adam's v does not exist yet: the objective-aware metric starts as magnitude.
                 how = "magnitude" if projection == "objective" else projection
-                keep = self.mask_of(name, p.detach().float(), self.target(0), how)
+                keep = self.mask_of(name, p.detach().float(), self.target(0, name), how)
                 z0 = p.detach().float() * keep
             self.z[name] = Stored(z0, z_format)
             self.u[name] = Stored(self._u_slot(name, z0, torch.zeros_like(z0)), u_format)
@@ -182,8 +184,9 @@ class ADMM:
         """The current mask: the support of z (no separate mask is held)."""
         return self.z[name].get() != 0
 
-    def target(self, step: int) -> float:
-        return self.ramp.at(step, self.total, self.sparsity)
+    def target(self, step: int, name: str | None = None) -> float:
+        """The ramped target at `step`, of tensor `name` (its allocation), else the overall one."""
+        return self.ramp.at(step, self.total, self.targets.get(name, self.sparsity))
 
     def mask_of(self, name: str, x: torch.Tensor, sparsity: float, how: str) -> torch.Tensor:
         """Keep mask of x (w, or w + u) for tensor `name` by metric `how` at `sparsity`."""
@@ -232,14 +235,13 @@ class ADMM:
         if (step + self.offset) % self.interval:
             return False
         how = "magnitude" if self.updates < self.magnitude_updates else self.projection
-        s = self.target(step)
         ratio = self.u_scale(step)
         flipped = total = 0
         for name, p in self.params.items():
             w = p.detach().float()
             u = self.u_value(name)
             wu = w + (u * ratio if ratio != 1.0 else u)
-            keep = self.mask_of(name, wu, s, how)
+            keep = self.mask_of(name, wu, self.target(step, name), how)
             flipped += int((keep != self.keep(name)).sum())
             total += keep.numel()
             z = wu * keep
@@ -261,7 +263,7 @@ class ADMM:
         masks = {}
         how = "magnitude" if self.updates < self.magnitude_updates else self.projection
         for name, p in self.params.items():
-            keep = self.mask_of(name, p.detach().float(), self.sparsity, how)
+            keep = self.mask_of(name, p.detach().float(), self.targets.get(name, self.sparsity), how)
             p.data.mul_(keep.to(p.dtype))
             masks[name] = keep.cpu()
         return masks

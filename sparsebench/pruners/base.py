@@ -1,6 +1,7 @@
 """The one interface every method implements."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -24,6 +25,25 @@ class PruneContext:
     data: Any = None
     seqlen: int = 0
     log: Callable[[dict[str, Any]], None] = lambda metrics: None  # e.g. wandb
+    # Per-block targets from a non-uniform allocation (schedule=owl; sparsebench/allocation.py),
+    # indexed as the model's decoder blocks; None: every linear gets `sparsity`.
+    block_targets: list[float] | None = None
+
+    def block_sparsity(self, i: int) -> float:
+        return self.sparsity if self.block_targets is None else self.block_targets[i]
+
+    def for_block(self, i: int) -> "PruneContext":
+        """This context with block i's target as the one sparsity (for per-block drivers)."""
+        return dataclasses.replace(self, sparsity=self.block_sparsity(i), block_targets=None)
+
+    def targets(self, names) -> dict[str, float]:
+        """{full linear name: its target} for linears of the model's decoder blocks."""
+        if self.block_targets is None:
+            return {n: self.sparsity for n in names}
+        from ..models import find_blocks
+
+        path, _ = find_blocks(self.model)
+        return {n: self.block_targets[int(n[len(path) + 1:].split(".", 1)[0])] for n in names}
 
 
 class Pruner:

@@ -124,7 +124,8 @@ class Elsa(Pruner):
         cal_spec = DataSpec(**{**spec.__dict__, "nsamples": self.warm_start_nsamples})
         calib = calibration(cal_spec, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size)
         method = METHODS.build(self.warm_start, {})
-        sub = PruneContext(ctx.model, ctx.sparsity, ctx.pattern, ctx.schedule, ctx.device, calib)
+        sub = PruneContext(ctx.model, ctx.sparsity, ctx.pattern, ctx.schedule, ctx.device, calib,
+                           block_targets=ctx.block_targets)
         masks = method.prune(sub)
         linears = prunable_linears(ctx.model)
         return {n: linears[n].weight.detach().float() * masks[n].to(linears[n].weight.device) for n in masks}
@@ -166,7 +167,7 @@ class Elsa(Pruner):
             {n: l.weight for n, l in linears.items()}, opt, ctx.sparsity, ctx.pattern, self.steps,
             interval=self.interval, lam=self.lam_sched, ramp=ctx.schedule.ramp, projection=self.projection,
             magnitude_updates=self.magnitude_updates, z_format=self.z_format, u_format=self.u_format, z_init=z_init,
-            residual=self.z_residual,
+            residual=self.z_residual, targets=ctx.targets(linears) if ctx.block_targets is not None else None,
         )
         if self.grad_checkpointing:
             model.gradient_checkpointing_enable()

@@ -17,6 +17,7 @@ SparseGPT inverts each distinct Hessian once instead of once per linear.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -168,6 +169,11 @@ class RunningMean:
         self.value += term(x, self.nsamples)
 
 
+def scaled_gram(x: torch.Tensor, n: int) -> torch.Tensor:
+    y = math.sqrt(2.0 / n) * x.t()  # (columns, tokens), the layout the official code holds
+    return y @ y.t()
+
+
 class LayerwisePruner(Pruner):
     """A one-shot method: how to accumulate input statistics and prune one linear."""
 
@@ -262,10 +268,23 @@ class LayerwisePruner(Pruner):
             home = next(block.parameters()).device
             block.to(ctx.device)
             args, kwargs = _to(block_args[i], ctx.device)
-            block_masks = self.prune_block(block, inps, args, kwargs, ctx.sparsity, ctx.pattern)
+            block_masks = self.prune_block(block, inps, args, kwargs, ctx.block_sparsity(i), ctx.pattern)
             masks.update({f"{path}.{i}.{name}": keep.cpu() for name, keep in block_masks.items()})
             for j in range(inps.shape[0]):  # the pruned block feeds the next one
                 outs[j] = _block_out(block(inps[j : j + 1], *args, **kwargs))[0]
             block.to(home)
             inps, outs = outs, inps
         return masks
+
+
+class GramPruner(LayerwisePruner):
+    """A one-shot method on the layer's Gram matrix H = 2 X^T X / n (SparseGPT, ALPS, L-ADMM):
+    accumulated once per distinct input, as the official SparseGPT code rounds it (scale by
+    sqrt(2 / n) first, then one product added to the rescaled sum). ALPS and L-ADMM
+    normalise H by its diagonal, so its scale (sum or mean) does not change their result."""
+
+    def new_stats(self, columns, device):
+        return RunningMean(torch.zeros(columns, columns, dtype=torch.float32, device=device))
+
+    def add_batch(self, stats: RunningMean, x: torch.Tensor) -> None:
+        stats.add_term(x, scaled_gram)

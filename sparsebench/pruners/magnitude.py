@@ -20,9 +20,11 @@ class Magnitude(Pruner):
     @torch.no_grad()
     def prune(self, ctx: PruneContext):
         masks = {}
-        for name, linear in prunable_linears(ctx.model).items():
+        linears = prunable_linears(ctx.model)
+        targets = ctx.targets(linears)
+        for name, linear in linears.items():
             w = linear.weight.to(ctx.device)
-            keep = project(w.abs(), ctx.sparsity, ctx.pattern, self.group)
+            keep = project(w.abs(), targets[name], ctx.pattern, self.group)
             apply_mask(linear, keep)
             masks[name] = keep.cpu()
         return masks

@@ -202,13 +202,14 @@ class Safe(Pruner):
             block.to(ctx.device, torch.float32)
             # rotary tables and additive masks in float32, to match the training block
             args, kwargs = _to(block_args[i], ctx.device, torch.float32)
+            bctx = ctx.for_block(i)  # this block's target (schedule=owl gives blocks their own)
             linears = find_linears(block)
             targets, norms = self._targets(block, linears, inps, args, kwargs)  # from the dense block
             z_init = None
             if self._oneshot is not None:  # prune this block in place from the same inputs
-                self._oneshot.prune_block(block, inps, args, kwargs, ctx.sparsity, ctx.pattern)
+                self._oneshot.prune_block(block, inps, args, kwargs, bctx.sparsity, ctx.pattern)
                 z_init = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
-            block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, ctx, gen, z_init)
+            block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, bctx, gen, z_init)
             with torch.no_grad():
                 for name, lin in linears.items():
                     apply_mask(lin, block_masks[name])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,19 +32,14 @@ import torch
 from ..errors import SparsebenchError
 from ..registry import METHODS, option
 from ..sparsity import project
-from .layerwise import LayerwisePruner, RunningMean
+from .layerwise import GramPruner
 
 log = logging.getLogger(__name__)
 
 
-def _scaled_gram(x: torch.Tensor, n: int) -> torch.Tensor:
-    y = math.sqrt(2.0 / n) * x.t()  # (columns, tokens), the layout the official code holds
-    return y @ y.t()
-
-
 @METHODS.register("sparsegpt")
 @dataclass
-class SparseGPT(LayerwisePruner):
+class SparseGPT(GramPruner):
     blocksize: int = option(128, ge=1)
     percdamp: float = option(0.01, gt=0, lt=1e3)
     damp_retries: int = option(6, ge=0)  # each retry multiplies the damping by 10
@@ -65,15 +59,7 @@ class SparseGPT(LayerwisePruner):
     def group(self) -> str:  # type: ignore[override]
         return f"block:{self.blocksize}" + ("+1" if self.count == "official" else "")
 
-    def new_stats(self, columns, device):
-        return RunningMean(torch.zeros(columns, columns, dtype=torch.float32, device=device))
-
-    def add_batch(self, stats: RunningMean, x: torch.Tensor) -> None:
-        # H = 2 X X^T / n, rounded as the official code rounds it: scale by sqrt(2 / n)
-        # first, then one product added to the rescaled sum.
-        stats.add_term(x, _scaled_gram)
-
-    def prepare(self, stats: RunningMean):
+    def prepare(self, stats):
         """(upper Cholesky factor of the damped H^-1, dead-input mask), once per distinct input."""
         H = stats.value
         dead = torch.diag(H) == 0
