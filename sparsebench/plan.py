@@ -70,10 +70,15 @@ class Shapes:
     norm_elems: int  # Wanda: one norm per input column of the largest block's linears
     largest_linear: tuple[int, int]
     dtype_bytes: int
+    # 8-bit Adam's state (pruners/adam8bit.py), exactly, for what a run may train
+    adam8_all: int = 0
+    adam8_linears: int = 0
+    adam8_embeddings: int = 0
 
 
 def shapes_of(model: nn.Module) -> Shapes:
     from .models import find_blocks, find_linears
+    from .pruners.adam8bit import state_bytes as adam8_bytes
 
     _, blocks = find_blocks(model)
     params = sum(p.numel() for p in model.parameters())
@@ -111,6 +116,11 @@ def shapes_of(model: nn.Module) -> Shapes:
         norm_elems=sum(lin.in_features for lin in lins.values()),
         largest_linear=max(((lin.out_features, lin.in_features) for lin in lins.values()), key=lambda s: s[0] * s[1]),
         dtype_bytes=next(model.parameters()).element_size(),
+        adam8_all=sum(adam8_bytes(tuple(p.shape)) for p in model.parameters()),
+        adam8_linears=sum(adam8_bytes(tuple(lin.weight.shape)) for b in blocks for lin in find_linears(b).values()),
+        adam8_embeddings=sum(adam8_bytes(tuple(p.shape)) for p in {id(p): p for p in
+                             (model.get_input_embeddings().weight,
+                              *([model.get_output_embeddings().weight] if model.get_output_embeddings() is not None else []))}.values()),
     )
 
 
@@ -191,8 +201,8 @@ def knobs_of(specs, world: int) -> Knobs:
         if r is not None and r.name in ("finetune", "perp"):  # the training stage is the larger one
             return _recover_knobs(r, knobs, world, specs)
         return knobs
-    # Elsa and Elsa-L
-    engine = "ddp" if world > 1 else "single"
+    # Elsa and Elsa-L: the engine the run resolved (run.resolve_engine), else DDP on several ranks
+    engine = specs.run_engine if specs.run_engine in ("ddp", "fsdp") and world > 1 else ("ddp" if world > 1 else "single")
     micro = p.batch_size // p.grad_accum // max(world, 1)
     return Knobs(kind="train", stats="none", micro_batch=max(micro, 1), world=world, engine=engine,
                  z_bytes=FORMAT_BYTES[p.z_format], u_bytes=FORMAT_BYTES[p.u_format], adam8=p.optim_8bit,
@@ -259,7 +269,9 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
                "none": k.extra_trained}[k.trained]
     plan.add("weights (float32 master)", dev, s.params * 4 / shard)
     plan.add("gradients", dev, trained * 4 / shard)
-    adam = trained * (2 + 3 * 4 / ADAM8_BLOCK) if k.adam8 else trained * 8
+    adam8 = {"all": s.adam8_all, "no_embeddings": s.adam8_all - s.adam8_embeddings, "linears": s.adam8_linears,
+             "none": trained * (2 + 3 * 4 / ADAM8_BLOCK)}[k.trained]
+    adam = adam8 if k.adam8 else trained * 8
     plan.add("Adam moments" + (" (8-bit)" if k.adam8 else ""), dev, adam / shard)
     if k.z_bytes:
         plan.add("ADMM z", dev, s.prunable * k.z_bytes / shard)
@@ -295,7 +307,7 @@ def visible_memory(plan_spec: PlanSpec, device: torch.device) -> tuple[float, fl
     if host is None:
         host = _mem_available_gib()
     dev = plan_spec.device_limit_gib
-    if dev is None and device.type == "cuda":
+    if dev is None and device.type == "cuda" and torch.cuda.is_available():  # a dry run may plan for a GPU it lacks
         dev = torch.cuda.get_device_properties(device).total_memory / GIB
     return host, dev
 
@@ -335,6 +347,13 @@ def alternatives(model_name: str, s: Shapes, k: Knobs) -> list[tuple[str, Knobs]
         if k.seqlen > 512:
             out.append((f"model.seqlen={k.seqlen // 2}", replace(k, seqlen=k.seqlen // 2)))
     return out
+
+
+def fits(plan: Plan, plan_spec: PlanSpec, device: torch.device) -> bool:
+    """True if the plan fits the visible memory, less the margin."""
+    host_avail, dev_avail = visible_memory(plan_spec, device)
+    keep = 1 - plan_spec.margin
+    return plan.total("host") <= keep * host_avail and (dev_avail is None or plan.total("device") <= keep * dev_avail)
 
 
 def check_fits(plan: Plan, s: Shapes, plan_spec: PlanSpec, device: torch.device) -> None:

@@ -28,7 +28,8 @@ from .allocation import allocate
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
-from .plan import PlanSpec, build_plan, check_fits, knobs_of, shapes_of
+from .plan import PlanSpec, build_plan, check_fits, fits, knobs_of, shapes_of
+from .shard import ENGINES
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
@@ -60,6 +61,8 @@ class Specs:
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
     plan: Any = None  # PlanSpec
     world_size: int = 1  # ranks to plan for (dry runs)
+    engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/shard.py)
+    run_engine: str = "single"  # what runs: set by memory_plan (resolve_engine)
 
     @property
     def needs_calibration(self) -> bool:
@@ -128,6 +131,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         recover=recovery,
         plan=build_dataclass(PlanSpec, c.get("plan") or {}, "plan"),
         world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
+        engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -176,11 +180,13 @@ def saved_targets(meta: dict[str, Any], model, linears) -> float | dict[str, flo
                         block_targets=list(meta["block_targets"])).targets(linears)
 
 
-def run_worker(specs: Specs) -> dict[str, Any]:
-    """Ranks > 0 under torchrun: load, join the training, write nothing (rank 0 records)."""
+def run_worker(specs: Specs, workdir: Path | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+    """Ranks > 0 under torchrun: load, join the training, write nothing but their checkpoint
+    shards (rank 0 records)."""
     model, tok = load_model(specs.model, specs.seed)
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
-                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen)
+                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, engine=specs.run_engine,
+                       workdir=workdir, fingerprint=fingerprint)
     specs.pruner.prune(ctx)
     return {"metrics": {}}
 
@@ -217,6 +223,9 @@ def init_distributed(specs: Specs) -> int:
         dist.init_process_group("nccl" if specs.device.type == "cuda" else "gloo")
     if specs.device.type == "cuda":
         torch.cuda.set_device(specs.device)
+    choice = [specs.run_engine]  # engine=auto read each rank's free memory: rank 0's choice holds for all
+    dist.broadcast_object_list(choice, src=0)
+    specs.run_engine = choice[0]
     return dist.get_rank()
 
 
@@ -283,11 +292,38 @@ def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def memory_plan(specs: Specs, world: int):
-    """(plan, shapes) for this run from the model's meta-device shapes (sparsebench/plan.py)."""
+    """(plan, shapes) for this run from the model's meta-device shapes (sparsebench/plan.py);
+    resolves the engine on the way (specs.run_engine)."""
     from .models import meta_model
 
     shapes = shapes_of(meta_model(specs.model))
+    specs.run_engine = resolve_engine(specs, world, shapes)
     return build_plan(specs.model.name, shapes, knobs_of(specs, world)), shapes
+
+
+def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
+    """single | ddp | fsdp for this run. auto: one process -> single; several -> DDP when
+    its per-rank plan (every rank holds all the state) fits the visible memory, else FSDP2."""
+    engine, name = specs.engine, specs.pruner.name
+    if engine not in ENGINES:
+        raise SparsebenchError(f"unknown engine '{engine}'; valid: {', '.join(ENGINES)}")
+    if not specs.pruner.distributed:
+        if engine in ("ddp", "fsdp"):
+            raise SparsebenchError(f"engine={engine} shards a training run across processes; method '{name}' runs in "
+                                   f"one process (valid for it: auto, single)")
+        return "single"
+    if world == 1:
+        if engine in ("ddp", "fsdp"):
+            raise SparsebenchError(f"engine={engine} needs several processes: launch with torchrun --nproc_per_node=N "
+                                   f"(sparsebench dry_run=true world_size=N engine={engine} ... plans it)")
+        return "single"
+    if engine == "single":
+        raise SparsebenchError(f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, fsdp")
+    if engine == "auto":
+        specs.run_engine = "ddp"
+        ddp = build_plan(specs.model.name, shapes, knobs_of(specs, world)) if shapes is not None else None
+        engine = "ddp" if ddp is None or fits(ddp, specs.plan, specs.device) else "fsdp"
+    return engine
 
 
 def dry_run(specs: Specs) -> dict[str, Any]:
@@ -312,8 +348,9 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[s
                                 dense=specs.pruner.name == "dense")
         if resume_decision(ledger.previous_results(out_dir, move_aside=False), fp, bool(cfg.get("resume", True)), out_dir):
             return {"metrics": {}}
+        memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))  # resolves and checks the engine
         init_distributed(specs)
-        return run_worker(specs)
+        return run_worker(specs, out_dir, fp["digest"])
     ledger.check_writable(out_dir, "run folder", "set hydra.run.dir=<folder> (hydra.sweep.dir in a sweep)")
     with ledger.claim(out_dir):
         return _run_claimed(cfg, config, out_dir, sweep_dir)
@@ -357,6 +394,7 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         Results(out_dir / "results.json", config, specs.seed, plan=plan.as_dict()).update(status="failed", error=str(err))
         raise
 
+    init_distributed(specs)  # under torchrun: join the ranks (they wait for rank 0 here)
     _save_hydra_files(cfg, out_dir)
     file_log = logging.FileHandler(out_dir / "run.log")
     file_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -373,7 +411,7 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
             name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
             config=config, directory=out_dir,
         )
-        data = _pipeline(specs, results, logger, saved, save_dir, fp["digest"])
+        data = _pipeline(specs, results, logger, saved, save_dir, fp["digest"], out_dir)
         exit_code = 0
         return data
     except BaseException as err:
@@ -394,7 +432,7 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
 
 
 def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple | None, save_dir: Path | None,
-              fingerprint: str) -> dict[str, Any]:
+              fingerprint: str, workdir: Path | None = None) -> dict[str, Any]:
     with timed(results, "load"):
         model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
     results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
@@ -416,9 +454,12 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
-                       block_targets=allocation.targets if allocation else None)
+                       block_targets=allocation.targets if allocation else None, engine=specs.run_engine,
+                       fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint)
+    results.update(engine=specs.run_engine, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     with timed(results, "prune"):
         masks = specs.pruner.prune(ctx)
+    model = ctx.model  # FSDP2 hands back an unsharded model (PruneContext.engine)
     if specs.pruner.report():
         results.update(method_report=specs.pruner.report())
     spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(specs.pruner.budget())

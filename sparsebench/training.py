@@ -157,7 +157,8 @@ class Trainer:
             raise SparsebenchError(f"{self.name}: loss is {loss} at step {step}; lower the learning rate "
                                    f"(or lambda), or check the model's dtype")
         if self.clip is not None:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
         for hook in self.hooks:
             hook.before_update(step)
         self.optimizer.step()

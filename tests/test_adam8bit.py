@@ -7,10 +7,28 @@ from sparsebench.pruners.adam8bit import Adam8bit, dequantize_log, dequantize_si
 def test_signed_quantization_bound():
     x = torch.randn(5000) * torch.logspace(-4, 0, 5000)
     q, scale = quantize_signed(x, block=1024)
+    assert q.shape == (5, 1000)  # 5000 values: five equal blocks of at most 1024
     err = (dequantize_signed(q, scale, x) - x).abs().view(-1)
-    blocks = torch.cat([x, x.new_zeros((-x.numel()) % 1024)]).view(-1, 1024).abs().amax(1)
-    bound = (blocks / 254).repeat_interleave(1024)[: x.numel()]
+    blocks = x.view(-1, 1000).abs().amax(1)
+    bound = (blocks / 254).repeat_interleave(1000)
     assert (err <= bound + 1e-12).all() and q.dtype == torch.int8
+
+
+def test_blocks_never_straddle_rows_so_a_row_shard_quantizes_as_the_whole():
+    x = torch.randn(12, 1536)  # SmolLM2's widest input: one block of 1536 per row
+    v = x.pow(2)
+    q, scale = quantize_signed(x, block=2048)
+    qv, lohi = quantize_log(v, block=2048)
+    assert q.shape == (12, 1536)
+    for rows in (slice(0, 5), slice(5, 12)):  # two ranks' rows under FSDP2
+        q2, s2 = quantize_signed(x[rows], block=2048)
+        assert torch.equal(q2, q[rows]) and torch.equal(s2, scale[rows])
+        qv2, lohi2 = quantize_log(v[rows], block=2048)
+        assert torch.equal(qv2, qv[rows]) and torch.equal(lohi2, lohi[rows])
+    y = torch.randn(6, 4096)  # 4096 columns: two blocks of 2048 per row, as a flat cut would make
+    qy, _ = quantize_signed(y, block=2048)
+    assert qy.shape == (12, 2048)
+    assert torch.allclose(dequantize_signed(*quantize_signed(y, 2048), y), y, atol=float(y.abs().max()) / 254 + 1e-6)
 
 
 def test_log_quantization_relative_bound_and_zeros():

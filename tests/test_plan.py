@@ -65,7 +65,11 @@ def test_llama2_7b_shapes_are_the_published_ones():
     specs = build_specs(compose(["model=llama2-7b", "model.source=random", "method=elsa"]))
     plan, s = memory_plan(specs, 1)
     assert s.params == 6_738_415_616  # Llama-2-7B's parameter count
-    assert plan.knobs.engine == "single" and memory_plan(specs, 4)[0].knobs.engine == "ddp"
+    assert plan.knobs.engine == "single"
+    # auto on 4 ranks: DDP holds ~160 GB per rank for 7B, which fits no memory here: FSDP2
+    assert memory_plan(specs, 4)[0].knobs.engine == "fsdp"
+    ddp = build_specs(compose(["model=llama2-7b", "model.source=random", "method=elsa", "engine=ddp"]))
+    assert memory_plan(ddp, 4)[0].knobs.engine == "ddp"
     t = _terms(plan)
     assert t["weights (float32 master)"] == s.params * 4 and t["ADMM z"] == s.prunable * 4
 
@@ -78,7 +82,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     except SystemExit as err:
         pytest.fail(f"exit {err.code}")
     printed = capsys.readouterr().out
-    assert "memory plan: llama2-70b, elsa_l, engine ddp, 4 rank(s)" in printed
+    assert "memory plan: llama2-70b, elsa_l, engine fsdp, 4 rank(s)" in printed  # auto: DDP does not fit
     for term in ("weights (float32 master)", "Adam moments (8-bit)", "ADMM z", "total device"):
         assert term in printed
     assert not (out / "results.json").exists()

@@ -38,9 +38,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import SparsebenchError
+from ..shard import gather, local, row_sharded, rows_of, sum_over_ranks
 from ..sparsity import Pattern, Ramp, project
 
 PROJECTIONS = ("magnitude", "objective", "wanda")
@@ -80,10 +82,11 @@ class Stored:
 
     FORMATS = ("float32", "bfloat16", "fp8")
 
-    def __init__(self, value: torch.Tensor, fmt: str):
+    def __init__(self, value: torch.Tensor, fmt: str, sharded: bool = False):
         if fmt not in self.FORMATS:
             raise SparsebenchError(f"unknown ADMM state format '{fmt}'; valid: {', '.join(self.FORMATS)}")
         self.fmt = fmt
+        self.sharded = sharded  # this rank holds some rows (FSDP2): the per-tensor scale is over all ranks
         self.scale: torch.Tensor | None = None
         self.set(value)
 
@@ -95,6 +98,8 @@ class Stored:
         else:
             # scale = amax / fp8_max * 1.05: headroom so rounding never overflows to NaN.
             amax = value.detach().abs().max().float()
+            if self.sharded:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX)
             self.scale = torch.where(amax > 0, amax / FP8_MAX * 1.05, torch.ones_like(amax))
             self.data = (value.detach().float() / self.scale).to(torch.float8_e4m3fn)
 
@@ -157,16 +162,17 @@ class ADMM:
         self.u: dict[str, Stored] = {}
         for name, p in params.items():
             # z0 = Proj_k(w0) by magnitude (or a given one-shot solution), u0 = 0.
+            w = local(p.detach()).float()  # this rank's rows under FSDP2 (sparsebench/shard.py)
             if z_init is not None and name in z_init:
-                z0 = z_init[name].to(p.device, torch.float32)
-                keep = z0 != 0
+                z0 = z_init[name].to(w.device, torch.float32)
+                if row_sharded(p):
+                    z0 = rows_of(z0, p)
             else:
                 # Adam's v does not exist yet: the objective-aware metric starts as magnitude.
                 how = "magnitude" if projection == "objective" else projection
-                keep = self.mask_of(name, p.detach().float(), self.target(0, name), how)
-                z0 = p.detach().float() * keep
-            self.z[name] = Stored(z0, z_format)
-            self.u[name] = Stored(self._u_slot(name, z0, torch.zeros_like(z0)), u_format)
+                z0 = w * self.mask_of(name, w, self.target(0, name), how)
+            self.z[name] = Stored(z0, z_format, sharded=row_sharded(p))
+            self.u[name] = Stored(self._u_slot(name, z0, torch.zeros_like(z0)), u_format, sharded=row_sharded(p))
 
     def _u_slot(self, name: str, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """What the u tensor stores: u, plus z's rounding residual on z's support."""
@@ -197,14 +203,20 @@ class ADMM:
             score = x.abs() if v is None else v.float() * x.pow(2)
         else:
             score = x.abs() * self.input_norms[name].to(x.device).unsqueeze(0)
-        return project(score, sparsity, self.pattern, self.group)
+        p = self.params[name]
+        if row_sharded(p) and self.group == "tensor" and not self.pattern.is_nm:
+            # one threshold over the whole tensor: project the gathered score exactly as one
+            # process would (same ties), keep this rank's rows
+            return rows_of(project(gather(score, p), sparsity, self.pattern, self.group), p)
+        return project(score, sparsity, self.pattern, self.group)  # per row / N:M: local to a row shard
 
     def second_moment(self, p: torch.Tensor) -> torch.Tensor | None:
         """Adam's v for p (dequantized for 8-bit Adam), or None before the first step."""
         if hasattr(self.opt, "moments"):
             moments = self.opt.moments(p)
             return None if moments is None else moments[1]
-        return self.opt.state.get(p, {}).get("exp_avg_sq")
+        v = self.opt.state.get(p, {}).get("exp_avg_sq")
+        return None if v is None else local(v)
 
     @torch.no_grad()
     def add_penalty(self, step: int) -> float:
@@ -216,8 +228,9 @@ class ADMM:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             # = w - z_value + u_value, also with residual coding (the residual cancels)
-            pen = p.detach().float() - self.z[name].get() + self.u[name].get()
-            p.grad.add_(pen.to(p.grad.dtype), alpha=lam)
+            pen = local(p.detach()).float() - self.z[name].get() + self.u[name].get()
+            g = local(p.grad)
+            g.add_(pen.to(g.dtype), alpha=lam)
         return lam
 
     def u_scale(self, step: int) -> float:
@@ -238,7 +251,7 @@ class ADMM:
         ratio = self.u_scale(step)
         flipped = total = 0
         for name, p in self.params.items():
-            w = p.detach().float()
+            w = local(p.detach()).float()
             u = self.u_value(name)
             wu = w + (u * ratio if ratio != 1.0 else u)
             keep = self.mask_of(name, wu, self.target(step, name), how)
@@ -247,15 +260,16 @@ class ADMM:
             z = wu * keep
             self.z[name].set(z)
             self.u[name].set(self._u_slot(name, z, wu - z))  # u + w - z
-        self.churn = flipped / max(total, 1)
+        dev = next(iter(self.z.values())).get().device
+        self.churn = sum_over_ranks(flipped, dev) / max(sum_over_ranks(total, dev), 1)
         self.updates += 1
         return True
 
     @torch.no_grad()
     def distance(self) -> float:
         """||w - z|| over all ADMM tensors: how far the weights are from feasibility."""
-        sq = sum(float((p.detach().float() - self.z_value(n)).pow(2).sum()) for n, p in self.params.items())
-        return math.sqrt(sq)
+        sq = sum(float((local(p.detach()).float() - self.z_value(n)).pow(2).sum()) for n, p in self.params.items())
+        return math.sqrt(sum_over_ranks(sq, next(iter(self.z.values())).get().device))
 
     @torch.no_grad()
     def finalize(self) -> dict[str, torch.Tensor]:
@@ -263,9 +277,11 @@ class ADMM:
         masks = {}
         how = "magnitude" if self.updates < self.magnitude_updates else self.projection
         for name, p in self.params.items():
-            keep = self.mask_of(name, p.detach().float(), self.targets.get(name, self.sparsity), how)
-            p.data.mul_(keep.to(p.dtype))
-            masks[name] = keep.cpu()
+            w = local(p.detach())
+            keep = self.mask_of(name, w.float(), self.targets.get(name, self.sparsity), how)
+            w.mul_(keep.to(w.dtype))
+            # the whole mask on every rank (a collective under FSDP2; gloo gathers no bool)
+            masks[name] = (gather(keep.to(torch.uint8), p).bool() if row_sharded(p) else keep).cpu()
         return masks
 
     def state_bytes(self) -> dict[str, int]:
@@ -274,6 +290,7 @@ class ADMM:
         for p in self.params.values():
             for v in self.opt.state.get(p, {}).values():
                 if isinstance(v, torch.Tensor):
+                    v = local(v)  # this rank's share under FSDP2
                     opt += v.numel() * v.element_size()
         return {
             "z": sum(s.nbytes() for s in self.z.values()),

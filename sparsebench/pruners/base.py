@@ -28,6 +28,16 @@ class PruneContext:
     # Per-block targets from a non-uniform allocation (schedule=owl; sparsebench/allocation.py),
     # indexed as the model's decoder blocks; None: every linear gets `sparsity`.
     block_targets: list[float] | None = None
+    # How a training method runs under torch.distributed: ddp | fsdp (run.resolve_engine;
+    # auto: ddp). One process is always single. Under fsdp the model is sharded in place; the
+    # method then loads `fresh_model()` on rank 0, fills it with the trained weights and sets
+    # ctx.model to it (the pipeline reads it back).
+    engine: str = "auto"
+    fresh_model: Callable[[], Any] | None = None
+    # The run folder and fingerprint: training checkpoints go to <workdir>/checkpoint and are
+    # resumed only by a run with the same fingerprint (sparsebench/checkpoint.py).
+    workdir: Any = None
+    fingerprint: str | None = None
 
     def block_sparsity(self, i: int) -> float:
         return self.sparsity if self.block_targets is None else self.block_targets[i]

@@ -24,6 +24,7 @@ rank the same z.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import METHODS, option
+from ..checkpoint import TrainingCheckpoint
+from ..shard import full_state_dict, shard_model
 from .adam8bit import Adam8bit
 from ..training import ADMMHook, Budget, Trainer, linear_decay
 from .admm import ADMM, LambdaSchedule, Stored
@@ -78,6 +81,7 @@ class Elsa(Pruner):
     optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
     seed: int = 0
     log_every: int = option(8, ge=1)
+    checkpoint_every: int = option(0, ge=0)  # steps between training checkpoints (DCP, <run>/checkpoint); 0: none
     history: list[dict[str, float]] = field(default_factory=list, init=False, repr=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -139,6 +143,9 @@ class Elsa(Pruner):
             raise SparsebenchError(f"{self.name} needs a data source")
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        engine = ("fsdp" if ctx.engine == "fsdp" else "ddp") if distributed else "single"
+        if engine == "fsdp" and ctx.fresh_model is None and rank == 0:
+            raise SparsebenchError(f"{self.name}: engine=fsdp needs PruneContext.fresh_model to hand back an unsharded model")
         micro = self.batch_size // self.grad_accum
         if micro % world:
             raise SparsebenchError(f"{self.name}: micro-batch {micro} is not divisible by {world} ranks")
@@ -154,6 +161,8 @@ class Elsa(Pruner):
             log.warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or float32 to avoid the copy)", self.name)
             model.float()
         model.to(ctx.device)
+        if engine == "fsdp":  # every block, then the root: rows of every tensor split over the ranks
+            shard_model(model, bf16=self.use_bf16(ctx.device))
         linears = prunable_linears(model)
         admm_params, others = self._trainable(model, set(linears))
         groups = [{"params": admm_params, "lr": self.lr_pruned or self.lr}]
@@ -172,7 +181,7 @@ class Elsa(Pruner):
         if self.grad_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+        net = torch.nn.parallel.DistributedDataParallel(model) if engine == "ddp" else model  # FSDP2 reduces itself
         sampler = window_source(ctx.data, ctx.tokenizer, seqlen, self.seed, model.config.vocab_size)
         hook = ADMMHook(admm)
         trainer = Trainer(admm_params + others, opt, linear_decay(self.steps), clip=self.clip, hooks=[hook],
@@ -186,7 +195,11 @@ class Elsa(Pruner):
                     return net(input_ids=x, labels=x, use_cache=False).loss / self.grad_accum
             return loss
 
-        bar = tqdm(range(self.steps), desc=self.name, unit="step", disable=rank != 0)
+        ckpt = TrainingCheckpoint(ctx.workdir and Path(ctx.workdir), self.checkpoint_every, ctx.fingerprint, engine)
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        first = ckpt.load(trained, opt, admm, trainer, sampler, self.history)  # 0 unless resuming this run
+        bar = tqdm(range(first, self.steps), desc=self.name, unit="step", disable=rank != 0, initial=first,
+                   total=self.steps)
         for step in bar:
             # every rank draws the same global batch and trains on its slice
             batches = [sampler.batch(micro)[rank * share : (rank + 1) * share].to(ctx.device) for _ in range(self.grad_accum)]
@@ -197,7 +210,10 @@ class Elsa(Pruner):
                 self.history.append(rec)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", dist=f"{rec['dist']:.3g}", churn=f"{admm.churn:.2%}")
                 ctx.log({f"{self.name}/{k}": v for k, v in rec.items()})
+            if ckpt.due(step, self.steps):
+                ckpt.save(step, trained, opt, admm, trainer, sampler, self.history)
         self._budget = trainer.budget()
+        ckpt.remove()
         if self.grad_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()
@@ -206,6 +222,12 @@ class Elsa(Pruner):
         self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes(),
                        "steps_run": trainer.steps_done}
         masks = admm.finalize()
+        if engine == "fsdp":  # gather the trained weights into a plain model on rank 0 (a collective)
+            state = full_state_dict(model)
+            if rank == 0:
+                model = ctx.fresh_model()
+                model.load_state_dict(state)
+                ctx.model = model
         model.to(dtype)  # zeros stay zeros in any dtype
         return masks
 

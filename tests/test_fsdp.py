@@ -1,0 +1,139 @@
+"""Elsa and Elsa-L on FSDP2 (issue #18), two gloo ranks on the CPU: the same masks and
+weights as one process, half the ADMM + optimizer state per rank, and the CLI under torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsebench.data import DataSpec
+from sparsebench.errors import SparsebenchError
+from sparsebench.models import load_model
+from sparsebench.pruners import PruneContext
+from sparsebench.pruners.elsa import Elsa, ElsaL
+from sparsebench.run import build_specs, memory_plan, resolve_engine
+from sparsebench.sparsity import Pattern, Schedule
+from sparsebench.training import Trainer
+
+from .conftest import REPO, compose, tiny_spec
+
+
+class Killed(Exception):
+    pass
+
+
+def _train(rank: int, world: int, folder: str, engine: str, method: str, tag: str = "", every: int = 0,
+           kill_at: int = 0, rdv: str = "rendezvous") -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/{rdv}", rank=rank, world_size=world)
+    real = Trainer.step
+    if kill_at:  # the job dies inside step `kill_at` (after the checkpoints before it)
+        def step(self, closures, tokens):
+            if self.steps_done == kill_at:
+                raise Killed(f"killed at step {kill_at}")
+            return real(self, closures, tokens)
+
+        Trainer.step = step
+    try:
+        _train_body(rank, world, folder, engine, method, tag, every)
+    finally:
+        Trainer.step = real
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _train_body(rank, world, folder, engine, method, tag, every):
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    cls = {"elsa": Elsa, "elsa_l": ElsaL}[method]
+    pruner = cls(steps=6, batch_size=4, interval=2, lam=0.5, lr=2e-3, log_every=1, checkpoint_every=every)
+    ctx = PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), tokenizer=tok,
+                       data=DataSpec(nsamples=4), seqlen=64, engine=engine,
+                       fresh_model=lambda: load_model(tiny_spec("llama"), seed=0)[0],
+                       workdir=f"{folder}/run{tag}", fingerprint="fp-test")
+    masks = pruner.prune(ctx)
+    if rank == 0:
+        torch.save({"state": ctx.model.state_dict(), "masks": masks, "loss": [h["loss"] for h in pruner.history],
+                    "bytes": pruner.report()["state_bytes"], "sharded": type(model).__name__},
+                   f"{folder}/{engine}{world}{tag}.pt")
+
+
+@pytest.mark.parametrize("method", ["elsa", "elsa_l"])
+def test_fsdp2_two_ranks_match_one_process(tmp_path, method):
+    _train(0, 1, str(tmp_path), "single", method)
+    mp.spawn(_train, args=(2, str(tmp_path), "fsdp", method), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / f"{e}.pt") for e in ("single1", "fsdp2"))
+    assert two["sharded"].startswith("FSDP")  # fully_shard ran on the model
+    for name in one["masks"]:
+        assert torch.equal(one["masks"][name], two["masks"][name]), name
+    for key, w in one["state"].items():
+        rel = float((two["state"][key].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
+        assert rel <= 1e-5, (key, rel)
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    per_rank = sum(two["bytes"][k] for k in ("z", "u", "optimizer"))
+    whole = sum(one["bytes"][k] for k in ("z", "u", "optimizer"))
+    assert per_rank <= 0.55 * whole, (per_rank, whole)
+
+
+def test_engine_choice_and_its_errors(monkeypatch):
+    specs = build_specs(compose(["model=tiny-llama", "method=elsa", "engine=fsdp"]))
+    with pytest.raises(SparsebenchError, match="engine=fsdp needs several processes: launch with torchrun"):
+        memory_plan(specs, 1)
+    specs = build_specs(compose(["model=tiny-llama", "method=wanda", "engine=fsdp"]))
+    with pytest.raises(SparsebenchError, match="method 'wanda' runs in one process"):
+        memory_plan(specs, 2)
+    specs = build_specs(compose(["model=tiny-llama", "method=elsa"]))
+    assert resolve_engine(specs, 1) == "single" and resolve_engine(specs, 2) == "ddp"  # no shapes: DDP
+    specs = build_specs(compose(["model=tiny-llama", "method=elsa", "plan.host_limit_gib=0.002"]))
+    plan, _ = memory_plan(specs, 2)  # DDP's per-rank plan does not fit 2 MiB: auto picks FSDP2
+    assert specs.run_engine == "fsdp" and plan.knobs.engine == "fsdp"
+    with pytest.raises(SparsebenchError, match="unknown engine|engine.*valid"):
+        build_specs(compose(["model=tiny-llama", "method=elsa", "engine=zero3"]))
+
+
+def test_cli_under_torchrun_fsdp(tmp_path):
+    """`torchrun --nproc_per_node=2 -m sparsebench.cli ... engine=fsdp`: rank 0 records the run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEBENCH_DATA_ROOT": os.environ.get(
+        "SPARSEBENCH_DATA_ROOT", str(REPO.parent / "shared" / "data"))}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "sparsebench.cli", "model=tiny-llama", "method=elsa", "engine=fsdp", "logger=disabled",
+           "method.steps=4", "method.batch_size=4", "method.interval=2", f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "complete" and res["engine"] == "fsdp" and res["world_size"] == 2
+    assert res["sparsity"]["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert res["method_report"]["steps_run"] == 4
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, world):
+    engine = "fsdp" if world == 2 else "single"
+
+    def launch(tag, **kw):
+        if world == 1:
+            _train(0, 1, str(tmp_path), engine, "elsa_l", tag, **kw)
+        else:
+            mp.spawn(_train, args=(2, str(tmp_path), engine, "elsa_l", tag, *kw.values()), nprocs=2, join=True)
+
+    launch("full", every=0, kill_at=0, rdv="a")
+    with pytest.raises(Exception, match="killed at step 5"):
+        launch("cut", every=2, kill_at=5, rdv="b")  # checkpoints after steps 2 and 4, dies in step 5
+    meta = json.loads((tmp_path / "runcut" / "checkpoint" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["world"] == world and meta["fingerprint"] == "fp-test"
+    launch("cut", every=2, kill_at=0, rdv="c")  # the same run again: resumes after step 4
+    full, cut = (torch.load(tmp_path / f"{engine}{world}{t}.pt") for t in ("full", "cut"))
+    assert not (tmp_path / "runcut" / "checkpoint").exists()  # removed once the training ended
+    for name in full["masks"]:
+        assert torch.equal(full["masks"][name], cut["masks"][name]), name
+    for key, w in full["state"].items():
+        assert torch.equal(cut["state"][key], w), key
+    assert cut["loss"] == full["loss"]  # the history came back with the checkpoint
