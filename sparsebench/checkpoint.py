@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,9 @@ class TrainingCheckpoint:
         if self.rank == 0 and (path / "meta.json").exists():
             (path / "meta.json").unlink()  # the old checkpoint is incomplete from now on
         _barrier()
-        dcp.save(self._tensors(params, optimizer, admm), checkpoint_id=str(path))
+        with warnings.catch_warnings():  # one process: DCP says it saves without a process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(self._tensors(params, optimizer, admm), checkpoint_id=str(path))
         _barrier()
         if self.rank == 0:
             meta = {"step": step + 1, "fingerprint": self.fingerprint, "world": self.world, "engine": self.engine,
@@ -151,7 +154,9 @@ class TrainingCheckpoint:
             return 0
         self._prime_optimizer(params, optimizer)
         tensors = self._tensors(params, optimizer, admm)
-        dcp.load(tensors, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, checkpoint_id=str(path))
         for i, p in enumerate(params.values()):
             step = meta["optimizer_steps"].get(str(i))
             if step is not None:

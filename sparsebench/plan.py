@@ -280,6 +280,12 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         plan.add("DDP gradient buckets", dev, trained * 4)
     if k.engine == "fsdp":
         plan.add("FSDP: two gathered blocks", dev, 2 * s.block_params * 4)
+        # the root group (embeddings, lm_head, final norm) stays gathered from forward to
+        # backward, and its gradient is whole until the reduce-scatter
+        plan.add("FSDP: root group gathered, its whole gradient", dev, 2 * s.embeddings * 4)
+        if k.device != "cpu":  # at the end rank 0 gathers the weights on the host into a plain model (on a
+            # CPU run this follows the training state's release, below its peak)
+            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", s.params * (4 + s.dtype_bytes))
     tokens = k.micro_batch * k.seqlen
     if k.checkpointing:
         plan.add("activations (checkpointed: block inputs)", dev, s.blocks * tokens * s.hidden * k.act_bytes)

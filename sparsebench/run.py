@@ -63,6 +63,7 @@ class Specs:
     world_size: int = 1  # ranks to plan for (dry runs)
     engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/shard.py)
     run_engine: str = "single"  # what runs: set by memory_plan (resolve_engine)
+    checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/checkpoint.py)
 
     @property
     def needs_calibration(self) -> bool:
@@ -132,6 +133,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         plan=build_dataclass(PlanSpec, c.get("plan") or {}, "plan"),
         world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
         engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),
+        checkpoint_every=check_value(c.get("checkpoint_every", 0), int, "checkpoint_every", ge=0),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -147,6 +149,9 @@ def build_specs(cfg: DictConfig) -> Specs:
     if owl is not None and specs.schedule.allocation != "owl":
         log.warning("schedule.owl is set but schedule.allocation=%s: the OWL options do nothing",
                     specs.schedule.allocation)
+    if specs.checkpoint_every and not pruner.distributed:
+        log.warning("checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) checkpoints",
+                    specs.checkpoint_every, pruner.name)
     if specs.save.dir and not specs.save.enabled:
         log.warning("save.dir is set but save.enabled=false: nothing will be saved")
     return specs
@@ -186,7 +191,7 @@ def run_worker(specs: Specs, workdir: Path | None = None, fingerprint: str | Non
     model, tok = load_model(specs.model, specs.seed)
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, engine=specs.run_engine,
-                       workdir=workdir, fingerprint=fingerprint)
+                       workdir=workdir, fingerprint=fingerprint, checkpoint_every=specs.checkpoint_every)
     specs.pruner.prune(ctx)
     return {"metrics": {}}
 
@@ -335,8 +340,22 @@ def dry_run(specs: Specs) -> dict[str, Any]:
     return {"plan": plan.as_dict(), "metrics": {}}
 
 
+def slurm_ranks() -> None:
+    """Under SLURM with several tasks (hydra/launcher=slurm, tasks_per_node > 1) and no torchrun:
+    set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's variables (submitit's helper)."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        raise SparsebenchError("several SLURM tasks but no torchrun: install hydra-submitit-launcher "
+                               "(make install-slurm) or launch with torchrun") from None
+    TorchDistributedEnvironment().export()
+
+
 def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
     out_dir = Path(out_dir)
+    slurm_ranks()
     config = _resolved(cfg)
     if cfg.get("dry_run", False):
         return dry_run(build_specs(cfg))
@@ -455,7 +474,8 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
                        block_targets=allocation.targets if allocation else None, engine=specs.run_engine,
-                       fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint)
+                       fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
+                       checkpoint_every=specs.checkpoint_every)
     results.update(engine=specs.run_engine, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     with timed(results, "prune"):
         masks = specs.pruner.prune(ctx)

@@ -51,11 +51,11 @@ def _train(rank: int, world: int, folder: str, engine: str, method: str, tag: st
 def _train_body(rank, world, folder, engine, method, tag, every):
     model, tok = load_model(tiny_spec("llama"), seed=0)
     cls = {"elsa": Elsa, "elsa_l": ElsaL}[method]
-    pruner = cls(steps=6, batch_size=4, interval=2, lam=0.5, lr=2e-3, log_every=1, checkpoint_every=every)
+    pruner = cls(steps=6, batch_size=4, interval=2, lam=0.5, lr=2e-3, log_every=1)
     ctx = PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), tokenizer=tok,
                        data=DataSpec(nsamples=4), seqlen=64, engine=engine,
                        fresh_model=lambda: load_model(tiny_spec("llama"), seed=0)[0],
-                       workdir=f"{folder}/run{tag}", fingerprint="fp-test")
+                       workdir=f"{folder}/run{tag}", fingerprint="fp-test", checkpoint_every=every)
     masks = pruner.prune(ctx)
     if rank == 0:
         torch.save({"state": ctx.model.state_dict(), "masks": masks, "loss": [h["loss"] for h in pruner.history],

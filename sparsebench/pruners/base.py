@@ -38,6 +38,7 @@ class PruneContext:
     # resumed only by a run with the same fingerprint (sparsebench/checkpoint.py).
     workdir: Any = None
     fingerprint: str | None = None
+    checkpoint_every: int = 0  # steps between training checkpoints; 0: none
 
     def block_sparsity(self, i: int) -> float:
         return self.sparsity if self.block_targets is None else self.block_targets[i]

@@ -81,7 +81,6 @@ class Elsa(Pruner):
     optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
     seed: int = 0
     log_every: int = option(8, ge=1)
-    checkpoint_every: int = option(0, ge=0)  # steps between training checkpoints (DCP, <run>/checkpoint); 0: none
     history: list[dict[str, float]] = field(default_factory=list, init=False, repr=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -160,9 +159,9 @@ class Elsa(Pruner):
         if dtype == torch.float16:
             log.warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or float32 to avoid the copy)", self.name)
             model.float()
+        if engine == "fsdp":  # every block, then the root: rows of every tensor split over the ranks;
+            shard_model(model, bf16=self.use_bf16(ctx.device))  # sharded before the move: no rank holds it all
         model.to(ctx.device)
-        if engine == "fsdp":  # every block, then the root: rows of every tensor split over the ranks
-            shard_model(model, bf16=self.use_bf16(ctx.device))
         linears = prunable_linears(model)
         admm_params, others = self._trainable(model, set(linears))
         groups = [{"params": admm_params, "lr": self.lr_pruned or self.lr}]
@@ -195,7 +194,7 @@ class Elsa(Pruner):
                     return net(input_ids=x, labels=x, use_cache=False).loss / self.grad_accum
             return loss
 
-        ckpt = TrainingCheckpoint(ctx.workdir and Path(ctx.workdir), self.checkpoint_every, ctx.fingerprint, engine)
+        ckpt = TrainingCheckpoint(ctx.workdir and Path(ctx.workdir), ctx.checkpoint_every, ctx.fingerprint, engine)
         trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
         first = ckpt.load(trained, opt, admm, trainer, sampler, self.history)  # 0 unless resuming this run
         bar = tqdm(range(first, self.steps), desc=self.name, unit="step", disable=rank != 0, initial=first,
@@ -223,6 +222,9 @@ class Elsa(Pruner):
                        "steps_run": trainer.steps_done}
         masks = admm.finalize()
         if engine == "fsdp":  # gather the trained weights into a plain model on rank 0 (a collective)
+            opt.state.clear()  # the training state goes first: the gather then fits under its peak
+            admm.z.clear()
+            admm.u.clear()
             state = full_state_dict(model)
             if rank == 0:
                 model = ctx.fresh_model()
