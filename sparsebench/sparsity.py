@@ -163,7 +163,7 @@ def project(score: torch.Tensor, sparsity: float, pattern: Pattern, group: str =
     if pattern.is_nm:
         return nm_keep(score, pattern.n, pattern.m)
     rows, cols = score.shape
-    keep = torch.ones_like(score, dtype=torch.bool)
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)  # contiguous whatever score is
     if sparsity == 0:
         return keep
     if group == "tensor":

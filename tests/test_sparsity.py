@@ -124,3 +124,14 @@ def test_cubic_ramp():
     assert Ramp().at(0, 100, 0.7) == 0.7
     with pytest.raises(SparsebenchError, match="ramp"):
         Ramp(kind="linear")
+
+
+def test_project_accepts_a_non_contiguous_score():
+    # a transposed view (weights set as `.data = x.T`, as some released code does) projects as its copy
+    import torch
+
+    from sparsebench.sparsity import Pattern, project
+
+    score = torch.rand(48, 64).T
+    for group in ("tensor", "row", "block:16+1"):
+        assert torch.equal(project(score, 0.7, Pattern(), group), project(score.contiguous(), 0.7, Pattern(), group))
