@@ -56,7 +56,8 @@ def _train(rank: int, world: int, folder: str) -> None:
                        data=DataSpec(nsamples=4), seqlen=64)
     masks = pruner.prune(ctx)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "masks": masks, "loss": [h["loss"] for h in pruner.history]},
+        torch.save({"state": model.state_dict(), "masks": masks, "loss": [h["loss"] for h in pruner.history],
+                    "dist": [h["dist"] for h in pruner.history]},
                    f"{folder}/world{world}.pt")
     if world > 1:
         dist.destroy_process_group()
@@ -67,6 +68,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     mp.spawn(_train, args=(2, str(tmp_path)), nprocs=2, join=True)
     one, two = (torch.load(tmp_path / f"world{w}.pt") for w in (1, 2))
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
+    assert one["dist"] == pytest.approx(two["dist"], rel=1e-4)  # ||w - z|| counted once under DDP
     for name in one["masks"]:
         assert torch.equal(one["masks"][name], two["masks"][name]), name
     for key in one["state"]:

@@ -59,6 +59,7 @@ def _train_body(rank, world, folder, engine, method, tag, every):
     masks = pruner.prune(ctx)
     if rank == 0:
         torch.save({"state": ctx.model.state_dict(), "masks": masks, "loss": [h["loss"] for h in pruner.history],
+                    "dist": [h["dist"] for h in pruner.history], "churn": [h["churn"] for h in pruner.history],
                     "bytes": pruner.report()["state_bytes"], "sharded": type(model).__name__},
                    f"{folder}/{engine}{world}{tag}.pt")
 
@@ -75,6 +76,7 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, method):
         rel = float((two["state"][key].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
         assert rel <= 1e-5, (key, rel)
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert one["dist"] == pytest.approx(two["dist"], rel=1e-4) and one["churn"] == two["churn"]  # summed over shards
     per_rank = sum(two["bytes"][k] for k in ("z", "u", "optimizer"))
     whole = sum(one["bytes"][k] for k in ("z", "u", "optimizer"))
     assert per_rank <= 0.55 * whole, (per_rank, whole)

@@ -155,6 +155,7 @@ class ADMM:
         self.residual = residual and z_format != "float32"  # a float32 z has no residual
         self.offset = offset
         self.targets = targets or {}  # per-tensor final targets (non-uniform allocation), else `sparsity`
+        self.sharded = any(row_sharded(p) for p in params.values())  # FSDP2: sums over ranks (DDP: every rank has all)
         self.updates = 0  # z/u updates done
         self.lam_at_update: float | None = None  # lam at the last z/u update (u's scale)
         self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
@@ -260,8 +261,10 @@ class ADMM:
             z = wu * keep
             self.z[name].set(z)
             self.u[name].set(self._u_slot(name, z, wu - z))  # u + w - z
-        dev = next(iter(self.z.values())).get().device
-        self.churn = sum_over_ranks(flipped, dev) / max(sum_over_ranks(total, dev), 1)
+        if self.sharded:
+            dev = next(iter(self.z.values())).get().device
+            flipped, total = sum_over_ranks(flipped, dev), sum_over_ranks(total, dev)
+        self.churn = flipped / max(total, 1)
         self.updates += 1
         return True
 
@@ -269,7 +272,9 @@ class ADMM:
     def distance(self) -> float:
         """||w - z|| over all ADMM tensors: how far the weights are from feasibility."""
         sq = sum(float((local(p.detach()).float() - self.z_value(n)).pow(2).sum()) for n, p in self.params.items())
-        return math.sqrt(sum_over_ranks(sq, next(iter(self.z.values())).get().device))
+        if self.sharded:
+            sq = sum_over_ranks(sq, next(iter(self.z.values())).get().device)
+        return math.sqrt(sq)
 
     @torch.no_grad()
     def finalize(self) -> dict[str, torch.Tensor]:
