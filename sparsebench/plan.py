@@ -283,9 +283,15 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         # the root group (embeddings, lm_head, final norm) stays gathered from forward to
         # backward, and its gradient is whole until the reduce-scatter
         plan.add("FSDP: root group gathered, its whole gradient", dev, 2 * s.embeddings * 4)
-        if k.device != "cpu":  # at the end rank 0 gathers the weights on the host into a plain model (on a
-            # CPU run this follows the training state's release, below its peak)
-            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", s.params * (4 + s.dtype_bytes))
+        # at the end rank 0 gathers the weights on the host into a plain model: on a GPU run
+        # that is host memory beside the device's; on the CPU it follows the release of the
+        # gradients, Adam's state, z and u, so only what exceeds them raises the peak
+        gather = s.params * (4 + s.dtype_bytes)
+        if k.device != "cpu":
+            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather)
+        else:
+            freed = (trained * 4 + adam + s.prunable * (k.z_bytes + k.u_bytes)) / shard
+            plan.add("FSDP: rank 0's final gather beyond the freed training state", dev, max(0.0, gather - freed))
     tokens = k.micro_batch * k.seqlen
     if k.checkpointing:
         plan.add("activations (checkpointed: block inputs)", dev, s.blocks * tokens * s.hidden * k.act_bytes)
