@@ -12,7 +12,7 @@ import os
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .allocation import allocate
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
+from .pruners.base import targets_by_linear
 from .plan import PlanSpec, build_plan, check_fits, fits, knobs_of, shapes_of
 from .shard import ENGINES
 from .recover import RECOVERIES, RecoverContext
@@ -181,8 +182,7 @@ def saved_targets(meta: dict[str, Any], model, linears) -> float | dict[str, flo
     """The targets an exported model's masks were verified against (per block under OWL)."""
     if not meta.get("block_targets"):
         return meta["sparsity"]
-    return PruneContext(model, meta["sparsity"], Pattern(), Schedule(), torch.device("cpu"),
-                        block_targets=list(meta["block_targets"])).targets(linears)
+    return targets_by_linear(model, list(meta["block_targets"]), linears)
 
 
 def run_worker(specs: Specs, workdir: Path | None = None, fingerprint: str | None = None) -> dict[str, Any]:
@@ -309,9 +309,7 @@ def memory_plan(specs: Specs, world: int):
 def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
     """single | ddp | fsdp for this run. auto: one process -> single; several -> DDP when
     its per-rank plan (every rank holds all the state) fits the visible memory, else FSDP2."""
-    engine, name = specs.engine, specs.pruner.name
-    if engine not in ENGINES:
-        raise SparsebenchError(f"unknown engine '{engine}'; valid: {', '.join(ENGINES)}")
+    engine, name = specs.engine, specs.pruner.name  # build_specs checked it against ENGINES
     if not specs.pruner.distributed:
         if engine in ("ddp", "fsdp"):
             raise SparsebenchError(f"engine={engine} shards a training run across processes; method '{name}' runs in "
@@ -325,8 +323,8 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
     if engine == "single":
         raise SparsebenchError(f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, fsdp")
     if engine == "auto":
-        specs.run_engine = "ddp"
-        ddp = build_plan(specs.model.name, shapes, knobs_of(specs, world)) if shapes is not None else None
+        ddp = build_plan(specs.model.name, shapes, knobs_of(replace(specs, run_engine="ddp"), world)) \
+            if shapes is not None else None
         engine = "ddp" if ddp is None or fits(ddp, specs.plan, specs.device) else "fsdp"
     return engine
 

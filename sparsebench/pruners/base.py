@@ -51,10 +51,15 @@ class PruneContext:
         """{full linear name: its target} for linears of the model's decoder blocks."""
         if self.block_targets is None:
             return {n: self.sparsity for n in names}
-        from ..models import find_blocks
+        return targets_by_linear(self.model, self.block_targets, names)
 
-        path, _ = find_blocks(self.model)
-        return {n: self.block_targets[int(n[len(path) + 1:].split(".", 1)[0])] for n in names}
+
+def targets_by_linear(model: nn.Module, block_targets: list[float], names) -> dict[str, float]:
+    """{full linear name: its block's target}; names are `<blocks path>.<i>.<linear>`."""
+    from ..models import find_blocks
+
+    path, _ = find_blocks(model)
+    return {n: block_targets[int(n[len(path) + 1:].split(".", 1)[0])] for n in names}
 
 
 class Pruner:
