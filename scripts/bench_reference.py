@@ -190,17 +190,25 @@ def main() -> None:
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     options = {k: yaml.safe_load(v) for k, v in (opt.split("=", 1) for opt in args.option)}
 
+    peaks = {}
+
     def prune(impl, method, sparsity, pattern):
         model.load_state_dict(dense)
         model.to("cpu")
         sync_cuda()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         if impl == "reference":
             reference_prune(model, calib, method, sparsity, pattern, device)
         else:
             METHODS.build(method, options).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib))
         sync_cuda()
-        return time.perf_counter() - start
+        took = time.perf_counter() - start
+        if device.type == "cuda":
+            peaks[impl] = max(peaks.get(impl, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+        return took
 
     # Timing order ABBA... (reference, sparsebench, sparsebench, reference, ...): a drift in
     # the machine's speed over the run (other load, memory, clocks) hits both sides alike.
@@ -231,7 +239,9 @@ def main() -> None:
             rows[impl] = {
                 "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
                 "options": options if impl == "sparsebench" else {},
-                "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
+                "wikitext2": None if math.isnan(ppl["wikitext2"]) else round(ppl["wikitext2"], 4),
+                "c4": None if math.isnan(ppl["c4"]) else round(ppl["c4"], 4),
+                "peak_gpu_gib": round(peaks[impl], 3) if impl in peaks else None,
                 "actual_sparsity": round(sum(int(m.sum()) for m in z.values()) / total, 6),
             }
         for impl in rows:
@@ -242,8 +252,8 @@ def main() -> None:
         same = sum(int((zeros["reference"][k] == zeros["sparsebench"][k]).sum()) for k in zeros["reference"])
         print(json.dumps({
             "compare": f"{method}:{pattern}" + ("" if pattern.is_nm else f":{sparsity}"),
-            "wikitext2_rel_diff": round(ours["wikitext2"] / ref["wikitext2"] - 1, 5),
-            "c4_rel_diff": round(ours["c4"] / ref["c4"] - 1, 5),
+            "wikitext2_rel_diff": round(ours["wikitext2"] / ref["wikitext2"] - 1, 5) if ref["wikitext2"] else None,
+            "c4_rel_diff": round(ours["c4"] / ref["c4"] - 1, 5) if ref["c4"] else None,
             "prune_time_ratio_sparsebench_over_reference": round(ours["prune_seconds_mean"] / ref["prune_seconds_mean"], 3),
             "mask_agreement": round(same / total, 6),
         }), flush=True)

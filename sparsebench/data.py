@@ -50,6 +50,7 @@ class DataSpec:
     seed: int = 0
     calib_docs: tuple[int, int] = option((1100, 2000), ge=0)  # local C4 documents that stand in for the train shard
     cache: bool = True
+    needs_files: bool = True  # False for a random-weight model (random ids): the root may be absent
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -59,7 +60,7 @@ class DataSpec:
         if not isinstance(self.nsamples, int) or self.nsamples < 1:
             raise SparsebenchError(f"data.nsamples must be a positive integer, got {self.nsamples!r}")
         self.calib_docs = tuple(self.calib_docs)
-        if self.source == "local":
+        if self.source == "local" and self.needs_files:
             self.root = str(resolve_root(self.root))
 
 

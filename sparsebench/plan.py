@@ -19,9 +19,10 @@ its dtype's bytes, for the stated micro-batch and seqlen; there are no fitted fa
       product; with checkpointing only each block's input plus one block's set) and the
       float32 logits with their log-softmax and gradient
   ranks  one-shot methods plan one process whatever world_size says; training under DDP
-      holds everything on every rank plus DDP's gradient buckets; FSDP2 (issue #18, not
-      implemented yet: planned numbers only) shards weights, gradients, moments, z and u
-      and gathers two blocks at a time
+      holds everything on every rank plus DDP's gradient buckets; FSDP2 (sparsebench/shard.py)
+      shards weights, gradients, moments, z and u and gathers two blocks at a time; with
+      `offload=true` those shards are host memory and the device keeps the gathered blocks,
+      the root group and the activations
 
 On the CPU the device is the host: every term adds to the host total. A real run compares
 the totals with the visible memory before loading and stops with one line naming the
@@ -136,6 +137,7 @@ class Knobs:
     micro_batch: int = 1
     world: int = 1
     engine: str = "single"  # single | ddp | fsdp
+    offload: bool = False  # fsdp: shards, gradients, moments, z and u on the host
     z_bytes: int = 0  # 0: no ADMM state
     u_bytes: int = 0
     adam8: bool = False
@@ -165,14 +167,14 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         k = self.knobs
-        return {"engine": k.engine, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
+        return {"engine": k.engine, "offload": k.offload, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
                 "micro_batch": k.micro_batch, "device": k.device,
                 "per_rank_gib": {"host": round(self.total("host"), 3), "device": round(self.total("device"), 3)},
                 "terms": [{"component": n, "where": w, "gib": round(g, 4), "bytes": round(g * GIB)} for n, w, g in self.terms]}
 
     def table(self) -> str:
         k = self.knobs
-        head = (f"memory plan: {self.model}, {k.method}, engine {k.engine}, {k.world} rank(s), seqlen {k.seqlen}, "
+        head = (f"memory plan: {self.model}, {k.method}, engine {k.engine}{' + CPU offload' if k.offload else ''}, {k.world} rank(s), seqlen {k.seqlen}, "
                 f"micro-batch {k.micro_batch}, device {k.device} (GiB per rank)")
         width = max(len(n) for n, _, _ in self.terms) if self.terms else 10
         lines = [head, f"  {'component':<{width}}  where    GiB"]
@@ -203,8 +205,11 @@ def knobs_of(specs, world: int) -> Knobs:
         return knobs
     # Elsa and Elsa-L: the engine the run resolved (run.resolve_engine), else DDP on several ranks
     engine = specs.run_engine if specs.run_engine in ("ddp", "fsdp") and world > 1 else ("ddp" if world > 1 else "single")
+    if specs.offload and specs.run_engine == "fsdp":  # offload is FSDP2's, on any number of ranks
+        engine = "fsdp"
     micro = p.batch_size // p.grad_accum // max(world, 1)
     return Knobs(kind="train", stats="none", micro_batch=max(micro, 1), world=world, engine=engine,
+                 offload=engine == "fsdp" and specs.offload,
                  z_bytes=FORMAT_BYTES[p.z_format], u_bytes=FORMAT_BYTES[p.u_format], adam8=p.optim_8bit,
                  trained="no_embeddings" if p.freeze_embeddings else ("all" if p.train_others else "linears"),
                  checkpointing=p.grad_checkpointing, act_bytes=2 if p.use_bf16(specs.device) else 4,
@@ -267,15 +272,16 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     shard = k.world if k.engine == "fsdp" else 1
     trained = {"all": s.params, "no_embeddings": s.params - s.embeddings, "linears": s.prunable,
                "none": k.extra_trained}[k.trained]
-    plan.add("weights (float32 master)", dev, s.params * 4 / shard)
-    plan.add("gradients", dev, trained * 4 / shard)
+    state = host if k.offload else dev  # FSDP2 CPU offload: the shards and what is built from them
+    plan.add("weights (float32 master)", state, s.params * 4 / shard)
+    plan.add("gradients", state, trained * 4 / shard)
     adam8 = {"all": s.adam8_all, "no_embeddings": s.adam8_all - s.adam8_embeddings, "linears": s.adam8_linears,
              "none": trained * (2 + 3 * 4 / ADAM8_BLOCK)}[k.trained]
     adam = adam8 if k.adam8 else trained * 8
-    plan.add("Adam moments" + (" (8-bit)" if k.adam8 else ""), dev, adam / shard)
+    plan.add("Adam moments" + (" (8-bit)" if k.adam8 else ""), state, adam / shard)
     if k.z_bytes:
-        plan.add("ADMM z", dev, s.prunable * k.z_bytes / shard)
-        plan.add("ADMM u", dev, s.prunable * k.u_bytes / shard)
+        plan.add("ADMM z", state, s.prunable * k.z_bytes / shard)
+        plan.add("ADMM u", state, s.prunable * k.u_bytes / shard)
     if k.engine == "ddp":
         plan.add("DDP gradient buckets", dev, trained * 4)
     if k.engine == "fsdp":
@@ -284,10 +290,10 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         # backward, and its gradient is whole until the reduce-scatter
         plan.add("FSDP: root group gathered, its whole gradient", dev, 2 * s.embeddings * 4)
         # at the end rank 0 gathers the weights on the host into a plain model: on a GPU run
-        # that is host memory beside the device's; on the CPU it follows the release of the
-        # gradients, Adam's state, z and u, so only what exceeds them raises the peak
+        # that is host memory beside the device's; on the CPU (or offloaded) it follows the
+        # release of the gradients, Adam's state, z and u, so only what exceeds them raises the peak
         gather = s.params * (4 + s.dtype_bytes)
-        if k.device != "cpu":
+        if k.device != "cpu" and not k.offload:
             plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather)
         else:
             freed = (trained * 4 + adam + s.prunable * (k.z_bytes + k.u_bytes)) / shard
@@ -349,9 +355,11 @@ def alternatives(model_name: str, s: Shapes, k: Knobs) -> list[tuple[str, Knobs]
             out.append(("method.bf16=true", replace(k, act_bytes=2)))
         if k.micro_batch > 1:
             out.append((f"method.grad_accum (micro-batch {k.micro_batch // 2})", replace(k, micro_batch=k.micro_batch // 2)))
+        if not k.offload and k.device == "cuda":
+            out.append(("offload=true (FSDP2 CPU offload)", replace(k, offload=True, engine="fsdp")))
         for w in (2, 4, 8, 16, 32, 64):
             if w > k.world:
-                out.append((f"{w} ranks with FSDP2 (issue #18)", replace(k, world=w, engine="fsdp")))
+                out.append((f"{w} ranks with FSDP2 (engine=fsdp)", replace(k, world=w, engine="fsdp")))
     else:
         for n in (k.nsamples // 2, k.nsamples // 4):
             if n >= 1:

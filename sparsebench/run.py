@@ -30,7 +30,7 @@ from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .pruners.base import targets_by_linear
 from .plan import PlanSpec, build_plan, check_fits, fits, knobs_of, shapes_of
-from .shard import ENGINES
+from .shard import ENGINES, backend
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
@@ -64,6 +64,7 @@ class Specs:
     world_size: int = 1  # ranks to plan for (dry runs)
     engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/shard.py)
     run_engine: str = "single"  # what runs: set by memory_plan (resolve_engine)
+    offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/shard.py)
     checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/checkpoint.py)
 
     @property
@@ -118,13 +119,15 @@ def build_specs(cfg: DictConfig) -> Specs:
         owl = build_dataclass(OWL, owl or {}, "schedule.owl")
     for key in ("resume", "dense_baseline", "dry_run"):
         check_value(c.get(key, False), bool, key)
+    model = build_dataclass(ModelSpec, c["model"], "model")
     specs = Specs(
-        model=build_dataclass(ModelSpec, c["model"], "model"),
+        model=model,
         pruner=pruner,
         sparsity=0.0 if pruner.name == "dense" else check_sparsity(c["sparsity"], pattern),
         pattern=Pattern() if pruner.name == "dense" else pattern,
         schedule=build_dataclass(Schedule, {**sched, "ramp": ramp, "owl": owl}, "schedule"),
-        data=build_dataclass(datamod.DataSpec, c["data"], "data"),
+        # a random-weight model reads random ids, no data file: it runs where no data root is
+        data=build_dataclass(datamod.DataSpec, {**c["data"], "needs_files": not model.random_weights}, "data"),
         eval=build_dataclass(EvalSpec, c["eval"], "eval"),
         device=resolve_device(str(c["device"]), planning=bool(c.get("dry_run", False))),
         seed=seed,
@@ -135,6 +138,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
         engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),
         checkpoint_every=check_value(c.get("checkpoint_every", 0), int, "checkpoint_every", ge=0),
+        offload=check_value(c.get("offload", False), bool, "offload"),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -191,7 +195,8 @@ def run_worker(specs: Specs, workdir: Path | None = None, fingerprint: str | Non
     model, tok = load_model(specs.model, specs.seed)
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, engine=specs.run_engine,
-                       workdir=workdir, fingerprint=fingerprint, checkpoint_every=specs.checkpoint_every)
+                       offload=specs.offload, workdir=workdir, fingerprint=fingerprint,
+                       checkpoint_every=specs.checkpoint_every)
     specs.pruner.prune(ctx)
     return {"metrics": {}}
 
@@ -212,12 +217,26 @@ def timed(results: Results, key: str):
     results.update(timings_s={key: round(time.perf_counter() - start, 3)})
 
 
+_OWN_GROUP: list[bool] = []  # a one-process group init_distributed made (offload): ended with its run
+
+
+def end_own_group() -> None:
+    import torch.distributed as dist
+
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
+
+
 def init_distributed(specs: Specs) -> int:
     """Under torchrun (WORLD_SIZE > 1): join the process group; returns this rank."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
+        if specs.run_engine == "fsdp" and not dist.is_initialized():  # offload on one process: a group of one
+            dist.init_process_group(backend(specs.device, specs.offload), store=dist.HashStore(), rank=0, world_size=1)
+            _OWN_GROUP.append(True)
         return 0
     if not specs.pruner.distributed:
         raise SparsebenchError(
@@ -225,7 +244,7 @@ def init_distributed(specs: Specs) -> int:
             f"(multi-process methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).distributed)})"
         )
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if specs.device.type == "cuda" else "gloo")
+        dist.init_process_group(backend(specs.device, specs.offload))
     if specs.device.type == "cuda":
         torch.cuda.set_device(specs.device)
     choice = [specs.run_engine]  # engine=auto read each rank's free memory: rank 0's choice holds for all
@@ -311,14 +330,20 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
     its per-rank plan (every rank holds all the state) fits the visible memory, else FSDP2."""
     engine, name = specs.engine, specs.pruner.name  # build_specs checked it against ENGINES
     if not specs.pruner.distributed:
-        if engine in ("ddp", "fsdp"):
-            raise SparsebenchError(f"engine={engine} shards a training run across processes; method '{name}' runs in "
-                                   f"one process (valid for it: auto, single)")
+        if engine in ("ddp", "fsdp") or specs.offload:
+            what = f"engine={engine}" if engine in ("ddp", "fsdp") else "offload=true"
+            raise SparsebenchError(f"{what} is for whole-model training (elsa, elsa_l); method '{name}' runs in one "
+                                   f"process (valid for it: engine=auto or single, offload=false)")
         return "single"
+    if specs.offload:  # CPU offload is FSDP2's: one process runs it as a group of one
+        if engine in ("single", "ddp"):
+            raise SparsebenchError(f"offload=true is FSDP2's CPU offload, but engine={engine}; use engine=fsdp or auto")
+        return "fsdp"
     if world == 1:
         if engine in ("ddp", "fsdp"):
             raise SparsebenchError(f"engine={engine} needs several processes: launch with torchrun --nproc_per_node=N "
-                                   f"(sparsebench dry_run=true world_size=N engine={engine} ... plans it)")
+                                   f"(sparsebench dry_run=true world_size=N engine={engine} ... plans it); "
+                                   f"on one GPU, FSDP2 runs with offload=true")
         return "single"
     if engine == "single":
         raise SparsebenchError(f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, fsdp")
@@ -442,6 +467,7 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         results.update(**fields, memory=peak_memory(specs.device))
         raise
     finally:
+        end_own_group()
         if logger is not None:
             logger.finish({**results.data["metrics"], "status": results.data["status"]}, exit_code)
         logging.getLogger().removeHandler(file_log)
@@ -472,9 +498,9 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
                        block_targets=allocation.targets if allocation else None, engine=specs.run_engine,
-                       fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
+                       offload=specs.offload, fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
                        checkpoint_every=specs.checkpoint_every)
-    results.update(engine=specs.run_engine, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    results.update(engine=specs.run_engine, world_size=int(os.environ.get("WORLD_SIZE", 1)), offload=specs.offload)
     with timed(results, "prune"):
         masks = specs.pruner.prune(ctx)
     model = ctx.model  # FSDP2 hands back an unsharded model (PruneContext.engine)

@@ -12,6 +12,13 @@ works on the local shards (`local`); what needs the whole tensor goes through he
 - sums for logging (distance, churn) are all-reduced (`sum_over_ranks`).
 Mixed precision: bf16 compute where the method uses bf16 (CUDA), fp32 master weights
 and fp32 gradient reduction.
+
+CPU offload (`offload=true`, FSDP2's CPUOffloadPolicy): the sharded fp32 weights, their
+gradients and so the optimizer state, z and u live in host memory; FSDP2 copies each
+block's weights to the GPU for its forward and backward and the optimizer step runs on
+the host. The process group then has a gloo backend beside NCCL (`backend`) for the
+collectives on host tensors (gradient clipping, FP8 scales, sums); `gather` and
+`rows_of` bring their results back to the device of the rank's shard.
 """
 from __future__ import annotations
 
@@ -36,15 +43,27 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def backend(device: torch.device, offload: bool) -> str:
+    """The process group's backend: NCCL for GPU tensors, and gloo beside it for the host
+    tensors an offloaded run reduces (torch's clip_grad_norm_ included)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if offload else "nccl"
+
+
 def gather(part: torch.Tensor, like) -> torch.Tensor:
-    """The whole tensor whose rows this rank holds as `part`, laid out as `like` (a DTensor)."""
-    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape,
-                              stride=like.stride()).full_tensor()
+    """The whole tensor whose rows this rank holds as `part`, laid out as `like` (a DTensor),
+    on part's device (an offloaded shard is on the host, the mesh's collectives on the GPU)."""
+    mesh = like.device_mesh
+    return DTensor.from_local(part.to(mesh.device_type), mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor().to(part.device)
 
 
 def rows_of(full: torch.Tensor, like) -> torch.Tensor:
-    """This rank's rows of a tensor every rank holds whole (no communication)."""
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    """This rank's rows of a tensor every rank holds whole (no communication), on the device
+    of this rank's shard of `like`."""
+    rows = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return rows.to(like.to_local().device)
 
 
 def row_sharded(p) -> bool:
@@ -59,17 +78,19 @@ def sum_over_ranks(value: float, device: torch.device) -> float:
     return float(t)
 
 
-def shard_model(model: nn.Module, bf16: bool) -> None:
-    """fully_shard every decoder block, then the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard_model(model: nn.Module, bf16: bool, offload: bool = False) -> None:
+    """fully_shard every decoder block, then the root (embeddings, final norm, lm_head);
+    with `offload` the shards stay in (pinned, on a GPU machine) host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from .models import find_blocks
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    where = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     _, blocks = find_blocks(model)
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, offload_policy=where)
+    fully_shard(model, mp_policy=policy, offload_policy=where)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

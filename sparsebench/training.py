@@ -27,6 +27,11 @@ import torch
 from .errors import SparsebenchError
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Hook(Protocol):
     def before_update(self, step: int) -> None: ...
     def after_update(self, step: int) -> None: ...
@@ -54,14 +59,15 @@ class Budget:
     calib_tokens: int = 0
     train_tokens: int = 0
     optimizer_steps: int = 0
+    train_s: float = 0.0  # seconds inside optimizer steps (forward, backward, update): train_tokens / train_s is tokens/s
 
     def add(self, other: "Budget") -> "Budget":
         return Budget(self.calib_tokens + other.calib_tokens, self.train_tokens + other.train_tokens,
-                      self.optimizer_steps + other.optimizer_steps)
+                      self.optimizer_steps + other.optimizer_steps, self.train_s + other.train_s)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return {"calib_tokens": self.calib_tokens, "train_tokens": self.train_tokens,
-                "optimizer_steps": self.optimizer_steps}
+                "optimizer_steps": self.optimizer_steps, "train_s": round(self.train_s, 3)}
 
 
 class MaskHook:
@@ -146,6 +152,7 @@ class Trainer:
 
     def step(self, closures: list[Callable[[], torch.Tensor]], tokens: int) -> float:
         """One optimizer step over the micro-batch closures; returns the (reduced) loss."""
+        _sync()
         start = time.perf_counter()
         step = self.steps_done
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -166,6 +173,7 @@ class Trainer:
             hook.after_update(step)
         self.steps_done += 1
         self.tokens += tokens
+        _sync()  # CUDA runs asynchronously: a step ends when its kernels have
         self.wall_s += time.perf_counter() - start
         return loss
 
@@ -174,4 +182,4 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def budget(self) -> Budget:
-        return Budget(train_tokens=self.tokens, optimizer_steps=self.steps_done)
+        return Budget(train_tokens=self.tokens, optimizer_steps=self.steps_done, train_s=self.wall_s)

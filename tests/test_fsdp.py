@@ -28,10 +28,12 @@ class Killed(Exception):
 
 
 def _train(rank: int, world: int, folder: str, engine: str, method: str, tag: str = "", every: int = 0,
-           kill_at: int = 0, rdv: str = "rendezvous") -> None:
+           kill_at: int = 0, rdv: str = "rendezvous", offload: bool = False) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{folder}/{rdv}", rank=rank, world_size=world)
+    elif engine == "fsdp":  # FSDP2 in one process (offload on one GPU): a group of one, as run.py makes it
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     real = Trainer.step
     if kill_at:  # the job dies inside step `kill_at` (after the checkpoints before it)
         def step(self, closures, tokens):
@@ -41,19 +43,19 @@ def _train(rank: int, world: int, folder: str, engine: str, method: str, tag: st
 
         Trainer.step = step
     try:
-        _train_body(rank, world, folder, engine, method, tag, every)
+        _train_body(rank, world, folder, engine, method, tag, every, offload)
     finally:
         Trainer.step = real
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _train_body(rank, world, folder, engine, method, tag, every):
+def _train_body(rank, world, folder, engine, method, tag, every, offload=False):
     model, tok = load_model(tiny_spec("llama"), seed=0)
     cls = {"elsa": Elsa, "elsa_l": ElsaL}[method]
     pruner = cls(steps=6, batch_size=4, interval=2, lam=0.5, lr=2e-3, log_every=1)
     ctx = PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), tokenizer=tok,
-                       data=DataSpec(nsamples=4), seqlen=64, engine=engine,
+                       data=DataSpec(nsamples=4), seqlen=64, engine=engine, offload=offload,
                        fresh_model=lambda: load_model(tiny_spec("llama"), seed=0)[0],
                        workdir=f"{folder}/run{tag}", fingerprint="fp-test", checkpoint_every=every)
     masks = pruner.prune(ctx)
@@ -82,6 +84,35 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, method):
     assert per_rank <= 0.55 * whole, (per_rank, whole)
 
 
+def test_cpu_offload_one_process_and_two_ranks_match_one_process(tmp_path):
+    """offload=true (FSDP2's CPUOffloadPolicy): on the CPU the host is the device, so this checks
+    the offloaded code path (a group of one, no model.to, the policy on every group) keeps
+    Elsa-L's masks and weights; the GPU's host/device split was not run here."""
+    _train(0, 1, str(tmp_path), "single", "elsa_l")
+    _train(0, 1, str(tmp_path), "fsdp", "elsa_l", "off", offload=True)
+    mp.spawn(_train, args=(2, str(tmp_path), "fsdp", "elsa_l", "off", 0, 0, "rdv-off", True), nprocs=2, join=True)
+    one = torch.load(tmp_path / "single1.pt")
+    for run in ("fsdp1off", "fsdp2off"):
+        other = torch.load(tmp_path / f"{run}.pt")
+        assert other["sharded"].startswith("FSDP"), run
+        for name in one["masks"]:
+            assert torch.equal(one["masks"][name], other["masks"][name]), (run, name)
+        for key, w in one["state"].items():
+            rel = float((other["state"][key].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
+            assert rel <= 1e-5, (run, key, rel)
+
+
+def test_offload_from_the_cli_runs_in_one_process(tmp_path):
+    from sparsebench.run import run
+
+    res = run(compose(["model=tiny-llama", "logger=disabled", "method=elsa_l", "offload=true", "method.steps=2",
+                       "method.batch_size=2", "method.interval=1"]), tmp_path)
+    assert res["status"] == "complete" and res["engine"] == "fsdp" and res["offload"] is True
+    assert res["plan"]["offload"] is True and res["plan"]["engine"] == "fsdp"
+    assert res["sparsity"]["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert not dist.is_initialized()  # the group of one ended with its run
+
+
 def test_engine_choice_and_its_errors(monkeypatch):
     specs = build_specs(compose(["model=tiny-llama", "method=elsa", "engine=fsdp"]))
     with pytest.raises(SparsebenchError, match="engine=fsdp needs several processes: launch with torchrun"):
@@ -94,6 +125,14 @@ def test_engine_choice_and_its_errors(monkeypatch):
     specs = build_specs(compose(["model=tiny-llama", "method=elsa", "plan.host_limit_gib=0.002"]))
     plan, _ = memory_plan(specs, 2)  # DDP's per-rank plan does not fit 2 MiB: auto picks FSDP2
     assert specs.run_engine == "fsdp" and plan.knobs.engine == "fsdp"
+    specs = build_specs(compose(["model=tiny-llama", "method=elsa_l", "offload=true"]))
+    assert resolve_engine(specs, 1) == "fsdp" and resolve_engine(specs, 2) == "fsdp"  # offload is FSDP2's
+    specs = build_specs(compose(["model=tiny-llama", "method=elsa_l", "offload=true", "engine=ddp"]))
+    with pytest.raises(SparsebenchError, match="offload=true is FSDP2's CPU offload, but engine=ddp"):
+        memory_plan(specs, 2)
+    specs = build_specs(compose(["model=tiny-llama", "method=sparsegpt", "offload=true"]))
+    with pytest.raises(SparsebenchError, match="offload=true is for whole-model training"):
+        memory_plan(specs, 1)
     with pytest.raises(SparsebenchError, match="unknown engine|engine.*valid"):
         build_specs(compose(["model=tiny-llama", "method=elsa", "engine=zero3"]))
 

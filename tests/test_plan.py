@@ -88,6 +88,27 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not (out / "results.json").exists()
 
 
+def test_offload_moves_the_training_state_to_the_host_and_is_advised():
+    import torch
+
+    from sparsebench.plan import PlanSpec, check_fits
+
+    base = ["model=llama2-7b", "model.source=random", "method=elsa_l", "device=cuda", "dry_run=true",
+            "model.seqlen=2048", "method.batch_size=1", "method.grad_checkpointing=true"]
+    one, shapes = memory_plan(build_specs(compose(base)), 1)
+    off, _ = memory_plan(build_specs(compose(base + ["offload=true"])), 1)
+    assert (off.knobs.engine, off.knobs.offload, one.knobs.offload) == ("fsdp", True, False)
+    state = {"weights (float32 master)", "gradients", "Adam moments (8-bit)", "ADMM z", "ADMM u"}
+    where = {name: w for name, w, _ in off.terms}
+    assert all(where[name] == "host" for name in state) and where["activations (one block recomputed)"] == "device"
+    on_host = sum(g for name, _, g in off.terms if name in state)
+    assert on_host == pytest.approx(sum(g for name, _, g in one.terms if name in state))  # moved, not changed
+    assert off.total("device") < 8 < 74.5 < one.total("device")  # 7B Elsa-L: ~83 GiB on one GPU, ~6 offloaded
+    # one 80 GB GPU (74.5 GiB) and a 120 GiB host: the refusal names offload
+    with pytest.raises(SparsebenchError, match=r"options that fit: .*offload=true \(FSDP2 CPU offload\)"):
+        check_fits(one, shapes, PlanSpec(device_limit_gib=74.5, host_limit_gib=120), torch.device("cuda"))
+
+
 def test_one_shot_plans_one_process(capsys):
     specs = build_specs(compose(["model=llama2-13b", "model.source=random", "method=sparsegpt", "world_size=8",
                                  "dry_run=true"]))

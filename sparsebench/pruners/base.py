@@ -33,6 +33,7 @@ class PruneContext:
     # method then loads `fresh_model()` on rank 0, fills it with the trained weights and sets
     # ctx.model to it (the pipeline reads it back).
     engine: str = "auto"
+    offload: bool = False  # fsdp: the shards, gradients and optimizer state in host memory (shard.py)
     fresh_model: Callable[[], Any] | None = None
     # The run folder and fingerprint: training checkpoints go to <workdir>/checkpoint and are
     # resumed only by a run with the same fingerprint (sparsebench/checkpoint.py).

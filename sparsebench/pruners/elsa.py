@@ -17,7 +17,8 @@ Elsa-L (`elsa_l`) is the same loop with z stored in FP8 e4m3 (per-tensor scale),
 in bfloat16 and, by default, Adam's moments in 8 bits.
 
 Multi-process: under torchrun (torch.distributed initialised) the model is wrapped in
-DDP; every rank draws the same global batch and trains on its slice, so the data seen
+DDP or sharded with FSDP2 (`engine=`, sparsebench/shard.py; `offload=true` keeps the
+shards, gradients and optimizer state on the host, also on one GPU); every rank draws the same global batch and trains on its slice, so the data seen
 does not depend on the number of ranks, and the deterministic projection gives every
 rank the same z.
 """
@@ -160,8 +161,9 @@ class Elsa(Pruner):
             log.warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or float32 to avoid the copy)", self.name)
             model.float()
         if engine == "fsdp":  # every block, then the root: rows of every tensor split over the ranks;
-            shard_model(model, bf16=self.use_bf16(ctx.device))  # sharded before the move: no rank holds it all
-        model.to(ctx.device)
+            shard_model(model, bf16=self.use_bf16(ctx.device), offload=ctx.offload)  # sharded before the move
+        if not (engine == "fsdp" and ctx.offload):  # offloaded shards stay on the host (FSDP2 moved the buffers)
+            model.to(ctx.device)
         linears = prunable_linears(model)
         admm_params, others = self._trainable(model, set(linears))
         groups = [{"params": admm_params, "lr": self.lr_pruned or self.lr}]

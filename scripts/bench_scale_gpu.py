@@ -1,0 +1,140 @@
+"""The GPU scale points of issues #17 and #18, as one script for one lent GPU (~10 minutes).
+
+Random full-size architectures (model.source=random: no download, no data files, random
+token ids), so nothing here is a quality number. Each part prints JSON lines: what ran,
+the plan's prediction and the measurement side by side.
+
+    python scripts/bench_scale_gpu.py            # every part, in this order
+    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio)
+    python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no numbers)
+
+  oneshot     #17: SparseGPT and Wanda at 0.5 on Llama-2-7B-shaped blocks (the first
+              `--blocks` of 32, 128 x 2048 calibration windows), sparsebench against the
+              papers' per-layer loop (scripts/bench_reference.py) on the same GPU: prune time
+              ratio (targets: <= 0.8x SparseGPT, <= 0.5x Wanda), peak GPU memory, mask agreement.
+  elsa_l_7b   #18: Elsa-L on the whole random Llama-2-7B, seqlen 2048, one window per step,
+              activation checkpointing, `--steps` steps (z/u every 5), with the GPU capped at
+              80 GB (torch.cuda.set_per_process_memory_fraction) and offload=true (the plan
+              for one GPU without it is ~83 GiB); peak GPU / host memory and tokens/s beside
+              the plan.
+  step_ratio  #18: Elsa's optimizer step against a plain masked fine-tuning step
+              (recover=finetune after magnitude) on the same model (Llama-2-7B-shaped, 8
+              blocks) and engine (one GPU), 32 steps each, seqlen 2048, one window, bf16
+              autocast; target <= 1.05x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CAP_BYTES = 80e9  # the bar's "80 GB of one GPU"
+
+RANDOM_7B = ["model=llama2-7b", "model.source=random", "model.seqlen=2048", "device=cuda", "logger=disabled"]
+SMOKE = ["model=tiny-llama", "model.source=random", "model.seqlen=64", "device=cpu", "logger=disabled"]
+
+
+def base(args) -> list[str]:
+    return SMOKE if args.smoke else RANDOM_7B
+
+CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+from hydra import compose, initialize_config_dir
+from sparsebench import run as runmod
+
+cap = float(sys.argv[3])
+if cap and torch.cuda.is_available():
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose("config", overrides=sys.argv[4:])
+res = runmod.run(cfg, Path(sys.argv[2]))
+print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "error", "engine", "offload", "plan", "budget",
+                                                      "memory", "timings_s", "method_report")}, default=str))
+"""
+
+
+def sparsebench_run(overrides: list[str], cap: float = 0.0, timeout: int = 900) -> dict:
+    """One sparsebench run in a fresh process (its own CUDA context and peak counters)."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO / "conf"), str(Path(out) / "run"), str(cap),
+                               *overrides], capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"status": "failed", "returncode": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def oneshot(args) -> None:
+    model, seqlen, nsamples, device = ("tiny-llama", 64, 4, "cpu") if args.smoke else ("llama2-7b", 2048, 128, "cuda")
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_reference.py"), "sparsegpt:0.5", "wanda:0.5",
+           "--random", model, "--blocks", str(args.blocks), "--seqlen", str(seqlen), "--nsamples", str(nsamples),
+           "--device", device, "--repeats", "1", "--warmup", "1"]
+    print(json.dumps({"part": "oneshot", "command": " ".join(cmd[1:])}), flush=True)
+    subprocess.run(cmd, check=False)
+
+
+def elsa_l_7b(args) -> None:
+    overrides = base(args) + ["method=elsa_l", f"method.steps={args.steps}", "method.batch_size=1",
+                             "method.interval=5", "method.grad_checkpointing=true", "offload=true",
+                             f"plan.device_limit_gib={CAP_BYTES / 2**30:.2f}"]
+    res = sparsebench_run(overrides, cap=CAP_BYTES, timeout=args.timeout)
+    print(json.dumps({"part": "elsa_l_7b", "overrides": overrides, **summary(res, "prune")}), flush=True)
+
+
+def step_ratio(args) -> None:
+    small = base(args) + ["model.arch.num_hidden_layers=8" if not args.smoke else "sparsity=0.5", "sparsity=0.5"]
+    rows = {}
+    for name, extra, stage in (
+        ("elsa", ["method=elsa", "method.steps=32", "method.batch_size=1"], "prune"),
+        ("finetune", ["method=magnitude", "recover=finetune", "recover.steps=32", "recover.batch_size=1"], "recover"),
+    ):
+        rows[name] = summary(sparsebench_run(small + extra, timeout=args.timeout), stage)
+        print(json.dumps({"part": "step_ratio", "run": name, **rows[name]}), flush=True)
+    e, f = rows["elsa"].get("s_per_step"), rows["finetune"].get("s_per_step")
+    if e and f:
+        print(json.dumps({"part": "step_ratio", "elsa_over_finetune": round(e / f, 3), "target": 1.05}), flush=True)
+
+
+def summary(res: dict, stage: str) -> dict:
+    if res.get("status") != "complete":
+        return {"status": res.get("status"), "error": res.get("error") or res.get("stderr_tail")}
+    b = (res.get("budget") or {}).get(stage, {})
+    plan = res.get("plan") or {}
+    steps, train_s = b.get("optimizer_steps") or 0, b.get("train_s") or 0
+    return {"status": "complete", "engine": res.get("engine"), "offload": res.get("offload"),
+            "plan_gib": plan.get("per_rank_gib"), "measured": res.get("memory"), "stage_peak_gib": b.get("peak_mem_gib"),
+            "steps": steps, "train_s": train_s, "s_per_step": round(train_s / steps, 4) if steps else None,
+            "tokens_per_s": round(b.get("train_tokens", 0) / train_s, 1) if train_s else None}
+
+
+PARTS = {"oneshot": oneshot, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parts", nargs="*", default=list(PARTS), help=f"any of {', '.join(PARTS)} (default: all)")
+    ap.add_argument("--blocks", type=int, default=4, help="oneshot: Llama-2-7B blocks to prune (of 32)")
+    ap.add_argument("--steps", type=int, default=10, help="elsa_l_7b: optimizer steps")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per sparsebench run")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU: checks the script, no numbers")
+    args = ap.parse_args()
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        sys.exit(f"bench_scale_gpu: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("bench_scale_gpu: no CUDA GPU is visible; this script measures GPU scale points only")
+    for part in args.parts:
+        PARTS[part](args)
+
+
+if __name__ == "__main__":
+    main()
