@@ -24,6 +24,16 @@ its dtype's bytes, for the stated micro-batch and seqlen; there are no fitted fa
       `offload=true` those shards are host memory and the device keeps the gathered blocks,
       the root group and the activations
 
+Phases: the terms of a whole-model training run do not all live at once. A term is held
+`always` (weights, Adam's moments, z, u, DDP's buckets) or in one phase of a step:
+`backward` (its start: the saved activations, the logits and their gradient, FSDP2's
+gathered blocks and root group), `update` (the backward's end and the optimizer step: every
+gradient, a projection's temporaries, FSDP2's whole root gradient, foreach Adam's
+temporaries) or `end` (after training: the masks, rank 0's gather of FSDP2 shards). Each
+total is the `always` terms plus the largest phase, per location. Through the backward,
+gradients appear as activations are freed, so its middle holds no more than the larger
+end. One-shot methods and SAFE hold every term at once (`always`).
+
 On the CPU the device is the host: every term adds to the host total. A real run compares
 the totals with the visible memory before loading and stops with one line naming the
 options that would fit (`plan.enforce=false` runs anyway).
@@ -40,6 +50,7 @@ from .errors import SparsebenchError
 from .registry import option
 
 GIB = 2**30
+PHASES = ("always", "backward", "update", "end")  # see "Phases" above
 ADAM8_BLOCK = 2048  # pruners/adam8bit.py: one float32 scale (two for v) per block of 2048
 FORMAT_BYTES = {"float32": 4, "bfloat16": 2, "fp8": 1}
 
@@ -153,36 +164,42 @@ class Knobs:
 class Plan:
     model: str
     knobs: Knobs
-    terms: list[tuple[str, str, float]] = field(default_factory=list)  # (component, where, GiB)
+    terms: list[tuple[str, str, float, str]] = field(default_factory=list)  # (component, where, GiB, phase)
 
-    def add(self, name: str, where: str, nbytes: float) -> None:
+    def add(self, name: str, where: str, nbytes: float, phase: str = "always") -> None:
+        assert phase in PHASES, phase
         if nbytes > 0:
-            self.terms.append((name, where, nbytes / GIB))
+            self.terms.append((name, where, nbytes / GIB, phase))
 
     def total(self, where: str) -> float:
-        """GiB on the host or on the device; on the CPU every term is on the host."""
-        if self.knobs.device == "cpu":
-            return sum(g for _, _, g in self.terms) if where == "host" else 0.0
-        return sum(g for _, w, g in self.terms if w == where)
+        """Peak GiB on the host or on the device: the `always` terms plus the largest phase
+        there; on the CPU every term is on the host."""
+        if self.knobs.device == "cpu" and where == "device":
+            return 0.0
+        here = [(g, ph) for _, w, g, ph in self.terms if self.knobs.device == "cpu" or w == where]
+        phases = [sum(g for g, ph in here if ph == p) for p in PHASES[1:]]
+        return sum(g for g, ph in here if ph == "always") + max(phases)
 
     def as_dict(self) -> dict[str, Any]:
         k = self.knobs
         return {"engine": k.engine, "offload": k.offload, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
                 "micro_batch": k.micro_batch, "device": k.device,
                 "per_rank_gib": {"host": round(self.total("host"), 3), "device": round(self.total("device"), 3)},
-                "terms": [{"component": n, "where": w, "gib": round(g, 4), "bytes": round(g * GIB)} for n, w, g in self.terms]}
+                "terms": [{"component": n, "where": w, "gib": round(g, 4), "bytes": round(g * GIB), "phase": ph}
+                          for n, w, g, ph in self.terms]}
 
     def table(self) -> str:
         k = self.knobs
         head = (f"memory plan: {self.model}, {k.method}, engine {k.engine}{' + CPU offload' if k.offload else ''}, {k.world} rank(s), seqlen {k.seqlen}, "
                 f"micro-batch {k.micro_batch}, device {k.device} (GiB per rank)")
-        width = max(len(n) for n, _, _ in self.terms) if self.terms else 10
-        lines = [head, f"  {'component':<{width}}  where    GiB"]
-        for name, where, gib in self.terms:
-            lines.append(f"  {name:<{width}}  {where if k.device != 'cpu' else 'host':<7} {gib:8.3f}")
-        lines.append(f"  {'total host':<{width}}  {'':<7} {self.total('host'):8.3f}")
+        width = max(len(n) for n, *_ in self.terms) if self.terms else 10
+        lines = [head, f"  {'component':<{width}}  where    GiB       held"]
+        for name, where, gib, phase in self.terms:
+            lines.append(f"  {name:<{width}}  {where if k.device != 'cpu' else 'host':<7} {gib:8.3f}  {phase}")
+        peak = "  (always + the largest phase)" if any(ph != "always" for *_, ph in self.terms) else ""
+        lines.append(f"  {'total host':<{width}}  {'':<7} {self.total('host'):8.3f}{peak}")
         if k.device != "cpu":
-            lines.append(f"  {'total device':<{width}}  {'':<7} {self.total('device'):8.3f}")
+            lines.append(f"  {'total device':<{width}}  {'':<7} {self.total('device'):8.3f}{peak}")
         return "\n".join(lines)
 
 
@@ -231,11 +248,13 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     b = s.dtype_bytes
     host, dev = "host", "device"
     rows, cols = s.largest_linear
+    admm = k.kind == "train" and k.z_bytes > 0  # Elsa: masks only from the final projection on
     if k.method != "dense":
-        plan.add("masks (bool, on the host until the run ends)", host, s.prunable)
+        plan.add("masks (bool, on the host until the run ends)", host, s.prunable, "end" if admm else "always")
         # a projection ranks one tensor at a time: its score (float32) and a sort's values
         # (float32) and indices (int64)
-        plan.add("projection of one linear: score, sorted values, indices", dev, rows * cols * (4 + 4 + 8))
+        plan.add("projection of one linear: score, sorted values, indices", dev, rows * cols * (4 + 4 + 8),
+                 "update" if k.kind == "train" else "always")
     if k.kind in ("oneshot", "safe"):
         plan.add("weights (model dtype)", host, s.params * b)
         plan.add("one block on the device", dev, s.block_params * b if k.device != "cpu" else 0)
@@ -274,7 +293,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
                "none": k.extra_trained}[k.trained]
     state = host if k.offload else dev  # FSDP2 CPU offload: the shards and what is built from them
     plan.add("weights (float32 master)", state, s.params * 4 / shard)
-    plan.add("gradients", state, trained * 4 / shard)
+    plan.add("gradients", state, trained * 4 / shard, "update")
     adam8 = {"all": s.adam8_all, "no_embeddings": s.adam8_all - s.adam8_embeddings, "linears": s.adam8_linears,
              "none": trained * (2 + 3 * 4 / ADAM8_BLOCK)}[k.trained]
     adam = adam8 if k.adam8 else trained * 8
@@ -282,31 +301,37 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     if k.z_bytes:
         plan.add("ADMM z", state, s.prunable * k.z_bytes / shard)
         plan.add("ADMM u", state, s.prunable * k.u_bytes / shard)
+    if k.device == "cuda" and not k.adam8 and not k.offload:  # torch's foreach Adam: sqrt(v) of every tensor
+        plan.add("Adam step temporaries (foreach)", dev, trained * 4 / shard, "update")
+    if not admm and k.device == "cuda" and k.method != "dense":
+        plan.add("masks on the device (re-masking)", dev, s.prunable)
     if k.engine == "ddp":
         plan.add("DDP gradient buckets", dev, trained * 4)
     if k.engine == "fsdp":
-        plan.add("FSDP: two gathered blocks", dev, 2 * s.block_params * 4)
+        gathered = k.act_bytes  # FSDP2 gathers in the compute dtype (bf16 under its MixedPrecisionPolicy)
+        plan.add("FSDP: two gathered blocks", dev, 2 * s.block_params * gathered, "backward")
         # the root group (embeddings, lm_head, final norm) stays gathered from forward to
-        # backward, and its gradient is whole until the reduce-scatter
-        plan.add("FSDP: root group gathered, its whole gradient", dev, 2 * s.embeddings * 4)
+        # the backward's end, where its gradient is whole (float32) until the reduce-scatter
+        plan.add("FSDP: root group gathered", dev, s.embeddings * gathered, "backward")
+        plan.add("FSDP: root group gathered, its whole gradient", dev, s.embeddings * (gathered + 4), "update")
         # at the end rank 0 gathers the weights on the host into a plain model: on a GPU run
         # that is host memory beside the device's; on the CPU (or offloaded) it follows the
         # release of the gradients, Adam's state, z and u, so only what exceeds them raises the peak
         gather = s.params * (4 + s.dtype_bytes)
         if k.device != "cpu" and not k.offload:
-            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather)
-        else:
+            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather, "end")
+        else:  # the gradients, Adam's state, z and u are freed first (pruners/elsa.py)
             freed = (trained * 4 + adam + s.prunable * (k.z_bytes + k.u_bytes)) / shard
-            plan.add("FSDP: rank 0's final gather beyond the freed training state", dev, max(0.0, gather - freed))
+            plan.add("FSDP: rank 0's final gather beyond the freed training state", host, max(0.0, gather - freed), "end")
     tokens = k.micro_batch * k.seqlen
     if k.checkpointing:
-        plan.add("activations (checkpointed: block inputs)", dev, s.blocks * tokens * s.hidden * k.act_bytes)
-        plan.add("activations (one block recomputed)", dev, tokens * s.act_per_token * k.act_bytes)
+        plan.add("activations (checkpointed: block inputs)", dev, s.blocks * tokens * s.hidden * k.act_bytes, "backward")
+        plan.add("activations (one block recomputed)", dev, tokens * s.act_per_token * k.act_bytes, "backward")
     else:
-        plan.add("activations saved for the backward", dev, s.blocks * tokens * s.act_per_token * k.act_bytes)
-    plan.add("logits, log-softmax, their gradient (float32)", dev, 3 * tokens * s.vocab * 4)
+        plan.add("activations saved for the backward", dev, s.blocks * tokens * s.act_per_token * k.act_bytes, "backward")
+    plan.add("logits, log-softmax, their gradient (float32)", dev, 3 * tokens * s.vocab * 4, "backward")
     if k.merged_copy:
-        plan.add("MaskLoRA: merged weights kept for the backward", dev, s.prunable * 4)
+        plan.add("MaskLoRA: merged weights kept for the backward", dev, s.prunable * 4, "backward")
     return plan
 
 

@@ -74,7 +74,9 @@ class MaskHook:
     """Re-mask after every optimizer step: pruned weights stay exactly zero."""
 
     def __init__(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]):
-        self.pairs = [(p, m.to(p.device, p.dtype)) for p, m in pairs]
+        # bool on the weight's device: 1 byte per weight (the product with a bool is the same
+        # as with 0/1 in the weight's dtype)
+        self.pairs = [(p, m.to(p.device, torch.bool)) for p, m in pairs]
 
     def before_update(self, step: int) -> None:
         pass

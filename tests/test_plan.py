@@ -20,7 +20,7 @@ METHODS = [["method=magnitude"], ["method=wanda"], ["method=sparsegpt"], ["metho
 
 
 def _terms(plan) -> dict[str, float]:
-    return {name: gib * 2**30 for name, _, gib in plan.terms}
+    return {name: gib * 2**30 for name, _, gib, _ in plan.terms}
 
 
 def test_shapes_match_the_allocated_model():
@@ -99,10 +99,10 @@ def test_offload_moves_the_training_state_to_the_host_and_is_advised():
     off, _ = memory_plan(build_specs(compose(base + ["offload=true"])), 1)
     assert (off.knobs.engine, off.knobs.offload, one.knobs.offload) == ("fsdp", True, False)
     state = {"weights (float32 master)", "gradients", "Adam moments (8-bit)", "ADMM z", "ADMM u"}
-    where = {name: w for name, w, _ in off.terms}
+    where = {name: w for name, w, _, _ in off.terms}
     assert all(where[name] == "host" for name in state) and where["activations (one block recomputed)"] == "device"
-    on_host = sum(g for name, _, g in off.terms if name in state)
-    assert on_host == pytest.approx(sum(g for name, _, g in one.terms if name in state))  # moved, not changed
+    on_host = sum(g for name, _, g, _ in off.terms if name in state)
+    assert on_host == pytest.approx(sum(g for name, _, g, _ in one.terms if name in state))  # moved, not changed
     assert off.total("device") < 8 < 74.5 < one.total("device")  # 7B Elsa-L: ~83 GiB on one GPU, ~6 offloaded
     # one 80 GB GPU (74.5 GiB) and a 120 GiB host: the refusal names offload
     with pytest.raises(SparsebenchError, match=r"options that fit: .*offload=true \(FSDP2 CPU offload\)"):

@@ -214,6 +214,7 @@ class Elsa(Pruner):
             if ckpt.due(step, self.steps):
                 ckpt.save(step, trained, opt, admm, trainer, sampler, self.history)
         self._budget = trainer.budget()
+        opt.zero_grad(set_to_none=True)  # the gradients are done: free them before the final projection
         ckpt.remove()
         if self.grad_checkpointing:
             model.gradient_checkpointing_disable()
