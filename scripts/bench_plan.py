@@ -9,14 +9,23 @@ results.json before loading anything.
     python scripts/bench_plan.py                      # all cases, a table on stdout
     python scripts/bench_plan.py sparsegpt elsa       # some of them
     python scripts/bench_plan.py elsa_fsdp2 elsa_l_fsdp2   # FSDP2, 2 gloo ranks under torchrun, ~300M model
+    python scripts/bench_plan.py --glibc-default elsa      # glibc's default allocator (see below)
 
 The FSDP2 cases run the CLI's pipeline under `torchrun --nproc_per_node=2` (one thread per
 rank) on a ~300M model (14 blocks) and compare each rank's measured peak with the plan's
 per-rank total.
+
+The plan counts live tensors. glibc's malloc keeps freed blocks below its mmap threshold
+in its heap, and that threshold grows (up to 32 MiB) each time a larger block is freed,
+so the resident set of a long run also holds freed tensors (measured: ~1.8 GiB per rank
+in the FSDP2 case). The children therefore run with MALLOC_MMAP_THRESHOLD_=65536: every
+block over 64 KiB is its own mapping, returned when freed, and the resident set follows
+the live tensors. `--glibc-default` measures with glibc's default instead.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,10 +72,18 @@ print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "baseline": base, "pea
 """
 
 
-def measure(name: str, conf: Path) -> dict:
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def child_env(glibc_default: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    return env if glibc_default else {**env, **MMAP}
+
+
+def measure(name: str, conf: Path, env: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(conf), out, *ARCH, *CASES[name]],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -76,7 +93,7 @@ def measure(name: str, conf: Path) -> dict:
             "terms": rec["plan"]["terms"]}
 
 
-def measure_fsdp(name: str, conf: Path) -> list[dict]:
+def measure_fsdp(name: str, conf: Path, env: dict) -> list[dict]:
     """One row per rank: the plan's per-rank total against that rank's measured peak."""
     import socket
 
@@ -88,7 +105,7 @@ def measure_fsdp(name: str, conf: Path) -> list[dict]:
         child.write_text(CHILD)
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                f"--master_port={port}", str(child), str(conf), str(Path(out) / "run"),
-                               *ARCH_300M, *FSDP_CASES[name]], capture_output=True, text=True)
+                               *ARCH_300M, *FSDP_CASES[name]], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     recs = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
@@ -102,16 +119,21 @@ def measure_fsdp(name: str, conf: Path) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     conf = Path(__file__).resolve().parent.parent / "conf"
-    names = argv or list(CASES)
+    env = child_env("--glibc-default" in argv)
+    names = [a for a in argv if a != "--glibc-default"] or list(CASES)
+    unknown = [n for n in names if n not in CASES and n not in FSDP_CASES]
+    if unknown:
+        raise SystemExit(f"bench_plan: unknown case(s) {unknown}; choose from {', '.join([*CASES, *FSDP_CASES])}")
     print("| case | plan (GiB) | measured peak - after imports (GiB) | plan / measured |", flush=True)
     print("|---|---|---|---|", flush=True)
     rows = []
     for n in names:  # one row as soon as it is measured
-        for r in (measure_fsdp(n, conf) if n in FSDP_CASES else [measure(n, conf)]):
+        for r in (measure_fsdp(n, conf, env) if n in FSDP_CASES else [measure(n, conf, env)]):
             rows.append(r)
             print(f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |", flush=True)
     for r in (r for r in rows if r["terms"]):
-        print(f"\n{r['case']}: " + ", ".join(f"{t['component']} {t['gib']:.3f}" for t in r["terms"]))
+        print(f"\n{r['case']}: " + ", ".join(f"{t['component']} {t['gib']:.3f} ({t.get('phase', 'always')})"
+                                            for t in r["terms"]))
 
 
 if __name__ == "__main__":

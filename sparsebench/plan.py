@@ -238,9 +238,11 @@ def _recover_knobs(r, base: Knobs, world: int, specs) -> Knobs:
     trained = "no_embeddings" if getattr(r, "freeze_embeddings", False) else "all"
     if r.name == "perp":
         trained = "none"
+    offload = specs.offload and specs.run_engine == "fsdp"  # FSDP2 offload in one process (recover/finetune.py)
     return replace(base, kind="train", method=f"{base.method}+{r.name}", micro_batch=max(r.batch_size // r.grad_accum, 1),
                    seqlen=r.seqlen or base.seqlen, trained=trained, act_bytes=2 if bf16 else 4,
-                   merged_copy=r.name == "perp" and r.variant == "masklora")
+                   merged_copy=r.name == "perp" and r.variant == "masklora",
+                   engine="fsdp" if offload else base.engine, offload=offload)
 
 
 def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
@@ -303,7 +305,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         plan.add("ADMM u", state, s.prunable * k.u_bytes / shard)
     if k.device == "cuda" and not k.adam8 and not k.offload:  # torch's foreach Adam: sqrt(v) of every tensor
         plan.add("Adam step temporaries (foreach)", dev, trained * 4 / shard, "update")
-    if not admm and k.device == "cuda" and k.method != "dense":
+    if not admm and k.device == "cuda" and k.method != "dense" and not k.offload:
         plan.add("masks on the device (re-masking)", dev, s.prunable)
     if k.engine == "ddp":
         plan.add("DDP gradient buckets", dev, trained * 4)

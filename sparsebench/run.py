@@ -329,11 +329,18 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
     """single | ddp | fsdp for this run. auto: one process -> single; several -> DDP when
     its per-rank plan (every rank holds all the state) fits the visible memory, else FSDP2."""
     engine, name = specs.engine, specs.pruner.name  # build_specs checked it against ENGINES
+    if not specs.pruner.distributed and specs.offload and getattr(specs.recover, "shardable", False):
+        # a one-shot method, then masked fine-tuning with FSDP2's CPU offload in this one process
+        if world > 1 or engine in ("single", "ddp"):
+            raise SparsebenchError(f"recover={specs.recover.name} with offload=true runs in one process (FSDP2 in a "
+                                   f"group of one): launch it without torchrun, with engine=auto or fsdp")
+        return "fsdp"
     if not specs.pruner.distributed:
         if engine in ("ddp", "fsdp") or specs.offload:
             what = f"engine={engine}" if engine in ("ddp", "fsdp") else "offload=true"
-            raise SparsebenchError(f"{what} is for whole-model training (elsa, elsa_l); method '{name}' runs in one "
-                                   f"process (valid for it: engine=auto or single, offload=false)")
+            raise SparsebenchError(f"{what} is for whole-model training (elsa, elsa_l; offload=true also for "
+                                   f"recover=finetune); method '{name}' runs in one process (valid for it: engine=auto "
+                                   f"or single, offload=false)")
         return "single"
     if specs.offload:  # CPU offload is FSDP2's: one process runs it as a group of one
         if engine in ("single", "ddp"):
@@ -523,9 +530,11 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     if specs.recover is not None:  # the masks are frozen: trained around, then verified again
         frozen = masks if specs.pruner.name != "dense" else saved[0]
         rctx = RecoverContext(model, frozen, specs.device, tok, specs.data, specs.model.seqlen,
-                              load_dense=lambda: load_model(specs.model, specs.seed)[0], log=logger.log)
+                              load_dense=lambda: load_model(specs.model, specs.seed)[0], log=logger.log,
+                              engine=specs.run_engine, offload=specs.offload)
         with timed(results, "recover"):
             specs.recover.run(rctx)
+        model = rctx.model  # offloaded (FSDP2) fine-tuning hands back a plain model
         linears = prunable_linears(model)
         if specs.pruner.name != "dense":
             per_tensor = verify(linears, masks, targets, specs.pattern, specs.pruner.group)

@@ -74,9 +74,12 @@ class MaskHook:
     """Re-mask after every optimizer step: pruned weights stay exactly zero."""
 
     def __init__(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+        from .shard import local, row_sharded, rows_of
+
         # bool on the weight's device: 1 byte per weight (the product with a bool is the same
-        # as with 0/1 in the weight's dtype)
-        self.pairs = [(p, m.to(p.device, torch.bool)) for p, m in pairs]
+        # as with 0/1 in the weight's dtype); an FSDP2 shard keeps its rows of the mask
+        self.pairs = [(local(p), rows_of(m.to(torch.bool), p) if row_sharded(p) else m.to(p.device, torch.bool))
+                      for p, m in pairs]
 
     def before_update(self, step: int) -> None:
         pass

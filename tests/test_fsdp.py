@@ -178,3 +178,30 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, 
     for key, w in full["state"].items():
         assert torch.equal(cut["state"][key], w), key
     assert cut["loss"] == full["loss"]  # the history came back with the checkpoint
+
+
+def test_masked_finetuning_with_offload_matches_one_process(tmp_path):
+    """recover=finetune offload=true: FSDP2 (CPU offload) in a group of one; on the CPU the same
+    masks and, up to summation order, the same weights and loss as the plain run."""
+    from sparsebench.run import run
+
+    base = ["model=tiny-llama", "logger=disabled", "method=wanda", "recover=finetune", "recover.steps=3",
+            "recover.batch_size=2", "save.enabled=true"]
+    plain = run(compose(base), tmp_path / "plain")
+    off = run(compose(base + ["offload=true"]), tmp_path / "off")
+    assert off["status"] == "complete" and off["engine"] == "fsdp" and off["offload"] is True
+    assert plain["engine"] == "single" and off["plan"]["offload"] is True
+    assert off["sparsity"]["actual_sparsity"] == plain["sparsity"]["actual_sparsity"]
+    assert [h["loss"] for h in off["recover_report"]["history"]] == pytest.approx(
+        [h["loss"] for h in plain["recover_report"]["history"]], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(next((tmp_path / d).rglob("*.safetensors")))) for d in ("plain", "off"))
+    for key, w in a.items():
+        rel = float((b[key].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
+        assert rel <= 1e-5, (key, rel)  # every trained tensor: linears, norms, embeddings
+        if key.endswith("proj.weight"):
+            assert torch.equal(b[key] == 0, w == 0), key  # the mask held under sharding
+    assert not dist.is_initialized()
+    with pytest.raises(SparsebenchError, match="recover=finetune with offload=true runs in one process"):
+        memory_plan(build_specs(compose(base + ["offload=true"])), 2)

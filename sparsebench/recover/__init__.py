@@ -36,12 +36,17 @@ class RecoverContext:
     seqlen: int
     load_dense: Callable[[], nn.Module]  # the dense model again (reconstruction targets)
     log: Callable[[dict[str, Any]], None] = lambda metrics: None
+    # offload=true (recoveries with `shardable`): FSDP2 in a process group of one, the shards
+    # and optimizer state on the host; the recovery sets ctx.model to a plain model after it
+    engine: str = "single"
+    offload: bool = False
 
 
 class Recovery:
     """run(ctx) trains ctx.model in place, keeping every pruned weight at exactly zero."""
 
     name: ClassVar[str]
+    shardable: ClassVar[bool] = False  # runs under FSDP2 with offload=true (one process)
 
     def run(self, ctx: RecoverContext) -> None:
         raise NotImplementedError

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..models import prunable_linears
 from ..registry import option
+from ..shard import full_state_dict, shard_model
 from ..training import MaskHook, Trainer, linear_decay
 from . import RECOVERIES, RecoverContext, Recovery
 
@@ -80,6 +81,7 @@ class WindowTraining:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 ctx.log({f"recover/{k}": v for k, v in rec.items()})
         model.eval()
+        opt.zero_grad(set_to_none=True)  # free the gradients before evaluation (and FSDP2's final gather)
         self._budget = trainer.budget()
         return trainer
 
@@ -98,10 +100,17 @@ def float_master(model: torch.nn.Module) -> torch.dtype:
 class Finetune(WindowTraining, Recovery):
     freeze_embeddings: bool = False  # keep the embeddings and lm_head fixed
 
+    shardable = True
+
     def run(self, ctx: RecoverContext) -> None:
         model = ctx.model
         dtype = float_master(model)
-        model.to(ctx.device)
+        sharded = ctx.engine == "fsdp"
+        if sharded:  # offload=true: FSDP2's CPU offload in a group of one (sparsebench/shard.py)
+            bf16 = ctx.device.type == "cuda" if self.bf16 is None else self.bf16
+            shard_model(model, bf16=bf16, offload=ctx.offload)
+        if not (sharded and ctx.offload):
+            model.to(ctx.device)
         linears = prunable_linears(model)
         frozen = set()
         if self.freeze_embeddings:
@@ -117,6 +126,11 @@ class Finetune(WindowTraining, Recovery):
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
+        if sharded:  # back to a plain model: the gathered weights in a fresh copy (its masks hold)
+            state = full_state_dict(model)
+            model = ctx.load_dense()
+            model.load_state_dict(state)
+            ctx.model = model
         model.to(dtype)
         total = sum(p.numel() for p in model.parameters())
         self._report = {"trainable_params": sum(p.numel() for p in trainable), "total_params": total,
