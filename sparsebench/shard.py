@@ -17,8 +17,9 @@ CPU offload (`offload=true`, FSDP2's CPUOffloadPolicy): the sharded fp32 weights
 gradients and so the optimizer state, z and u live in host memory; FSDP2 copies each
 block's weights to the GPU for its forward and backward and the optimizer step runs on
 the host. The process group then has a gloo backend beside NCCL (`backend`) for the
-collectives on host tensors (gradient clipping, FP8 scales, sums); `gather` and
-`rows_of` bring their results back to the device of the rank's shard.
+collectives on host tensors (gradient clipping, FP8 scales, sums); `gather` returns on
+the GPU (a per-tensor projection sorts there) and `rows_of` brings this rank's rows back
+to the device of its shard.
 """
 from __future__ import annotations
 
@@ -53,10 +54,11 @@ def backend(device: torch.device, offload: bool) -> str:
 
 def gather(part: torch.Tensor, like) -> torch.Tensor:
     """The whole tensor whose rows this rank holds as `part`, laid out as `like` (a DTensor),
-    on part's device (an offloaded shard is on the host, the mesh's collectives on the GPU)."""
+    on the mesh's device: an offloaded shard is on the host, but the gathered score of a
+    per-tensor projection is sorted on the GPU (rows_of brings this rank's rows back)."""
     mesh = like.device_mesh
     return DTensor.from_local(part.to(mesh.device_type), mesh, like.placements, shape=like.shape,
-                              stride=like.stride()).full_tensor().to(part.device)
+                              stride=like.stride()).full_tensor()
 
 
 def rows_of(full: torch.Tensor, like) -> torch.Tensor:
