@@ -238,11 +238,12 @@ def _recover_knobs(r, base: Knobs, world: int, specs) -> Knobs:
     trained = "no_embeddings" if getattr(r, "freeze_embeddings", False) else "all"
     if r.name == "perp":
         trained = "none"
-    offload = specs.offload and specs.run_engine == "fsdp"  # FSDP2 offload in one process (recover/finetune.py)
-    return replace(base, kind="train", method=f"{base.method}+{r.name}", micro_batch=max(r.batch_size // r.grad_accum, 1),
+    fsdp = specs.run_engine == "fsdp"  # sharded fine-tuning over the ranks, or offloaded in one (recover/finetune.py)
+    micro = max(r.batch_size // r.grad_accum // (world if fsdp else 1), 1)
+    return replace(base, kind="train", method=f"{base.method}+{r.name}", micro_batch=micro,
                    seqlen=r.seqlen or base.seqlen, trained=trained, act_bytes=2 if bf16 else 4,
                    merged_copy=r.name == "perp" and r.variant == "masklora",
-                   engine="fsdp" if offload else base.engine, offload=offload)
+                   engine="fsdp" if fsdp else base.engine, world=world if fsdp else 1, offload=fsdp and specs.offload)
 
 
 def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:

@@ -30,7 +30,7 @@ from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .pruners.base import targets_by_linear
 from .plan import PlanSpec, build_plan, check_fits, fits, knobs_of, shapes_of
-from .shard import ENGINES, backend
+from .shard import ENGINES, backend, share_pruned
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
@@ -193,12 +193,22 @@ def run_worker(specs: Specs, workdir: Path | None = None, fingerprint: str | Non
     """Ranks > 0 under torchrun: load, join the training, write nothing but their checkpoint
     shards (rank 0 records)."""
     model, tok = load_model(specs.model, specs.seed)
+    if not specs.pruner.distributed:  # a sharded recovery: rank 0 prunes, every rank fine-tunes
+        masks = share_pruned(model, None)
+        specs.recover.run(recover_context(specs, model, masks, tok))
+        return {"metrics": {}}
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, engine=specs.run_engine,
                        offload=specs.offload, workdir=workdir, fingerprint=fingerprint,
                        checkpoint_every=specs.checkpoint_every)
     specs.pruner.prune(ctx)
     return {"metrics": {}}
+
+
+def recover_context(specs: Specs, model, masks, tok, log=lambda metrics: None) -> RecoverContext:
+    return RecoverContext(model, masks, specs.device, tok, specs.data, specs.model.seqlen,
+                          load_dense=lambda: load_model(specs.model, specs.seed)[0], log=log,
+                          engine=specs.run_engine, offload=specs.offload)
 
 
 def sync_cuda() -> None:
@@ -238,7 +248,7 @@ def init_distributed(specs: Specs) -> int:
             dist.init_process_group(backend(specs.device, specs.offload), store=dist.HashStore(), rank=0, world_size=1)
             _OWN_GROUP.append(True)
         return 0
-    if not specs.pruner.distributed:
+    if not specs.pruner.distributed and specs.run_engine != "fsdp":  # fsdp: a sharded recovery after it
         raise SparsebenchError(
             f"method '{specs.pruner.name}' runs in one process; launch it without torchrun "
             f"(multi-process methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).distributed)})"
@@ -329,11 +339,12 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
     """single | ddp | fsdp for this run. auto: one process -> single; several -> DDP when
     its per-rank plan (every rank holds all the state) fits the visible memory, else FSDP2."""
     engine, name = specs.engine, specs.pruner.name  # build_specs checked it against ENGINES
-    if not specs.pruner.distributed and specs.offload and getattr(specs.recover, "shardable", False):
-        # a one-shot method, then masked fine-tuning with FSDP2's CPU offload in this one process
-        if world > 1 or engine in ("single", "ddp"):
-            raise SparsebenchError(f"recover={specs.recover.name} with offload=true runs in one process (FSDP2 in a "
-                                   f"group of one): launch it without torchrun, with engine=auto or fsdp")
+    if not specs.pruner.distributed and getattr(specs.recover, "shardable", False) and (specs.offload or world > 1):
+        # a one-shot method on rank 0, then masked fine-tuning sharded with FSDP2 over the
+        # ranks (or, with offload=true, in this one process)
+        if engine in ("single", "ddp"):
+            raise SparsebenchError(f"recover={specs.recover.name} on several ranks or with offload=true runs on "
+                                   f"FSDP2, but engine={engine}; use engine=fsdp or auto")
         return "fsdp"
     if not specs.pruner.distributed:
         if engine in ("ddp", "fsdp") or specs.offload:
@@ -529,9 +540,9 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
         per_tensor = {n: float((l.weight == 0).float().mean()) for n, l in linears.items()}
     if specs.recover is not None:  # the masks are frozen: trained around, then verified again
         frozen = masks if specs.pruner.name != "dense" else saved[0]
-        rctx = RecoverContext(model, frozen, specs.device, tok, specs.data, specs.model.seqlen,
-                              load_dense=lambda: load_model(specs.model, specs.seed)[0], log=logger.log,
-                              engine=specs.run_engine, offload=specs.offload)
+        if specs.run_engine == "fsdp" and not specs.pruner.distributed and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            share_pruned(model, frozen)  # the other ranks waited for this pruned model
+        rctx = recover_context(specs, model, frozen, tok, logger.log)
         with timed(results, "recover"):
             specs.recover.run(rctx)
         model = rctx.model  # offloaded (FSDP2) fine-tuning hands back a plain model

@@ -80,6 +80,36 @@ def sum_over_ranks(value: float, device: torch.device) -> float:
     return float(t)
 
 
+PRUNED_KEY = "sparsebench/pruned"  # rank 0 sets it on the store when its one-shot pruning is done
+
+
+def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Rank 0's pruned weights and masks to every rank (a collective), before a sharded
+    recovery. The other ranks first wait on the store, not in a collective: one-shot
+    pruning of a large model takes longer than a collective's timeout. Returns the masks."""
+    from datetime import timedelta
+
+    from .models import prunable_linears
+
+    rank = dist.get_rank()
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set(PRUNED_KEY, "1")
+    else:
+        store.wait([PRUNED_KEY], timedelta(days=2))
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() != "gloo" else torch.device("cpu")
+    for t in [*model.parameters(), *model.buffers()]:
+        buf = t.data.to(comm)
+        dist.broadcast(buf, src=0)
+        t.data.copy_(buf)
+    out = {}
+    for name, lin in sorted(prunable_linears(model).items()):
+        buf = (masks[name] if rank == 0 else torch.empty(lin.weight.shape, dtype=torch.bool)).to(comm, torch.uint8)
+        dist.broadcast(buf, src=0)  # gloo broadcasts no bool
+        out[name] = buf.bool().cpu()
+    return out
+
+
 def shard_model(model: nn.Module, bf16: bool, offload: bool = False) -> None:
     """fully_shard every decoder block, then the root (embeddings, final norm, lm_head);
     with `offload` the shards stay in (pinned, on a GPU machine) host memory."""

@@ -32,6 +32,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def mean_over_ranks(device: torch.device) -> Callable[[float], float]:
+    """A Trainer's reduce_loss under torch.distributed: the mean of the ranks' losses."""
+    import torch.distributed as dist
+
+    def reduce(loss: float) -> float:
+        t = torch.tensor([loss], device=device)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+    return reduce
+
+
 class Hook(Protocol):
     def before_update(self, step: int) -> None: ...
     def after_update(self, step: int) -> None: ...

@@ -203,5 +203,39 @@ def test_masked_finetuning_with_offload_matches_one_process(tmp_path):
         if key.endswith("proj.weight"):
             assert torch.equal(b[key] == 0, w == 0), key  # the mask held under sharding
     assert not dist.is_initialized()
-    with pytest.raises(SparsebenchError, match="recover=finetune with offload=true runs in one process"):
-        memory_plan(build_specs(compose(base + ["offload=true"])), 2)
+    with pytest.raises(SparsebenchError, match="recover=finetune on several ranks or with offload=true runs on FSDP2"):
+        memory_plan(build_specs(compose(base + ["offload=true", "engine=ddp"])), 1)
+
+
+def test_masked_finetuning_on_two_fsdp_ranks_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 ... method=wanda recover=finetune`: rank 0 prunes, the other
+    rank waits on the store and receives the pruned model, both fine-tune their shards; the
+    loss and the saved weights are one process's."""
+    from safetensors.torch import load_file
+
+    from sparsebench.run import run
+
+    base = ["model=tiny-llama", "logger=disabled", "method=wanda", "recover=finetune", "recover.steps=3",
+            "recover.batch_size=2", "save.enabled=true"]
+    plain = run(compose(base), tmp_path / "plain")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEBENCH_DATA_ROOT": os.environ.get(
+        "SPARSEBENCH_DATA_ROOT", str(REPO.parent / "shared" / "data"))}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "sparsebench.cli", *base, f"hydra.run.dir={tmp_path / 'two'}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["status"] == "complete" and two["engine"] == "fsdp" and two["world_size"] == 2
+    assert two["plan"]["engine"] == "fsdp" and two["plan"]["micro_batch"] == 1  # 2 windows over 2 ranks
+    assert two["budget"]["recover"]["train_tokens"] == plain["budget"]["recover"]["train_tokens"]
+    assert [h["loss"] for h in two["recover_report"]["history"]] == pytest.approx(
+        [h["loss"] for h in plain["recover_report"]["history"]], rel=1e-5)
+    a, b = (load_file(str(next((tmp_path / d).rglob("*.safetensors")))) for d in ("plain", "two"))
+    for key, w in a.items():
+        rel = float((b[key].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
+        assert rel <= 1e-5, (key, rel)
+        if key.endswith("proj.weight"):
+            assert torch.equal(b[key] == 0, w == 0), key

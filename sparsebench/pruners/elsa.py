@@ -39,7 +39,7 @@ from ..registry import METHODS, option
 from ..checkpoint import TrainingCheckpoint
 from ..shard import full_state_dict, shard_model
 from .adam8bit import Adam8bit
-from ..training import ADMMHook, Budget, Trainer, linear_decay
+from ..training import ADMMHook, Budget, Trainer, linear_decay, mean_over_ranks
 from .admm import ADMM, LambdaSchedule, Stored
 
 STATE_FORMATS = Stored.FORMATS
@@ -186,7 +186,7 @@ class Elsa(Pruner):
         sampler = window_source(ctx.data, ctx.tokenizer, seqlen, self.seed, model.config.vocab_size)
         hook = ADMMHook(admm)
         trainer = Trainer(admm_params + others, opt, linear_decay(self.steps), clip=self.clip, hooks=[hook],
-                          name=self.name, reduce_loss=_mean_over_ranks(ctx.device) if distributed else (lambda x: x))
+                          name=self.name, reduce_loss=mean_over_ranks(ctx.device) if distributed else (lambda x: x))
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.use_bf16(ctx.device))
         share = micro // world
 
@@ -247,14 +247,6 @@ class Elsa(Pruner):
             "state_bytes": sb,
             "state_bytes_per_param": {k: sb[k] / sb["params"] for k in ("z", "u", "optimizer")},
         }
-
-
-def _mean_over_ranks(device: torch.device):
-    def reduce(loss: float) -> float:
-        t = torch.tensor([loss], device=device)
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
-    return reduce
 
 
 @METHODS.register("elsa_l")

@@ -36,8 +36,8 @@ class RecoverContext:
     seqlen: int
     load_dense: Callable[[], nn.Module]  # the dense model again (reconstruction targets)
     log: Callable[[dict[str, Any]], None] = lambda metrics: None
-    # offload=true (recoveries with `shardable`): FSDP2 in a process group of one, the shards
-    # and optimizer state on the host; the recovery sets ctx.model to a plain model after it
+    # engine=fsdp (recoveries with `shardable`): FSDP2 over the ranks, or with offload=true in a
+    # process group of one; the recovery sets ctx.model to a plain model on rank 0 after it
     engine: str = "single"
     offload: bool = False
 
@@ -46,7 +46,7 @@ class Recovery:
     """run(ctx) trains ctx.model in place, keeping every pruned weight at exactly zero."""
 
     name: ClassVar[str]
-    shardable: ClassVar[bool] = False  # runs under FSDP2 with offload=true (one process)
+    shardable: ClassVar[bool] = False  # runs on FSDP2: several ranks under torchrun, or offload=true in one
 
     def run(self, ctx: RecoverContext) -> None:
         raise NotImplementedError

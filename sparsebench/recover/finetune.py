@@ -14,12 +14,14 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import option
 from ..shard import full_state_dict, shard_model
-from ..training import MaskHook, Trainer, linear_decay
+from ..training import MaskHook, Trainer, linear_decay, mean_over_ranks
 from . import RECOVERIES, RecoverContext, Recovery
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ class WindowTraining:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         if self.batch_size % self.grad_accum:
-            from ..errors import SparsebenchError
-
             raise SparsebenchError(f"recover: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
     def train_on_windows(self, ctx: RecoverContext, trainable: list[torch.nn.Parameter], hooks: list) -> Trainer:
@@ -57,9 +57,16 @@ class WindowTraining:
         model, device = ctx.model, ctx.device
         seqlen = self.seqlen or ctx.seqlen
         micro = self.batch_size // self.grad_accum
+        # under FSDP2 on several ranks (recover/finetune on torchrun) every rank draws the same
+        # global batch and trains on its slice, as Elsa does: the data does not depend on the ranks
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        if micro % world:
+            raise SparsebenchError(f"recover: micro-batch {micro} is not divisible by {world} ranks")
+        share = micro // world
         opt = torch.optim.Adam(trainable, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
         trainer = Trainer(trainable, opt, linear_decay(self.steps), clip=self.clip, hooks=hooks,
-                          name=f"recover={self.name}")
+                          name=f"recover={self.name}", reduce_loss=mean_over_ranks(device) if world > 1 else (lambda x: x))
         sampler = window_source(ctx.data, ctx.tokenizer, seqlen, self.seed, model.config.vocab_size)
         bf16 = device.type == "cuda" if self.bf16 is None else self.bf16
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -71,9 +78,9 @@ class WindowTraining:
             return loss
 
         model.train()
-        bar = tqdm(range(self.steps), desc=f"recover {self.name}", unit="step")
+        bar = tqdm(range(self.steps), desc=f"recover {self.name}", unit="step", disable=rank != 0)
         for step in bar:
-            batches = [sampler.batch(micro).to(device) for _ in range(self.grad_accum)]
+            batches = [sampler.batch(micro)[rank * share:(rank + 1) * share].to(device) for _ in range(self.grad_accum)]
             loss = trainer.step([closure(x) for x in batches], tokens=self.batch_size * seqlen)
             if step % self.log_every == 0 or step == self.steps - 1:
                 rec = {"step": step, "loss": loss, "lr": trainer.lr, "grad_norm": trainer.grad_norm}
@@ -106,7 +113,7 @@ class Finetune(WindowTraining, Recovery):
         model = ctx.model
         dtype = float_master(model)
         sharded = ctx.engine == "fsdp"
-        if sharded:  # offload=true: FSDP2's CPU offload in a group of one (sparsebench/shard.py)
+        if sharded:  # FSDP2 over the ranks, or offload=true in a group of one (sparsebench/shard.py)
             bf16 = ctx.device.type == "cuda" if self.bf16 is None else self.bf16
             shard_model(model, bf16=bf16, offload=ctx.offload)
         if not (sharded and ctx.offload):
@@ -126,8 +133,10 @@ class Finetune(WindowTraining, Recovery):
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
-        if sharded:  # back to a plain model: the gathered weights in a fresh copy (its masks hold)
+        if sharded:  # back to a plain model on rank 0: the gathered weights in a fresh copy (a collective)
             state = full_state_dict(model)
+            if dist.get_rank() != 0:
+                return  # the other ranks are done: rank 0 verifies, evaluates and records
             model = ctx.load_dense()
             model.load_state_dict(state)
             ctx.model = model
