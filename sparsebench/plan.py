@@ -82,6 +82,7 @@ class Shapes:
     norm_elems: int  # Wanda: one norm per input column of the largest block's linears
     largest_linear: tuple[int, int]
     dtype_bytes: int
+    largest_param: int = 0  # the largest parameter's elements (the embeddings, usually)
     # 8-bit Adam's state (pruners/adam8bit.py), exactly, for what a run may train
     adam8_all: int = 0
     adam8_linears: int = 0
@@ -128,6 +129,7 @@ def shapes_of(model: nn.Module) -> Shapes:
         norm_elems=sum(lin.in_features for lin in lins.values()),
         largest_linear=max(((lin.out_features, lin.in_features) for lin in lins.values()), key=lambda s: s[0] * s[1]),
         dtype_bytes=next(model.parameters()).element_size(),
+        largest_param=max(p.numel() for p in model.parameters()),
         adam8_all=sum(adam8_bytes(tuple(p.shape)) for p in model.parameters()),
         adam8_linears=sum(adam8_bytes(tuple(lin.weight.shape)) for b in blocks for lin in find_linears(b).values()),
         adam8_embeddings=sum(adam8_bytes(tuple(p.shape)) for p in {id(p): p for p in
@@ -304,8 +306,20 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     if k.z_bytes:
         plan.add("ADMM z", state, s.prunable * k.z_bytes / shard)
         plan.add("ADMM u", state, s.prunable * k.u_bytes / shard)
-    if k.device == "cuda" and not k.adam8 and not k.offload:  # torch's foreach Adam: sqrt(v) of every tensor
+    # the optimizer step's temporaries: torch's foreach Adam (CUDA) takes sqrt(v) of every tensor
+    # at once; on the host Adam goes tensor by tensor (sqrt(v) and the denominator: 8 bytes per
+    # value of the largest); 8-bit Adam dequantizes one tensor's m and v to float32 and keeps
+    # them with the denominator (12 bytes per value) while it re-codes v: log(v), the positive
+    # mask and where()'s inputs and output (17 more), 29 bytes per value (pruners/adam8bit.py)
+    largest = (s.largest_param if k.trained == "all" else rows * cols) / shard
+    if k.trained == "none":
+        pass  # PERP: a few small tensors
+    elif k.adam8:
+        plan.add("8-bit Adam: one tensor's float32 working set", state, 29 * largest, "update")
+    elif k.device == "cuda" and not k.offload:
         plan.add("Adam step temporaries (foreach)", dev, trained * 4 / shard, "update")
+    else:
+        plan.add("Adam step temporaries (one tensor)", state, 8 * largest, "update")
     if not admm and k.device == "cuda" and k.method != "dense" and not k.offload:
         plan.add("masks on the device (re-masking)", dev, s.prunable)
     if k.engine == "ddp":
