@@ -111,9 +111,11 @@ def measure_fsdp(name: str, conf: Path, env: dict) -> list[dict]:
     recs = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
                   key=lambda r: r["rank"])
     plan = recs[0]["plan"]
-    predicted = plan["per_rank_gib"]["host"]
-    return [{"case": f"{name} rank {r['rank']}", "predicted": predicted, "measured": r["peak"] - r["baseline"],
-             "ratio": predicted / (r["peak"] - r["baseline"]), "terms": plan["terms"] if r["rank"] == 0 else []}
+    # rank 0 also gathers the trained model at the end: the plan gives it its own total
+    predicted = {r["rank"]: plan.get("other_ranks_gib", plan["per_rank_gib"])["host"] if r["rank"] else
+                 plan["per_rank_gib"]["host"] for r in recs}
+    return [{"case": f"{name} rank {r['rank']}", "predicted": predicted[r["rank"]], "measured": r["peak"] - r["baseline"],
+             "ratio": predicted[r["rank"]] / (r["peak"] - r["baseline"]), "terms": plan["terms"] if r["rank"] == 0 else []}
             for r in recs]
 
 

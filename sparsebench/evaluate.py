@@ -62,12 +62,46 @@ def perplexity(
     total = 0.0
     for start in tqdm(range(0, windows, batch_size), desc=desc, unit="batch"):
         x = stream[start : start + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
+        logits = model(input_ids=x, use_cache=False).logits.float()  # on the last GPU under a device map
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1).to(logits.device), reduction="none"
         ).view(x.shape[0], -1)
         total += loss.mean(1).sum().item()
     mean_nll = total / windows
     if not math.isfinite(mean_nll):
         raise SparsebenchError(f"{desc}: the loss is {mean_nll} (NaN/inf); the model output is broken, check dtype and sparsity")
     return math.exp(mean_nll), windows
+
+
+def place_for_eval(model: nn.Module, device: torch.device, placement: dict[str, Any], margin: float) -> None:
+    """Put the model where the plan's evaluation placement says (plan.eval_placement): on
+    `device`, or over the visible GPUs (and the host) with accelerate's device map."""
+    if device.type != "cuda" or placement["placement"] in ("one GPU", "host"):
+        model.to(device)
+        return
+    from accelerate import dispatch_model
+
+    from .plan import _mem_available_gib
+
+    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    host = int(_mem_available_gib() * 2**30) if placement["placement"].endswith("offloaded)") else None
+    max_memory = eval_max_memory(placement, gpus, margin, host)
+    dispatch_model(model, device_map=device_map_for(model, max_memory))
+
+
+def eval_max_memory(placement: dict[str, Any], gpus: list[int], margin: float, host: int | None) -> dict[Any, int]:
+    """Bytes the device map may fill on each GPU (less the margin and one batch's forward)
+    and, when offloading, on the host."""
+    room = {i: int((1 - margin) * total - placement["window_gib"] * 2**30) for i, total in enumerate(gpus)}
+    return {**room, "cpu": int((1 - margin) * host)} if host is not None else room
+
+
+def device_map_for(model: nn.Module, max_memory: dict[Any, int]) -> dict[str, Any]:
+    """accelerate's device map within `max_memory` (bytes per GPU index, and "cpu"); a
+    decoder block is never split over two devices."""
+    from accelerate import infer_auto_device_map
+
+    from .models import find_blocks
+
+    _, blocks = find_blocks(model)
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=[type(blocks[0]).__name__])

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Top-level keys that change no number: wandb, the resume/baseline switches, exports.
 NOT_RESULTS = ("logger", "resume", "dense_baseline", "save", "hydra", "dry_run", "world_size", "plan", "engine",
-               "offload", "checkpoint_every")
+               "offload", "calib_inputs", "checkpoint_every")
 # Data keys that only the calibration draw reads.
 CALIBRATION_KEYS = ("nsamples", "seed", "calib_set", "calib_docs")
 # Keys that only pruning reads: the dense model's numbers never depend on them.

@@ -151,6 +151,7 @@ class Knobs:
     world: int = 1
     engine: str = "single"  # single | ddp | fsdp
     offload: bool = False  # fsdp: shards, gradients, moments, z and u on the host
+    inputs: str = "device"  # one-shot: a block's calibration inputs and outputs on the device or the host
     z_bytes: int = 0  # 0: no ADMM state
     u_bytes: int = 0
     adam8: bool = False
@@ -167,28 +168,35 @@ class Plan:
     model: str
     knobs: Knobs
     terms: list[tuple[str, str, float, str]] = field(default_factory=list)  # (component, where, GiB, phase)
+    eval: dict[str, Any] = field(default_factory=dict)  # eval_placement: where evaluation puts the model
+    rank0: set[str] = field(default_factory=set)  # terms only rank 0 holds (the final gather)
 
-    def add(self, name: str, where: str, nbytes: float, phase: str = "always") -> None:
+    def add(self, name: str, where: str, nbytes: float, phase: str = "always", rank0: bool = False) -> None:
         assert phase in PHASES, phase
         if nbytes > 0:
             self.terms.append((name, where, nbytes / GIB, phase))
+            if rank0:
+                self.rank0.add(name)
 
-    def total(self, where: str) -> float:
-        """Peak GiB on the host or on the device: the `always` terms plus the largest phase
-        there; on the CPU every term is on the host."""
+    def total(self, where: str, rank: int = 0) -> float:
+        """Peak GiB of `rank` on the host or on the device: the `always` terms plus the largest
+        phase there; on the CPU every term is on the host. Rank 0 is the largest."""
         if self.knobs.device == "cpu" and where == "device":
             return 0.0
-        here = [(g, ph) for _, w, g, ph in self.terms if self.knobs.device == "cpu" or w == where]
+        here = [(g, ph) for n, w, g, ph in self.terms if (self.knobs.device == "cpu" or w == where)
+                and (rank == 0 or n not in self.rank0)]
         phases = [sum(g for g, ph in here if ph == p) for p in PHASES[1:]]
         return sum(g for g, ph in here if ph == "always") + max(phases)
 
     def as_dict(self) -> dict[str, Any]:
         k = self.knobs
-        return {"engine": k.engine, "offload": k.offload, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
+        return {"engine": k.engine, "offload": k.offload, "calib_inputs": k.inputs, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
                 "micro_batch": k.micro_batch, "device": k.device,
                 "per_rank_gib": {"host": round(self.total("host"), 3), "device": round(self.total("device"), 3)},
+                **({"other_ranks_gib": {w: round(self.total(w, rank=1), 3) for w in ("host", "device")}}
+                   if self.rank0 and k.world > 1 else {}),
                 "terms": [{"component": n, "where": w, "gib": round(g, 4), "bytes": round(g * GIB), "phase": ph}
-                          for n, w, g, ph in self.terms]}
+                          for n, w, g, ph in self.terms], "eval": self.eval}
 
     def table(self) -> str:
         k = self.knobs
@@ -200,8 +208,14 @@ class Plan:
             lines.append(f"  {name:<{width}}  {where if k.device != 'cpu' else 'host':<7} {gib:8.3f}  {phase}")
         peak = "  (always + the largest phase)" if any(ph != "always" for *_, ph in self.terms) else ""
         lines.append(f"  {'total host':<{width}}  {'':<7} {self.total('host'):8.3f}{peak}")
+        if self.rank0 and k.world > 1:
+            lines.append(f"  {'total host, ranks > 0':<{width}}  {'':<7} {self.total('host', rank=1):8.3f}")
         if k.device != "cpu":
             lines.append(f"  {'total device':<{width}}  {'':<7} {self.total('device'):8.3f}{peak}")
+        if self.eval and k.device != "cpu":
+            e = self.eval
+            lines.append(f"  evaluation: {e['placement']} ({e['weights_gib']:.1f} GiB of weights, {e['gpus']} GPU(s) "
+                         f"visible, {e['window_gib']:.2f} GiB kept free on each for one batch)")
         return "\n".join(lines)
 
 
@@ -218,7 +232,7 @@ def knobs_of(specs, world: int) -> Knobs:
     if isinstance(p, Safe):
         return Knobs(kind="safe", stats="norms", micro_batch=p.batch_size, z_bytes=4, u_bytes=4, **common)
     if isinstance(p, LayerwisePruner) or p.name in ("dense", "magnitude"):
-        knobs = Knobs(kind="oneshot", stats=stats, **common)
+        knobs = Knobs(kind="oneshot", stats=stats, inputs=specs.run_inputs, **common)
         if r is not None and r.name in ("finetune", "perp"):  # the training stage is the larger one
             return _recover_knobs(r, knobs, world, specs)
         return knobs
@@ -264,8 +278,11 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         plan.add("weights (model dtype)", host, s.params * b)
         plan.add("one block on the device", dev, s.block_params * b if k.device != "cpu" else 0)
         in_bytes = 4 if k.kind == "safe" else b
-        plan.add("calibration inputs of a block", dev, k.nsamples * k.seqlen * s.hidden * in_bytes)
-        plan.add("calibration outputs of a block", dev, k.nsamples * k.seqlen * s.hidden * in_bytes)
+        on = host if k.inputs == "host" else dev  # pinned host memory: one window at a time on the device
+        plan.add("calibration inputs of a block", on, k.nsamples * k.seqlen * s.hidden * in_bytes)
+        plan.add("calibration outputs of a block", on, k.nsamples * k.seqlen * s.hidden * in_bytes)
+        if on == host and k.device != "cpu":  # the window in use, the next one in flight, one output
+            plan.add("windows on the device (in use, prefetched, output)", dev, 3 * k.seqlen * s.hidden * in_bytes)
         if k.stats == "norms":
             plan.add("statistics: input norms (float32)", dev, s.norm_elems * 4)
         if k.stats == "hessian":
@@ -336,10 +353,11 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         # release of the gradients, Adam's state, z and u, so only what exceeds them raises the peak
         gather = s.params * (4 + s.dtype_bytes)
         if k.device != "cpu" and not k.offload:
-            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather, "end")
-        else:  # the gradients, Adam's state, z and u are freed first (pruners/elsa.py)
-            freed = (trained * 4 + adam + s.prunable * (k.z_bytes + k.u_bytes)) / shard
-            plan.add("FSDP: rank 0's final gather beyond the freed training state", host, max(0.0, gather - freed), "end")
+            plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather, "end", rank0=True)
+        else:  # Adam's state, z and u (held `always`) are freed first (pruners/elsa.py)
+            freed = (adam + s.prunable * (k.z_bytes + k.u_bytes)) / shard
+            plan.add("FSDP: rank 0's final gather beyond the freed training state", host, max(0.0, gather - freed), "end",
+                     rank0=True)
     tokens = k.micro_batch * k.seqlen
     if k.checkpointing:
         plan.add("activations (checkpointed: block inputs)", dev, s.blocks * tokens * s.hidden * k.act_bytes, "backward")
@@ -356,6 +374,26 @@ def plan_run(specs, world: int = 1) -> Plan:
     from .models import meta_model
 
     return build_plan(specs.model.name, shapes_of(meta_model(specs.model)), knobs_of(specs, world))
+
+
+def eval_placement(s: Shapes, batch: int, seqlen: int, gpus: list[float], margin: float) -> dict[str, Any]:
+    """Where evaluation (perplexity, zero-shot) puts the model: whole on one GPU; spread over
+    the visible GPUs by accelerate's device map, a block never split; or, when they cannot
+    hold it, with the remaining blocks on the host (accelerate's offload). `gpus`: GiB of
+    each visible GPU; every GPU keeps room for one batch's forward through a block and the
+    float32 logits with their log-softmax."""
+    weights = s.params * s.dtype_bytes / GIB
+    window = batch * seqlen * (s.act_per_token * s.dtype_bytes + 2 * s.vocab * 4) / GIB
+    keep = 1 - margin
+    if not gpus:
+        where = "host"
+    elif weights + window <= keep * gpus[0]:
+        where = "one GPU"
+    elif weights + window * len(gpus) <= keep * sum(gpus):
+        where = "GPUs (device map)"
+    else:
+        where = "GPUs + host (device map, offloaded)"
+    return {"placement": where, "gpus": len(gpus), "weights_gib": round(weights, 3), "window_gib": round(window, 3)}
 
 
 # ----------------------------------------------------------------------------- the check
@@ -403,6 +441,8 @@ def alternatives(model_name: str, s: Shapes, k: Knobs) -> list[tuple[str, Knobs]
             if w > k.world:
                 out.append((f"{w} ranks with FSDP2 (engine=fsdp)", replace(k, world=w, engine="fsdp")))
     else:
+        if k.kind == "oneshot" and k.inputs == "device" and k.device == "cuda":
+            out.append(("calib_inputs=host", replace(k, inputs="host")))
         for n in (k.nsamples // 2, k.nsamples // 4):
             if n >= 1:
                 out.append((f"data.nsamples={n}", replace(k, nsamples=n)))

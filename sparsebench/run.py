@@ -22,14 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from . import data as datamod
 from . import ledger
 from .errors import Interrupted, SparsebenchError
-from .evaluate import EvalSpec, perplexity
+from .evaluate import EvalSpec, perplexity, place_for_eval
 from .export import check_save_dir, load_saved, save_pruned
 from .allocation import allocate
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .pruners.base import targets_by_linear
-from .plan import PlanSpec, build_plan, check_fits, fits, knobs_of, shapes_of
+from .plan import PlanSpec, build_plan, check_fits, eval_placement, fits, knobs_of, shapes_of
 from .shard import ENGINES, backend, share_pruned
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
@@ -65,6 +65,8 @@ class Specs:
     engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/shard.py)
     run_engine: str = "single"  # what runs: set by memory_plan (resolve_engine)
     offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/shard.py)
+    calib_inputs: str = "auto"  # asked for: auto | device | host (pruners/layerwise.py)
+    run_inputs: str = "device"  # what runs: set by memory_plan
     checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/checkpoint.py)
 
     @property
@@ -139,6 +141,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),
         checkpoint_every=check_value(c.get("checkpoint_every", 0), int, "checkpoint_every", ge=0),
         offload=check_value(c.get("offload", False), bool, "offload"),
+        calib_inputs=check_value(c.get("calib_inputs", "auto"), str, "calib_inputs", choices=("auto", "device", "host")),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -332,7 +335,26 @@ def memory_plan(specs: Specs, world: int):
 
     shapes = shapes_of(meta_model(specs.model))
     specs.run_engine = resolve_engine(specs, world, shapes)
-    return build_plan(specs.model.name, shapes, knobs_of(specs, world)), shapes
+    specs.run_inputs = "device" if specs.calib_inputs == "auto" else specs.calib_inputs
+    plan = build_plan(specs.model.name, shapes, knobs_of(specs, world))
+    if specs.calib_inputs == "auto" and plan.knobs.kind == "oneshot" and not fits(plan, specs.plan, specs.device):
+        host = build_plan(specs.model.name, shapes, replace(plan.knobs, inputs="host"))
+        if fits(host, specs.plan, specs.device):  # the inputs do not fit the GPU beside the block: keep them on the host
+            specs.run_inputs, plan = "host", host
+    plan.eval = eval_placement(shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin)
+    return plan, shapes
+
+
+def visible_gpus(specs: Specs) -> list[float]:
+    """GiB of each GPU evaluation may use: the visible ones (plan.device_limit_gib overrides
+    their size); none on the CPU."""
+    if specs.device.type != "cuda":
+        return []
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    sizes = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(count)]
+    if specs.plan.device_limit_gib is not None:
+        sizes = [specs.plan.device_limit_gib] * max(count, 1)
+    return sizes
 
 
 def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
@@ -516,7 +538,7 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
                        block_targets=allocation.targets if allocation else None, engine=specs.run_engine,
-                       offload=specs.offload, fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
+                       offload=specs.offload, inputs=specs.run_inputs, fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
                        checkpoint_every=specs.checkpoint_every)
     results.update(engine=specs.run_engine, world_size=int(os.environ.get("WORLD_SIZE", 1)), offload=specs.offload)
     with timed(results, "prune"):
@@ -572,11 +594,13 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
             folder = save_pruned(model, tok, masks, save_dir, meta)
         results.update(saved_model=str(folder))
 
-    model.to(specs.device)
     if specs.model.random_weights:  # a measurement run: the perplexity of random weights is no result
         log.info("random weights (model.source=random): no quality evaluation")
         results.update(memory=peak_memory(specs.device), evaluation="skipped: random weights", status="complete")
         return results.data
+    placement = results.data["plan"]["eval"]
+    place_for_eval(model, specs.device, placement, specs.plan.margin)  # one GPU, or a device map over several
+    results.update(eval_placement=placement["placement"])
     for name in specs.eval.datasets:
         with timed(results, f"eval_{name}"):
             ids = datamod.eval_stream(specs.data, name, tok, specs.model.seqlen)

@@ -201,3 +201,19 @@ def test_statistics_pass_runs_whole_blocks_that_repeat_a_linear():
     h.remove()
     assert len(runs) == n
     assert pruner.counts == [2 * n, n]  # a's statistic saw both calls of every window
+
+
+def test_windows_come_one_by_one_in_order_and_host_inputs_keep_the_masks(tmp_path):
+    from sparsebench.pruners.layerwise import Windows
+
+    from .conftest import compose
+    from sparsebench.run import run
+
+    x = torch.arange(24.0).view(4, 2, 3)
+    got = list(Windows(x, torch.device("cpu")))
+    assert len(got) == 4 and all(torch.equal(w, x[j : j + 1]) for j, w in enumerate(got))
+    base = ["model=tiny-llama", "logger=disabled", "method=sparsegpt", "save.enabled=true"]
+    a = run(compose(base + ["calib_inputs=device"]), tmp_path / "a")
+    b = run(compose(base + ["calib_inputs=host"]), tmp_path / "b")  # on the CPU the host is the device
+    assert a["plan"]["calib_inputs"] == "device" and b["plan"]["calib_inputs"] == "host"
+    assert a["metrics"] == b["metrics"]

@@ -163,3 +163,52 @@ def test_random_full_size_architecture_runs_without_tokenizer(tmp_path):
 def test_random_needs_an_architecture():
     with pytest.raises(SparsebenchError, match="has no architecture"):
         build_specs(compose(["model=smollm2-135m", "model.source=random"]))
+
+
+def test_calibration_inputs_go_to_the_host_when_they_do_not_fit_the_gpu():
+    base = ["model=llama2-70b", "model.source=random", "method=sparsegpt", "device=cuda", "dry_run=true",
+            "plan.host_limit_gib=1000"]
+    specs = build_specs(compose(base))
+    plan, _ = memory_plan(specs, 1)  # 128 x 2048 windows of 8192 in float16: 4 GiB in, 4 out, beside the block
+    assert specs.run_inputs == "device" and plan.knobs.inputs == "device"
+    inputs = {name: gib for name, _, gib, _ in plan.terms}["calibration inputs of a block"]
+    assert inputs == pytest.approx(128 * 2048 * 8192 * 2 / 2**30)
+    tight = build_specs(compose(base + [f"plan.device_limit_gib={(plan.total('device') - inputs) / 0.95:.2f}"]))
+    host_plan, _ = memory_plan(tight, 1)  # auto: the inputs and outputs move to pinned host memory
+    where = {name: w for name, w, _, _ in host_plan.terms}
+    assert tight.run_inputs == "host" and where["calibration inputs of a block"] == "host"
+    windows = 3 * 2048 * 8192 * 2 / 2**30  # in use, prefetched, one output
+    assert host_plan.total("device") == pytest.approx(plan.total("device") - 2 * inputs + windows)
+    assert host_plan.as_dict()["calib_inputs"] == "host"
+    forced = build_specs(compose(base + ["calib_inputs=device", "plan.device_limit_gib=10"]))
+    assert memory_plan(forced, 1)[0].knobs.inputs == "device"  # asked for: kept (the check then refuses)
+    with pytest.raises(SparsebenchError, match="unknown calib_inputs|calib_inputs.*valid"):
+        build_specs(compose(base + ["calib_inputs=disk"]))
+
+
+def test_evaluation_placement_one_gpu_several_or_offloaded():
+    from sparsebench.evaluate import eval_max_memory
+    from sparsebench.plan import eval_placement
+
+    s = shapes_of(meta_model(tiny_spec("llama")))
+    weights = s.params * 4 / 2**30
+    window = 64 * (s.act_per_token * 4 + 2 * s.vocab * 4) / 2**30
+    one = eval_placement(s, 1, 64, [1.0], 0.05)
+    assert one["placement"] == "one GPU" and one["weights_gib"] == pytest.approx(weights, abs=1e-3)
+    assert one["window_gib"] == pytest.approx(window, abs=1e-3)
+    half = (weights + 2 * window) / 0.95 / 2 * 1.01  # two GPUs hold it (a window kept free on each), one does not
+    assert half < (weights + window) / 0.95
+    assert eval_placement(s, 1, 64, [half, half], 0.05)["placement"] == "GPUs (device map)"
+    assert eval_placement(s, 1, 64, [half / 2, half / 2], 0.05)["placement"] == "GPUs + host (device map, offloaded)"
+    assert eval_placement(s, 1, 64, [], 0.05)["placement"] == "host"
+    # what the device map may fill: each GPU less the margin and one batch's forward; the host
+    # only when offloading (accelerate's map itself needs visible GPUs: not run here)
+    placement = eval_placement(s, 1, 64, [half, half], 0.05)
+    room = eval_max_memory(placement, [2**30, 2**30], 0.05, None)
+    assert room == {i: int(0.95 * 2**30 - placement["window_gib"] * 2**30) for i in (0, 1)}
+    assert eval_max_memory(placement, [2**30], 0.05, 4 * 2**30)["cpu"] == int(0.95 * 4 * 2**30)
+
+
+def test_a_cpu_run_records_where_it_evaluated(tmp_path):
+    res = run(compose(TINY + ["method=magnitude", "eval.max_windows=2"]), tmp_path)
+    assert res["plan"]["eval"]["placement"] == "host" and res["eval_placement"] == "host"

@@ -33,6 +33,9 @@ class PruneContext:
     # method then loads `fresh_model()` on rank 0, fills it with the trained weights and sets
     # ctx.model to it (the pipeline reads it back).
     engine: str = "auto"
+    # one-shot methods: the calibration inputs of a block on the compute "device" or pinned on
+    # the "host" (pruners/layerwise.py; calib_inputs=, the memory plan decides under auto)
+    inputs: str = "device"
     offload: bool = False  # fsdp: the shards, gradients and optimizer state in host memory (shard.py)
     fresh_model: Callable[[], Any] | None = None
     # The run folder and fingerprint: training checkpoints go to <workdir>/checkpoint and are

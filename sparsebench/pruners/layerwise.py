@@ -13,6 +13,13 @@
 
 Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, so
 SparseGPT inverts each distinct Hessian once instead of once per linear.
+
+The calibration inputs and outputs of a block (n x seqlen x hidden each) live on the
+compute device, or, with `PruneContext.inputs="host"` (the memory plan's choice when they
+do not fit the GPU: `calib_inputs=`), in pinned host memory: each window then reaches the
+GPU by a copy issued on a side stream one window ahead (`Windows`), so the transfer of
+window j+1 overlaps the work on window j. The windows and their order are the same, so the
+masks are too.
 """
 from __future__ import annotations
 
@@ -70,12 +77,60 @@ def _block_out(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Windows:
+    """The windows of a block's inputs, one by one on the compute device. From host memory
+    on a GPU, window j+1's copy is issued on a side stream before window j is handed out."""
+
+    def __init__(self, x: torch.Tensor, device: torch.device):
+        self.x, self.device = x, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and x.device.type == "cpu" else None
+
+    def _fetch(self, j: int):
+        with torch.cuda.stream(self.stream):
+            return self.x[j : j + 1].to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        n = self.x.shape[0]
+        if self.stream is None:
+            for j in range(n):
+                yield self.x[j : j + 1].to(self.device)
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # the host buffer was written by the previous block's copies
+        nxt = self._fetch(0)
+        for j in range(n):
+            current.wait_stream(self.stream)
+            window = nxt
+            window.record_stream(current)  # the side stream's memory is used on this one
+            if j + 1 < n:
+                nxt = self._fetch(j + 1)
+            yield window
+
+
+def store_window(dest: torch.Tensor, j: int, value: torch.Tensor) -> None:
+    """dest[j] = value; into pinned host memory without waiting (finish_block synchronises)."""
+    dest[j].copy_(value, non_blocking=dest.device.type == "cpu" and value.device.type == "cuda")
+
+
+def finish_block(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def input_buffer(n: int, shape, dtype, device: torch.device, inputs: str) -> torch.Tensor:
+    """n windows of a block's inputs on the compute device, or pinned on the host."""
+    if inputs == "host" and device.type != "cpu":
+        return torch.empty((n, *shape), dtype=dtype, pin_memory=torch.cuda.is_available())
+    return torch.empty((n, *shape), dtype=dtype, device=device)
+
+
 @torch.no_grad()
-def capture(model: nn.Module, calib: torch.Tensor, device: torch.device):
+def capture(model: nn.Module, calib: torch.Tensor, device: torch.device, inputs: str = "device"):
     """Inputs of block 0 for every window, and (args, kwargs) each block receives.
 
     Window 0 runs the real blocks one at a time (so each records the kwargs the model
-    gives it); every later window stops at block 0.
+    gives it); every later window stops at block 0. `inputs="host"` keeps them in pinned
+    host memory (see the module's docstring).
     """
     _, blocks = find_blocks(model)
     home = next(blocks.parameters()).device
@@ -89,8 +144,8 @@ def capture(model: nn.Module, calib: torch.Tensor, device: torch.device):
             nonlocal inps
             if i == 0:
                 if inps is None:
-                    inps = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=device)
-                inps[state["j"]] = hidden[0]
+                    inps = input_buffer(n, hidden.shape[1:], hidden.dtype, device, inputs)
+                store_window(inps, state["j"], hidden[0])
             if state["j"] > 0:
                 raise _Stop
             block_args[i] = (args, kwargs)
@@ -117,6 +172,7 @@ def capture(model: nn.Module, calib: torch.Tensor, device: torch.device):
         for block in blocks:
             del block.forward  # drop the instance attribute; the class method is back
         move_outside_blocks(model, home)
+    finish_block(device)
     return inps, block_args
 
 
@@ -216,7 +272,7 @@ class LayerwisePruner(Pruner):
                 x = args[0].detach()
                 if sharing.observe(name, x) == name:
                     if name not in stats:
-                        stats[name] = self.new_stats(linears[name].in_features, inps.device)
+                        stats[name] = self.new_stats(linears[name].in_features, device)
                     self.add_batch(stats[name], x)
                 calls.append(name)
                 if skip_tail and len(set(calls)) == len(linears):
@@ -225,11 +281,12 @@ class LayerwisePruner(Pruner):
             return hook
 
         hooks = [lin.register_forward_pre_hook(record(name)) for name, lin in linears.items()]
+        device = next(block.parameters()).device
         try:
-            for j in range(inps.shape[0]):  # one window per forward, as the official code
+            for j, window in enumerate(Windows(inps, device)):  # one window per forward, as the official code
                 calls.clear()
                 try:
-                    block(inps[j : j + 1], *args, **kwargs)
+                    block(window, *args, **kwargs)
                 except _Stop:
                     pass
                 if j == 0:
@@ -261,8 +318,8 @@ class LayerwisePruner(Pruner):
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         path, blocks = find_blocks(ctx.model)
-        inps, block_args = capture(ctx.model, ctx.calib, ctx.device)
-        outs = torch.empty_like(inps)
+        inps, block_args = capture(ctx.model, ctx.calib, ctx.device, ctx.inputs)
+        outs = input_buffer(inps.shape[0], inps.shape[1:], inps.dtype, ctx.device, ctx.inputs)
         masks: dict[str, torch.Tensor] = {}
         for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
             home = next(block.parameters()).device
@@ -270,8 +327,9 @@ class LayerwisePruner(Pruner):
             args, kwargs = _to(block_args[i], ctx.device)
             block_masks = self.prune_block(block, inps, args, kwargs, ctx.block_sparsity(i), ctx.pattern)
             masks.update({f"{path}.{i}.{name}": keep.cpu() for name, keep in block_masks.items()})
-            for j in range(inps.shape[0]):  # the pruned block feeds the next one
-                outs[j] = _block_out(block(inps[j : j + 1], *args, **kwargs))[0]
+            for j, window in enumerate(Windows(inps, ctx.device)):  # the pruned block feeds the next one
+                store_window(outs, j, _block_out(block(window, *args, **kwargs))[0])
+            finish_block(ctx.device)
             block.to(home)
             inps, outs = outs, inps
         return masks
