@@ -15,7 +15,7 @@ the plan's prediction and the measurement side by side.
   elsa_l_7b   #18: Elsa-L on the whole random Llama-2-7B, seqlen 2048, one window per step,
               activation checkpointing, `--steps` steps (z/u every 5), with the GPU capped at
               80 GB (torch.cuda.set_per_process_memory_fraction) and offload=true (the plan
-              for one GPU without it is ~83 GiB); peak GPU / host memory and tokens/s beside
+              for one GPU without it is ~85 GiB); peak GPU / host memory and tokens/s beside
               the plan.
   step_ratio  #18: Elsa's optimizer step against a plain masked fine-tuning step
               (recover=finetune after magnitude) on the same model (Llama-2-7B-shaped, 8
