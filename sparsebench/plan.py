@@ -376,7 +376,7 @@ def plan_run(specs, world: int = 1) -> Plan:
     return build_plan(specs.model.name, shapes_of(meta_model(specs.model)), knobs_of(specs, world))
 
 
-def eval_placement(s: Shapes, batch: int, seqlen: int, gpus: list[float], margin: float) -> dict[str, Any]:
+def eval_placement(s: Shapes, batch: int, seqlen: int, gpus: list[float] | None, margin: float) -> dict[str, Any]:
     """Where evaluation (perplexity, zero-shot) puts the model: whole on one GPU; spread over
     the visible GPUs by accelerate's device map, a block never split; or, when they cannot
     hold it, with the remaining blocks on the host (accelerate's offload). `gpus`: GiB of
@@ -385,7 +385,9 @@ def eval_placement(s: Shapes, batch: int, seqlen: int, gpus: list[float], margin
     weights = s.params * s.dtype_bytes / GIB
     window = batch * seqlen * (s.act_per_token * s.dtype_bytes + 2 * s.vocab * 4) / GIB
     keep = 1 - margin
-    if not gpus:
+    if gpus is None:  # a dry run for GPUs this machine lacks: plan.device_limit_gib=<GiB> sizes them
+        where = "decided on the GPU machine (no GPU visible; plan.device_limit_gib sizes one)"
+    elif not gpus:
         where = "host"
     elif weights + window <= keep * gpus[0]:
         where = "one GPU"
@@ -393,7 +395,7 @@ def eval_placement(s: Shapes, batch: int, seqlen: int, gpus: list[float], margin
         where = "GPUs (device map)"
     else:
         where = "GPUs + host (device map, offloaded)"
-    return {"placement": where, "gpus": len(gpus), "weights_gib": round(weights, 3), "window_gib": round(window, 3)}
+    return {"placement": where, "gpus": len(gpus or []), "weights_gib": round(weights, 3), "window_gib": round(window, 3)}
 
 
 # ----------------------------------------------------------------------------- the check

@@ -242,7 +242,8 @@ def end_own_group() -> None:
 
 
 def init_distributed(specs: Specs) -> int:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; returns this rank."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group; in one process FSDP2
+    (offload=true) gets a group of one. Returns this rank."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -345,16 +346,15 @@ def memory_plan(specs: Specs, world: int):
     return plan, shapes
 
 
-def visible_gpus(specs: Specs) -> list[float]:
+def visible_gpus(specs: Specs) -> list[float] | None:
     """GiB of each GPU evaluation may use: the visible ones (plan.device_limit_gib overrides
-    their size); none on the CPU."""
+    their size); [] on the CPU; None when a dry run plans for GPUs it cannot see."""
     if specs.device.type != "cuda":
         return []
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    sizes = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(count)]
     if specs.plan.device_limit_gib is not None:
-        sizes = [specs.plan.device_limit_gib] * max(count, 1)
-    return sizes
+        return [specs.plan.device_limit_gib] * max(count, 1)
+    return [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(count)] or None
 
 
 def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
