@@ -197,7 +197,7 @@ def run_worker(specs: Specs, workdir: Path | None = None, fingerprint: str | Non
     shards (rank 0 records)."""
     model, tok = load_model(specs.model, specs.seed)
     if not specs.pruner.distributed:  # a sharded recovery: rank 0 prunes, every rank fine-tunes
-        masks = share_pruned(model, None)
+        masks = share_pruned(model, None, str(fingerprint))
         specs.recover.run(recover_context(specs, model, masks, tok))
         return {"metrics": {}}
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
@@ -563,7 +563,7 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     if specs.recover is not None:  # the masks are frozen: trained around, then verified again
         frozen = masks if specs.pruner.name != "dense" else saved[0]
         if specs.run_engine == "fsdp" and not specs.pruner.distributed and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            share_pruned(model, frozen)  # the other ranks waited for this pruned model
+            share_pruned(model, frozen, fingerprint)  # the other ranks waited for this pruned model
         rctx = recover_context(specs, model, frozen, tok, logger.log)
         with timed(results, "recover"):
             specs.recover.run(rctx)

@@ -80,23 +80,22 @@ def sum_over_ranks(value: float, device: torch.device) -> float:
     return float(t)
 
 
-PRUNED_KEY = "sparsebench/pruned"  # rank 0 sets it on the store when its one-shot pruning is done
-
-
-def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None, run_id: str) -> dict[str, torch.Tensor]:
     """Rank 0's pruned weights and masks to every rank (a collective), before a sharded
-    recovery. The other ranks first wait on the store, not in a collective: one-shot
-    pruning of a large model takes longer than a collective's timeout. Returns the masks."""
+    recovery. The other ranks first wait on the store for rank 0's key of this run (its
+    fingerprint), not in a collective: one-shot pruning of a large model takes longer than
+    a collective's timeout. Returns the masks."""
     from datetime import timedelta
 
     from .models import prunable_linears
 
     rank = dist.get_rank()
     store = dist.distributed_c10d._get_default_store()
+    key = f"sparsebench/pruned/{run_id}"
     if rank == 0:
-        store.set(PRUNED_KEY, "1")
+        store.set(key, "1")
     else:
-        store.wait([PRUNED_KEY], timedelta(days=2))
+        store.wait([key], timedelta(days=2))
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() != "gloo" else torch.device("cpu")
     for t in [*model.parameters(), *model.buffers()]:
         buf = t.data.to(comm)
