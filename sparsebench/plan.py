@@ -190,8 +190,8 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         k = self.knobs
-        return {"engine": k.engine, "offload": k.offload, "calib_inputs": k.inputs, "world_size": k.world, "method": k.method, "seqlen": k.seqlen,
-                "micro_batch": k.micro_batch, "device": k.device,
+        return {"engine": k.engine, "offload": k.offload, "calib_inputs": k.inputs, "world_size": k.world,
+                "method": k.method, "seqlen": k.seqlen, "micro_batch": k.micro_batch, "device": k.device,
                 "per_rank_gib": {"host": round(self.total("host"), 3), "device": round(self.total("device"), 3)},
                 **({"other_ranks_gib": {w: round(self.total(w, rank=1), 3) for w in ("host", "device")}}
                    if self.rank0 and k.world > 1 else {}),
@@ -200,7 +200,8 @@ class Plan:
 
     def table(self) -> str:
         k = self.knobs
-        head = (f"memory plan: {self.model}, {k.method}, engine {k.engine}{' + CPU offload' if k.offload else ''}, {k.world} rank(s), seqlen {k.seqlen}, "
+        engine = f"{k.engine} + CPU offload" if k.offload else k.engine
+        head = (f"memory plan: {self.model}, {k.method}, engine {engine}, {k.world} rank(s), seqlen {k.seqlen}, "
                 f"micro-batch {k.micro_batch}, device {k.device} (GiB per rank)")
         width = max(len(n) for n, *_ in self.terms) if self.terms else 10
         lines = [head, f"  {'component':<{width}}  where    GiB       held"]
