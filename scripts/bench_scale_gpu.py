@@ -4,7 +4,7 @@ Random full-size architectures (model.source=random: no download, no data files,
 token ids), so nothing here is a quality number. Each part prints JSON lines: what ran,
 the plan's prediction and the measurement side by side.
 
-    python scripts/bench_scale_gpu.py            # every part, in this order
+    python scripts/bench_scale_gpu.py            # the three parts below, in this order (each fits one 10-minute call)
     python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio)
     python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no numbers)
 
@@ -17,6 +17,9 @@ the plan's prediction and the measurement side by side.
               80 GB (torch.cuda.set_per_process_memory_fraction) and offload=true (the plan
               for one GPU without it is ~85 GiB); peak GPU / host memory and tokens/s beside
               the plan.
+  oneshot_13b #17, if the device time allows (not in the default list): Wanda on the whole
+              random Llama-2-13B, 128 x 2048 windows, calib_inputs=host (pinned, prefetched):
+              prune time and peak GPU memory beside the plan.
   step_ratio  #18: Elsa's optimizer step against a plain masked fine-tuning step
               (recover=finetune after magnitude) on the same model (Llama-2-7B-shaped, 8
               blocks) and engine (one GPU), 32 steps each, seqlen 2048, one window, bf16
@@ -114,12 +117,25 @@ def summary(res: dict, stage: str) -> dict:
             "tokens_per_s": round(b.get("train_tokens", 0) / train_s, 1) if train_s else None}
 
 
-PARTS = {"oneshot": oneshot, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio}
+def oneshot_13b(args) -> None:
+    overrides = ["model=llama2-13b", "model.source=random", "model.seqlen=2048", "device=cuda", "logger=disabled",
+                 "method=wanda", "sparsity=0.5", "data.nsamples=128", "calib_inputs=host"]
+    if args.smoke:
+        overrides = SMOKE + ["method=wanda", "sparsity=0.5", "data.nsamples=4", "calib_inputs=host"]
+    res = sparsebench_run(overrides, timeout=args.timeout)
+    row = summary(res, "prune")
+    if res.get("status") == "complete":
+        row.update(prune_s=(res.get("timings_s") or {}).get("prune"), calib_inputs=(res.get("plan") or {}).get("calib_inputs"))
+    print(json.dumps({"part": "oneshot_13b", "overrides": overrides, **row}), flush=True)
+
+
+PARTS = {"oneshot": oneshot, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio, "oneshot_13b": oneshot_13b}
+DEFAULT = ["oneshot", "elsa_l_7b", "step_ratio"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", default=list(PARTS), help=f"any of {', '.join(PARTS)} (default: all)")
+    ap.add_argument("parts", nargs="*", default=DEFAULT, help=f"any of {', '.join(PARTS)} (default: {' '.join(DEFAULT)})")
     ap.add_argument("--blocks", type=int, default=4, help="oneshot: Llama-2-7B blocks to prune (of 32)")
     ap.add_argument("--steps", type=int, default=10, help="elsa_l_7b: optimizer steps")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per sparsebench run")
