@@ -239,3 +239,16 @@ def test_masked_finetuning_on_two_fsdp_ranks_matches_one_process(tmp_path):
         assert rel <= 1e-5, (key, rel)
         if key.endswith("proj.weight"):
             assert torch.equal(b[key] == 0, w == 0), key
+
+
+def test_the_prepared_gpu_script_runs_its_plumbing_on_the_cpu(tmp_path):
+    """scripts/bench_scale_gpu.py --smoke: the offloaded Elsa-L part and the host-input one-shot
+    part on a tiny random model (no numbers: the GPU measurement itself was not run here)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scale_gpu.py"), "--smoke", "--steps", "2",
+                          "elsa_l_7b", "oneshot_13b"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["part"]: r for r in map(json.loads, (ln for ln in out.stdout.splitlines() if ln.startswith('{"part"')))}
+    assert rows["elsa_l_7b"]["status"] == "complete" and rows["elsa_l_7b"]["engine"] == "fsdp"
+    assert rows["elsa_l_7b"]["offload"] is True and rows["elsa_l_7b"]["steps"] == 2
+    assert rows["oneshot_13b"]["status"] == "complete" and rows["oneshot_13b"]["calib_inputs"] == "host"
