@@ -18,9 +18,9 @@ in bfloat16 and, by default, Adam's moments in 8 bits.
 
 Multi-process: under torchrun (torch.distributed initialised) the model is wrapped in
 DDP or sharded with FSDP2 (`engine=`, sparsebench/shard.py; `offload=true` keeps the
-shards, gradients and optimizer state on the host, also on one GPU); every rank draws the same global batch and trains on its slice, so the data seen
-does not depend on the number of ranks, and the deterministic projection gives every
-rank the same z.
+shards, gradients and optimizer state on the host, also on one GPU); every rank draws
+the same global batch and trains on its slice, so the data seen does not depend on the
+number of ranks, and the deterministic projection gives every rank the same z.
 """
 from __future__ import annotations
 
