@@ -19,7 +19,10 @@ compute device, or, with `PruneContext.inputs="host"` (the memory plan's choice 
 do not fit the GPU: `calib_inputs=`), in pinned host memory: each window then reaches the
 GPU by a copy issued on a side stream one window ahead (`Windows`), so the transfer of
 window j+1 overlaps the work on window j. The windows and their order are the same, so the
-masks are too.
+masks are too. Windows still run one per forward, as the official code: batching them
+would change the products' rounding and so, near ties, the masks. A block's weights move
+to the GPU unprefetched (they are pageable host memory, and the copy is small beside
+the block's pruning).
 """
 from __future__ import annotations
 
