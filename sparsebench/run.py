@@ -35,7 +35,7 @@ from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
 from .tracking import LoggerSpec, Results, WandbLogger, peak_memory, stage_peak
-from .training import Budget
+from .training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +214,6 @@ def recover_context(specs: Specs, model, masks, tok, log=lambda metrics: None) -
                           engine=specs.run_engine, offload=specs.offload)
 
 
-def sync_cuda() -> None:
-    """Wait for queued CUDA work (it runs asynchronously) before reading a clock; a no-op
-    where CUDA was never used."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 @contextmanager
 def timed(results: Results, key: str):
     sync_cuda()
@@ -230,15 +223,16 @@ def timed(results: Results, key: str):
     results.update(timings_s={key: round(time.perf_counter() - start, 3)})
 
 
-_OWN_GROUP: list[bool] = []  # a one-process group init_distributed made (offload): ended with its run
+_own_group = False  # a one-process group init_distributed made (offload): ended with its run
 
 
 def end_own_group() -> None:
     import torch.distributed as dist
 
-    if _OWN_GROUP and dist.is_initialized():
+    global _own_group
+    if _own_group and dist.is_initialized():
         dist.destroy_process_group()
-    _OWN_GROUP.clear()
+    _own_group = False
 
 
 def init_distributed(specs: Specs) -> int:
@@ -250,7 +244,8 @@ def init_distributed(specs: Specs) -> int:
     if world == 1:
         if specs.run_engine == "fsdp" and not dist.is_initialized():  # offload on one process: a group of one
             dist.init_process_group(backend(specs.device, specs.offload), store=dist.HashStore(), rank=0, world_size=1)
-            _OWN_GROUP.append(True)
+            global _own_group
+            _own_group = True
         return 0
     if not specs.pruner.distributed and specs.run_engine != "fsdp":  # fsdp: a sharded recovery after it
         raise SparsebenchError(

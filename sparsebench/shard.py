@@ -23,6 +23,8 @@ to the device of its shard.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -129,3 +131,23 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def place_for_training(model: nn.Module, device: torch.device, sharded: bool, offload: bool, bf16: bool) -> None:
+    """Shard (FSDP2) before the move, so no rank holds the whole model on the device; an
+    offloaded model stays on the host (FSDP2 moved its buffers)."""
+    if sharded:
+        shard_model(model, bf16=bf16, offload=offload)
+    if not (sharded and offload):
+        model.to(device)
+
+
+def unshard(model: nn.Module, fresh: Callable[[], nn.Module]) -> nn.Module | None:
+    """The trained weights gathered into a plain copy from `fresh()` on rank 0 (a collective:
+    every rank calls it); None on the other ranks."""
+    state = full_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    plain = fresh()
+    plain.load_state_dict(state)
+    return plain

@@ -27,7 +27,9 @@ import torch
 from .errors import SparsebenchError
 
 
-def _sync() -> None:
+def sync_cuda() -> None:
+    """Wait for queued CUDA work (it runs asynchronously) before reading a clock; a no-op
+    where CUDA was never used."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -168,7 +170,7 @@ class Trainer:
 
     def step(self, closures: list[Callable[[], torch.Tensor]], tokens: int) -> float:
         """One optimizer step over the micro-batch closures; returns the (reduced) loss."""
-        _sync()
+        sync_cuda()
         start = time.perf_counter()
         step = self.steps_done
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -189,7 +191,7 @@ class Trainer:
             hook.after_update(step)
         self.steps_done += 1
         self.tokens += tokens
-        _sync()  # CUDA runs asynchronously: a step ends when its kernels have
+        sync_cuda()  # CUDA runs asynchronously: a step ends when its kernels have
         self.wall_s += time.perf_counter() - start
         return loss
 

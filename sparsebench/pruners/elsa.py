@@ -37,7 +37,7 @@ from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import METHODS, option
 from ..checkpoint import TrainingCheckpoint
-from ..shard import full_state_dict, shard_model
+from ..shard import place_for_training, unshard
 from .adam8bit import Adam8bit
 from ..training import ADMMHook, Budget, Trainer, linear_decay, mean_over_ranks
 from .admm import ADMM, LambdaSchedule, Stored
@@ -160,10 +160,8 @@ class Elsa(Pruner):
         if dtype == torch.float16:
             log.warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or float32 to avoid the copy)", self.name)
             model.float()
-        if engine == "fsdp":  # every block, then the root: rows of every tensor split over the ranks;
-            shard_model(model, bf16=self.use_bf16(ctx.device), offload=ctx.offload)  # sharded before the move
-        if not (engine == "fsdp" and ctx.offload):  # offloaded shards stay on the host (FSDP2 moved the buffers)
-            model.to(ctx.device)
+        # under fsdp every block, then the root: rows of every tensor split over the ranks
+        place_for_training(model, ctx.device, engine == "fsdp", ctx.offload, self.use_bf16(ctx.device))
         linears = prunable_linears(model)
         admm_params, others = self._trainable(model, set(linears))
         groups = [{"params": admm_params, "lr": self.lr_pruned or self.lr}]
@@ -228,11 +226,9 @@ class Elsa(Pruner):
             opt.state.clear()  # the training state goes first: the gather then fits under its peak
             admm.z.clear()
             admm.u.clear()
-            state = full_state_dict(model)
-            if rank == 0:
-                model = ctx.fresh_model()
-                model.load_state_dict(state)
-                ctx.model = model
+            plain = unshard(model, ctx.fresh_model)
+            if plain is not None:
+                model = ctx.model = plain
         model.to(dtype)  # zeros stay zeros in any dtype
         return masks
 

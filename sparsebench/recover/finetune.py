@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import option
-from ..shard import full_state_dict, shard_model
+from ..shard import place_for_training, unshard
 from ..training import MaskHook, Trainer, linear_decay, mean_over_ranks
 from . import RECOVERIES, RecoverContext, Recovery
 
@@ -112,12 +112,9 @@ class Finetune(WindowTraining, Recovery):
     def run(self, ctx: RecoverContext) -> None:
         model = ctx.model
         dtype = float_master(model)
-        sharded = ctx.engine == "fsdp"
-        if sharded:  # FSDP2 over the ranks, or offload=true in a group of one (sparsebench/shard.py)
-            bf16 = ctx.device.type == "cuda" if self.bf16 is None else self.bf16
-            shard_model(model, bf16=bf16, offload=ctx.offload)
-        if not (sharded and ctx.offload):
-            model.to(ctx.device)
+        sharded = ctx.engine == "fsdp"  # FSDP2 over the ranks, or offload=true in a group of one
+        bf16 = ctx.device.type == "cuda" if self.bf16 is None else self.bf16
+        place_for_training(model, ctx.device, sharded, ctx.offload, bf16)
         linears = prunable_linears(model)
         frozen = set()
         if self.freeze_embeddings:
@@ -133,13 +130,11 @@ class Finetune(WindowTraining, Recovery):
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
-        if sharded:  # back to a plain model on rank 0: the gathered weights in a fresh copy (a collective)
-            state = full_state_dict(model)
-            if dist.get_rank() != 0:
+        if sharded:  # back to a plain model on rank 0 (a collective)
+            plain = unshard(model, ctx.load_dense)
+            if plain is None:
                 return  # the other ranks are done: rank 0 verifies, evaluates and records
-            model = ctx.load_dense()
-            model.load_state_dict(state)
-            ctx.model = model
+            model = ctx.model = plain
         model.to(dtype)
         total = sum(p.numel() for p in model.parameters())
         self._report = {"trainable_params": sum(p.numel() for p in trainable), "total_params": total,
