@@ -49,6 +49,8 @@ def add_protocol_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--windows", type=int, default=64, help="eval windows per dataset")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib-batch", type=int, default=1,
+                    help="sparsebench's calibration windows per forward through a block (calib_batch=)")
     ap.add_argument("--random", metavar="MODEL", default=None,
                     help="instead of SmolLM2: a random full-size model from conf/model/MODEL.yaml's arch (no "
                          "download), fed random token ids; timing and memory only, never perplexity")
@@ -117,7 +119,8 @@ def main() -> None:
         model.load_state_dict(dense)
         model.to("cpu")
         pruner = METHODS.build(method, {})
-        ctx = PruneContext(model, sparsity, pattern, Schedule(), device, calib if pruner.needs_calibration else None)
+        ctx = PruneContext(model, sparsity, pattern, Schedule(), device, calib if pruner.needs_calibration else None,
+                           calib_batch=args.calib_batch)
         sync_cuda()
         start = time.perf_counter()
         masks = pruner.prune(ctx)

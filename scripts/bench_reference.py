@@ -15,7 +15,8 @@ cost and its numbers:
   block (k+1 or more per block, so its sparsity is a hair above the target; sparsebench's
   default count=official does the same, count=exact prunes k);
 - N:M as the official column loop (topk of each M-group as the sweep reaches it);
-- every window runs alone through the block, before and after pruning.
+- every window runs alone through the block, before and after pruning (sparsebench too,
+  unless `--calib-batch B` runs its B windows per forward).
 
 The one change: block inputs and keyword arguments come from sparsebench's capture(),
 which records what transformers passes to each block (the official Catcher's role).
@@ -203,7 +204,8 @@ def main() -> None:
         if impl == "reference":
             reference_prune(model, calib, method, sparsity, pattern, device)
         else:
-            METHODS.build(method, options).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib))
+            METHODS.build(method, options).prune(PruneContext(model, sparsity, pattern, Schedule(), device, calib,
+                                                              calib_batch=args.calib_batch))
         sync_cuda()
         took = time.perf_counter() - start
         if device.type == "cuda":
@@ -238,7 +240,8 @@ def main() -> None:
             ppl = evaluate(model, streams, args)
             rows[impl] = {
                 "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
-                "options": options if impl == "sparsebench" else {},
+                "options": ({**options, "calib_batch": args.calib_batch} if args.calib_batch > 1 else options)
+                if impl == "sparsebench" else {},
                 "wikitext2": None if math.isnan(ppl["wikitext2"]) else round(ppl["wikitext2"], 4),
                 "c4": None if math.isnan(ppl["c4"]) else round(ppl["c4"], 4),
                 "peak_gpu_gib": round(peaks[impl], 3) if impl in peaks else None,

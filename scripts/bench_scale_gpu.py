@@ -11,7 +11,9 @@ the plan's prediction and the measurement side by side.
   oneshot     #17: SparseGPT and Wanda at 0.5 on Llama-2-7B-shaped blocks (the first
               `--blocks` of 32, 128 x 2048 calibration windows), sparsebench against the
               papers' per-layer loop (scripts/bench_reference.py) on the same GPU: prune time
-              ratio (targets: <= 0.8x SparseGPT, <= 0.5x Wanda), peak GPU memory, mask agreement.
+              ratio (targets: <= 0.8x SparseGPT, <= 0.5x Wanda), peak GPU memory, mask agreement;
+              then again with sparsebench at calib_batch=8 (time, and whether batched GEMMs
+              change any mask on this GPU).
   elsa_l_7b   #18: Elsa-L on the whole random Llama-2-7B, seqlen 2048, one window per step,
               activation checkpointing, `--steps` steps (z/u every 5), with the GPU capped at
               80 GB (torch.cuda.set_per_process_memory_fraction) and offload=true (the plan
@@ -79,8 +81,9 @@ def oneshot(args) -> None:
     cmd = [sys.executable, str(REPO / "scripts" / "bench_reference.py"), "sparsegpt:0.5", "wanda:0.5",
            "--random", model, "--blocks", str(args.blocks), "--seqlen", str(seqlen), "--nsamples", str(nsamples),
            "--device", device, "--repeats", "1", "--warmup", "1"]
-    print(json.dumps({"part": "oneshot", "command": " ".join(cmd[1:])}), flush=True)
-    subprocess.run(cmd, check=False)
+    for extra in ([], ["--calib-batch", "4" if args.smoke else "8"]):
+        print(json.dumps({"part": "oneshot", "command": " ".join(cmd[1:] + extra)}), flush=True)
+        subprocess.run(cmd + extra, check=False)
 
 
 def elsa_l_7b(args) -> None:

@@ -50,6 +50,8 @@ def identity(config: dict[str, Any], *, needs_calibration: bool = True, dense: b
     """The part of a resolved config that moves a number of this run."""
     c = copy.deepcopy({k: v for k, v in config.items() if k not in NOT_RESULTS})
     c.pop("protocol", None)  # a label: its values are in data and eval
+    if c.get("calib_batch", 1) == 1:
+        c.pop("calib_batch", None)  # the official code's one window per forward: identities from before the key stay
     data = c.get("data") or {}
     data.pop("cache", None)
     if data.get("source") == "local":

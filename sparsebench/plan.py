@@ -152,6 +152,7 @@ class Knobs:
     engine: str = "single"  # single | ddp | fsdp
     offload: bool = False  # fsdp: shards, gradients, moments, z and u on the host
     inputs: str = "device"  # one-shot: a block's calibration inputs and outputs on the device or the host
+    calib_batch: int = 1  # one-shot: windows per forward through a block
     z_bytes: int = 0  # 0: no ADMM state
     u_bytes: int = 0
     adam8: bool = False
@@ -190,7 +191,7 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         k = self.knobs
-        return {"engine": k.engine, "offload": k.offload, "calib_inputs": k.inputs, "world_size": k.world,
+        return {"engine": k.engine, "offload": k.offload, "calib_inputs": k.inputs, "calib_batch": k.calib_batch, "world_size": k.world,
                 "method": k.method, "seqlen": k.seqlen, "micro_batch": k.micro_batch, "device": k.device,
                 "per_rank_gib": {"host": round(self.total("host"), 3), "device": round(self.total("device"), 3)},
                 **({"other_ranks_gib": {w: round(self.total(w, rank=1), 3) for w in ("host", "device")}}
@@ -233,7 +234,7 @@ def knobs_of(specs, world: int) -> Knobs:
     if isinstance(p, Safe):
         return Knobs(kind="safe", stats="norms", micro_batch=p.batch_size, z_bytes=4, u_bytes=4, **common)
     if isinstance(p, LayerwisePruner) or p.name in ("dense", "magnitude"):
-        knobs = Knobs(kind="oneshot", stats=stats, inputs=specs.run_inputs, **common)
+        knobs = Knobs(kind="oneshot", stats=stats, inputs=specs.run_inputs, calib_batch=specs.calib_batch, **common)
         if r is not None and r.name in ("finetune", "perp"):  # the training stage is the larger one
             return _recover_knobs(r, knobs, world, specs)
         return knobs
@@ -277,13 +278,18 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
                  "update" if k.kind == "train" else "always")
     if k.kind in ("oneshot", "safe"):
         plan.add("weights (model dtype)", host, s.params * b)
-        plan.add("one block on the device", dev, s.block_params * b if k.device != "cpu" else 0)
+        if k.kind == "oneshot":  # pruners/layerwise.py's Blocks: the next block is copied while one is pruned
+            plan.add("two blocks on the device (in use, the next prefetched)", dev,
+                     2 * s.block_params * b if k.device != "cpu" else 0)
+        else:
+            plan.add("one block on the device", dev, s.block_params * b if k.device != "cpu" else 0)
         in_bytes = 4 if k.kind == "safe" else b
-        on = host if k.inputs == "host" else dev  # pinned host memory: one window at a time on the device
+        per_forward = k.calib_batch * k.seqlen  # tokens through a block in one forward
+        on = host if k.inputs == "host" else dev  # pinned host memory: one batch of windows at a time on the device
         plan.add("calibration inputs of a block", on, k.nsamples * k.seqlen * s.hidden * in_bytes)
         plan.add("calibration outputs of a block", on, k.nsamples * k.seqlen * s.hidden * in_bytes)
-        if on == host and k.device != "cpu":  # the window in use, the next one in flight, one output
-            plan.add("windows on the device (in use, prefetched, output)", dev, 3 * k.seqlen * s.hidden * in_bytes)
+        if on == host and k.device != "cpu":  # the batch in use, the next one in flight, one output
+            plan.add("windows on the device (in use, prefetched, output)", dev, 3 * per_forward * s.hidden * in_bytes)
         if k.stats == "norms":
             plan.add("statistics: input norms (float32)", dev, s.norm_elems * 4)
         if k.stats == "hessian":
@@ -303,7 +309,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             # one linear at a time: W, Y, B, D, D0, V and a product temporary (float32), masks
             rows, cols = s.largest_linear
             plan.add("prune copies: one linear's ADMM variables (float32) and masks", dev, rows * cols * (7 * 4 + 3))
-        plan.add("one window's forward through a block", dev, k.seqlen * s.act_per_token * in_bytes)
+        plan.add(f"one forward through a block ({k.calib_batch} window(s))", dev, per_forward * s.act_per_token * in_bytes)
         if k.kind == "safe":
             w = s.block_params * 4
             plan.add("block in training: weights, grads, Adam (float32)", dev, 4 * w)
@@ -446,6 +452,8 @@ def alternatives(model_name: str, s: Shapes, k: Knobs) -> list[tuple[str, Knobs]
     else:
         if k.kind == "oneshot" and k.inputs == "device" and k.device == "cuda":
             out.append(("calib_inputs=host", replace(k, inputs="host")))
+        if k.kind == "oneshot" and k.calib_batch > 1:
+            out.append(("calib_batch=1", replace(k, calib_batch=1)))
         for n in (k.nsamples // 2, k.nsamples // 4):
             if n >= 1:
                 out.append((f"data.nsamples={n}", replace(k, nsamples=n)))

@@ -29,6 +29,7 @@ from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .pruners.base import targets_by_linear
+from .pruners.layerwise import LayerwisePruner
 from .plan import PlanSpec, build_plan, check_fits, eval_placement, fits, knobs_of, shapes_of
 from .shard import ENGINES, backend, share_pruned
 from .recover import RECOVERIES, RecoverContext
@@ -67,6 +68,7 @@ class Specs:
     offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/shard.py)
     calib_inputs: str = "auto"  # asked for: auto | device | host (pruners/layerwise.py)
     run_inputs: str = "device"  # what runs: set by memory_plan
+    calib_batch: int = 1  # one-shot methods: windows per forward through a block (pruners/layerwise.py)
     checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/checkpoint.py)
 
     @property
@@ -142,6 +144,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         checkpoint_every=check_value(c.get("checkpoint_every", 0), int, "checkpoint_every", ge=0),
         offload=check_value(c.get("offload", False), bool, "offload"),
         calib_inputs=check_value(c.get("calib_inputs", "auto"), str, "calib_inputs", choices=("auto", "device", "host")),
+        calib_batch=check_value(c.get("calib_batch", 1), int, "calib_batch", ge=1),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
@@ -160,6 +163,9 @@ def build_specs(cfg: DictConfig) -> Specs:
     if specs.checkpoint_every and not pruner.distributed:
         log.warning("checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) checkpoints",
                     specs.checkpoint_every, pruner.name)
+    if specs.calib_batch > 1 and not isinstance(pruner, LayerwisePruner):
+        log.warning("calib_batch=%d does nothing for '%s': only the layer-by-layer one-shot methods batch windows",
+                    specs.calib_batch, pruner.name)
     if specs.save.dir and not specs.save.enabled:
         log.warning("save.dir is set but save.enabled=false: nothing will be saved")
     return specs
@@ -533,7 +539,7 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
                        tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
                        block_targets=allocation.targets if allocation else None, engine=specs.run_engine,
-                       offload=specs.offload, inputs=specs.run_inputs, fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
+                       offload=specs.offload, inputs=specs.run_inputs, calib_batch=specs.calib_batch, fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir, fingerprint=fingerprint,
                        checkpoint_every=specs.checkpoint_every)
     results.update(engine=specs.run_engine, world_size=int(os.environ.get("WORLD_SIZE", 1)), offload=specs.offload)
     with timed(results, "prune"):

@@ -242,13 +242,19 @@ def test_masked_finetuning_on_two_fsdp_ranks_matches_one_process(tmp_path):
 
 
 def test_the_prepared_gpu_script_runs_its_plumbing_on_the_cpu(tmp_path):
-    """scripts/bench_scale_gpu.py --smoke: the offloaded Elsa-L part and the host-input one-shot
-    part on a tiny random model (no numbers: the GPU measurement itself was not run here)."""
+    """scripts/bench_scale_gpu.py --smoke: the offloaded Elsa-L part, the host-input one-shot
+    part and the reference comparison (one window per forward, then four) on a tiny random
+    model (no numbers: the GPU measurement itself was not run here)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scale_gpu.py"), "--smoke", "--steps", "2",
-                          "elsa_l_7b", "oneshot_13b"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          "elsa_l_7b", "oneshot_13b", "oneshot"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["part"]: r for r in map(json.loads, (ln for ln in out.stdout.splitlines() if ln.startswith('{"part"')))}
     assert rows["elsa_l_7b"]["status"] == "complete" and rows["elsa_l_7b"]["engine"] == "fsdp"
     assert rows["elsa_l_7b"]["offload"] is True and rows["elsa_l_7b"]["steps"] == 2
     assert rows["oneshot_13b"]["status"] == "complete" and rows["oneshot_13b"]["calib_inputs"] == "host"
+    compares = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith('{"compare"')]
+    assert len(compares) == 4  # sparsegpt and wanda, at calib_batch 1 and 4: the reference's masks every time
+    assert all(c["mask_agreement"] == 1.0 for c in compares), compares
+    batched = [json.loads(ln) for ln in out.stdout.splitlines() if '"impl": "sparsebench"' in ln]
+    assert [r["options"].get("calib_batch", 1) for r in batched] == [1, 1, 4, 4]

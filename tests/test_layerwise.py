@@ -217,3 +217,69 @@ def test_windows_come_one_by_one_in_order_and_host_inputs_keep_the_masks(tmp_pat
     b = run(compose(base + ["calib_inputs=host"]), tmp_path / "b")  # on the CPU the host is the device
     assert a["plan"]["calib_inputs"] == "device" and b["plan"]["calib_inputs"] == "host"
     assert a["metrics"] == b["metrics"]
+
+
+def _prune_copy(model, pruner, calib, batch):
+    import copy
+
+    m = copy.deepcopy(model)
+    masks = pruner.prune(PruneContext(m, 0.6, Pattern(), Schedule(), torch.device("cpu"), calib, calib_batch=batch))
+    return masks, m.state_dict()
+
+
+def test_batched_windows_and_prefetched_blocks_keep_masks_and_weights(tiny_model, monkeypatch):
+    """calib_batch=B adds the statistics window by window, so on the CPU (whose products
+    are row-independent) masks and pruned weights are bitwise those of one window per
+    forward, also when B does not divide the windows; the worker-thread block loader gives
+    the same result as the plain one."""
+    import functools
+
+    from sparsebench.pruners import layerwise
+
+    model, _ = tiny_model
+    calib = torch.randint(0, 256, (7, 64))
+    for pruner in (Wanda(), SparseGPT()):
+        ref_masks, ref_state = _prune_copy(model, pruner, calib, 1)
+        variants = [_prune_copy(model, pruner, calib, b) for b in (3, 7)]
+        with monkeypatch.context() as mp:
+            mp.setattr(layerwise, "Blocks", functools.partial(layerwise.Blocks, prefetch=True))
+            variants.append(_prune_copy(model, pruner, calib, 2))
+        for masks, state in variants:
+            assert masks.keys() == ref_masks.keys()
+            assert all(torch.equal(masks[k], ref_masks[k]) for k in masks)
+            assert all(torch.equal(state[k], ref_state[k]) for k in state)
+
+
+def test_blocks_visits_every_block_once_in_order_and_puts_it_back(tiny_model):
+    from sparsebench.pruners.layerwise import Blocks
+
+    model, _ = tiny_model
+    _, blocks = find_blocks(model)
+    for prefetch in (False, True):
+        seen = [(i, b) for i, b in Blocks(blocks, torch.device("cpu"), prefetch=prefetch)]
+        assert [i for i, _ in seen] == list(range(len(blocks)))
+        assert all(b is blocks[i] for i, b in seen)
+        assert all(next(b.parameters()).device.type == "cpu" for b in blocks)
+
+
+class _Flat(torch.nn.Module):
+    """A block that flattens the windows into one token list before a linear (as a mixture
+    of experts routes tokens): its statistics cannot be split per window."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+def test_batched_windows_refuse_a_block_that_mixes_windows():
+    import pytest
+
+    from sparsebench.errors import SparsebenchError
+
+    inps = torch.randn(4, 5, 8)  # four windows of five tokens
+    Wanda().prune_block(_Flat(), inps, (), {}, 0.5, Pattern(), batch=1)  # one window: fine
+    with pytest.raises(SparsebenchError, match=r"calib_batch=2.*'a'.*\(10, 8\).*use calib_batch=1"):
+        Wanda().prune_block(_Flat(), inps, (), {}, 0.5, Pattern(), batch=2)

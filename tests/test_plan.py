@@ -8,7 +8,7 @@ import pytest
 from sparsebench import cli
 from sparsebench.errors import SparsebenchError
 from sparsebench.models import load_model, meta_model, prunable_linears
-from sparsebench.plan import shapes_of
+from sparsebench.plan import alternatives, shapes_of
 from sparsebench.run import build_specs, memory_plan, run
 
 from .conftest import compose, tiny_spec
@@ -184,6 +184,21 @@ def test_calibration_inputs_go_to_the_host_when_they_do_not_fit_the_gpu():
     assert memory_plan(forced, 1)[0].knobs.inputs == "device"  # asked for: kept (the check then refuses)
     with pytest.raises(SparsebenchError, match="unknown calib_inputs|calib_inputs.*valid"):
         build_specs(compose(base + ["calib_inputs=disk"]))
+
+
+def test_batched_windows_and_the_prefetched_block_in_the_plan():
+    base = ["model=llama2-7b", "model.source=random", "method=wanda", "device=cuda", "dry_run=true", "calib_inputs=host"]
+    one, _ = memory_plan(build_specs(compose(base)), 1)
+    four, _ = memory_plan(build_specs(compose(base + ["calib_batch=4"])), 1)
+    a = {name: gib for name, _, gib, _ in one.terms}
+    b = {name: gib for name, _, gib, _ in four.terms}
+    s = shapes_of(meta_model(build_specs(compose(base)).model))
+    assert a["two blocks on the device (in use, the next prefetched)"] == pytest.approx(2 * s.block_params * 2 / 2**30)
+    assert b["one forward through a block (4 window(s))"] == pytest.approx(4 * a["one forward through a block (1 window(s))"])
+    windows = "windows on the device (in use, prefetched, output)"
+    assert b[windows] == pytest.approx(4 * a[windows]) and a[windows] == pytest.approx(3 * 2048 * 4096 * 2 / 2**30)
+    assert four.as_dict()["calib_batch"] == 4
+    assert ("calib_batch=1" in [name for name, _ in alternatives("llama2-7b", s, four.knobs)])
 
 
 def test_evaluation_placement_one_gpu_several_or_offloaded():

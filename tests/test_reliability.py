@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from sparsebench import cli, report
 from sparsebench.data import DataSpec, eval_stream, resolve_root
@@ -75,6 +76,17 @@ def test_resume_only_on_an_equal_fingerprint(tmp_path, monkeypatch):
     (out / "results.json").write_text(json.dumps(rec))
     monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("re-ran a finished run"))
     assert run(compose(TINY + ["method=wanda", "logger=offline"]), out)["metrics"] == first["metrics"]
+
+
+def test_calib_batch_enters_the_identity_only_away_from_one_window():
+    from sparsebench.ledger import identity
+
+    def ident(extra):
+        return identity(OmegaConf.to_container(compose(TINY + ["method=wanda"] + extra), resolve=True))
+
+    assert "calib_batch" not in ident([])  # runs from before the key keep their identity
+    assert ident([]) == ident(["calib_batch=1"])
+    assert ident(["calib_batch=4"])["calib_batch"] == 4
 
 
 def test_edited_data_file_changes_the_fingerprint(tmp_path, data_root):
@@ -192,6 +204,7 @@ def test_cache_is_keyed_by_content_and_rebuilds_a_corrupt_entry(tmp_path, data_r
     (["resume=maybe"], r"resume must be true or false, got 'maybe'"),
     (["save.enabled=yes"], r"save option 'enabled' must be true or false, got 'yes'"),
     (["schedule=cubic", "schedule.ramp.initial=1.5"], r"schedule.ramp option 'initial' must be < 1"),
+    (["calib_batch=0"], r"calib_batch must be >= 1"),
     (["device=mps"], r"device=mps is not supported by sparsebench \(valid here: auto, cpu"),
 ])
 def test_every_option_is_validated(overrides, message):
@@ -201,7 +214,9 @@ def test_every_option_is_validated(overrides, message):
 
 def test_noop_options_warn_once(caplog):
     build_specs(compose(TINY + ["method=wanda", "schedule=cubic", "save.dir=/tmp/x"]))
+    build_specs(compose(TINY + ["method=elsa", "calib_batch=4"]))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("calib_batch=4 does nothing for 'elsa'" in w for w in warnings)
     assert any("does nothing for the one-shot method 'wanda'" in w for w in warnings)
     assert any("save.enabled=false" in w for w in warnings)
 

@@ -6,9 +6,9 @@
    masks and rotary tables to sliding and global layers, so kwargs are kept per block.
 2. For block i: move it to the compute device; run it (dense) on its inputs with hooks
    on its linears to accumulate statistics; prune every linear; re-run the pruned block
-   to produce the inputs of block i+1; move it back. Only one block is ever on the
-   device, so a model larger than the accelerator still prunes. The statistics pass stops
-   each window once every linear has seen its input (the last linear's product and
+   to produce the inputs of block i+1; move it back. At most two blocks are on the
+   device (the one in use, the next one arriving), so a model larger than the accelerator
+   still prunes. The statistics pass stops each forward once every linear has seen its input (the last linear's product and
    whatever follows it change no statistic).
 
 Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, so
@@ -16,18 +16,30 @@ SparseGPT inverts each distinct Hessian once instead of once per linear.
 
 The calibration inputs and outputs of a block (n x seqlen x hidden each) live on the
 compute device, or, with `PruneContext.inputs="host"` (the memory plan's choice when they
-do not fit the GPU: `calib_inputs=`), in pinned host memory: each window then reaches the
-GPU by a copy issued on a side stream one window ahead (`Windows`), so the transfer of
-window j+1 overlaps the work on window j. The windows and their order are the same, so the
-masks are too. Windows still run one per forward, as the official code: batching them
-would change the products' rounding and so, near ties, the masks. A block's weights move
-to the GPU unprefetched (they are pageable host memory, and the copy is small beside
-the block's pruning).
+do not fit the GPU: `calib_inputs=`), in pinned host memory: each batch of windows then
+reaches the GPU by a copy issued on a side stream one batch ahead (`Windows`), so the
+transfer of batch j+1 overlaps the work on batch j. The windows and their order are the
+same, so the masks are too.
+
+`calib_batch=B` runs B windows per forward (the official code runs one: the default). The
+statistics still accumulate window by window in the same order (each linear's input is
+split per window before it is added), so only the block's own products see a larger
+batch. On the CPU those products are bitwise the same (tests: B = 2, 3, 7 on tiny models;
+SmolLM2-135M at B = 8, docs/BENCHMARKS.md);
+a GPU's GEMM may pick another kernel for more rows and round differently, which is why B
+is part of a run's identity and the default keeps the authors' rounding.
+
+When the blocks live on the host and the device is a GPU, block i+1's weights are copied
+by a worker thread on a side stream while block i is pruned (`Blocks`): two blocks are
+then on the device at once, which the plan counts.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import torch
@@ -81,43 +93,92 @@ def _block_out(out: Any) -> torch.Tensor:
 
 
 class Windows:
-    """The windows of a block's inputs, one by one on the compute device. From host memory
-    on a GPU, window j+1's copy is issued on a side stream before window j is handed out."""
+    """A block's inputs, `batch` windows at a time, on the compute device. From host memory
+    on a GPU, batch j+1's copy is issued on a side stream before batch j is handed out."""
 
-    def __init__(self, x: torch.Tensor, device: torch.device):
-        self.x, self.device = x, device
+    def __init__(self, x: torch.Tensor, device: torch.device, batch: int = 1):
+        self.x, self.device, self.batch = x, device, batch
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" and x.device.type == "cpu" else None
 
     def _fetch(self, j: int):
         with torch.cuda.stream(self.stream):
-            return self.x[j : j + 1].to(self.device, non_blocking=True)
+            return self.x[j : j + self.batch].to(self.device, non_blocking=True)
 
     def __iter__(self):
-        n = self.x.shape[0]
+        n, b = self.x.shape[0], self.batch
         if self.stream is None:
-            for j in range(n):
-                yield self.x[j : j + 1].to(self.device)
+            for j in range(0, n, b):
+                yield self.x[j : j + b].to(self.device)
             return
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # the host buffer was written by the previous block's copies
         nxt = self._fetch(0)
-        for j in range(n):
+        for j in range(0, n, b):
             current.wait_stream(self.stream)
             window = nxt
             window.record_stream(current)  # the side stream's memory is used on this one
-            if j + 1 < n:
-                nxt = self._fetch(j + 1)
+            if j + b < n:
+                nxt = self._fetch(j + b)
             yield window
 
 
 def store_window(dest: torch.Tensor, j: int, value: torch.Tensor) -> None:
-    """dest[j] = value; into pinned host memory without waiting (finish_block synchronises)."""
-    dest[j].copy_(value, non_blocking=dest.device.type == "cpu" and value.device.type == "cuda")
+    """dest[j : j + len(value)] = value; into pinned host memory without waiting (finish_block
+    synchronises)."""
+    dest[j : j + value.shape[0]].copy_(value, non_blocking=dest.device.type == "cpu" and value.device.type == "cuda")
 
 
 def finish_block(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+class Blocks:
+    """The decoder blocks in order, each moved to the compute device while it is in use and
+    back to where it lives afterwards. When they live on the host and the device is a GPU
+    (or `prefetch=True`), a worker thread moves block i+1 on a side stream while the caller
+    works on block i; the caller's stream waits for that copy before it touches the block."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, prefetch: bool | None = None):
+        self.blocks, self.device = blocks, device
+        home = next(blocks[0].parameters()).device
+        self.prefetch = (device.type == "cuda" and home.type == "cpu") if prefetch is None else prefetch
+        self.stream = torch.cuda.Stream(device) if self.prefetch and device.type == "cuda" else None
+
+    def _load(self, i: int):
+        block = self.blocks[i]
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            block.to(self.device, non_blocking=True)  # pageable weights: this thread waits, the caller does not
+        if self.stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return done
+
+    def __iter__(self):
+        n = len(self.blocks)
+        if not self.prefetch:
+            for i, block in enumerate(self.blocks):
+                home = next(block.parameters()).device
+                block.to(self.device)
+                yield i, block
+                block.to(home)
+            return
+        home = [next(b.parameters()).device for b in self.blocks]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsebench-block") as pool:
+            nxt = pool.submit(self._load, 0)
+            for i, block in enumerate(self.blocks):
+                done = nxt.result()
+                if done is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(done)
+                    for t in itertools.chain(block.parameters(), block.buffers()):
+                        t.record_stream(current)  # allocated on the side stream, used on this one
+                if i + 1 < n:
+                    nxt = pool.submit(self._load, i + 1)
+                yield i, block
+                finish_block(self.device)  # the block's work is done before its memory is given back
+                block.to(home[i])
 
 
 def input_buffer(n: int, shape, dtype, device: torch.device, inputs: str) -> torch.Tensor:
@@ -148,7 +209,7 @@ def capture(model: nn.Module, calib: torch.Tensor, device: torch.device, inputs:
             if i == 0:
                 if inps is None:
                     inps = input_buffer(n, hidden.shape[1:], hidden.dtype, device, inputs)
-                store_window(inps, state["j"], hidden[0])
+                store_window(inps, state["j"], hidden)
             if state["j"] > 0:
                 raise _Stop
             block_args[i] = (args, kwargs)
@@ -261,14 +322,15 @@ class LayerwisePruner(Pruner):
 
     @torch.no_grad()
     def prune_block(self, block: nn.Module, inps: torch.Tensor, args, kwargs, sparsity: float,
-                    pattern: Pattern) -> dict[str, torch.Tensor]:
-        """Prune one block in place from its inputs (one window per forward, as the official
-        code); return {linear name inside the block: keep mask} on the block's device."""
+                    pattern: Pattern, batch: int = 1) -> dict[str, torch.Tensor]:
+        """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
+        official code); return {linear name inside the block: keep mask} on the block's device."""
         linears = find_linears(block)
         sharing = SharedInputs()
         stats: dict[str, Any] = {}  # one statistic per distinct input
-        calls: list[str] = []  # the linears the current window has run, in order
-        skip_tail = False  # stop each window once every linear's input is recorded (see below)
+        calls: list[str] = []  # the linears the current forward has run, in order
+        skip_tail = False  # stop each forward once every linear's input is recorded (see below)
+        windows = 0  # in the current forward
 
         def record(name):
             def hook(module, args):  # a pre-hook (the input is all we need); returning None keeps the input
@@ -276,7 +338,16 @@ class LayerwisePruner(Pruner):
                 if sharing.observe(name, x) == name:
                     if name not in stats:
                         stats[name] = self.new_stats(linears[name].in_features, device)
-                    self.add_batch(stats[name], x)
+                    if windows == 1:
+                        self.add_batch(stats[name], x)
+                    elif x.dim() == 3 and x.shape[0] == windows:  # window by window, as one per forward adds them
+                        for k in range(windows):
+                            self.add_batch(stats[name], x[k : k + 1])
+                    else:
+                        raise SparsebenchError(
+                            f"calib_batch={batch}: linear '{name}' of {self.name}'s block reads an input of shape "
+                            f"{tuple(x.shape)}, not one row per window (a mixture of experts routes tokens), so its "
+                            f"statistics cannot be added window by window; use calib_batch=1")
                 calls.append(name)
                 if skip_tail and len(set(calls)) == len(linears):
                     raise _Stop  # the last linear's own product and the rest of the block are not needed
@@ -286,17 +357,18 @@ class LayerwisePruner(Pruner):
         hooks = [lin.register_forward_pre_hook(record(name)) for name, lin in linears.items()]
         device = next(block.parameters()).device
         try:
-            for j, window in enumerate(Windows(inps, device)):  # one window per forward, as the official code
+            for j, window in enumerate(Windows(inps, device, batch)):
                 calls.clear()
+                windows = window.shape[0]
                 try:
                     block(window, *args, **kwargs)
                 except _Stop:
                     pass
                 if j == 0:
-                    # Window 0 runs the whole block. If it ran every linear exactly once (not a
-                    # mixture of experts, whose linears run as the data routes them), every later
-                    # window stops as soon as all of them have their input: in a Llama block
-                    # that skips down_proj's product, a fifth of this pass's multiply-adds.
+                    # The first forward runs the whole block. If it ran every linear exactly once (not
+                    # a mixture of experts, whose linears run as the data routes them), every later
+                    # forward stops as soon as all of them have their input: in a Llama block that
+                    # skips down_proj's product, a fifth of this pass's multiply-adds.
                     skip_tail = sorted(calls) == sorted(linears)
         finally:
             for h in hooks:
@@ -324,16 +396,15 @@ class LayerwisePruner(Pruner):
         inps, block_args = capture(ctx.model, ctx.calib, ctx.device, ctx.inputs)
         outs = input_buffer(inps.shape[0], inps.shape[1:], inps.dtype, ctx.device, ctx.inputs)
         masks: dict[str, torch.Tensor] = {}
-        for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
-            home = next(block.parameters()).device
-            block.to(ctx.device)
+        for i, block in tqdm(Blocks(blocks, ctx.device), total=len(blocks), desc=f"{self.name} blocks", unit="block"):
             args, kwargs = _to(block_args[i], ctx.device)
-            block_masks = self.prune_block(block, inps, args, kwargs, ctx.block_sparsity(i), ctx.pattern)
+            block_masks = self.prune_block(block, inps, args, kwargs, ctx.block_sparsity(i), ctx.pattern,
+                                           ctx.calib_batch)
             masks.update({f"{path}.{i}.{name}": keep.cpu() for name, keep in block_masks.items()})
-            for j, window in enumerate(Windows(inps, ctx.device)):  # the pruned block feeds the next one
-                store_window(outs, j, _block_out(block(window, *args, **kwargs))[0])
+            for j, window in zip(range(0, inps.shape[0], ctx.calib_batch),
+                                 Windows(inps, ctx.device, ctx.calib_batch)):  # the pruned block feeds the next one
+                store_window(outs, j, _block_out(block(window, *args, **kwargs)))
             finish_block(ctx.device)
-            block.to(home)
             inps, outs = outs, inps
         return masks
 
