@@ -5,15 +5,16 @@ token ids), so nothing here is a quality number. Each part prints JSON lines: wh
 the plan's prediction and the measurement side by side.
 
     python scripts/bench_scale_gpu.py            # the three parts below, in this order (each fits one 10-minute call)
-    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio)
+    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio | oneshot_13b | oneshot_batch)
     python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no numbers)
 
   oneshot     #17: SparseGPT and Wanda at 0.5 on Llama-2-7B-shaped blocks (the first
               `--blocks` of 32, 128 x 2048 calibration windows), sparsebench against the
               papers' per-layer loop (scripts/bench_reference.py) on the same GPU: prune time
-              ratio (targets: <= 0.8x SparseGPT, <= 0.5x Wanda), peak GPU memory, mask agreement;
-              then again with sparsebench at calib_batch=8 (time, and whether batched GEMMs
-              change any mask on this GPU).
+              ratio (targets: <= 0.8x SparseGPT, <= 0.5x Wanda), peak GPU memory, mask agreement.
+  oneshot_batch  #17, optional: the same comparison with sparsebench at calib_batch=8 (eight
+              windows per forward): its time, and whether batched GEMMs change any mask on
+              this GPU (on the CPU they do not).
   elsa_l_7b   #18: Elsa-L on the whole random Llama-2-7B, seqlen 2048, one window per step,
               activation checkpointing, `--steps` steps (z/u every 5), with the GPU capped at
               80 GB (torch.cuda.set_per_process_memory_fraction) and offload=true (the plan
@@ -76,14 +77,17 @@ def sparsebench_run(overrides: list[str], cap: float = 0.0, timeout: int = 900) 
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def oneshot(args) -> None:
+def oneshot(args, calib_batch: int = 1, part: str = "oneshot") -> None:
     model, seqlen, nsamples, device = ("tiny-llama", 64, 4, "cpu") if args.smoke else ("llama2-7b", 2048, 128, "cuda")
     cmd = [sys.executable, str(REPO / "scripts" / "bench_reference.py"), "sparsegpt:0.5", "wanda:0.5",
            "--random", model, "--blocks", str(args.blocks), "--seqlen", str(seqlen), "--nsamples", str(nsamples),
-           "--device", device, "--repeats", "1", "--warmup", "1"]
-    for extra in ([], ["--calib-batch", "4" if args.smoke else "8"]):
-        print(json.dumps({"part": "oneshot", "command": " ".join(cmd[1:] + extra)}), flush=True)
-        subprocess.run(cmd + extra, check=False)
+           "--device", device, "--repeats", "1", "--warmup", "1", "--calib-batch", str(calib_batch)]
+    print(json.dumps({"part": part, "command": " ".join(cmd[1:])}), flush=True)
+    subprocess.run(cmd, check=False)
+
+
+def oneshot_batch(args) -> None:
+    oneshot(args, calib_batch=4 if args.smoke else 8, part="oneshot_batch")
 
 
 def elsa_l_7b(args) -> None:
@@ -132,7 +136,7 @@ def oneshot_13b(args) -> None:
     print(json.dumps({"part": "oneshot_13b", "overrides": overrides, **row}), flush=True)
 
 
-PARTS = {"oneshot": oneshot, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio, "oneshot_13b": oneshot_13b}
+PARTS = {"oneshot": oneshot, "oneshot_batch": oneshot_batch, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio, "oneshot_13b": oneshot_13b}
 DEFAULT = ["oneshot", "elsa_l_7b", "step_ratio"]
 
 

@@ -247,7 +247,7 @@ def test_the_prepared_gpu_script_runs_its_plumbing_on_the_cpu(tmp_path):
     model (no numbers: the GPU measurement itself was not run here)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scale_gpu.py"), "--smoke", "--steps", "2",
-                          "elsa_l_7b", "oneshot_13b", "oneshot"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          "elsa_l_7b", "oneshot_13b", "oneshot", "oneshot_batch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["part"]: r for r in map(json.loads, (ln for ln in out.stdout.splitlines() if ln.startswith('{"part"')))}
     assert rows["elsa_l_7b"]["status"] == "complete" and rows["elsa_l_7b"]["engine"] == "fsdp"
