@@ -38,6 +38,7 @@ ARCH = ["model=llama2-7b", "model.source=random", "model.name=llama-470m-random"
 CASES = {
     "sparsegpt": ["method=sparsegpt", "sparsity=0.5"],
     "wanda": ["method=wanda", "sparsity=0.5"],
+    "wanda_batch8": ["method=wanda", "sparsity=0.5", "calib_batch=8"],  # eight windows per forward
     "elsa": ["method=elsa", "sparsity=0.5", "method.steps=1", "method.batch_size=1"],
     "elsa_l": ["method=elsa_l", "sparsity=0.5", "method.steps=1", "method.batch_size=1"],
 }
