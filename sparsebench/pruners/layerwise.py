@@ -8,8 +8,8 @@
    on its linears to accumulate statistics; prune every linear; re-run the pruned block
    to produce the inputs of block i+1; move it back. At most two blocks are on the
    device (the one in use, the next one arriving), so a model larger than the accelerator
-   still prunes. The statistics pass stops each forward once every linear has seen its input (the last linear's product and
-   whatever follows it change no statistic).
+   still prunes. The statistics pass stops each forward once every linear has seen its
+   input (the last linear's product and whatever follows it change no statistic).
 
 Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, so
 SparseGPT inverts each distinct Hessian once instead of once per linear.
@@ -25,9 +25,9 @@ same, so the masks are too.
 statistics still accumulate window by window in the same order (each linear's input is
 split per window before it is added), so only the block's own products see a larger
 batch. On the CPU those products are bitwise the same (tests: B = 2, 3, 7 on tiny models;
-SmolLM2-135M at B = 8, docs/BENCHMARKS.md);
-a GPU's GEMM may pick another kernel for more rows and round differently, which is why B
-is part of a run's identity and the default keeps the authors' rounding.
+SmolLM2-135M at B = 8 in docs/BENCHMARKS.md); a GPU's GEMM may pick another kernel for
+more rows and round differently, which is why B is part of a run's identity and the
+default keeps the authors' rounding.
 
 When the blocks live on the host and the device is a GPU, block i+1's weights are copied
 by a worker thread on a side stream while block i is pruned (`Blocks`): two blocks are
