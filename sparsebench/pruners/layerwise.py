@@ -155,30 +155,34 @@ class Blocks:
         done.record(self.stream)
         return done
 
+    def _arrived(self, done, block: nn.Module) -> None:
+        """The caller's stream waits for block's copy and owns its memory from here."""
+        if done is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        for t in itertools.chain(block.parameters(), block.buffers()):
+            t.record_stream(current)  # allocated on the side stream, used on this one
+
     def __iter__(self):
         n = len(self.blocks)
-        if not self.prefetch:
-            for i, block in enumerate(self.blocks):
-                home = next(block.parameters()).device
-                block.to(self.device)
-                yield i, block
-                block.to(home)
-            return
         home = [next(b.parameters()).device for b in self.blocks]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsebench-block") as pool:
-            nxt = pool.submit(self._load, 0)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsebench-block") if self.prefetch else None
+        try:
+            nxt = pool.submit(self._load, 0) if pool else None
             for i, block in enumerate(self.blocks):
-                done = nxt.result()
-                if done is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(done)
-                    for t in itertools.chain(block.parameters(), block.buffers()):
-                        t.record_stream(current)  # allocated on the side stream, used on this one
-                if i + 1 < n:
-                    nxt = pool.submit(self._load, i + 1)
+                if pool is None:
+                    block.to(self.device)
+                else:
+                    self._arrived(nxt.result(), block)
+                    if i + 1 < n:
+                        nxt = pool.submit(self._load, i + 1)
                 yield i, block
                 finish_block(self.device)  # the block's work is done before its memory is given back
                 block.to(home[i])
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
 
 def input_buffer(n: int, shape, dtype, device: torch.device, inputs: str) -> torch.Tensor:
@@ -404,8 +408,7 @@ class LayerwisePruner(Pruner):
             for j, window in zip(range(0, inps.shape[0], ctx.calib_batch),
                                  Windows(inps, ctx.device, ctx.calib_batch)):  # the pruned block feeds the next one
                 store_window(outs, j, _block_out(block(window, *args, **kwargs)))
-            finish_block(ctx.device)
-            inps, outs = outs, inps
+            inps, outs = outs, inps  # Blocks synchronises (finish_block) before the next block starts
         return masks
 
 
