@@ -7,7 +7,10 @@ relative to each row's (% of dense retained: 100 for dense, lower is worse), eve
 zero-shot task, their mean and its % of dense, the budget (training tokens and optimizer
 steps over all stages, wall time), prune time and peak memory. "% of dense" divides by
 the dense run of the row's own protocol (same `protocol_id`: model, seqlen, eval data and
-windows, dtype), never by another protocol's.
+windows, dtype), never by another protocol's. Rows that fold together join their
+protocols into one (a random model's seed is part of its protocol, and an older run's id
+may have hashed a key the identity ignores today), so a folded row still finds its dense
+run and its curve.
 
 Seeds: runs whose configs differ only in the seed (`seed=0,1,2`) fold into one row with
 mean, std and n; a row whose mean is within the two rows' spread (|difference| <= the sum
@@ -150,6 +153,7 @@ def fold_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for members in groups.values():
         row = dict(members[0])
         row["n"] = len(members)
+        row["protocol_ids"] = sorted({m["protocol_id"] for m in members if m["protocol_id"]})
         row["seeds"] = sorted(str(m["seed"]) for m in members)
         if len(members) > 1:
             row["path"] = "; ".join(m["path"] for m in members)
@@ -163,6 +167,10 @@ def fold_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _protocol(row: dict[str, Any]) -> str | None:
+    return row.get("protocol", row.get("protocol_id"))
+
+
 def mark_within_spread(rows: list[dict[str, Any]], metric: str = "wikitext2") -> None:
     """Each folded row lists the rows (same model, protocol, sparsity, pattern) whose mean
     is within the two rows' spread: their difference is not beyond the seeds' noise."""
@@ -171,7 +179,7 @@ def mark_within_spread(rows: list[dict[str, Any]], metric: str = "wikitext2") ->
     folded = [r for r in rows if r.get("n", 1) > 1 and r.get(f"{metric}_std") is not None and r.get(metric) is not None]
     for a in folded:
         for b in folded:
-            same = (a["model"], a["protocol_id"], a["sparsity"], a["pattern"]) == (b["model"], b["protocol_id"], b["sparsity"], b["pattern"])
+            same = (a["model"], _protocol(a), a["sparsity"], a["pattern"]) == (b["model"], _protocol(b), b["sparsity"], b["pattern"])
             if a is not b and same and abs(a[metric] - b[metric]) <= a[f"{metric}_std"] + b[f"{metric}_std"]:
                 a["within_spread_of"].append(b["label"])
 
@@ -179,11 +187,32 @@ def mark_within_spread(rows: list[dict[str, Any]], metric: str = "wikitext2") ->
 # ----------------------------------------------------------------------------- the table
 
 
+def join_protocols(rows: list[dict[str, Any]]) -> None:
+    """row["protocol"]: one name for every protocol id linked to the row's through folded
+    rows (union of the ids each folded row holds), so that "% of dense", the spread marks
+    and the plot's curves compare rows of one protocol even across a seed fold."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for r in rows:
+        ids = r.get("protocol_ids") or ([r["protocol_id"]] if r["protocol_id"] else [])
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            parent[max(a, b)] = min(a, b)
+    for r in rows:
+        ids = r.get("protocol_ids") or ([r["protocol_id"]] if r["protocol_id"] else [])
+        r["protocol"] = find(ids[0]) if ids else None
+
+
 def _dense_for(row: dict[str, Any], dense: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The complete dense run of the row's protocol (results from before protocol ids:
     the model's only dense run, if it has exactly one)."""
-    if row["protocol_id"]:
-        return next((d for d in dense if d["protocol_id"] == row["protocol_id"]), None)
+    if row["protocol"]:
+        return next((d for d in dense if d["protocol"] == row["protocol"]), None)
     same = [d for d in dense if d["model"] == row["model"]]
     return same[0] if len(same) == 1 else None
 
@@ -195,6 +224,7 @@ def _key(row):
 
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = sorted(fold_seeds(rows), key=_key)
+    join_protocols(rows)
     dense = [r for r in rows if r["method"] == "dense" and r["status"] == "complete"]
     tasks = zeroshot_tasks(rows)
     for r in rows:
@@ -299,12 +329,13 @@ def versions_note(rows: list[dict[str, Any]]) -> str:
 def _series(rows, x_key: str, metric: str):
     protocols = defaultdict(set)
     for r in rows:
-        protocols[r["model"]].add(r["protocol_id"])
+        if r["status"] == "complete":
+            protocols[r["model"]].add(r.get("protocol"))
     series = defaultdict(list)
     for r in rows:
         if r["status"] == "complete" and r[metric] and r["pattern"] == "unstructured" and r.get(x_key) is not None:
             # one line per protocol: seqlen 512 and 2048 are different curves, never one
-            tag = r["model"] if len(protocols[r["model"]]) == 1 else f"{r['model']}, protocol {str(r['protocol_id'])[:8]}"
+            tag = r["model"] if len(protocols[r["model"]]) == 1 else f"{r['model']}, protocol {str(r.get('protocol'))[:8]}"
             series[(tag, r["label"], r["method"] == "dense")].append((r[x_key], r[metric], r.get(f"{metric}_std")))
     return series
 

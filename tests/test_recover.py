@@ -181,6 +181,28 @@ def test_seed_sweep_folds_into_mean_std_n(tmp_path, capsys):
     assert (sweep / "report_nonzero.png").stat().st_size > 5000
 
 
+def test_folded_rows_join_their_protocols(tmp_path):
+    """Two dense runs of one config whose stored protocol ids differ (an id from older
+    code) fold into one row, and pruned rows of either id divide by it; a protocol no
+    fold links (seqlen 1024 here) keeps its own dense run."""
+    runs = [("dense", "old", 512, 20.0), ("dense", "new", 512, 20.0), ("wanda", "new", 512, 40.0),
+            ("wanda", "old", 512, 80.0), ("dense", "long", 1024, 10.0), ("magnitude", "long", 1024, 40.0)]
+    for i, (method, proto, seqlen, ppl) in enumerate(runs):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        rec = {"status": "complete", "protocol_id": proto,
+               "config": {"model": {"name": "m", "seqlen": seqlen}, "method": {"name": method}, "sparsity": 0.5,
+                          "recover": {"name": "finetune" if i == 3 else "none"}, "seed": 0},
+               "metrics": {"wikitext2": ppl, "c4": ppl}, "sparsity": {"pattern": "unstructured"}}
+        (folder / "results.json").write_text(json.dumps(rec))
+    rows = report.table(report.load_results(tmp_path))
+    dense = [r for r in rows if r["method"] == "dense"]
+    assert sorted((r["n"], r["protocol_ids"]) for r in dense) == [(1, ["long"]), (2, ["new", "old"])]
+    retained = {r["label"]: r["wikitext2_dense_retained_pct"] for r in rows if r["method"] != "dense"}
+    assert retained == {"wanda": 50.0, "wanda+finetune": 25.0, "magnitude": 25.0}
+    assert len({r["protocol"] for r in rows}) == 2
+
+
 def test_within_spread_marks_and_labels():
     base = {"model": "m", "protocol_id": "p", "sparsity": 0.5, "pattern": "unstructured", "n": 3}
     a = {**base, "label": "a", "wikitext2": 10.0, "wikitext2_std": 0.5}
