@@ -82,7 +82,7 @@ def load_row(path: Path) -> dict[str, Any]:
     """One report row from one results.json; a file that is not what sparsebench writes
     becomes a row with status 'unreadable' and the reason, never a crash."""
     row: dict[str, Any] = {"path": str(path.parent), "status": "unreadable", "error": None, "model": "?", "method": "?",
-                           "label": "?", "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None,
+                           "label": "?", "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None, "protocol_ids": [],
                            **{k: None for k in PPL}, "mean_acc": None, "prune_s": None, "peak_gib": None,
                            "train_tokens": None, "steps": None, "wall_s": None, "nonzero_params": None,
                            "seed": None, "fold_key": str(path), "n": 1, "versions": {}}
@@ -109,6 +109,7 @@ def load_row(path: Path) -> dict[str, Any]:
         "pattern": str(sp.get("pattern", cfg.get("pattern", "?"))),
         "actual_sparsity": _num(sp.get("actual_sparsity")),
         "protocol_id": rec.get("protocol_id") if isinstance(rec.get("protocol_id"), str) else None,
+        "protocol_ids": [rec["protocol_id"]] if isinstance(rec.get("protocol_id"), str) else [],
         **{k: _num(metrics.get(k)) for k in PPL},
         **{t: _num(_dict(v).get("headline")) for t, v in tasks.items()},
         "mean_acc": _num(_dict(rec.get("zeroshot")).get("mean_acc")),
@@ -199,13 +200,11 @@ def join_protocols(rows: list[dict[str, Any]]) -> None:
         return x
 
     for r in rows:
-        ids = r.get("protocol_ids") or ([r["protocol_id"]] if r["protocol_id"] else [])
-        for other in ids[1:]:
-            a, b = find(ids[0]), find(other)
+        for other in r["protocol_ids"][1:]:
+            a, b = find(r["protocol_ids"][0]), find(other)
             parent[max(a, b)] = min(a, b)
     for r in rows:
-        ids = r.get("protocol_ids") or ([r["protocol_id"]] if r["protocol_id"] else [])
-        r["protocol"] = find(ids[0]) if ids else None
+        r["protocol"] = find(r["protocol_ids"][0]) if r["protocol_ids"] else None
 
 
 def _dense_for(row: dict[str, Any], dense: list[dict[str, Any]]) -> dict[str, Any] | None:
