@@ -85,19 +85,19 @@ def job_id(config: dict[str, Any]) -> str:
     return digest(identity(config))[:8]
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): obj}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every key whose value differs between two fingerprints."""
-    a = _flat({"config": old.get("config", {}), "data": old.get("data", {})})
-    b = _flat({"config": new.get("config", {}), "data": new.get("data", {})})
+    a = flatten({"config": old.get("config", {}), "data": old.get("data", {})})
+    b = flatten({"config": new.get("config", {}), "data": new.get("data", {})})
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):

@@ -15,7 +15,8 @@ run and its curve.
 Seeds: runs whose configs differ only in the seed (`seed=0,1,2`) fold into one row with
 mean, std and n; a row whose mean is within the two rows' spread (|difference| <= the sum
 of their standard deviations) of another row at the same model, protocol, sparsity and
-pattern is marked in the "within spread of" column. `--by-tokens` groups the rows by
+pattern is marked in the "within spread of" column. Rows that would read alike but ran
+different configs carry the keys that differ in their label (`safe_cpu (method.rho=0)`). `--by-tokens` groups the rows by
 training tokens, so rows of equal budget stand together.
 
 Runs that did not complete are listed with their status and error, and a results.json
@@ -37,6 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .ledger import flatten
 from .zeroshot import STOCK_TASKS
 
 PPL = ("wikitext2", "c4")
@@ -52,11 +54,11 @@ def _dict(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def fold_key(config: dict[str, Any]) -> str:
-    """The config's identity without its seeds: runs equal in everything but the seed."""
+def _seedless(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's identity without its seeds."""
     import copy
 
-    from .ledger import digest, identity
+    from .ledger import identity
 
     ident = copy.deepcopy(identity(config))
     for path in SEED_KEYS:
@@ -65,7 +67,14 @@ def fold_key(config: dict[str, Any]) -> str:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(path[-1], None)
-    return digest(ident)
+    return ident
+
+
+def fold_key(config: dict[str, Any]) -> str:
+    """Runs equal in everything but the seed share this key."""
+    from .ledger import digest
+
+    return digest(_seedless(config))
 
 
 def _label(cfg: dict[str, Any]) -> str:
@@ -85,7 +94,7 @@ def load_row(path: Path) -> dict[str, Any]:
                            "label": "?", "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None, "protocol_ids": [],
                            **{k: None for k in PPL}, "mean_acc": None, "prune_s": None, "peak_gib": None,
                            "train_tokens": None, "steps": None, "wall_s": None, "nonzero_params": None,
-                           "seed": None, "fold_key": str(path), "n": 1, "versions": {}}
+                           "seed": None, "fold_key": str(path), "ident": {}, "n": 1, "versions": {}}
     try:
         rec = json.loads(path.read_text())
         if not isinstance(rec, dict):
@@ -121,6 +130,7 @@ def load_row(path: Path) -> dict[str, Any]:
         "nonzero_params": _num(sp.get("nonzero_params")),
         "seed": cfg.get("seed"),
         "fold_key": fold_key(cfg) if cfg else str(path),
+        "ident": flatten(_seedless(cfg)) if cfg else {},
         "versions": _dict(rec.get("versions")),
     })
     if _dict(rec.get("model")).get("random_weights"):  # a measurement run: never a quality result
@@ -166,6 +176,36 @@ def fold_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     row[f"{k}_std"] = std if len(vals) > 1 else None
         out.append(row)
     return out
+
+
+def name_variants(rows: list[dict[str, Any]]) -> None:
+    """Rows that would read alike (same model, label, sparsity, pattern) but ran different
+    configs (an override such as `recover.lr=3e-3` or `method.rho=0`) get appended to their
+    label the fewest config keys that tell them apart (chosen greedily, the key with most
+    distinct values first), so that no two rows of a table look the same."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["ident"]:  # an unreadable row already says what it is
+            groups[(r["model"], r["label"], r["sparsity"], r["pattern"])].append(r)
+    for members in groups.values():
+        configs = len({r["fold_key"] for r in members})
+        if configs < 2:
+            continue
+
+        def value(r, k):
+            return repr(r["ident"].get(k, "<unset>"))
+
+        def parts(keys):
+            return len({tuple(value(r, k) for k in keys) for r in members})
+
+        candidates = sorted(k for k in {k for r in members for k in r["ident"]} if len({value(r, k) for r in members}) > 1)
+        chosen: list[str] = []
+        while candidates and parts(chosen) < configs:
+            best = max(candidates, key=lambda k: parts([*chosen, k]))  # max keeps the first (sorted) of ties
+            chosen.append(best)
+            candidates.remove(best)
+        for r in members:
+            r["label"] += " (" + ", ".join(f"{k}={r['ident'].get(k, '<unset>')}" for k in chosen) + ")"
 
 
 def _protocol(row: dict[str, Any]) -> str | None:
@@ -222,7 +262,9 @@ def _key(row):
 
 
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = sorted(fold_seeds(rows), key=_key)
+    rows = fold_seeds(rows)
+    name_variants(rows)
+    rows = sorted(rows, key=_key)
     join_protocols(rows)
     dense = [r for r in rows if r["method"] == "dense" and r["status"] == "complete"]
     tasks = zeroshot_tasks(rows)
@@ -394,9 +436,9 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png",
              "plot_nonzero": out / "report_nonzero.png"}
     paths["markdown"].write_text(markdown(rows, by_tokens))
-    fields = list(dict.fromkeys(k for r in rows for k in r))
+    fields = list(dict.fromkeys(k for r in rows for k in r if k != "ident"))  # the label says what differs
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "versions": json.dumps(r.get("versions") or {}, sort_keys=True),

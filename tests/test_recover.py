@@ -203,6 +203,32 @@ def test_folded_rows_join_their_protocols(tmp_path):
     assert len({r["protocol"] for r in rows}) == 2
 
 
+def test_rows_that_read_alike_name_the_keys_that_differ(tmp_path):
+    """Overrides of one recipe (the SAFE control at two learning rates, the released
+    defaults) would read "wanda+reconstruct" three times: each label gains the fewest keys
+    that tell the configs apart; seeds of one config still fold into one row, unnamed."""
+    runs = [(1e-5, 1, 0), (5e-3, 5, 0), (3e-3, 5, 0), (3e-3, 5, 1)]
+    for i, (lr, epochs, seed) in enumerate(runs):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        rec = {"status": "complete", "protocol_id": "p",
+               "config": {"model": {"name": "m"}, "method": {"name": "wanda"}, "sparsity": 0.9, "seed": seed,
+                          "recover": {"name": "reconstruct", "lr": lr, "epochs": epochs, "seed": seed}},
+               "metrics": {"wikitext2": 100.0 + i, "c4": 90.0}, "sparsity": {"pattern": "unstructured"}}
+        (folder / "results.json").write_text(json.dumps(rec))
+    other = tmp_path / "9"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"status": "complete", "config": {
+        "model": {"name": "m"}, "method": {"name": "sparsegpt"}, "sparsity": 0.9, "recover": {"name": "none"}, "seed": 0},
+        "metrics": {"wikitext2": 50.0, "c4": 50.0}, "sparsity": {"pattern": "unstructured"}}))
+    rows = report.table(report.load_results(tmp_path))
+    assert sorted((r["label"], r["n"]) for r in rows) == [
+        ("sparsegpt", 1), ("wanda+reconstruct (recover.lr=0.003)", 2),
+        ("wanda+reconstruct (recover.lr=0.005)", 1), ("wanda+reconstruct (recover.lr=1e-05)", 1)]
+    paths = report.write_report(tmp_path)
+    assert "ident" not in paths["csv"].read_text().splitlines()[0].split(",")
+
+
 def test_within_spread_marks_and_labels():
     base = {"model": "m", "protocol_id": "p", "sparsity": 0.5, "pattern": "unstructured", "n": 3}
     a = {**base, "label": "a", "wikitext2": 10.0, "wikitext2_std": 0.5}
