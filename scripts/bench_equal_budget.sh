@@ -22,6 +22,8 @@ SB=(sparsebench -m logger=disabled "hydra.sweep.dir=$DIR")
 # safe_plus_cpu's control: the same with safe_plus_cpu's lr (3e-3)
 "${SB[@]}" method=wanda sparsity=0.9 recover=reconstruct recover.granularity=block recover.epochs=5 \
   recover.batch_size=4 recover.lr=3e-3 'recover.betas=[0.9,0.95]'
+# an ablation of safe_cpu: no SAM (plain ADMM), everything else equal
+"${SB[@]}" method=safe_cpu sparsity=0.9 method.rho=0
 # 0.7: SparseGPT, its fine-tuned control and the Elsa preset, three calibration/training seeds
 "${SB[@]}" method=sparsegpt sparsity=0.7 recover=none,finetune_cpu seed=0,1,2
 "${SB[@]}" method=elsa_cpu sparsity=0.7 seed=0,1,2
