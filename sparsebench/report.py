@@ -16,8 +16,8 @@ Seeds: runs whose configs differ only in the seed (`seed=0,1,2`) fold into one r
 mean, std and n; a row whose mean is within the two rows' spread (|difference| <= the sum
 of their standard deviations) of another row at the same model, protocol, sparsity and
 pattern is marked in the "within spread of" column. Rows that would read alike but ran
-different configs carry the keys that differ in their label (`safe_cpu (method.rho=0)`). `--by-tokens` groups the rows by
-training tokens, so rows of equal budget stand together.
+different configs carry the keys that differ in their label (`safe_cpu (method.rho=0)`).
+`--by-tokens` groups the rows by training tokens, so rows of equal budget stand together.
 
 Runs that did not complete are listed with their status and error, and a results.json
 that cannot be read (cut off, hand-edited) is a row saying so: nothing is silently
@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .ledger import flatten
+from .ledger import digest, flatten, identity
 from .zeroshot import STOCK_TASKS
 
 PPL = ("wikitext2", "c4")
@@ -56,11 +56,7 @@ def _dict(value) -> dict:
 
 def _seedless(config: dict[str, Any]) -> dict[str, Any]:
     """The config's identity without its seeds."""
-    import copy
-
-    from .ledger import identity
-
-    ident = copy.deepcopy(identity(config))
+    ident = identity(config)  # a fresh copy
     for path in SEED_KEYS:
         node = ident
         for key in path[:-1]:
@@ -72,8 +68,6 @@ def _seedless(config: dict[str, Any]) -> dict[str, Any]:
 
 def fold_key(config: dict[str, Any]) -> str:
     """Runs equal in everything but the seed share this key."""
-    from .ledger import digest
-
     return digest(_seedless(config))
 
 
