@@ -66,11 +66,6 @@ def _seedless(config: dict[str, Any]) -> dict[str, Any]:
     return ident
 
 
-def fold_key(config: dict[str, Any]) -> str:
-    """Runs equal in everything but the seed share this key."""
-    return digest(_seedless(config))
-
-
 def _label(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
@@ -97,6 +92,7 @@ def load_row(path: Path) -> dict[str, Any]:
         row["error"] = f"results.json unreadable: {str(err)[:80]}"
         return row
     cfg, sp = _dict(rec.get("config")), _dict(rec.get("sparsity"))
+    seedless = _seedless(cfg) if cfg else None  # runs equal in everything but the seed fold together
     method = _dict(cfg.get("method")).get("name", "?")
     tasks = _dict(_dict(rec.get("zeroshot")).get("tasks"))
     metrics, memory = _dict(rec.get("metrics")), _dict(rec.get("memory"))
@@ -123,8 +119,8 @@ def load_row(path: Path) -> dict[str, Any]:
         "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
         "nonzero_params": _num(sp.get("nonzero_params")),
         "seed": cfg.get("seed"),
-        "fold_key": fold_key(cfg) if cfg else str(path),
-        "ident": flatten(_seedless(cfg)) if cfg else {},
+        "fold_key": digest(seedless) if cfg else str(path),
+        "ident": flatten(seedless) if cfg else {},
         "versions": _dict(rec.get("versions")),
     })
     if _dict(rec.get("model")).get("random_weights"):  # a measurement run: never a quality result
