@@ -24,10 +24,13 @@ run: ## the offline default job: SmolLM2-135M, Wanda, 50%, CPU protocol, ../shar
 test: ## the test suite (tiny random models; under 10 minutes on 2 cores)
 	$(PY) -m pytest -q
 
+test-portable: ## the numerical tests under every ATen capability x MKL_CBWR x 1/2 threads this CPU has (~40 min)
+	$(PY) scripts/test_portable.py
+
 test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M (minutes)
 	$(PY) -m pytest -q -m slow
 
-bench: ## the one-shot table of docs/BENCHMARKS.md (about an hour on 2 CPU cores)
+bench: ## the one-shot table of docs/results.md (history: docs/notes/) (about an hour on 2 CPU cores)
 	$(PY) scripts/bench_oneshot.py
 
 bench-reference: ## Wanda and SparseGPT side by side with the official per-layer loop (about 35 minutes: two ABBA repeats each)
@@ -36,4 +39,4 @@ bench-reference: ## Wanda and SparseGPT side by side with the official per-layer
 clean: ## remove run folders (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install install-slurm run test test-slow bench bench-reference clean
+.PHONY: help install install-slurm run test test-portable test-slow bench bench-reference clean

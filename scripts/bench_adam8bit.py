@@ -1,5 +1,5 @@
 """8-bit Adam: sparsebench's (pruners/adam8bit.py) against torchao's AdamW8bit and float32 Adam
-(docs/BENCHMARKS.md, "8-bit Adam"). Needs torchao: pip install --no-deps torchao==0.18.0
+(docs/results.md (history: docs/notes/), "8-bit Adam"). Needs torchao: pip install --no-deps torchao==0.18.0
 
     python scripts/bench_adam8bit.py
 """

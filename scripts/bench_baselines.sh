@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The papers' other baselines (docs/BENCHMARKS.md, "OWL, ALPS, L-ADMM"): SmolLM2-135M, CPU
+# The papers' other baselines (docs/results.md (history: docs/notes/), "OWL, ALPS, L-ADMM"): SmolLM2-135M, CPU
 # protocol, 0.7 unstructured, one resumable sweep folder beside the uniform Wanda and
 # SparseGPT rows they are compared with (same run, same environment). Re-run to resume.
 #   bash scripts/bench_baselines.sh [sweep folder]

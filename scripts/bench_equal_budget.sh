@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The equal-budget comparison of docs/BENCHMARKS.md ("Controls at equal budgets"):
+# The equal-budget comparison of docs/results.md (history: docs/notes/) ("Controls at equal budgets"):
 # SmolLM2-135M, CPU protocol, one resumable sweep folder. Every training row spends the
 # token budget of the elsa_cpu preset (200 steps x 4 windows x 256 tokens = 204,800);
 # recover=reconstruct runs at its released defaults (1 epoch over the 64 calibration

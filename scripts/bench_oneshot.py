@@ -1,4 +1,4 @@
-"""One-shot benchmark under the CPU protocol of docs/BENCHMARKS.md.
+"""One-shot benchmark under the CPU protocol of docs/results.md (history: docs/notes/).
 
 SmolLM2-135M (GGUF, dequantized to float32), seqlen 512, 64 calibration windows from
 C4 documents [1100, 2000) of ../shared/data (seed 0, official draw), perplexity on the

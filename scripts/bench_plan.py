@@ -1,4 +1,4 @@
-"""The memory plan against measured peaks (docs/BENCHMARKS.md, "Scale").
+"""The memory plan against measured peaks (docs/results.md (history: docs/notes/), "Scale").
 
 Each case runs in a fresh process: imports, then the resident set is read (the baseline),
 then the real pipeline runs on a random Llama-shaped model (~470M parameters: hidden 1024,

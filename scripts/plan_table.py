@@ -1,4 +1,4 @@
-"""The memory plan for every model config and method (docs/BENCHMARKS.md, "Scale").
+"""The memory plan for every model config and method (docs/results.md (history: docs/notes/), "Scale").
 
 Offline and in seconds: meta-device shapes of each architecture (conf/model/*.yaml `arch`),
 GPU placement (device=cuda), the configs' own seqlen (2048) and calibration size (128).

@@ -12,7 +12,8 @@ OWL (Yin et al., ICML 2024, luuyin/OWL `prune_wanda_outlier`):
    (or int(numel * s_i) per tensor), so each block rounds down, up to a row's worth per
    linear. Block by block, s_i is nudged to the smallest value whose pruned count brings
    the running total to the exact target count so far; the total is then exact to within
-   the last block's rounding step. balance=false keeps the released code's s_i.
+   the last block's rounding step. Off by default: balance=false keeps the released code's
+   s_i, which the parity check reproduces mask for mask.
 The targets go to every method through PruneContext.block_targets and to the mask
 verifier; results.json records ratios, raw and balanced targets.
 """

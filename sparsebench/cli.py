@@ -31,8 +31,29 @@ from .registry import did_you_mean
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 FAILED: list[str] = []  # jobs of this sweep that failed, for the closing line
+SWEEP: dict[str, object] = {}  # the sweep's folder and its jobs' outcomes, for the closing summary
 
 log = logging.getLogger("sparsebench")
+
+
+DOES_NOT_FIT = 3  # exit code of a dry run whose plan does not fit
+
+
+def remove_if_left_empty(folder: Path) -> None:
+    """A refused command or a dry run leaves nothing behind: Hydra made the run folder (and,
+    under the working directory, maybe its dated parents such as outputs/<date>/) before the
+    job started; remove each that is still empty. Outside the working directory only the
+    run folder itself."""
+    cwd = Path.cwd().resolve()
+    path = Path(folder).resolve()
+    while True:
+        try:
+            path.rmdir()  # fails unless empty
+        except OSError:
+            return
+        path = path.parent
+        if path == cwd or cwd not in path.parents:
+            return
 
 
 def _fail(message: str, code: int = 2):
@@ -47,22 +68,49 @@ def _task(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out = Path(hc.runtime.output_dir)
+    from .run import OUTCOMES
+    from .summary import run_summary
+
+    if multirun:
+        SWEEP["dir"] = Path(hc.sweep.dir)
     try:
         results = run(cfg, out, Path(hc.sweep.dir) if multirun else None)
     except ledger.FolderBusy as err:
+        remove_if_left_empty(out)
         if not multirun:
             _fail(str(err))
+        OUTCOMES[str(out)] = "busy"
         print(f"sparsebench: skipped: {err}", file=sys.stderr)
         return None
     except Exception as err:
+        remove_if_left_empty(out)  # refused before any work: nothing was written there
         known = isinstance(err, SparsebenchError)
         text = str(err) if known else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         where = "" if known else f" (traceback in {out / 'results.json'})"
         if not multirun:
             _fail(text + where, 2 if known else 1)
         FAILED.append(f"{out.name}: {text}")
+        OUTCOMES[str(out)] = "failed"
         print(f"sparsebench: job {out.name} failed: {text}{where}; the sweep goes on", file=sys.stderr)
         return None
+    if "fits" in results:  # dry_run: the plan and its verdict were the output; nothing written
+        remove_if_left_empty(out)
+        if not results["fits"]:
+            if not multirun:
+                sys.exit(DOES_NOT_FIT)
+            FAILED.append(f"{out.name}: dry run: {results['verdict']}")
+        return None
+    from .run import WANDB_LINES
+
+    extra = [WANDB_LINES[str(out)]] if str(out) in WANDB_LINES else []
+    if OUTCOMES.get(str(out)) == "skipped":
+        print(f"sparsebench: {out} already holds this run's complete result (resume=false runs it again)")
+    if multirun:  # one line a job; the sweep's summary and the report say the rest
+        m = results.get("metrics") or {}
+        ppl = ", ".join(f"{k} {m[k]:.4f}" for k in ("wikitext2", "c4") if isinstance(m.get(k), (int, float)))
+        print(f"sparsebench: job {out.name}: {ppl or results.get('evaluation', 'no evaluation')}", flush=True)
+    else:
+        print(run_summary(results, out / "results.json", extra), flush=True)
     return results["metrics"].get("wikitext2")
 
 
@@ -161,6 +209,63 @@ def _check_output_root(folder: str) -> None:
               f"(hydra.sweep.dir for -m) to a writable folder")
 
 
+# Hydra's own flags (sparsebench passes them through); those that take the next word as value
+HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--hydra-help", "--resolve", "--package", "-p",
+               "--run", "-r", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun"}
+TAKES_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def version_text() -> str:
+    from importlib import metadata
+
+    def v(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"sparsebench {v('sparsebench')} (torch {v('torch')}, transformers {v('transformers')})"
+
+
+def check_habits(argv: list[str]) -> None:
+    """Other tools' habits (`--method wanda`, `sparsity 0.5`) get one line saying what
+    sparsebench takes (key=value), not Hydra's usage or a parse error."""
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1] else None
+        if arg.startswith("-"):
+            flag = arg.split("=", 1)[0]
+            if flag in HYDRA_FLAGS:
+                skip = flag in TAKES_VALUE and "=" not in arg and nxt is not None
+                continue
+            key = flag.lstrip("-").replace("-", "_")
+            value = arg.split("=", 1)[1] if "=" in arg else (nxt or "...")
+            _fail(f"unknown option {flag}: sparsebench takes key=value, e.g. {key}={value} (see sparsebench --help)")
+        if "=" not in arg and not arg.startswith("~"):
+            _fail(f"'{arg}' has no value: sparsebench takes key=value, e.g. {arg}={nxt or '...'} (see sparsebench --help)")
+
+
+def check_appended_keys(overrides: list[str], base) -> None:
+    """`+key=value` adds a key Hydra did not have: refused unless sparsebench reads it (a model's
+    free-form `model.arch.*` values, Hydra's own `hydra.*`); a group's own keys are checked when
+    the run's options are built."""
+    top_keys = sorted(str(k) for k in base.keys() if str(k) != "hydra")
+    for o in overrides:
+        if not o.startswith("+") or o.startswith("++"):
+            continue
+        key = o.lstrip("+").split("=", 1)[0]
+        top = key.split(".")[0]
+        if top == "hydra" or top in top_keys:
+            continue
+        _fail(f"unknown key '{key}'{did_you_mean(top, top_keys)}: sparsebench reads no such key; valid top-level "
+              f"keys: {', '.join(top_keys)}")
+
+
 def precheck(argv: list[str]) -> None:
     """Compose every job of the command line (as Hydra will) and stop on the first error."""
     if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
@@ -189,6 +294,7 @@ def precheck(argv: list[str]) -> None:
         def compose(job):
             return hydra_compose("config", overrides=job, return_hydra_config=True)
 
+        check_appended_keys(overrides, compose([]))
         for job in jobs[:500]:
             try:
                 cfg = compose(job)
@@ -213,11 +319,20 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return
+    if "--version" in argv:
+        print(version_text())
+        return
+    check_habits(argv)
     precheck(argv)
     # A killed job (SIGTERM from kill, SLURM, a launcher) unwinds like Ctrl-C: its
     # results.json says "failed" (interrupted) and keeps everything measured before.
     signal.signal(signal.SIGTERM, _on_sigterm)
     FAILED.clear()
+    SWEEP.clear()
+    from .run import BASELINES, OUTCOMES, WANDB_LINES
+
+    for record in (OUTCOMES, BASELINES, WANDB_LINES):
+        record.clear()
     sys.argv = [sys.argv[0] or "sparsebench", *argv]
     try:
         _task()
@@ -225,10 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else str(err)
         print(f"sparsebench: interrupted ({name}); the running job's results.json records it", file=sys.stderr)
         sys.exit(130 if name == "SIGINT" else 128 + int(getattr(signal, name, signal.SIGTERM)))
+    if SWEEP.get("dir") is not None:
+        from .run import BASELINES, OUTCOMES
+        from .summary import sweep_summary
+
+        jobs = {k: v for k, v in OUTCOMES.items() if k not in BASELINES}
+        print(sweep_summary(Path(str(SWEEP["dir"])), [k for k, v in jobs.items() if v == "done"],
+                            [k for k, v in jobs.items() if v in ("skipped", "busy")], FAILED,
+                            {k: v for k, v in BASELINES.items()}), flush=True)
     if FAILED:
-        print(f"sparsebench: {len(FAILED)} job(s) of the sweep failed:", file=sys.stderr)
-        for line in FAILED:
-            print(f"  {line}", file=sys.stderr)
         sys.exit(1)
 
 

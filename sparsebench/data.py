@@ -1,6 +1,6 @@
 """Calibration windows and evaluation token streams, from the hub or a local data root.
 
-Protocol (METHODS.md): WikiText-2 raw test rows joined with "\\n\\n"; C4 eval = the
+Protocol (docs/methods.md): WikiText-2 raw test rows joined with "\\n\\n"; C4 eval = the
 first 1100 documents of the validation shard joined with " " and cut to 256 x seqlen
 tokens; calibration = `nsamples` random seqlen windows of random C4 train documents
 longer than seqlen, drawn exactly as the official SparseGPT/Wanda loader draws them.

@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping seqlen windows (the protocol of every paper in METHODS.md)."""
+"""Perplexity over non-overlapping seqlen windows (the protocol of every paper of docs/methods.md)."""
 from __future__ import annotations
 
 import math

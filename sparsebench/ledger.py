@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -215,11 +216,55 @@ def _job_resolver(*, _root_) -> str:
     return job_id(OmegaConf.to_container(job, resolve=True))
 
 
+def legacy_job_folder(out_dir: Path) -> Path | None:
+    """The folder an earlier version gave this sweep job (N:M patterns were written `2:4`,
+    now `2-4`), if it exists: a resumed sweep finds the jobs it finished there."""
+    old = out_dir.with_name(re.sub(r"_(\d+)-(\d+)_", r"_\1:\2_", out_dir.name))
+    return old if old != out_dir and (old / "results.json").exists() else None
+
+
+def saved_setting(path: Any, key: str, default: Any = None) -> Any:
+    """${sb_saved:<export folder>,<key>,<default>} (conf/model/local.yaml, conf/protocol/saved.yaml):
+    what a sparsebench export recorded of the run that wrote it (dtype, seqlen, evaluation
+    protocol), so `model=local model.path=<export> method=dense` evaluates it as that run did;
+    any explicit override on the command line replaces the interpolation and wins. A folder
+    that is not an export, or an older export without the key, gives the default (the dtype
+    from its config.json)."""
+    folder = Path(str(path))
+    try:
+        meta = json.loads((folder / "sparsebench.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    if key == "dtype" and "dtype" not in meta:
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            found = cfg.get("dtype") or cfg.get("torch_dtype")
+            return found if found in ("float32", "float16", "bfloat16") else default
+        except (OSError, ValueError, AttributeError):
+            return default
+    if key == "seqlen":
+        return (meta.get("data") or {}).get("seqlen", default)
+    if key == "dtype":
+        return meta["dtype"]
+    value = meta.get("evaluation", {})
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
 def _register_resolver() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("sb_job"):
         OmegaConf.register_new_resolver("sb_job", _job_resolver)
+    if not OmegaConf.has_resolver("sb_safe"):  # folder names safe in every shell and filesystem: 2:4 -> 2-4
+        OmegaConf.register_new_resolver("sb_safe", lambda value: str(value).replace(":", "-"))
+    if not OmegaConf.has_resolver("sb_saved"):
+        OmegaConf.register_new_resolver("sb_saved", saved_setting)
 
 
 _register_resolver()

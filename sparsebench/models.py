@@ -104,14 +104,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPARSEBENCH_CACHE", Path.home() / ".cache" / "sparsebench"))
 
 
+def _gguf_cache(spec: ModelSpec) -> Path:
+    gguf = _gguf_path(spec)
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{spec.name}-{key}"
+
+
 def _gguf_folder(spec: ModelSpec) -> Path:
     """Dequantize the GGUF once into a save_pretrained folder keyed by file and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(spec)
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:12]
-    folder = cache_root() / "models" / f"{spec.name}-{key}"
+    folder = _gguf_cache(spec)
     if (folder / "done").exists():
         return folder
     log.info("converting %s to a cached float checkpoint in %s (once)", gguf.name, folder)
@@ -173,7 +178,14 @@ def load_config(spec: ModelSpec):
         model_type = kwargs.pop("model_type")
         config = AutoConfig.for_model(model_type, **kwargs)
     elif spec.source == "gguf":
-        config = AutoConfig.from_pretrained(_gguf_folder(spec))
+        # the converted folder's config if it exists, else the GGUF's metadata alone: a plan
+        # (dry_run) or a refused command never waits for the weights to be dequantized
+        cached = _gguf_cache(spec)
+        if (cached / "done").exists():
+            config = AutoConfig.from_pretrained(cached)
+        else:
+            gguf = _gguf_path(spec)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         if spec.source == "local" and not Path(spec.path).is_dir():
             raise SparsebenchError(f"model folder '{spec.path}' does not exist")

@@ -469,20 +469,49 @@ def fits(plan: Plan, plan_spec: PlanSpec, device: torch.device) -> bool:
     return plan.total("host") <= keep * host_avail and (dev_avail is None or plan.total("device") <= keep * dev_avail)
 
 
-def check_fits(plan: Plan, s: Shapes, plan_spec: PlanSpec, device: torch.device) -> None:
-    """Stop before loading when the plan does not fit, naming the options that would."""
+def fit_verdict(plan: Plan, s: Shapes, plan_spec: PlanSpec, device: torch.device) -> tuple[bool, str]:
+    """(fits, one line): whether the plan fits the visible (or named) memory, and if not,
+    what it needs and the options that would fit."""
     host_avail, dev_avail = visible_memory(plan_spec, device)
     keep = 1 - plan_spec.margin
 
     def fits(p: Plan) -> bool:
         return p.total("host") <= keep * host_avail and (dev_avail is None or p.total("device") <= keep * dev_avail)
 
-    if fits(plan) or not plan_spec.enforce:
-        return
+    where = f"{host_avail:.1f} GiB host" + (f", {dev_avail:.1f} GiB device" if dev_avail is not None else "")
+    if device.type == "cuda" and dev_avail is None:  # planning for a GPU this machine does not have
+        where += (f"; the device's {plan.total('device'):.1f} GiB are not checked: no GPU is visible, "
+                  f"plan.device_limit_gib=<GiB> names one")
+    if fits(plan):
+        return True, f"fits: {plan.total('host'):.1f} GiB host" + (
+            f", {plan.total('device'):.1f} GiB device" if dev_avail is not None else "") + \
+            f" of {where} (less the {plan_spec.margin:.0%} margin)"
     need = f"{plan.total('host'):.1f} GiB of host memory ({host_avail:.1f} available)"
     if dev_avail is not None and plan.total("device") > keep * dev_avail:
         need = f"{plan.total('device'):.1f} GiB of device memory ({dev_avail:.1f} on the device)"
-    ok = [name for name, knobs in alternatives(plan.model, s, plan.knobs) if fits(build_plan(plan.model, s, knobs))]
-    advice = f"options that fit: {'; '.join(ok)}" if ok else "no single option fits: combine them, or use a larger machine"
-    raise SparsebenchError(f"the memory plan needs {need}; {advice}; plan.enforce=false runs anyway "
+    alts = alternatives(plan.model, s, plan.knobs)
+    ok = [name for name, knobs in alts if fits(build_plan(plan.model, s, knobs))]
+    if not ok:  # no single change: the pairs that fit, smallest plan first
+        pairs = {}
+        for n1, k1 in alts:
+            for n2, k2 in alternatives(plan.model, s, k1):
+                if n2 != n1 and fits(p2 := build_plan(plan.model, s, k2)):
+                    pairs.setdefault(" + ".join(sorted((n1, n2))), p2.total("device") + p2.total("host"))
+        ok = sorted(pairs, key=pairs.get)[:4]
+    advice = f"options that fit: {'; '.join(ok)}" if ok else \
+        "no single option or pair of options fits: combine more of them, or use a larger machine"
+    if not ok and dev_avail is not None:  # the host may be what stops them: name what fits the device
+        dev_ok = [n for n, k in alts if build_plan(plan.model, s, k).total("device") <= keep * dev_avail]
+        if dev_ok:
+            advice = (f"options that fit the device but not this host's {host_avail:.1f} GiB: {'; '.join(dev_ok[:4])} "
+                      f"(plan.host_limit_gib=<GiB> plans for the host you will run on)")
+    return False, f"does not fit: the memory plan needs {need}; {advice}"
+
+
+def check_fits(plan: Plan, s: Shapes, plan_spec: PlanSpec, device: torch.device) -> None:
+    """Stop before loading when the plan does not fit, naming the options that would."""
+    ok, verdict = fit_verdict(plan, s, plan_spec, device)
+    if ok or not plan_spec.enforce:
+        return
+    raise SparsebenchError(f"{verdict.removeprefix('does not fit: ')}; plan.enforce=false runs anyway "
                            f"(sparsebench dry_run=true ... prints the plan)")

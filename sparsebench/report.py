@@ -21,7 +21,9 @@ different configs carry the keys that differ in their label (`safe_cpu (method.r
 
 Runs that did not complete are listed with their status and error, and a results.json
 that cannot be read (cut off, hand-edited) is a row saying so: nothing is silently
-dropped. Code and package versions are listed under the table.
+dropped. Code and package versions are listed under the table, and so are the kernel environments
+(CPU, ATen vector kernels, BLAS dispatch, threads): seeds fold, and rows are marked within
+spread, only within one environment; rows of different environments are labelled [env N].
 
 Plots: report.png, perplexity against sparsity per method (log scale, error bars where
 seeds were folded, dense as a horizontal line); report_nonzero.png, perplexity against
@@ -66,6 +68,15 @@ def _seedless(config: dict[str, Any]) -> dict[str, Any]:
     return ident
 
 
+def kernel_signature(kernels: dict[str, Any] | None) -> str | None:
+    """One short string naming a kernel environment (for the report): runs with different
+    signatures may differ in every last bit."""
+    if not kernels:
+        return None
+    return (f"{kernels.get('cpu', '?')} / ATen {kernels.get('aten_capability', '?')} / "
+            f"MKL_CBWR {kernels.get('mkl_cbwr', '?')} / {kernels.get('threads', '?')} threads")
+
+
 def _label(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
@@ -83,7 +94,7 @@ def load_row(path: Path) -> dict[str, Any]:
                            "label": "?", "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None, "protocol_ids": [],
                            **{k: None for k in PPL}, "mean_acc": None, "prune_s": None, "peak_gib": None,
                            "train_tokens": None, "steps": None, "wall_s": None, "nonzero_params": None,
-                           "seed": None, "fold_key": str(path), "ident": {}, "n": 1, "versions": {}}
+                           "seed": None, "fold_key": str(path), "ident": {}, "n": 1, "versions": {}, "kernels": None}
     try:
         rec = json.loads(path.read_text())
         if not isinstance(rec, dict):
@@ -119,10 +130,17 @@ def load_row(path: Path) -> dict[str, Any]:
         "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
         "nonzero_params": _num(sp.get("nonzero_params")),
         "seed": cfg.get("seed"),
-        "fold_key": digest(seedless) if cfg else str(path),
         "ident": flatten(seedless) if cfg else {},
         "versions": _dict(rec.get("versions")),
+        "kernels": kernel_signature(_dict(_dict(rec.get("versions")).get("kernels"))),
+        "protocol_name": cfg.get("protocol"),
+        "seqlen": _dict(cfg.get("model")).get("seqlen"),
+        "calib_windows": _dict(rec.get("calibration")).get("windows", _dict(cfg.get("data")).get("nsamples")),
+        "eval_windows": metrics.get("wikitext2_windows", metrics.get("c4_windows")),
     })
+    # seeds fold only within one kernel environment: another CPU kind or BLAS dispatch moves a
+    # chaotic row by more than its seed spread, and that is not seed noise
+    row["fold_key"] = (digest(seedless) + (f"|{row['kernels']}" if row["kernels"] else "")) if cfg else str(path)
     if _dict(rec.get("model")).get("random_weights"):  # a measurement run: never a quality result
         row["label"] += " [random weights]"
     if cfg.get("sparsity") is not None and row["sparsity"] is None and method != "dense":
@@ -178,7 +196,7 @@ def name_variants(rows: list[dict[str, Any]]) -> None:
         if r["ident"]:  # an unreadable row already says what it is
             groups[(r["model"], r["label"], r["sparsity"], r["pattern"])].append(r)
     for members in groups.values():
-        configs = len({r["fold_key"] for r in members})
+        configs = len({r["fold_key"].split("|")[0] for r in members})  # kernel environments are labelled apart
         if configs < 2:
             continue
 
@@ -210,7 +228,8 @@ def mark_within_spread(rows: list[dict[str, Any]], metric: str = "wikitext2") ->
     folded = [r for r in rows if r.get("n", 1) > 1 and r.get(f"{metric}_std") is not None and r.get(metric) is not None]
     for a in folded:
         for b in folded:
-            same = (a["model"], _protocol(a), a["sparsity"], a["pattern"]) == (b["model"], _protocol(b), b["sparsity"], b["pattern"])
+            same = (a["model"], _protocol(a), a["sparsity"], a["pattern"], a.get("kernels")) == (
+                b["model"], _protocol(b), b["sparsity"], b["pattern"], b.get("kernels"))
             if a is not b and same and abs(a[metric] - b[metric]) <= a[f"{metric}_std"] + b[f"{metric}_std"]:
                 a["within_spread_of"].append(b["label"])
 
@@ -269,8 +288,22 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = d is not None and d.get("mean_acc") and r.get("mean_acc") is not None
         r["mean_acc_dense_retained_pct"] = round(100.0 * r["mean_acc"] / d["mean_acc"], 2) if ok else None
         r.setdefault("seeds", [])
+    label_kernel_environments(rows)
     mark_within_spread(rows)
     return rows
+
+
+def label_kernel_environments(rows: list[dict[str, Any]]) -> list[str]:
+    """When the rows ran in more than one kernel environment (CPU kind, ATen vector kernels,
+    BLAS dispatch, threads), each row's label names its environment ([env 1], [env 2], ...,
+    listed under the table), so no two rows of different environments read as one
+    comparison. Returns the environments in order."""
+    envs = sorted({r["kernels"] for r in rows if r.get("kernels")})
+    if len(envs) > 1:
+        for r in rows:
+            if r.get("kernels"):
+                r["label"] += f" [env {envs.index(r['kernels']) + 1}]"
+    return envs
 
 
 def zeroshot_tasks(rows: list[dict[str, Any]]) -> list[str]:
@@ -295,27 +328,85 @@ def _tokens(v) -> str:
     return "—" if v is None else f"{int(v):,}"
 
 
-def _table_lines(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list[str]:
-    zs_head = [*tasks, "mean acc", "% dense (acc)"] if tasks else []
-    head = ["model", "method", "sparsity", "pattern", "WikiText-2", "C4", "% dense (Wiki)", "% dense (C4)",
-            *zs_head, "train tokens", "steps", "prune s", "wall s", "peak GiB", "status"]
+def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list[tuple[str, Any]]:
+    """(heading, cell function) of every column that says something for these rows: a column
+    empty (or zero) for every row is left out (one-shot rows train nothing; their wall time
+    is their prune time)."""
+    def has(key, zero_is_empty=True):
+        return any(r.get(key) not in (None, 0, 0.0) if zero_is_empty else r.get(key) is not None for r in rows)
+
+    cols = [("model", lambda r: r["model"]), ("method", lambda r: r["label"]),
+            ("sparsity", lambda r: _fmt(r["sparsity"])), ("actual", lambda r: _fmt(r["actual_sparsity"], 4)),
+            ("pattern", lambda r: r["pattern"]),
+            ("WikiText-2", lambda r: _ppl(r, "wikitext2")), ("C4", lambda r: _ppl(r, "c4")),
+            ("% dense (Wiki)", lambda r: _fmt(r["wikitext2_dense_retained_pct"], 1)),
+            ("% dense (C4)", lambda r: _fmt(r["c4_dense_retained_pct"], 1))]
+    cols = [c for c in cols if c[0] not in ("C4", "% dense (C4)") or has("c4")]
+    if tasks:
+        cols += [(t, (lambda r, t=t: _fmt(r[t], 4))) for t in tasks]
+        cols += [("mean acc", lambda r: _fmt(r["mean_acc"], 4)),
+                 ("% dense (acc)", lambda r: _fmt(r["mean_acc_dense_retained_pct"], 1))]
+    if has("train_tokens"):
+        cols += [("train tokens", lambda r: _tokens(r["train_tokens"])), ("steps", lambda r: _tokens(r["steps"]))]
+    cols.append(("prune s", lambda r: _fmt(r["prune_s"], 1)))
+    if any(r.get("wall_s") is not None and r.get("prune_s") is not None and abs(r["wall_s"] - r["prune_s"]) > 0.05
+           for r in rows):
+        cols.append(("wall s", lambda r: _fmt(r["wall_s"], 1)))
+    cols += [("peak GiB", lambda r: _fmt(r["peak_gib"])),
+             ("status", lambda r: r["status"] if r["status"] == "complete" or not r.get("error")
+              else f"{r['status']}: {_cell(r['error'])}")]
     if spread:
-        head.append("within spread of")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        cols.append(("within spread of", lambda r: ", ".join(r.get("within_spread_of") or []) or "—"))
+    return cols
+
+
+COLUMN_NOTES = {
+    "sparsity": "the target sparsity (N:M: 0.50)",
+    "actual": "the measured fraction of zeros over every pruned linear (differs from the target by rounding only)",
+    "WikiText-2": "perplexity, exp(mean window NLL) over the protocol's windows; lower is better; mean ± std (n) over seeds",
+    "C4": "perplexity on the C4 eval stream, as WikiText-2",
+    "% dense (Wiki)": "dense perplexity / row perplexity x 100, against the dense run of the row's own protocol: "
+                      "100 for dense, higher is better",
+    "% dense (C4)": "as % dense (Wiki), on C4",
+    "mean acc": "mean of the zero-shot tasks' headline accuracies; % dense (acc): row / dense x 100",
+    "train tokens": "tokens seen by optimizer steps over every stage (block-wise methods: summed over blocks)",
+    "steps": "optimizer steps over every stage",
+    "prune s": "seconds of calibration, allocation and pruning",
+    "wall s": "seconds of the training stages",
+    "peak GiB": "peak memory of the run's process (GPU peak on CUDA)",
+    "within spread of": "rows whose mean lies within the two rows' seed spread (same model, protocol, sparsity, "
+                        "pattern and kernel environment)",
+}
+
+
+def _table_lines(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list[str]:
+    cols = _columns(rows, tasks, spread)
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        zs = [*(_fmt(r[t], 4) for t in tasks), _fmt(r["mean_acc"], 4), _fmt(r["mean_acc_dense_retained_pct"], 1)] if tasks else []
-        status = r["status"] if r["status"] == "complete" or not r.get("error") else f"{r['status']}: {_cell(r['error'])}"
-        cells = [r["model"], r["label"], _fmt(r["sparsity"]), r["pattern"], _ppl(r, "wikitext2"), _ppl(r, "c4"),
-                 _fmt(r["wikitext2_dense_retained_pct"], 1), _fmt(r["c4_dense_retained_pct"], 1),
-                 *zs, _tokens(r["train_tokens"]), _tokens(r["steps"]), _fmt(r["prune_s"], 1), _fmt(r["wall_s"], 1),
-                 _fmt(r["peak_gib"]), status]
-        if spread:
-            cells.append(", ".join(r.get("within_spread_of") or []) or "—")
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("| " + " | ".join(str(f(r)) for _, f in cols) + " |")
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], by_tokens: bool = False) -> str:
+def header(rows: list[dict[str, Any]], root: Path | None = None) -> list[str]:
+    """The report's title and the protocols its rows ran under."""
+    lines = [f"# sparsebench report{f': {root}' if root else ''}", ""]
+    seen = {}
+    for r in rows:
+        if r["status"] == "complete" and r.get("seqlen"):
+            key = (r["model"], r.get("protocol_name"), r.get("seqlen"), r.get("calib_windows"), r.get("eval_windows"))
+            seen[key] = seen.get(key, 0) + 1
+    for (model, name, seqlen, calib, evals), n in sorted(seen.items(), key=str):
+        lines.append(f"- {model}, protocol {name or '?'}: seqlen {seqlen}, {calib if calib else 'no'} calibration "
+                     f"windows, {evals if evals else '?'} evaluation windows per dataset ({n} rows)")
+    return lines + [""] if seen else lines
+
+
+def notes(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> str:
+    heads = [h for h, _ in _columns(rows, tasks, spread)]
+    return "\n".join(["", "Columns:"] + [f"- {h}: {COLUMN_NOTES[h]}" for h in heads if h in COLUMN_NOTES]) + "\n"
+
+
+def markdown(rows: list[dict[str, Any]], by_tokens: bool = False, root: Path | None = None) -> str:
     """Perplexity columns' '% dense' is dense ppl / ppl; accuracy's is mean acc / dense mean acc."""
     tasks = zeroshot_tasks(rows)
     spread = any(r.get("n", 1) > 1 for r in rows)
@@ -328,7 +419,7 @@ def markdown(rows: list[dict[str, Any]], by_tokens: bool = False) -> str:
             group = [r for r in rows if (r["train_tokens"] or 0) == tokens]
             lines += ["", f"Training tokens: {tokens:,}", "", *_table_lines(group, tasks, spread)]
         lines = lines[1:]
-    return "\n".join(lines) + "\n" + versions_note(rows)
+    return "\n".join(header(rows, root) + lines) + "\n" + notes(rows, tasks, spread) + versions_note(rows)
 
 
 def _cell(text: str, limit: int = 120) -> str:
@@ -346,12 +437,20 @@ def versions_note(rows: list[dict[str, Any]]) -> str:
         sig = tuple((k, v[k]) for k in keys if k in v)
         if sig:
             seen[sig] = seen.get(sig, 0) + 1
-    if not seen:
-        return ""
-    lines = ["", "Versions:" if len(seen) == 1 else "Versions (rows ran with different code or packages):"]
-    for sig, n in seen.items():
-        lines.append(f"- {', '.join(f'{k} {v}' for k, v in sig)}" + ("" if len(seen) == 1 else f" ({n} rows)"))
-    return "\n".join(lines) + "\n"
+    lines = []
+    if seen:
+        lines += ["", "Versions:" if len(seen) == 1 else "Versions (rows ran with different code or packages):"]
+        for sig, n in seen.items():
+            lines.append(f"- {', '.join(f'{k} {v}' for k, v in sig)}" + ("" if len(seen) == 1 else f" ({n} rows)"))
+    envs = sorted({r["kernels"] for r in rows if r.get("kernels")})
+    if len(envs) == 1:
+        lines += ["", f"Kernel environment: {envs[0]}."]
+    elif envs:
+        lines += ["", "Kernel environments (rows are labelled [env N]; the last bits of every reduction differ between",
+                  "them, and a chaotic row, such as SparseGPT at 0.7 and above, can move by more than its seed spread;",
+                  "compare rows within one environment):"]
+        lines += [f"- env {i}: {e} ({sum(r.get('kernels') == e for r in rows)} rows)" for i, e in enumerate(envs, 1)]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 # ----------------------------------------------------------------------------- plots
@@ -371,50 +470,88 @@ def _series(rows, x_key: str, metric: str):
     return series
 
 
-def _figure(path: Path, xlabel: str, ylabel: str, draw) -> None:
-    """One log-scale figure: `draw(ax)` plots, this sets the axes and writes the PNG."""
+def _colours(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One colour per method label, the same in every plot of the report."""
+    import matplotlib
+
+    labels = sorted({r["label"] for r in rows if r["method"] != "dense"})
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def _plain_log_axis(axis) -> None:
+    """Log scale with plain tick labels (250, 1000, 1e+05 only where needed), not 2.58x10^2."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v < 1e6 else f"{v:.0e}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _figure(path: Path, xlabel: str, draw, metrics=("wikitext2", "c4"), log_x: bool = False) -> None:
+    """WikiText-2 and C4 side by side, log-scale perplexity: `draw(ax, metric)` plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    draw(ax)
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        draw(ax, metric)
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{ {'wikitext2': 'WikiText-2', 'c4': 'C4'}.get(metric, metric)} perplexity (log)")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
-    """Perplexity against sparsity per method(+recovery), log scale; error bars for folded seeds."""
-    def draw(ax):
-        for (tag, label, dense), pts in sorted(_series(rows, "sparsity", metric).items()):
-            pts.sort()
+def _dodge(index: int, count: int, width: float) -> float:
+    """A small x offset per series, so error bars at the same sparsity never overlap."""
+    return (index - (count - 1) / 2) * width
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against sparsity per method(+recovery), WikiText-2 and C4 side by side;
+    error bars (seed folds) dodged apart."""
+    colours = _colours(rows)
+
+    def draw(ax, metric):
+        series = sorted(_series(rows, "sparsity", metric).items())
+        curves = [s for s in series if not s[0][2]]
+        for (tag, label, dense), pts in series:
             if dense:
-                ax.axhline(pts[0][1], color="gray", ls="--", lw=1, label=f"dense ({tag})")
-            else:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
-                            capsize=3, label=f"{label} ({tag})")
-
-    _figure(path, "sparsity", f"{metric} perplexity (log)", draw)
-
-
-def plot_nonzero(rows: list[dict[str, Any]], path: Path, metric: str = "wikitext2") -> None:
-    """Perplexity against the number of non-zero parameters (Elsa's Figure 3), log-log."""
-    def draw(ax):
-        for (tag, label, dense), pts in sorted(_series(rows, "nonzero_params", metric).items()):
+                ax.axhline(sorted(pts)[0][1], color="gray", ls="--", lw=1, label=f"dense ({tag})")
+        for i, ((tag, label, _), pts) in enumerate(curves):
             pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
-                        marker="*" if dense else "o", ls="none" if dense else "-", capsize=3, label=f"{label} ({tag})")
-        ax.set_xscale("log")
+            dx = _dodge(i, len(curves), 0.004)
+            ax.errorbar([p[0] + dx for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
+                        capsize=3, color=colours.get(label), label=f"{label} ({tag})")
 
-    _figure(path, "non-zero parameters (log)", f"{metric} perplexity (log)", draw)
+    _figure(path, "sparsity", draw)
+
+
+def plot_nonzero(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against the number of non-zero parameters (Elsa's Figure 3), log-log."""
+    colours = _colours(rows)
+
+    def draw(ax, metric):
+        curves = sorted(_series(rows, "nonzero_params", metric).items())
+        for i, ((tag, label, dense), pts) in enumerate(curves):
+            pts.sort()
+            f = 1 + _dodge(i, len(curves), 0.01)  # multiplicative: the x axis is log
+            ax.errorbar([p[0] * f for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
+                        marker="*" if dense else "o", ls="none" if dense else "-", capsize=3,
+                        color="gray" if dense else colours.get(label), label=f"{label} ({tag})")
+
+    _figure(path, "non-zero parameters (log)", draw, log_x=True)
 
 
 def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -> dict[str, Path]:
@@ -425,7 +562,7 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png",
              "plot_nonzero": out / "report_nonzero.png"}
-    paths["markdown"].write_text(markdown(rows, by_tokens))
+    paths["markdown"].write_text(markdown(rows, by_tokens, root))
     fields = list(dict.fromkeys(k for r in rows for k in r if k != "ident"))  # the label says what differs
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -30,7 +30,7 @@ from .models import ModelSpec, load_model, prunable_linears
 from .pruners import PruneContext, Pruner
 from .pruners.base import targets_by_linear
 from .pruners.layerwise import LayerwisePruner
-from .plan import PlanSpec, build_plan, check_fits, eval_placement, fits, knobs_of, shapes_of
+from .plan import PlanSpec, build_plan, check_fits, eval_placement, fit_verdict, fits, knobs_of, shapes_of
 from .shard import ENGINES, backend, share_pruned
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
@@ -298,6 +298,13 @@ def save_folder(specs: Specs, out_dir: Path, sweep_dir: Path | None) -> Path:
     return Path(specs.save.dir) / out_dir.name if sweep_dir is not None else Path(specs.save.dir)
 
 
+# What happened to each job and baseline of this process (the sweep's closing summary):
+# folder -> "done" | "skipped" | "failed" (jobs), and the dense baselines apart.
+OUTCOMES: dict[str, str] = {}
+BASELINES: dict[str, str] = {}
+WANDB_LINES: dict[str, str] = {}  # folder -> where its wandb run went (the summary's one wandb line)
+
+
 def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
     """The dense model under this job's evaluation protocol, once per protocol in a sweep:
     <sweep>/dense_<model>_<protocol id>. Its failure is logged, never the job's."""
@@ -308,12 +315,19 @@ def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
     dense_cfg.save.enabled = False
     dense_cfg.resume = True
     folder = sweep_dir / f"dense_{cfg.model.name}_{protocol[:8]}"
+    if BASELINES.get(str(folder)) in ("ran", "reused"):
+        return  # this process already has it
+    log.info("dense baseline of this evaluation protocol: %s", folder)
     try:
-        run(dense_cfg, folder)
+        run(dense_cfg, folder, baseline=True)
+        BASELINES[str(folder)] = "reused" if OUTCOMES.pop(str(folder), "") == "skipped" else "ran"
     except ledger.FolderBusy as err:
-        log.info("sweep baseline: %s", err)
+        log.info("dense baseline: %s", err)
+        BASELINES[str(folder)] = "busy in another process"
     except Exception as err:
-        log.warning("sweep baseline in %s failed (%s); the report has no %% of dense for this protocol", folder, err)
+        OUTCOMES.pop(str(folder), None)
+        BASELINES[str(folder)] = "failed"
+        log.warning("dense baseline in %s failed (%s); the report has no %% of dense for this protocol", folder, err)
 
 
 def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
@@ -396,12 +410,15 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
 
 
 def dry_run(specs: Specs) -> dict[str, Any]:
-    """Print the plan and return it; nothing is loaded, claimed or written."""
-    plan, _ = memory_plan(specs, specs.world_size)
+    """Print the plan and its verdict and return them; nothing is loaded, claimed or written
+    (the model's config alone gives the shapes)."""
+    plan, shapes = memory_plan(specs, specs.world_size)
     if specs.world_size > 1 and plan.knobs.kind != "train":
         print(f"{specs.pruner.name} runs in one process: planned for 1 rank (world_size={specs.world_size} ignored)")
     print(plan.table())
-    return {"plan": plan.as_dict(), "metrics": {}}
+    ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
+    print(f"verdict: {verdict}")
+    return {"plan": plan.as_dict(), "metrics": {}, "fits": ok, "verdict": verdict}
 
 
 def slurm_ranks() -> None:
@@ -417,8 +434,15 @@ def slurm_ranks() -> None:
     TorchDistributedEnvironment().export()
 
 
-def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None, baseline: bool = False) -> dict[str, Any]:
     out_dir = Path(out_dir)
+    if sweep_dir is not None and (old := ledger.legacy_job_folder(out_dir)) is not None:
+        log.info("this job's folder from an earlier version: %s", old)
+        try:
+            out_dir.rmdir()  # the new name Hydra made, still empty
+        except OSError:
+            pass
+        out_dir = old
     slurm_ranks()
     config = _resolved(cfg)
     if cfg.get("dry_run", False):
@@ -436,10 +460,14 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None) -> dict[s
         return run_worker(specs, out_dir, fp["digest"])
     ledger.check_writable(out_dir, "run folder", "set hydra.run.dir=<folder> (hydra.sweep.dir in a sweep)")
     with ledger.claim(out_dir):
-        return _run_claimed(cfg, config, out_dir, sweep_dir)
+        OUTCOMES[str(out_dir)] = "failed"
+        res = _run_claimed(cfg, config, out_dir, sweep_dir, baseline)
+        OUTCOMES[str(out_dir)] = OUTCOMES.get(str(out_dir)) if OUTCOMES.get(str(out_dir)) == "skipped" else "done"
+        return res
 
 
-def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_dir: Path | None) -> dict[str, Any]:
+def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_dir: Path | None,
+                 baseline: bool = False) -> dict[str, Any]:
     existing = ledger.previous_results(out_dir)
     holds_result = existing is not None and existing.get("status") == "complete"
     try:
@@ -453,10 +481,8 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
                                    "saved sparsebench export (model=local model.path=<export>)")
         # the memory plan from the model's config alone (this also checks seqlen against it)
         plan, shapes = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
-    except SparsebenchError as err:
-        if not holds_result:  # record the failure, never over another run's complete result
-            Results(out_dir / "results.json", config, config.get("seed")).update(status="failed", error=str(err))
-        raise
+    except SparsebenchError:
+        raise  # refused before any work: nothing is written (cli.py removes the folder Hydra made)
     config["device"] = specs.device.type  # "auto" means different things on different machines
     dense = specs.pruner.name == "dense"
     fp = ledger.fingerprint(config, files, needs_calibration=specs.reads_calibration, dense=dense)
@@ -464,24 +490,28 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
     if sweep_dir is not None and cfg.get("dense_baseline", False) and not dense:
         dense_baseline(cfg, sweep_dir, protocol)  # also when this job is done: a deleted baseline comes back
     if resume_decision(existing, fp, bool(cfg.get("resume", True)), out_dir):
-        log.info("%s holds this run's complete result: skipped (resume=false runs it again)", out_dir)
+        OUTCOMES[str(out_dir)] = "skipped"
+        if baseline:
+            log.info("dense baseline already complete in %s: reused", out_dir)
+        else:
+            log.info("already complete in %s: not run again (resume=false runs it again)", out_dir)
         return existing
     save_dir = save_folder(specs, out_dir, sweep_dir) if specs.save.enabled else None
     if save_dir is not None:  # before the expensive part: never delete what is not ours
         check_save_dir(save_dir, fp["digest"])
         ledger.check_writable(save_dir.parent, "save folder", "set save.dir=<writable folder>")
 
-    try:  # the plan against the visible memory, before anything loads
-        check_fits(plan, shapes, specs.plan, specs.device)
-    except SparsebenchError as err:
-        Results(out_dir / "results.json", config, specs.seed, plan=plan.as_dict()).update(status="failed", error=str(err))
-        raise
+    check_fits(plan, shapes, specs.plan, specs.device)  # before anything loads; a refusal writes nothing
 
     init_distributed(specs)  # under torchrun: join the ranks (they wait for rank 0 here)
     _save_hydra_files(cfg, out_dir)
     file_log = logging.FileHandler(out_dir / "run.log")
     file_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(file_log)
+    # lm-eval's per-document notes (truncated contexts, ...) go to run.log only, not the console
+    consoles = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    for h in consoles:
+        h.addFilter(_quiet_harness)
     torch.manual_seed(specs.seed)
     results = Results(out_dir / "results.json", config, specs.seed, fingerprint=fp, protocol_id=protocol,
                       plan=plan.as_dict())
@@ -511,8 +541,17 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         end_own_group()
         if logger is not None:
             logger.finish({**results.data["metrics"], "status": results.data["status"]}, exit_code)
+            if getattr(logger, "where", None):
+                WANDB_LINES[str(out_dir)] = logger.where
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+        for h in consoles:
+            h.removeFilter(_quiet_harness)
+
+
+def _quiet_harness(record: logging.LogRecord) -> bool:
+    """Console filter: lm-eval's records below ERROR stay in run.log."""
+    return not (record.name.startswith("lm_eval") and record.levelno < logging.ERROR)
 
 
 def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple | None, save_dir: Path | None,
@@ -583,14 +622,22 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summary, "nonzero_params": nonzero},
                    per_layer_sparsity=per_tensor)
     logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
-    log.info("pruned: %s", results.data["sparsity"])
+    sp = results.data["sparsity"]
+    if specs.pruner.name != "dense" or saved is not None:
+        log.info("sparsity: target %s, actual %.6f over %d prunable weights", sp["target"], sp["actual_sparsity"],
+                 sp["prunable_params"])
 
     if save_dir is not None:
         meta = {"method": specs.pruner.name, "sparsity": specs.sparsity, "pattern": str(specs.pattern),
                 "block_targets": allocation.targets if allocation else None,
                 "group": specs.pruner.group, "seed": specs.seed, "model": specs.model.name, "fingerprint": fingerprint,
                 "data": {"source": specs.data.source, "calib_set": specs.data.calib_set,
-                         "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen}}
+                         "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen},
+                # what `model=local model.path=<export> method=dense` needs to evaluate it as this run did
+                "dtype": specs.model.dtype,
+                "evaluation": {"protocol": results.data["config"].get("protocol"), "nsamples": specs.data.nsamples,
+                               "max_windows": specs.eval.max_windows, "batch_size": specs.eval.batch_size,
+                               "datasets": list(specs.eval.datasets)}}
         with timed(results, "save"):
             folder = save_pruned(model, tok, masks, save_dir, meta)
         results.update(saved_model=str(folder))

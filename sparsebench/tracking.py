@@ -54,8 +54,61 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
+def _cpu_model() -> str:
+    """The CPU's name with its family and model numbers (a virtual machine often reports only
+    'AMD EPYC', which names several generations with different vector units)."""
+    try:
+        fields: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break
+        name = fields.get("model name", platform.machine())
+        if "cpu family" in fields and "model" in fields:
+            name += f" (family {fields['cpu family']}, model {fields['model']})"
+        return name
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cpu_vector_flags() -> str:
+    """The vector extensions the CPU reports that ATen's kernels choose between."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in flags)
+
+
+def kernel_environment() -> dict[str, Any]:
+    """What decides the last bits of every CPU reduction and GEMM, and so a chaotic row's
+    value (SparseGPT at high sparsity compounds them through every block): the CPU, the
+    ATen vector kernels in use (ATEN_CPU_CAPABILITY caps them), the BLAS and its dispatch
+    (MKL_CBWR pins MKL's code path), and the thread counts. Two runs agree bit for bit only
+    when all of these agree (docs/results.md, "Kernel environment")."""
+    blas = "unknown"
+    for line in torch.__config__.show().splitlines():
+        if "Math Kernel Library" in line or "OpenBLAS" in line:
+            blas = line.strip(" -")
+            break
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                         "OPENBLAS_CORETYPE") if os.environ.get(k)}
+    return {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_vector_flags(),
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": blas,
+        "mkl_cbwr": os.environ.get("MKL_CBWR", "unset"),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "env": env,
+    }
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     if (code := code_version()) is not None:
         out["sparsebench_commit"] = code
     for pkg in ("sparsebench", "torch", "transformers", "hydra-core", "datasets", "tokenizers", "gguf", "wandb", "lm-eval"):
@@ -66,6 +119,8 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         out["gpu"] = torch.cuda.get_device_name(0)
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    out["kernels"] = kernel_environment()
     return out
 
 
@@ -131,9 +186,18 @@ class WandbLogger:
         except ImportError:
             raise SparsebenchError("wandb is not installed; pip install wandb, or use logger=disabled") from None
         directory.mkdir(parents=True, exist_ok=True)
+        # wandb's banner, sync hints and run summary would be most of a run's console: silent,
+        # and one line of our own says where the run went and how to upload it
         self.run = wandb.init(
-            mode=mode, project=project, entity=entity, group=group, name=name, config=config, dir=str(directory), reinit="finish_previous"
+            mode=mode, project=project, entity=entity, group=group, name=name, config=config, dir=str(directory),
+            reinit="finish_previous", settings=wandb.Settings(silent=True),
         )
+        self.mode = mode
+        if mode == "offline":
+            self.where = f"wandb: offline run in {self.run.dir.removesuffix('/files')}; upload it with `wandb sync " \
+                         f"{self.run.dir.removesuffix('/files')}`"
+        else:
+            self.where = f"wandb: {getattr(self.run, 'url', None) or self.run.dir}"
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:

@@ -68,7 +68,7 @@ def test_bad_input_fails_before_heavy_work(overrides, message):
 def test_seqlen_beyond_model(tmp_path):
     with pytest.raises(SparsebenchError, match=r"model.seqlen=1024 exceeds the maximum of tiny-llama \(256 positions\)"):
         run(compose(TINY + ["model.seqlen=1024"]), tmp_path)
-    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "results.json").exists()  # refused before any work: nothing written
 
 
 def test_missing_data_file(tmp_path):
@@ -88,6 +88,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "sparsebench: error: sparsity must be in [0, 1), got 1.5"
     assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # a refused command leaves no folder (outputs/<date>/... removed)
 
 
 def test_cli_rejects_a_switch_that_is_not_a_bool(tmp_path):
@@ -137,3 +138,74 @@ def test_killed_run_is_recorded_as_failed(tmp_path):
     assert rec["status"] == "failed" and rec["error"] == "interrupted (SIGTERM)" and rec["reason"] == "interrupted"
     assert proc.returncode == 143
     assert rec["sparsity"]["actual_sparsity"] == 0.5  # what was measured before the kill is kept
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--method", "wanda"], "unknown option --method: sparsebench takes key=value, e.g. method=wanda"),
+    (["--sparsity=0.5"], "unknown option --sparsity: sparsebench takes key=value, e.g. sparsity=0.5"),
+    (["sparsity", "0.5"], "'sparsity' has no value: sparsebench takes key=value, e.g. sparsity=0.5"),
+    (["+sparsty=0.5"], "unknown key 'sparsty' (did you mean 'sparsity'?): sparsebench reads no such key"),
+])
+def test_other_tools_habits_get_one_line_and_leave_nothing(tmp_path, args, line):
+    proc = _cli(*TINY, *args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"sparsebench: error: {line}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_names_sparsebench_and_its_frameworks(tmp_path):
+    proc = _cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("sparsebench ") and "torch " in proc.stdout
+    assert "Hydra" not in proc.stdout
+
+
+def test_a_run_ends_with_its_summary_and_one_wandb_line(tmp_path):
+    """The default logger (wandb offline) says one line; the last lines are the summary:
+    perplexities, sparsity, times, memory, the results.json path."""
+    proc = _cli("model=tiny-llama", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert sum("wandb" in ln.lower() for ln in out.splitlines()) <= 2
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == f"results: {tmp_path / 'run' / 'results.json'}"
+    assert lines[-2].startswith("wandb: offline run in ") and "wandb sync" in lines[-2]
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    table = "\n".join(lines)
+    assert f"| wikitext2 | {rec['metrics']['wikitext2']:>10.4f} |" in table
+    assert "sparsity: target 0.5, actual 0.500000" in table and "Traceback" not in proc.stderr
+
+
+def test_eval_full_prints_the_zero_shot_table(tmp_path):
+    proc = _cli(*TINY, "eval=full", "eval.zeroshot.limit=10", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    for task, v in rec["zeroshot"]["tasks"].items():
+        assert f"| {task}" in proc.stdout and f"{v['headline']:.4f}" in proc.stdout
+    assert f"| mean" in proc.stdout and "lm_eval" not in proc.stdout + proc.stderr  # its warnings: run.log
+    assert "lm_eval" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_sweep_ends_with_its_counts_and_the_report_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", *TINY, "method=magnitude", "pattern=2:4,unstructured", f"hydra.sweep.dir={sweep}")
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tail = proc.stdout.strip().splitlines()[-4:]
+    assert tail[0] == "sparsebench sweep: 2 done, 0 skipped (already complete), 0 failed"
+    assert tail[1].startswith(f"  dense baseline: {sweep}/dense_tiny-llama_") and tail[1].endswith("(ran)")
+    assert tail[-1] == f"table and plots: sparsebench-report {sweep}"
+    assert all(":" not in p.name for p in sweep.iterdir())  # 2-4, not 2:4
+    again = _cli(*args, cwd=tmp_path)
+    assert "sparsebench sweep: 0 done, 2 skipped (already complete), 0 failed" in again.stdout
+    assert "(reused)" in again.stdout
+
+
+def test_a_saved_model_reloads_to_its_own_perplexity(tmp_path):
+    """Save, then `model=local model.path=<export> method=dense` and nothing else: the export's
+    dtype, seqlen and evaluation protocol come from its sparsebench.json."""
+    saved = run(compose(TINY + ["method=sparsegpt", "save.enabled=true"]), tmp_path / "run")
+    again = run(compose(["model=local", f"model.path={tmp_path / 'run' / 'model'}", "method=dense", "logger=disabled"]),
+                tmp_path / "reload")
+    assert again["metrics"] == saved["metrics"]
+    assert again["sparsity"]["actual_sparsity"] == saved["sparsity"]["actual_sparsity"]
+    assert again["config"]["model"]["dtype"] == "float32" and again["config"]["protocol"] == "tiny"

@@ -14,6 +14,7 @@ from sparsebench.pruners.elsa import Elsa
 from sparsebench.run import build_specs, run
 from sparsebench.sparsity import Pattern, Schedule
 
+from .numerics import U32, assert_identical
 from .conftest import compose, tiny_spec
 
 FAST = ["method.steps=12", "method.batch_size=2", "method.interval=4", "method.lam=0.5", "method.lr=3e-3"]
@@ -47,11 +48,16 @@ def test_elsa_bad_options():
 
 
 def _train(rank: int, world: int, folder: str) -> None:
+    # One process runs the two ranks' micro-batches one after the other (grad_accum=2); DDP
+    # averages the ranks' gradients, a / 2 + b / 2 against a / 2 + b / 2 after exact halvings;
+    # the clip threshold is above every norm (clip factor exactly 1): the same operations on
+    # the same operands, so bit for bit on any CPU (tests/test_fsdp.py has the derivation).
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     model, tok = load_model(tiny_spec("llama"), seed=0)
-    pruner = Elsa(steps=6, batch_size=4, interval=2, lam=0.5, lr=2e-3, log_every=1)
+    pruner = Elsa(steps=6, batch_size=4, interval=2, lam=0.5, lr=2e-3, log_every=1, grad_accum=2 if world == 1 else 1,
+                  clip=1e9)
     ctx = PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), tokenizer=tok,
                        data=DataSpec(nsamples=4), seqlen=64)
     masks = pruner.prune(ctx)
@@ -67,9 +73,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     _train(0, 1, str(tmp_path))
     mp.spawn(_train, args=(2, str(tmp_path)), nprocs=2, join=True)
     one, two = (torch.load(tmp_path / f"world{w}.pt") for w in (1, 2))
-    assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
-    assert one["dist"] == pytest.approx(two["dist"], rel=1e-4)  # ||w - z|| counted once under DDP
-    for name in one["masks"]:
-        assert torch.equal(one["masks"][name], two["masks"][name]), name
-    for key in one["state"]:
-        torch.testing.assert_close(one["state"][key], two["state"][key], rtol=1e-4, atol=1e-5)
+    assert one["loss"] == pytest.approx(two["loss"], rel=2 * U32)  # the ranks' mean: one float32 rounding
+    assert one["dist"] == two["dist"]  # ||w - z|| counted once under DDP (every rank holds all of w)
+    assert_identical(one["masks"], two["masks"], "masks")
+    assert_identical(one["state"], two["state"], "weights")

@@ -79,13 +79,26 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     try:
         cli.main(["model=llama2-70b", "model.source=random", "method=elsa_l", "dry_run=true", "world_size=4",
                   "device=cuda", f"hydra.run.dir={out}"])
-    except SystemExit as err:
-        pytest.fail(f"exit {err.code}")
+    except SystemExit as err:  # this machine's host memory is too small for it: the verdict's exit code
+        assert err.code == cli.DOES_NOT_FIT
     printed = capsys.readouterr().out
     assert "memory plan: llama2-70b, elsa_l, engine fsdp, 4 rank(s)" in printed  # auto: DDP does not fit
     for term in ("weights (float32 master)", "Adam moments (8-bit)", "ADMM z", "total device"):
         assert term in printed
-    assert not (out / "results.json").exists()
+    assert "verdict: " in printed
+    assert not out.exists()  # a dry run leaves no folder
+
+
+def test_a_dry_run_that_does_not_fit_says_so_names_options_and_exits_3(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        cli.main(["model=llama2-7b", "model.source=random", "method=elsa", "dry_run=true", "device=cuda",
+                  "plan.device_limit_gib=80", "plan.host_limit_gib=1024", f"hydra.run.dir={out}"])
+    assert err.value.code == cli.DOES_NOT_FIT
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith("verdict: does not fit: the memory plan needs 189.7 GiB of device memory (80.0 on")
+    assert "options that fit: offload=true" in verdict
+    assert not out.exists()
 
 
 def test_offload_moves_the_training_state_to_the_host_and_is_advised():
@@ -124,7 +137,7 @@ def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("loaded a model that does not fit"))
     with pytest.raises(SparsebenchError, match=r"the memory plan needs .* GiB of host memory \(0.0 available\); "
-                                               r"no single option fits"):
+                                               r"no single option or pair of options fits"):
         run(compose(TINY + ["method=wanda", "plan.host_limit_gib=0.00001"]), tmp_path / "a")
     # a limit between Elsa-L's plan and Elsa's: the advice names elsa_l
     specs = build_specs(compose(TINY + ["method=elsa"]))

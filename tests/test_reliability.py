@@ -105,13 +105,12 @@ def test_edited_data_file_changes_the_fingerprint(tmp_path, data_root):
     assert run(compose(TINY + ["method=magnitude", f"data.root={moved}"]), out)["status"] == "complete"
 
 
-def test_failed_validation_is_recorded_but_never_over_a_complete_result(tmp_path):
+def test_refused_validation_writes_nothing_and_never_touches_a_complete_result(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SparsebenchError, match="option 'lr' must be > 0"):
         run(compose(TINY + ["method=elsa", "method.lr=-1"]), out)
-    rec = _results(out)
-    assert rec["status"] == "failed" and "option 'lr' must be > 0, got -1.0" in rec["error"]
-    run(compose(TINY + ["method=magnitude"]), out)  # a failed record is replaced by a real run
+    assert not (out / "results.json").exists()  # refused before any work: no record
+    run(compose(TINY + ["method=magnitude"]), out)
     done = (out / "results.json").read_bytes()
     with pytest.raises(SparsebenchError):
         run(compose(TINY + ["method=elsa", "method.lr=-1"]), out)
@@ -259,15 +258,17 @@ def test_sweep_with_one_save_dir_gets_a_folder_per_job(tmp_path, capsys):
 
 def test_a_failed_job_does_not_end_the_sweep(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    code, err = _cli(["-m", *TINY, "method=sparsegpt", "method.percdamp=-1,0.01", f"hydra.sweep.dir={sweep}"], capsys)
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert "1 job(s) of the sweep failed" in err and "option 'percdamp' must be > 0" in lines[-1]
-    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["-m", *TINY, "method=sparsegpt", "method.percdamp=-1,0.01", f"hydra.sweep.dir={sweep}"])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 1
+    assert "option 'percdamp' must be > 0" in printed.err and "Traceback" not in printed.err
+    assert "sparsebench sweep: 1 done, 0 skipped (already complete), 1 failed" in printed.out  # ... but counts
+    assert "failed: tiny-llama_sparsegpt_0.5_unstructured_none_" in printed.out
+    assert f"table and plots: sparsebench-report {sweep}" in printed.out
     status = sorted(_results(p.parent)["status"] for p in sweep.glob("tiny-llama_*/results.json"))
-    assert status == ["complete", "failed"]
-    md = "\n".join(ln for ln in report.markdown(report.table(report.load_results(sweep))).splitlines())
-    assert "failed: method 'sparsegpt' option 'percdamp' must be > 0, got -1.0" in md
+    assert status == ["complete"]  # the refused job wrote no folder ...
+    assert len(list(sweep.glob("tiny-llama_*"))) == 1
 
 
 def test_extending_a_sweep_runs_only_the_new_jobs(tmp_path, capsys):

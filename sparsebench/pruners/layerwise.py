@@ -25,7 +25,7 @@ same, so the masks are too.
 statistics still accumulate window by window in the same order (each linear's input is
 split per window before it is added), so only the block's own products see a larger
 batch. On the CPU those products are bitwise the same (tests: B = 2, 3, 7 on tiny models;
-SmolLM2-135M at B = 8 in docs/BENCHMARKS.md); a GPU's GEMM may pick another kernel for
+SmolLM2-135M at B = 8 in docs/results.md (history: docs/notes/)); a GPU's GEMM may pick another kernel for
 more rows and round differently, which is why B is part of a run's identity and the
 default keeps the authors' rounding.
 

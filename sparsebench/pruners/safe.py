@@ -17,7 +17,7 @@ compare within each output row (as Wanda), or N:M groups.
 Schedule per block: `epochs` passes over the windows in shuffled mini-batches, lr with
 linear warm-up over `warmup_epochs` then linear decay to 0, lam, rho, z/u update every
 `interval` steps (step 0 included). Only the block's linear weights train; norms stay.
-Published defaults (METHODS.md): 128 x 2048 C4 windows, batch 8, lr 2e-4, warm-up 2
+Published defaults (docs/methods.md): 128 x 2048 C4 windows, batch 8, lr 2e-4, warm-up 2
 of 30 epochs, lam 1e-3, rho 2e-4, interval 32, betas (0.9, 0.95).
 """
 from __future__ import annotations

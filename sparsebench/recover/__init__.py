@@ -1,5 +1,5 @@
 """Recovery after pruning: a stage between prune + verify and evaluation that trains the
-pruned model again with its masks frozen (METHODS.md, "Recovery after pruning").
+pruned model again with its masks frozen (docs/recovery.md).
 
 Every recovery is one file, registered by name, configured by `conf/recover/<name>.yaml`,
 and composable with every method and pattern: it takes the pruned model and its masks,
