@@ -93,6 +93,8 @@ def _task(cfg: DictConfig) -> float | None:
         OUTCOMES[str(out)] = "failed"
         print(f"sparsebench: job {out.name} failed: {text}{where}; the sweep goes on", file=sys.stderr)
         return None
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 records and reports
+        return None
     if "fits" in results:  # dry_run: the plan and its verdict were the output; nothing written
         remove_if_left_empty(out)
         if not results["fits"]:

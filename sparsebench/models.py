@@ -253,6 +253,28 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def check_block_coverage(model: nn.Module) -> None:
+    """Every weight of every decoder block is either pruned (an nn.Linear's weight) or kept on
+    purpose (one-dimensional: norms, biases). Anything else (mixture-of-experts expert tensors
+    and routers, fused or transposed projections) is refused before any work, never left
+    dense while the run reports the linears' sparsity as the model's."""
+    path, blocks = find_blocks(model)
+    left = []
+    for i, block in enumerate(blocks):
+        pruned = {id(lin.weight) for lin in find_linears(block).values()}
+        modules = dict(block.named_modules())
+        for name, param in block.named_parameters():
+            if id(param) not in pruned and param.dim() >= 2:
+                owner = type(modules.get(name.rpartition(".")[0], block)).__name__
+                left.append(f"{path}.{i}.{name} {tuple(param.shape)} ({owner})")
+    if left:
+        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+        raise SparsebenchError(
+            f"{left[0]}{more} are block weights that are neither pruned nor declared kept: sparsebench prunes "
+            f"nn.Linear weights only, and does not yet prune mixture-of-experts experts, routers or non-Linear "
+            f"projections of {type(model).__name__}; refusing rather than leaving them dense")
+
+
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside a decoder block, by its full module name (never lm_head)."""
     path, blocks = find_blocks(model)

@@ -347,9 +347,11 @@ def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
 def memory_plan(specs: Specs, world: int):
     """(plan, shapes) for this run from the model's meta-device shapes (sparsebench/plan.py);
     resolves the engine on the way (specs.run_engine)."""
-    from .models import meta_model
+    from .models import check_block_coverage, meta_model
 
-    shapes = shapes_of(meta_model(specs.model))
+    meta = meta_model(specs.model)
+    check_block_coverage(meta)  # nothing of a block silently left dense (MoE experts, routers)
+    shapes = shapes_of(meta)
     specs.run_engine = resolve_engine(specs, world, shapes)
     specs.run_inputs = "device" if specs.calib_inputs == "auto" else specs.calib_inputs
     plan = build_plan(specs.model.name, shapes, knobs_of(specs, world))

@@ -209,3 +209,15 @@ def test_a_saved_model_reloads_to_its_own_perplexity(tmp_path):
     assert again["metrics"] == saved["metrics"]
     assert again["sparsity"]["actual_sparsity"] == saved["sparsity"]["actual_sparsity"]
     assert again["config"]["model"]["dtype"] == "float32" and again["config"]["protocol"] == "tiny"
+
+
+def test_a_mixture_of_experts_is_refused_before_any_work_not_pruned_silently(tmp_path):
+    """Mixtral's experts are fused 3-D tensors and its router no nn.Linear: a run that pruned
+    only the attention linears would report their sparsity as the model's. It stops instead."""
+    proc = _cli("model=tiny-llama", "model.arch.model_type=mixtral", "+model.arch.num_local_experts=4",
+                "+model.arch.num_experts_per_tok=2", "method=wanda", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("sparsebench: error: model.layers.0.mlp.gate.weight (4, 64) (MixtralTopKRouter) and 5 more")
+    assert "neither pruned nor declared kept" in line
+    assert list(tmp_path.iterdir()) == []
