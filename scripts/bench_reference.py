@@ -49,7 +49,7 @@ from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse  # n
 
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
-from sparsebench.pruners.layerwise import _block_out, _to, capture  # noqa: E402
+from sparsebench.pruners.layerwise import block_out, to_device, capture  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
 from sparsebench.run import sync_cuda  # noqa: E402
 from sparsebench.sparsity import Schedule  # noqa: E402
@@ -145,19 +145,19 @@ def reference_prune(model, calib, method, sparsity, pattern, device):
     n, m = (pattern.n, pattern.m) if pattern.is_nm else (0, 0)
     for i, block in enumerate(blocks):
         block.to(device)
-        args, kwargs = _to(block_args[i], device)
+        args, kwargs = to_device(block_args[i], device)
         subset = find_linears(block)
         wrapped = {name: REFERENCE[method](lin) for name, lin in subset.items()}
         handles = [lin.register_forward_hook(lambda mod, a, o, w=wrapped[name]: w.add_batch(a[0].data))
                    for name, lin in subset.items()]
         for j in range(inps.shape[0]):
-            outs[j] = _block_out(block(inps[j].unsqueeze(0), *args, **kwargs))[0]
+            outs[j] = block_out(block(inps[j].unsqueeze(0), *args, **kwargs))[0]
         for h in handles:
             h.remove()
         for w in wrapped.values():
             w.prune(sparsity, n, m)
         for j in range(inps.shape[0]):
-            outs[j] = _block_out(block(inps[j].unsqueeze(0), *args, **kwargs))[0]
+            outs[j] = block_out(block(inps[j].unsqueeze(0), *args, **kwargs))[0]
         inps, outs = outs, inps
 
 

@@ -40,7 +40,7 @@ from bench_oneshot import add_protocol_args, load_protocol  # noqa: E402
 from sparsebench.allocation import outlier_ratios, owl_targets  # noqa: E402
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
-from sparsebench.pruners.layerwise import _block_out, _to, capture  # noqa: E402
+from sparsebench.pruners.layerwise import block_out, to_device, capture  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
 from sparsebench.sparsity import Pattern, Schedule  # noqa: E402
 
@@ -144,7 +144,7 @@ def block_inputs(model, calib, blocks):
     _, layers = find_blocks(model)
     out = []
     for i in range(blocks):
-        args, kwargs = _to(block_args[i], torch.device("cpu"))
+        args, kwargs = to_device(block_args[i], torch.device("cpu"))
         linears = find_linears(layers[i])
         xs = {n: [] for n in linears}
         hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
@@ -152,7 +152,7 @@ def block_inputs(model, calib, blocks):
         nxt = torch.empty_like(inps)
         with torch.no_grad():
             for j in range(inps.shape[0]):
-                nxt[j] = _block_out(layers[i](inps[j : j + 1], *args, **kwargs))[0]
+                nxt[j] = block_out(layers[i](inps[j : j + 1], *args, **kwargs))[0]
         for h in hooks:
             h.remove()
         out.append({n: torch.cat(v) for n, v in xs.items()})

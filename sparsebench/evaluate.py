@@ -81,10 +81,10 @@ def place_for_eval(model: nn.Module, device: torch.device, placement: dict[str, 
         return
     from accelerate import dispatch_model
 
-    from .plan import _mem_available_gib
+    from .plan import mem_available_gib
 
     gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-    host = int(_mem_available_gib() * 2**30) if placement["placement"].endswith("offloaded)") else None
+    host = int(mem_available_gib() * 2**30) if placement["placement"].endswith("offloaded)") else None
     max_memory = eval_max_memory(placement, gpus, margin, host)
     dispatch_model(model, device_map=device_map_for(model, max_memory))
 

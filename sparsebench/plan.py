@@ -412,14 +412,14 @@ def visible_memory(plan_spec: PlanSpec, device: torch.device) -> tuple[float, fl
     """(host GiB available, device GiB total) as this process sees them."""
     host = plan_spec.host_limit_gib
     if host is None:
-        host = _mem_available_gib()
+        host = mem_available_gib()
     dev = plan_spec.device_limit_gib
     if dev is None and device.type == "cuda" and torch.cuda.is_available():  # a dry run may plan for a GPU it lacks
         dev = torch.cuda.get_device_properties(device).total_memory / GIB
     return host, dev
 
 
-def _mem_available_gib() -> float:
+def mem_available_gib() -> float:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

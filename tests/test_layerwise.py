@@ -3,7 +3,7 @@ import torch
 
 from sparsebench.models import find_blocks, find_linears, prunable_linears
 from sparsebench.pruners import PruneContext
-from sparsebench.pruners.layerwise import SharedInputs, _block_out, capture
+from sparsebench.pruners.layerwise import SharedInputs, block_out, capture
 from sparsebench.pruners.sparsegpt import SparseGPT
 from sparsebench.pruners.wanda import Wanda
 from sparsebench.sparsity import Pattern, Schedule, expected_pruned
@@ -23,7 +23,7 @@ def test_capture_replays_every_block(tiny_model):
     with torch.no_grad():
         for i, block in enumerate(blocks):
             args, kwargs = block_args[i]
-            h = torch.cat([_block_out(block(h[j : j + 1], *args, **kwargs)) for j in range(3)])
+            h = torch.cat([block_out(block(h[j : j + 1], *args, **kwargs)) for j in range(3)])
             if i < len(blocks) - 1:  # the last hidden state is after the final norm
                 torch.testing.assert_close(h, ref[i + 1])
     # capture leaves the model as it was

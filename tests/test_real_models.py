@@ -5,7 +5,7 @@ import torch
 from sparsebench import data as datamod
 from sparsebench.evaluate import perplexity
 from sparsebench.models import ModelSpec, find_blocks, find_linears, load_model
-from sparsebench.pruners.layerwise import _block_out, capture
+from sparsebench.pruners.layerwise import block_out, capture
 
 pytestmark = pytest.mark.slow
 
@@ -37,5 +37,5 @@ def test_gemma3_structure_and_replay():
     with torch.no_grad():
         for i in range(6):  # sliding layers 0-4 and the first global layer 5
             args, kwargs = block_args[i]
-            h = _block_out(blocks[i](h, *args, **kwargs))
+            h = block_out(blocks[i](h, *args, **kwargs))
             torch.testing.assert_close(h, ref[i + 1], rtol=1e-4, atol=1e-4)

@@ -59,15 +59,15 @@ class _Stop(Exception):
     """Raised inside the model forward once the needed inputs are recorded."""
 
 
-def _to(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
     """Tensors inside nested args/kwargs to `device`; floating ones also to `float_dtype` if given."""
     if isinstance(obj, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else obj.dtype
         return obj.to(device, dtype)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, float_dtype) for o in obj)
+        return type(obj)(to_device(o, device, float_dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device, float_dtype) for k, v in obj.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in obj.items()}
     return obj
 
 
@@ -87,7 +87,7 @@ def move_outside_blocks(model: nn.Module, device: torch.device) -> None:
         setattr(parent, attr, blocks)
 
 
-def _block_out(out: Any) -> torch.Tensor:
+def block_out(out: Any) -> torch.Tensor:
     # transformers 5 blocks return a tensor; older ones return a tuple.
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -401,13 +401,13 @@ class LayerwisePruner(Pruner):
         outs = input_buffer(inps.shape[0], inps.shape[1:], inps.dtype, ctx.device, ctx.inputs)
         masks: dict[str, torch.Tensor] = {}
         for i, block in tqdm(Blocks(blocks, ctx.device), total=len(blocks), desc=f"{self.name} blocks", unit="block"):
-            args, kwargs = _to(block_args[i], ctx.device)
+            args, kwargs = to_device(block_args[i], ctx.device)
             block_masks = self.prune_block(block, inps, args, kwargs, ctx.block_sparsity(i), ctx.pattern,
                                            ctx.calib_batch)
             masks.update({f"{path}.{i}.{name}": keep.cpu() for name, keep in block_masks.items()})
             for j, window in zip(range(0, inps.shape[0], ctx.calib_batch),
                                  Windows(inps, ctx.device, ctx.calib_batch)):  # the pruned block feeds the next one
-                store_window(outs, j, _block_out(block(window, *args, **kwargs)))
+                store_window(outs, j, block_out(block(window, *args, **kwargs)))
             inps, outs = outs, inps  # Blocks synchronises (finish_block) before the next block starts
         return masks
 

@@ -38,7 +38,7 @@ from ..registry import METHODS, option
 from ..training import ADMMHook, Budget, Trainer, warmup_linear
 from .admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
-from .layerwise import LayerwisePruner, RunningMean, _block_out, _to, capture
+from .layerwise import LayerwisePruner, RunningMean, block_out, to_device, capture
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Safe(Pruner):
         """Mean squared error of forward(batch) against the targets, over all windows."""
         total = 0.0
         for j in range(0, inps.shape[0], self.batch_size):
-            out = _block_out(forward(inps[j : j + self.batch_size]))
+            out = block_out(forward(inps[j : j + self.batch_size]))
             total += float((out.float() - targets[j : j + self.batch_size].float()).pow(2).sum())
         return total / targets.numel()
 
@@ -122,7 +122,7 @@ class Safe(Pruner):
         try:
             with torch.no_grad():
                 for j in range(inps.shape[0]):
-                    targets[j] = _block_out(block(inps[j : j + 1], *args, **kwargs))[0]
+                    targets[j] = block_out(block(inps[j : j + 1], *args, **kwargs))[0]
         finally:
             for h in hooks:
                 h.remove()
@@ -168,7 +168,7 @@ class Safe(Pruner):
 
                 def loss_fn():
                     with autocast:
-                        out = _block_out(block(x, *args, **kwargs))
+                        out = block_out(block(x, *args, **kwargs))
                     return (out.float() - y.float()).pow(2).mean()
 
                 loss = trainer.step([loss_fn], tokens=len(idx) * inps.shape[1])
@@ -201,7 +201,7 @@ class Safe(Pruner):
             home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
             block.to(ctx.device, torch.float32)
             # rotary tables and additive masks in float32, to match the training block
-            args, kwargs = _to(block_args[i], ctx.device, torch.float32)
+            args, kwargs = to_device(block_args[i], ctx.device, torch.float32)
             bctx = ctx.for_block(i)  # this block's target (schedule=owl gives blocks their own)
             linears = find_linears(block)
             targets, norms = self._targets(block, linears, inps, args, kwargs)  # from the dense block
@@ -222,7 +222,7 @@ class Safe(Pruner):
             ctx.log({f"{self.name}/block": i, f"{self.name}/recon_error_before": before, f"{self.name}/recon_error_after": after})
             with torch.no_grad():  # the pruned block feeds the next one
                 for j in range(0, inps.shape[0], self.batch_size):
-                    targets[j : j + self.batch_size] = _block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
+                    targets[j : j + self.batch_size] = block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
             inps = targets
             block.to(home, dtype)
         return masks

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import find_blocks, find_linears
-from ..pruners.layerwise import _block_out, _to, capture
+from ..pruners.layerwise import block_out, to_device, capture
 from ..registry import option
 from ..training import Budget, MaskHook, Trainer, linear_decay
 from . import RECOVERIES, RecoverContext, Recovery
@@ -78,7 +78,7 @@ class UnitInputs:
     def call(self, unit: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         rest_args, rest_kwargs, by_name = self.rest
         out = unit(hidden_states=hidden, **rest_kwargs) if by_name else unit(hidden, *rest_args, **rest_kwargs)
-        return _block_out(out)
+        return block_out(out)
 
 
 @RECOVERIES.register("reconstruct")
@@ -101,7 +101,7 @@ class Reconstruct(Recovery):
     def _forward(self, block, inps, args, kwargs) -> torch.Tensor:
         out = torch.empty_like(inps)
         for j in range(0, inps.shape[0], self.batch_size):
-            out[j : j + self.batch_size] = _block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
+            out[j : j + self.batch_size] = block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
         return out
 
     def _unit_inputs(self, block, unit, inps, args, kwargs) -> tuple[torch.Tensor, UnitInputs]:
@@ -168,7 +168,7 @@ class Reconstruct(Recovery):
             home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
             block.to(ctx.device, torch.float32)
             dblock.to(ctx.device, torch.float32)
-            args, kwargs = _to(block_args[i], ctx.device, torch.float32)
+            args, kwargs = to_device(block_args[i], ctx.device, torch.float32)
             x = dense_inps if dense_inps is not None else inps
             block_masks = {n.removeprefix(f"{path}.{i}."): m for n, m in ctx.masks.items() if n.startswith(f"{path}.{i}.")}
             for uname in units_of(block, self.granularity):
