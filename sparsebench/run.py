@@ -462,29 +462,29 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None, baseline:
         return run_worker(specs, out_dir, fp["digest"])
     ledger.check_writable(out_dir, "run folder", "set hydra.run.dir=<folder> (hydra.sweep.dir in a sweep)")
     with ledger.claim(out_dir):
-        OUTCOMES[str(out_dir)] = "failed"
+        key = str(out_dir)
+        OUTCOMES[key] = "failed"
         res = _run_claimed(cfg, config, out_dir, sweep_dir, baseline)
-        OUTCOMES[str(out_dir)] = OUTCOMES.get(str(out_dir)) if OUTCOMES.get(str(out_dir)) == "skipped" else "done"
+        if OUTCOMES[key] != "skipped":  # _run_claimed marks a resumed job
+            OUTCOMES[key] = "done"
         return res
 
 
 def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_dir: Path | None,
                  baseline: bool = False) -> dict[str, Any]:
     existing = ledger.previous_results(out_dir)
-    holds_result = existing is not None and existing.get("status") == "complete"
-    try:
-        specs = build_specs(cfg)
-        files, eval_files = check_data_files(specs)
-        # an exported pruned model's masks and metadata are read now, not after loading it
-        local = specs.model.source == "local" and Path(specs.model.path).is_dir()
-        saved = load_saved(specs.model.path) if local else None
-        if specs.recover is not None and specs.pruner.name == "dense" and saved is None:
-            raise SparsebenchError("a recovery stage needs masks: choose a pruning method, or method=dense on a "
-                                   "saved sparsebench export (model=local model.path=<export>)")
-        # the memory plan from the model's config alone (this also checks seqlen against it)
-        plan, shapes = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
-    except SparsebenchError:
-        raise  # refused before any work: nothing is written (cli.py removes the folder Hydra made)
+    # Refused before any work (a SparsebenchError from here to check_fits): nothing is written,
+    # and cli.py removes the folder Hydra made.
+    specs = build_specs(cfg)
+    files, eval_files = check_data_files(specs)
+    # an exported pruned model's masks and metadata are read now, not after loading it
+    local = specs.model.source == "local" and Path(specs.model.path).is_dir()
+    saved = load_saved(specs.model.path) if local else None
+    if specs.recover is not None and specs.pruner.name == "dense" and saved is None:
+        raise SparsebenchError("a recovery stage needs masks: choose a pruning method, or method=dense on a "
+                               "saved sparsebench export (model=local model.path=<export>)")
+    # the memory plan from the model's config alone (this also checks seqlen against it)
+    plan, shapes = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
     config["device"] = specs.device.type  # "auto" means different things on different machines
     dense = specs.pruner.name == "dense"
     fp = ledger.fingerprint(config, files, needs_calibration=specs.reads_calibration, dense=dense)
