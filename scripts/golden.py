@@ -37,9 +37,11 @@ CASES: dict[str, list[str]] = {
     "ladmm": ["method=ladmm"],
     "elsa": ["method=elsa", "method.steps=2"],
     "elsa_l": ["method=elsa_l", "method.steps=2"],
-    # warm-up 0: the tiny protocol's one epoch would otherwise run at lr 0 throughout
-    "safe": ["method=safe", "method.warmup_epochs=0"],
-    "safe_plus": ["method=safe_plus", "method.warmup_epochs=0"],
+    # four steps with a z/u update after each: the tiny protocol's one step at warm-up lr 0
+    # would leave the block as it was
+    "safe": ["method=safe", "method.warmup_epochs=0", "method.interval=1", "method.epochs=2", "method.batch_size=4"],
+    "safe_plus": ["method=safe_plus", "method.warmup_epochs=0", "method.interval=1", "method.epochs=2",
+                  "method.batch_size=4"],
     "wanda_2-4": ["method=wanda", "pattern=2:4"],
     "sparsegpt_4-8": ["method=sparsegpt", "pattern=4:8"],
     "owl_wanda": ["method=wanda", "schedule=owl", "sparsity=0.7"],

@@ -10,16 +10,15 @@ entry; what no kernel changes is still exact there: a method's pruned count wher
 promised count per matrix (not SparseGPT's ties, not OWL's measured targets), and magnitude's masks, weights and the dense-side inputs they depend
 on (seeded weights, a sort of stored values).
 """
-import importlib.util
 import json
+import sys
 
 import pytest
 
 from .conftest import REPO
 
-spec = importlib.util.spec_from_file_location("golden", REPO / "scripts" / "golden.py")
-golden = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(golden)
+sys.path.insert(0, str(REPO / "scripts"))  # by name: the two FSDP2 ranks are spawned and import it again
+import golden  # noqa: E402
 
 WANT = json.loads(golden.GOLDEN.read_text())
 SAME_ENV = WANT["environment"] == golden.environment()
