@@ -1,4 +1,4 @@
-"""8-bit Adam: sparsebench's (pruners/adam8bit.py) against torchao's AdamW8bit and float32 Adam
+"""8-bit Adam: sparsebench's (engine/adam8bit.py) against torchao's AdamW8bit and float32 Adam
 (docs/results.md (history: docs/notes/), "8-bit Adam"). Needs torchao: pip install --no-deps torchao==0.18.0
 
     python scripts/bench_adam8bit.py
@@ -7,7 +7,7 @@ import time, torch, warnings
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 from torchao.optim import AdamW8bit
-from sparsebench.pruners.adam8bit import Adam8bit
+from sparsebench.engine.adam8bit import Adam8bit
 torch.manual_seed(0)
 shape = (2048, 1024)
 target = torch.randn(shape)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from sparsebench.models import ModelSpec, load_model, prunable_linears
-from sparsebench.pruners.admm import ADMM, LambdaSchedule
+from sparsebench.engine.admm import ADMM, LambdaSchedule
 from sparsebench.sparsity import Pattern
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from sparsebench import data as datamod
-from sparsebench.evaluate import perplexity
+from sparsebench.evaluation.perplexity import perplexity
 from sparsebench.masks import summarize, verify
 from sparsebench.models import ModelSpec, load_model, prunable_linears
 from sparsebench.pruners import PruneContext

@@ -71,7 +71,7 @@ def read_case(run_dir: Path) -> dict:
     """Digests and perplexities of a finished run with an export in <run_dir>/model."""
     from safetensors.torch import load_file
 
-    from sparsebench.export import load_saved
+    from sparsebench.records.export import load_saved
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "complete", results.get("error")
@@ -125,12 +125,12 @@ def run_fsdp2(folder: Path) -> dict:
 
 
 def environment() -> dict:
-    """What must match for the golden numbers to be exact (see sparsebench/tracking.py)."""
+    """What must match for the golden numbers to be exact (see sparsebench/records/tracking.py)."""
     from importlib import metadata
 
     import torch
 
-    from sparsebench.tracking import kernel_environment
+    from sparsebench.records.tracking import kernel_environment
 
     k = kernel_environment()
     return {"torch": torch.__version__, "transformers": metadata.version("transformers"),

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
+from .records import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
 from .errors import Interrupted, SparsebenchError
 from .registry import did_you_mean
 
@@ -69,7 +69,7 @@ def _task(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     out = Path(hc.runtime.output_dir)
     from .run import OUTCOMES
-    from .summary import run_summary
+    from .records.summary import run_summary
 
     if multirun:
         SWEEP["dir"] = Path(hc.sweep.dir)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130 if name == "SIGINT" else 128 + int(getattr(signal, name, signal.SIGTERM)))
     if SWEEP.get("dir") is not None:
         from .run import BASELINES, OUTCOMES
-        from .summary import sweep_summary
+        from .records.summary import sweep_summary
 
         jobs = {k: v for k, v in OUTCOMES.items() if k not in BASELINES}
         print(sweep_summary(Path(str(SWEEP["dir"])), [k for k, v in jobs.items() if v == "done"],

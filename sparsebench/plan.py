@@ -19,7 +19,7 @@ its dtype's bytes, for the stated micro-batch and seqlen; there are no fitted fa
       product; with checkpointing only each block's input plus one block's set) and the
       float32 logits with their log-softmax and gradient
   ranks  one-shot methods plan one process whatever world_size says; training under DDP
-      holds everything on every rank plus DDP's gradient buckets; FSDP2 (sparsebench/shard.py)
+      holds everything on every rank plus DDP's gradient buckets; FSDP2 (sparsebench/engine/shard.py)
       shards weights, gradients, moments, z and u and gathers two blocks at a time; with
       `offload=true` those shards are host memory and the device keeps the gathered blocks,
       the root group and the activations
@@ -51,7 +51,7 @@ from .registry import option
 
 GIB = 2**30
 PHASES = ("always", "backward", "update", "end")  # see "Phases" above
-ADAM8_BLOCK = 2048  # pruners/adam8bit.py: one float32 scale (two for v) per block of 2048
+ADAM8_BLOCK = 2048  # engine/adam8bit.py: one float32 scale (two for v) per block of 2048
 FORMAT_BYTES = {"float32": 4, "bfloat16": 2, "fp8": 1}
 
 
@@ -83,7 +83,7 @@ class Shapes:
     largest_linear: tuple[int, int]
     dtype_bytes: int
     largest_param: int = 0  # the largest parameter's elements (the embeddings, usually)
-    # 8-bit Adam's state (pruners/adam8bit.py), exactly, for what a run may train
+    # 8-bit Adam's state (engine/adam8bit.py), exactly, for what a run may train
     adam8_all: int = 0
     adam8_linears: int = 0
     adam8_embeddings: int = 0
@@ -91,7 +91,7 @@ class Shapes:
 
 def shapes_of(model: nn.Module) -> Shapes:
     from .models import find_blocks, find_linears
-    from .pruners.adam8bit import state_bytes as adam8_bytes
+    from .engine.adam8bit import state_bytes as adam8_bytes
 
     _, blocks = find_blocks(model)
     params = sum(p.numel() for p in model.parameters())
@@ -334,7 +334,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     # at once; on the host Adam goes tensor by tensor (sqrt(v) and the denominator: 8 bytes per
     # value of the largest); 8-bit Adam dequantizes one tensor's m and v to float32 and keeps
     # them with the denominator (12 bytes per value) while it re-codes v: log(v), the positive
-    # mask and where()'s inputs and output (17 more), 29 bytes per value (pruners/adam8bit.py)
+    # mask and where()'s inputs and output (17 more), 29 bytes per value (engine/adam8bit.py)
     largest = (s.largest_param if k.trained == "all" else rows * cols) / shard
     if k.trained == "none":
         pass  # PERP: a few small tensors

@@ -1,7 +1,7 @@
 """The pipeline, top to bottom: specs -> claim -> model -> calibration -> prune -> verify -> evaluate -> record.
 
 Before any heavy work a run validates every option, checks its data files and output
-folders, claims its folder (sparsebench/ledger.py) and compares its fingerprint with a
+folders, claims its folder (sparsebench/records/ledger.py) and compares its fingerprint with a
 result already there: the same run is skipped (resume), another config's complete
 result is never overwritten.
 """
@@ -20,10 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import data as datamod
-from . import ledger
+from .records import ledger
 from .errors import Interrupted, SparsebenchError
-from .evaluate import EvalSpec, perplexity, place_for_eval
-from .export import check_save_dir, load_saved, save_pruned
+from .evaluation.perplexity import EvalSpec, perplexity, place_for_eval
+from .records.export import check_save_dir, load_saved, save_pruned
 from .allocation import allocate
 from .masks import summarize, verify
 from .models import ModelSpec, load_model, prunable_linears
@@ -31,12 +31,12 @@ from .pruners import PruneContext, Pruner
 from .pruners.base import targets_by_linear
 from .pruners.layerwise import LayerwisePruner
 from .plan import PlanSpec, build_plan, check_fits, eval_placement, fit_verdict, fits, knobs_of, shapes_of
-from .shard import ENGINES, backend, share_pruned
+from .engine.shard import ENGINES, backend, share_pruned
 from .recover import RECOVERIES, RecoverContext
 from .registry import METHODS, build_dataclass, check_value
 from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
-from .tracking import LoggerSpec, Results, WandbLogger, peak_memory, stage_peak
-from .training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
+from .records.tracking import LoggerSpec, Results, WandbLogger, peak_memory, stage_peak
+from .engine.training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ class Specs:
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
     plan: Any = None  # PlanSpec
     world_size: int = 1  # ranks to plan for (dry runs)
-    engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/shard.py)
+    engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/engine/shard.py)
     run_engine: str = "single"  # what runs: set by memory_plan (resolve_engine)
-    offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/shard.py)
+    offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/engine/shard.py)
     calib_inputs: str = "auto"  # asked for: auto | device | host (pruners/layerwise.py)
     run_inputs: str = "device"  # what runs: set by memory_plan
     calib_batch: int = 1  # one-shot methods: windows per forward through a block (pruners/layerwise.py)
-    checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/checkpoint.py)
+    checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/engine/checkpoint.py)
 
     @property
     def needs_calibration(self) -> bool:
@@ -663,7 +663,7 @@ def _pipeline(specs: Specs, results: Results, logger: WandbLogger, saved: tuple 
     zs = specs.eval.zeroshot
     if zs.tasks:
         from .models import cache_root
-        from .zeroshot import evaluate_zeroshot
+        from .evaluation.zeroshot import evaluate_zeroshot
 
         with timed(results, "eval_zeroshot"):
             out = evaluate_zeroshot(model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root())

@@ -1,7 +1,7 @@
 """8-bit Adam: quantization error bounds and agreement with float32 Adam."""
 import torch
 
-from sparsebench.pruners.adam8bit import Adam8bit, dequantize_log, dequantize_signed, quantize_log, quantize_signed
+from sparsebench.engine.adam8bit import Adam8bit, dequantize_log, dequantize_signed, quantize_log, quantize_signed
 
 
 def test_signed_quantization_bound():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sparsebench.errors import SparsebenchError
-from sparsebench.pruners.admm import ADMM, FP8_MAX, LambdaSchedule, Stored
+from sparsebench.engine.admm import ADMM, FP8_MAX, LambdaSchedule, Stored
 from sparsebench.sparsity import Pattern, Ramp
 
 

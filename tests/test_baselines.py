@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparsebench import report
+from sparsebench.records import report
 from sparsebench.allocation import balance, outlier_ratios, owl_targets
 from sparsebench.errors import SparsebenchError
-from sparsebench.export import load_saved
+from sparsebench.records.export import load_saved
 from sparsebench.models import find_blocks, find_linears, load_model, prunable_linears
 from sparsebench.pruners.alps import ALPS, masked_cg
 from sparsebench.pruners.ladmm import LADMM

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sparsebench.errors import SparsebenchError
-from sparsebench.evaluate import EvalSpec, perplexity
+from sparsebench.evaluation.perplexity import EvalSpec, perplexity
 
 
 class Uniform(nn.Module):

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from sparsebench.export import load_saved
+from sparsebench.records.export import load_saved
 from sparsebench.run import run
 
 from .conftest import compose

@@ -18,7 +18,7 @@ from sparsebench.pruners import PruneContext
 from sparsebench.pruners.elsa import Elsa, ElsaL
 from sparsebench.run import build_specs, memory_plan, resolve_engine
 from sparsebench.sparsity import Pattern, Schedule
-from sparsebench.training import Trainer
+from sparsebench.engine.training import Trainer
 
 from .conftest import REPO, compose, tiny_spec
 from .numerics import U32, assert_identical, close_within, norm_rel_bound

@@ -167,7 +167,7 @@ def test_random_full_size_architecture_runs_without_tokenizer(tmp_path):
     assert res["fingerprint"]["data"] == {}  # no data file was read
     elsa = run(compose(small + ["method=elsa", "method.steps=2", "method.batch_size=2"]), tmp_path / "b")
     assert elsa["status"] == "complete" and elsa["method_report"]["steps_run"] == 2
-    from sparsebench import report
+    from sparsebench.records import report
 
     rows = report.table(report.load_results(tmp_path))
     assert all(r["label"].endswith("[random weights]") for r in rows)
@@ -215,7 +215,7 @@ def test_batched_windows_and_the_prefetched_block_in_the_plan():
 
 
 def test_evaluation_placement_one_gpu_several_or_offloaded():
-    from sparsebench.evaluate import eval_max_memory
+    from sparsebench.evaluation.perplexity import eval_max_memory
     from sparsebench.plan import eval_placement
 
     s = shapes_of(meta_model(tiny_spec("llama")))

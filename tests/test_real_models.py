@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparsebench import data as datamod
-from sparsebench.evaluate import perplexity
+from sparsebench.evaluation.perplexity import perplexity
 from sparsebench.models import ModelSpec, find_blocks, find_linears, load_model
 from sparsebench.pruners.layerwise import block_out, capture
 

@@ -7,7 +7,7 @@ import torch
 
 from sparsebench import cli, report
 from sparsebench.errors import SparsebenchError
-from sparsebench.export import load_saved
+from sparsebench.records.export import load_saved
 from sparsebench.models import load_model, prunable_linears
 from sparsebench.run import build_specs, run
 

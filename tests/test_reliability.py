@@ -79,7 +79,7 @@ def test_resume_only_on_an_equal_fingerprint(tmp_path, monkeypatch):
 
 
 def test_calib_batch_enters_the_identity_only_away_from_one_window():
-    from sparsebench.ledger import identity
+    from sparsebench.records.ledger import identity
 
     def ident(extra):
         return identity(OmegaConf.to_container(compose(TINY + ["method=wanda"] + extra), resolve=True))
@@ -284,7 +284,7 @@ def test_extending_a_sweep_runs_only_the_new_jobs(tmp_path, capsys):
 
 
 def test_a_held_folder_is_never_run_twice(tmp_path, capsys, caplog):
-    from sparsebench.ledger import LOCK, FolderBusy
+    from sparsebench.records.ledger import LOCK, FolderBusy
 
     out = tmp_path / "run"
     out.mkdir()

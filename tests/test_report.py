@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sparsebench import report
+from sparsebench.records import report
 from sparsebench.run import run
 
 from .conftest import compose

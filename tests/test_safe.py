@@ -7,9 +7,9 @@ import torch
 
 from sparsebench.models import load_model, prunable_linears
 from sparsebench.pruners import PruneContext
-from sparsebench.pruners.admm import ADMM, LambdaSchedule
+from sparsebench.engine.admm import ADMM, LambdaSchedule
 from sparsebench.pruners.safe import Safe, SafePlus
-from sparsebench.training import ADMMHook, Trainer
+from sparsebench.engine.training import ADMMHook, Trainer
 from sparsebench.run import build_specs, run
 from sparsebench.sparsity import Pattern, Schedule, parse_pattern
 

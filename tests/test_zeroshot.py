@@ -7,7 +7,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.model import LM  # noqa: E402
 
 from sparsebench.errors import SparsebenchError  # noqa: E402
-from sparsebench.zeroshot import ZeroShotSpec, evaluate_zeroshot  # noqa: E402
+from sparsebench.evaluation.zeroshot import ZeroShotSpec, evaluate_zeroshot  # noqa: E402
 
 
 class ShortestAnswer(LM):

@@ -37,10 +37,10 @@ class PruneContext:
     # the "host" (pruners/layerwise.py; calib_inputs=, the memory plan decides under auto)
     inputs: str = "device"
     calib_batch: int = 1  # one-shot methods: windows per forward through a block (pruners/layerwise.py)
-    offload: bool = False  # fsdp: the shards, gradients and optimizer state in host memory (shard.py)
+    offload: bool = False  # fsdp: the shards, gradients and optimizer state in host memory (engine/shard.py)
     fresh_model: Callable[[], Any] | None = None
     # The run folder and fingerprint: training checkpoints go to <workdir>/checkpoint and are
-    # resumed only by a run with the same fingerprint (sparsebench/checkpoint.py).
+    # resumed only by a run with the same fingerprint (sparsebench/engine/checkpoint.py).
     workdir: Any = None
     fingerprint: str | None = None
     checkpoint_every: int = 0  # steps between training checkpoints; 0: none
@@ -91,8 +91,8 @@ class Pruner:
 
     def budget(self):
         """Tokens and optimizer steps the method spent beyond the run's calibration windows
-        (training methods; see sparsebench/training.py)."""
-        from ..training import Budget
+        (training methods; see sparsebench/engine/training.py)."""
+        from ..engine.training import Budget
 
         return Budget()
 

@@ -1,7 +1,7 @@
 """Elsa (Lee, Jang, Lee, Alistarh, Lee 2025): surrogate-free ADMM on the model's own loss.
 
 The whole model trains on next-token loss over fresh random calibration windows; every
-decoder-block linear weight is an ADMM variable (engine: pruners/admm.py); every other
+decoder-block linear weight is an ADMM variable (engine: engine/admm.py); every other
 parameter (embeddings, norms, lm_head) trains with the same optimizer and no penalty,
 as in the released recipe (`train_others=false` freezes them).
 
@@ -17,7 +17,7 @@ Elsa-L (`elsa_l`) is the same loop with z stored in FP8 e4m3 (per-tensor scale),
 in bfloat16 and, by default, Adam's moments in 8 bits.
 
 Multi-process: under torchrun (torch.distributed initialised) the model is wrapped in
-DDP or sharded with FSDP2 (`engine=`, sparsebench/shard.py; `offload=true` keeps the
+DDP or sharded with FSDP2 (`engine=`, sparsebench/engine/shard.py; `offload=true` keeps the
 shards, gradients and optimizer state on the host, also on one GPU); every rank draws
 the same global batch and trains on its slice, so the data seen does not depend on the
 number of ranks, and the deterministic projection gives every rank the same z.
@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import METHODS, option
-from ..checkpoint import TrainingCheckpoint
-from ..shard import place_for_training, unshard
-from .adam8bit import Adam8bit
-from ..training import ADMMHook, Budget, Trainer, linear_decay, mean_over_ranks
-from .admm import ADMM, LambdaSchedule, Stored
+from ..engine.checkpoint import TrainingCheckpoint
+from ..engine.shard import place_for_training, unshard
+from ..engine.adam8bit import Adam8bit
+from ..engine.training import ADMMHook, Budget, Trainer, linear_decay, mean_over_ranks
+from ..engine.admm import ADMM, LambdaSchedule, Stored
 
 STATE_FORMATS = Stored.FORMATS
 from .base import Pruner, PruneContext
@@ -78,8 +78,8 @@ class Elsa(Pruner):
     grad_checkpointing: bool = False
     z_format: str = option("float32", choices=STATE_FORMATS)
     u_format: str = option("float32", choices=STATE_FORMATS)
-    z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (pruners/admm.py)
-    optim_8bit: bool = False  # Adam's moments in 8 bits (pruners/adam8bit.py)
+    z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (engine/admm.py)
+    optim_8bit: bool = False  # Adam's moments in 8 bits (engine/adam8bit.py)
     seed: int = 0
     log_every: int = option(8, ge=1)
     history: list[dict[str, float]] = field(default_factory=list, init=False, repr=False)

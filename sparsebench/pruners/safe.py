@@ -4,7 +4,7 @@ For LLMs the objective f is the block-wise reconstruction error. Block by block:
   inputs   the calibration windows after the already-pruned earlier blocks
   targets  the dense block's outputs on those same inputs
   f(w)     MSE(block_w(inputs), targets) over a mini-batch
-and every linear of the block is an ADMM variable (engine: pruners/admm.py; same z/u
+and every linear of the block is an ADMM variable (engine: engine/admm.py; same z/u
 updates and projection as Elsa). The x-step is a SAM step:
   g1 = grad f(w);  e = rho * g1 / ||g1||  (one global norm over the block's linears)
   g2 = grad f(w + e);  restore w;  grad = g2 + lam * (w - z + u);  Adam step.
@@ -35,8 +35,8 @@ from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import find_blocks, find_linears
 from ..registry import METHODS, option
-from ..training import ADMMHook, Budget, Trainer, warmup_linear
-from .admm import ADMM, LambdaSchedule
+from ..engine.training import ADMMHook, Budget, Trainer, warmup_linear
+from ..engine.admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
 from .layerwise import LayerwisePruner, RunningMean, block_out, to_device, capture
 

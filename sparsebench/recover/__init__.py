@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry
-from ..training import Budget
+from ..engine.training import Budget
 
 RECOVERIES = Registry("recovery")
 

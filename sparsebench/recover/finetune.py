@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..registry import option
-from ..shard import place_for_training, unshard
-from ..training import MaskHook, Trainer, linear_decay, mean_over_ranks
+from ..engine.shard import place_for_training, unshard
+from ..engine.training import MaskHook, Trainer, linear_decay, mean_over_ranks
 from . import RECOVERIES, RecoverContext, Recovery
 
 log = logging.getLogger(__name__)

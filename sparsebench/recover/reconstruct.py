@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..models import find_blocks, find_linears
 from ..pruners.layerwise import block_out, to_device, capture
 from ..registry import option
-from ..training import Budget, MaskHook, Trainer, linear_decay
+from ..engine.training import Budget, MaskHook, Trainer, linear_decay
 from . import RECOVERIES, RecoverContext, Recovery
 
 log = logging.getLogger(__name__)

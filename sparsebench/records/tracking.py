@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import SparsebenchError
-from .registry import option
+from ..errors import SparsebenchError
+from ..registry import option
 
 LOGGER_MODES = ("online", "offline", "disabled")
 
@@ -152,7 +152,7 @@ class Results:
             "status": "running",
             "config": config,
             "seed": seed,
-            **identity,  # fingerprint, protocol_id (sparsebench/ledger.py)
+            **identity,  # fingerprint, protocol_id (sparsebench/records/ledger.py)
             "metrics": {},
             "timings_s": {},
             "versions": versions(),

@@ -89,7 +89,7 @@ def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None, run_id
     a collective's timeout. Returns the masks."""
     from datetime import timedelta
 
-    from .models import prunable_linears
+    from ..models import prunable_linears
 
     rank = dist.get_rank()
     store = dist.distributed_c10d._get_default_store()
@@ -116,7 +116,7 @@ def shard_model(model: nn.Module, bf16: bool, offload: bool = False) -> None:
     with `offload` the shards stay in (pinned, on a GPU machine) host memory."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from .models import find_blocks
+    from ..models import find_blocks
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     where = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()

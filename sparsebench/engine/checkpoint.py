@@ -6,7 +6,7 @@ last, so a checkpoint without meta.json is incomplete and ignored.
 
 A run that stops (preempted, killed, a node lost) and is started again with the same
 command resumes from the last checkpoint: the same fingerprint (the run's config and data,
-sparsebench/ledger.py), world size and engine are required; anything else starts from step
+sparsebench/records/ledger.py), world size and engine are required; anything else starts from step
 0 with a warning (the stale checkpoint is removed). The folder is removed when the
 training ends. Keys carry the rank (`r<rank>/...`): a resume needs the world size it was
 written with, which a rescheduled job keeps.

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import SparsebenchError
+from ..errors import SparsebenchError
 
 log = logging.getLogger(__name__)
 

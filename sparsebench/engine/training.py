@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .errors import SparsebenchError
+from ..errors import SparsebenchError
 
 
 def sync_cuda() -> None:
@@ -104,7 +104,7 @@ class MaskHook:
 
 
 class ADMMHook:
-    """The ADMM engine (pruners/admm.py) as a trainer hook."""
+    """The ADMM engine (engine/admm.py) as a trainer hook."""
 
     def __init__(self, admm):
         self.admm = admm

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .ledger import digest, flatten, identity
-from .zeroshot import STOCK_TASKS
+from ..evaluation.zeroshot import STOCK_TASKS
 
 PPL = ("wikitext2", "c4")
 SEED_KEYS = (("seed",), ("data", "seed"), ("method", "seed"), ("recover", "seed"))

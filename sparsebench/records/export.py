@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import SparsebenchError
+from ..errors import SparsebenchError
 
 MASKS_FILE = "sparsebench_masks.safetensors"
 META_FILE = "sparsebench.json"

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import EVAL_SETS
-from .errors import SparsebenchError
-from .registry import option
+from ..data import EVAL_SETS
+from ..errors import SparsebenchError
+from ..registry import option
 
 
 @dataclass
@@ -23,7 +23,7 @@ class EvalSpec:
     zeroshot: Any = field(default_factory=dict)  # ZeroShotSpec fields; no tasks: no zero-shot
 
     def __post_init__(self):
-        from .registry import build_dataclass
+        from ..registry import build_dataclass
         from .zeroshot import ZeroShotSpec
 
         if isinstance(self.zeroshot, dict):
@@ -81,7 +81,7 @@ def place_for_eval(model: nn.Module, device: torch.device, placement: dict[str, 
         return
     from accelerate import dispatch_model
 
-    from .plan import mem_available_gib
+    from ..plan import mem_available_gib
 
     gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     host = int(mem_available_gib() * 2**30) if placement["placement"].endswith("offloaded)") else None
@@ -101,7 +101,7 @@ def device_map_for(model: nn.Module, max_memory: dict[Any, int]) -> dict[str, An
     decoder block is never split over two devices."""
     from accelerate import infer_auto_device_map
 
-    from .models import find_blocks
+    from ..models import find_blocks
 
     _, blocks = find_blocks(model)
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=[type(blocks[0]).__name__])

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import SparsebenchError
-from ..shard import gather, local, row_sharded, rows_of, sum_over_ranks
+from .shard import gather, local, row_sharded, rows_of, sum_over_ranks
 from ..sparsity import Pattern, Ramp, project
 
 PROJECTIONS = ("magnitude", "objective", "wanda")
@@ -163,7 +163,7 @@ class ADMM:
         self.u: dict[str, Stored] = {}
         for name, p in params.items():
             # z0 = Proj_k(w0) by magnitude (or a given one-shot solution), u0 = 0.
-            w = local(p.detach()).float()  # this rank's rows under FSDP2 (sparsebench/shard.py)
+            w = local(p.detach()).float()  # this rank's rows under FSDP2 (sparsebench/engine/shard.py)
             if z_init is not None and name in z_init:
                 z0 = z_init[name].to(w.device, torch.float32)
                 if row_sharded(p):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SparsebenchError
-from .registry import option
+from ..errors import SparsebenchError
+from ..registry import option
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _yaml_value(value: Any) -> str:
 def write_offline_tasks(data_root: Path, dest: Path) -> Path:
     """lm-eval task YAMLs (and their helper module) that read the local files."""
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "sb_utils.py").write_text("from sparsebench.zeroshot import *  # noqa: F401,F403\n")
+    (dest / "sb_utils.py").write_text("from sparsebench.evaluation.zeroshot import *  # noqa: F401,F403\n")
     for name, spec in OFFLINE.items():
         path = Path(data_root) / "zeroshot" / spec["file"]
         fields = {k: v for k, v in spec.items() if k not in ("file", "version")}
@@ -188,7 +188,7 @@ class ZeroShotSpec:
         self.tasks = tuple(self.tasks)
         for t in self.tasks:
             if t not in STOCK_TASKS:
-                from .registry import did_you_mean
+                from ..registry import did_you_mean
 
                 raise SparsebenchError(f"unknown zero-shot task '{t}'{did_you_mean(t, list(STOCK_TASKS))}; valid: {', '.join(STOCK_TASKS)}")
         if self.headline not in HEADLINES:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..shard import local
+from .shard import local
 
 BLOCK = 2048
 
