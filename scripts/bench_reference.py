@@ -49,7 +49,7 @@ from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse  # n
 
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
-from sparsebench.pruners.layerwise import block_out, to_device, capture  # noqa: E402
+from sparsebench.engine.driver import block_out, capture, to_device  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
 from sparsebench.run import sync_cuda  # noqa: E402
 from sparsebench.sparsity import Schedule  # noqa: E402

@@ -40,7 +40,7 @@ from bench_oneshot import add_protocol_args, load_protocol  # noqa: E402
 from sparsebench.allocation import outlier_ratios, owl_targets  # noqa: E402
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
-from sparsebench.pruners.layerwise import block_out, to_device, capture  # noqa: E402
+from sparsebench.engine.driver import block_out, capture, to_device  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
 from sparsebench.sparsity import Pattern, Schedule  # noqa: E402
 

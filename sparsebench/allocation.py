@@ -1,8 +1,8 @@
 """Per-block sparsity allocation: the schedule group's `allocation` (uniform | owl).
 
 OWL (Yin et al., ICML 2024, luuyin/OWL `prune_wanda_outlier`):
-1. One dense pass over the calibration windows, block by block (the layer-wise driver at
-   sparsity 0: every block's inputs are the dense model's). For block i, the Wanda
+1. One dense pass over the calibration windows, block by block (the sequential driver with
+   Wanda's statistics, nothing pruned: every block's inputs are the dense model's). For block i, the Wanda
    scores |W_jk| * ||X_k|| of all its linears, flattened together; its outlier ratio is
    the percentage of scores above m times their mean.
 2. The ratios are min-max scaled to [0, 2 lam], centred, and added to the target keep
@@ -27,43 +27,28 @@ import numpy as np
 import torch
 
 from .errors import SparsebenchError
+from .engine.driver import Sequential, collect_statistics
 from .models import find_blocks, find_linears
-from .pruners.base import PruneContext
 from .pruners.wanda import Wanda
 from .sparsity import OWL, Pattern, Schedule, expected_pruned
 
 log = logging.getLogger(__name__)
 
 
-class _OutlierProbe(Wanda):
-    """The layer-wise driver at sparsity 0 with Wanda's statistics: prunes nothing (so the
-    next block sees dense inputs, as OWL's scoring pass) and records each block's outlier
-    ratio."""
-
-    name = "owl-probe"
-
-    def __init__(self, m: float):
-        self.m = m
-        self.ratios: list[float] = []
-        self._scores: list[torch.Tensor] = []
-
-    def prune_linear(self, linear, stats, sparsity, pattern):
-        self._scores.append((linear.weight.abs().float() * stats.value.sqrt().unsqueeze(0)).flatten().cpu())
-        return torch.ones_like(linear.weight, dtype=torch.bool)
-
-    def prune_block(self, *args, **kwargs):
-        masks = super().prune_block(*args, **kwargs)
-        scores = torch.cat(self._scores)
-        self._scores.clear()
-        self.ratios.append(float((scores > torch.mean(scores) * self.m).sum().item()) / scores.numel() * 100)
-        return masks
-
-
+@torch.no_grad()
 def outlier_ratios(model, calib: torch.Tensor, device: torch.device, m: float) -> list[float]:
-    """Each block's outlier ratio (percent) on the dense model."""
-    probe = _OutlierProbe(m)
-    probe.prune(PruneContext(model, 0.0, Pattern(), Schedule(), device, calib))
-    return probe.ratios
+    """Each block's outlier ratio (percent) on the dense model: the sequential driver with
+    Wanda's statistics and nothing pruned, so every block sees the dense model's inputs."""
+    wanda = Wanda()
+    ratios = []
+    for step in Sequential(model, calib, device, desc="owl outlier ratios"):
+        linears, groups, stats = collect_statistics(step.block, step.inputs, step.args, step.kwargs, wanda.new_stats,
+                                                    wanda.add_batch, who="owl")
+        # |W_jk| * ||X_k|| of every linear, flattened together in block order (the mean's summation order)
+        scores = torch.cat([(linears[n].weight.abs().float() * stats[leader].value.sqrt().unsqueeze(0)).flatten().cpu()
+                            for leader, names in groups.items() for n in names])
+        ratios.append(float((scores > torch.mean(scores) * m).sum().item()) / scores.numel() * 100)
+    return ratios
 
 
 def owl_targets(ratios: list[float], sparsity: float, lam: float) -> list[float]:

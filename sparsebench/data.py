@@ -310,3 +310,12 @@ def calibration(spec: DataSpec, tok, seqlen: int, vocab_size: int | None = None)
         f"{seqlen}|{spec.nsamples}|{spec.seed}"
     )
     return _cached(key, build) if spec.cache else build()
+
+
+def calibration_windows(spec: DataSpec, tok, seqlen: int, vocab_size: int | None, nsamples: int | None = None):
+    """The run's calibration draw with `nsamples` windows (None: the run's data.nsamples): the
+    windows a warm start (Elsa) or a reconstruction reads beside the run's own."""
+    if nsamples is not None and nsamples != spec.nsamples:
+        spec = DataSpec(**{**spec.__dict__, "nsamples": nsamples})
+    return calibration(spec, tok, seqlen, vocab_size)
+

@@ -278,7 +278,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
                  "update" if k.kind == "train" else "always")
     if k.kind in ("oneshot", "safe"):
         plan.add("weights (model dtype)", host, s.params * b)
-        if k.kind == "oneshot":  # pruners/layerwise.py's Blocks: the next block is copied while one is pruned
+        if k.kind == "oneshot":  # engine/driver.py.s Blocks: the next block is copied while one is pruned
             plan.add("two blocks on the device (in use, the next prefetched)", dev,
                      2 * s.block_params * b if k.device != "cpu" else 0)
         else:

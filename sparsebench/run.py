@@ -66,9 +66,9 @@ class Specs:
     engine: str = "auto"  # asked for: auto | single | ddp | fsdp (sparsebench/engine/shard.py)
     run_engine: str = "single"  # what runs: set by memory_plan (resolve_engine)
     offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/engine/shard.py)
-    calib_inputs: str = "auto"  # asked for: auto | device | host (pruners/layerwise.py)
+    calib_inputs: str = "auto"  # asked for: auto | device | host (engine/driver.py)
     run_inputs: str = "device"  # what runs: set by memory_plan
-    calib_batch: int = 1  # one-shot methods: windows per forward through a block (pruners/layerwise.py)
+    calib_batch: int = 1  # one-shot methods: windows per forward through a block (engine/driver.py)
     checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/engine/checkpoint.py)
 
     @property

@@ -3,7 +3,7 @@ import torch
 
 from sparsebench.models import find_blocks, find_linears, prunable_linears
 from sparsebench.pruners import PruneContext
-from sparsebench.pruners.layerwise import SharedInputs, block_out, capture
+from sparsebench.engine.driver import SharedInputs, block_out, capture
 from sparsebench.pruners.sparsegpt import SparseGPT
 from sparsebench.pruners.wanda import Wanda
 from sparsebench.sparsity import Pattern, Schedule, expected_pruned
@@ -204,7 +204,7 @@ def test_statistics_pass_runs_whole_blocks_that_repeat_a_linear():
 
 
 def test_windows_come_one_by_one_in_order_and_host_inputs_keep_the_masks(tmp_path):
-    from sparsebench.pruners.layerwise import Windows
+    from sparsebench.engine.driver import Windows
 
     from .conftest import compose
     from sparsebench.run import run
@@ -234,7 +234,7 @@ def test_batched_windows_and_prefetched_blocks_keep_masks_and_weights(tiny_model
     the same result as the plain one."""
     import functools
 
-    from sparsebench.pruners import layerwise
+    from sparsebench.engine import driver
 
     model, _ = tiny_model
     calib = torch.randint(0, 256, (7, 64))
@@ -242,7 +242,7 @@ def test_batched_windows_and_prefetched_blocks_keep_masks_and_weights(tiny_model
         ref_masks, ref_state = _prune_copy(model, pruner, calib, 1)
         variants = [_prune_copy(model, pruner, calib, b) for b in (3, 7)]
         with monkeypatch.context() as mp:
-            mp.setattr(layerwise, "Blocks", functools.partial(layerwise.Blocks, prefetch=True))
+            mp.setattr(driver, "Blocks", functools.partial(driver.Blocks, prefetch=True))
             variants.append(_prune_copy(model, pruner, calib, 2))
         for masks, state in variants:
             assert masks.keys() == ref_masks.keys()
@@ -251,7 +251,7 @@ def test_batched_windows_and_prefetched_blocks_keep_masks_and_weights(tiny_model
 
 
 def test_blocks_visits_every_block_once_in_order_and_puts_it_back(tiny_model):
-    from sparsebench.pruners.layerwise import Blocks
+    from sparsebench.engine.driver import Blocks
 
     model, _ = tiny_model
     _, blocks = find_blocks(model)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from sparsebench import cli, report
+from sparsebench import cli
+from sparsebench.records import report
 from sparsebench.errors import SparsebenchError
 from sparsebench.records.export import load_saved
 from sparsebench.models import load_model, prunable_linears

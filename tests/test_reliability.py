@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sparsebench import cli, report
+from sparsebench import cli
+from sparsebench.records import report
 from sparsebench.data import DataSpec, eval_stream, resolve_root
 from sparsebench.errors import SparsebenchError
 from sparsebench.run import build_specs, run

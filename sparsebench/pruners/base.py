@@ -34,9 +34,9 @@ class PruneContext:
     # ctx.model to it (the pipeline reads it back).
     engine: str = "auto"
     # one-shot methods: the calibration inputs of a block on the compute "device" or pinned on
-    # the "host" (pruners/layerwise.py; calib_inputs=, the memory plan decides under auto)
+    # the "host" (engine/driver.py; calib_inputs=, the memory plan decides under auto)
     inputs: str = "device"
-    calib_batch: int = 1  # one-shot methods: windows per forward through a block (pruners/layerwise.py)
+    calib_batch: int = 1  # one-shot methods: windows per forward through a block (engine/driver.py)
     offload: bool = False  # fsdp: the shards, gradients and optimizer state in host memory (engine/shard.py)
     fresh_model: Callable[[], Any] | None = None
     # The run folder and fingerprint: training checkpoints go to <workdir>/checkpoint and are

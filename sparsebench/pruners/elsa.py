@@ -122,11 +122,10 @@ class Elsa(Pruner):
         return admm, others
 
     def _warm_start(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        from ..data import DataSpec, calibration
+        from ..data import calibration_windows
 
-        spec: DataSpec = ctx.data
-        cal_spec = DataSpec(**{**spec.__dict__, "nsamples": self.warm_start_nsamples})
-        calib = calibration(cal_spec, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size)
+        calib = calibration_windows(ctx.data, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size,
+                                    self.warm_start_nsamples)
         method = METHODS.build(self.warm_start, {})
         sub = PruneContext(ctx.model, ctx.sparsity, ctx.pattern, ctx.schedule, ctx.device, calib,
                            block_targets=ctx.block_targets)

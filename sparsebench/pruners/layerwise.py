@@ -1,271 +1,27 @@
-"""The sequential layer-by-layer calibration driver, written once for every one-shot method.
+"""The one-shot methods' shared part: statistics of each linear's input, then one linear (or
+one group of linears reading the same input) pruned at a time, block by block.
 
-1. Capture: run the calibration windows into the model and record the hidden states
-   entering block 0, plus every keyword argument the model passes to each block
-   (position_embeddings, attention_mask, position_ids, ...). Gemma-3 passes different
-   masks and rotary tables to sliding and global layers, so kwargs are kept per block.
-2. For block i: move it to the compute device; run it (dense) on its inputs with hooks
-   on its linears to accumulate statistics; prune every linear; re-run the pruned block
-   to produce the inputs of block i+1; move it back. At most two blocks are on the
-   device (the one in use, the next one arriving), so a model larger than the accelerator
-   still prunes. The statistics pass stops each forward once every linear has seen its
-   input (the last linear's product and whatever follows it change no statistic).
-
-Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, so
-SparseGPT inverts each distinct Hessian once instead of once per linear.
-
-The calibration inputs and outputs of a block (n x seqlen x hidden each) live on the
-compute device, or, with `PruneContext.inputs="host"` (the memory plan's choice when they
-do not fit the GPU: `calib_inputs=`), in pinned host memory: each batch of windows then
-reaches the GPU by a copy issued on a side stream one batch ahead (`Windows`), so the
-transfer of batch j+1 overlaps the work on batch j. The windows and their order are the
-same, so the masks are too.
-
-`calib_batch=B` runs B windows per forward (the official code runs one: the default). The
-statistics still accumulate window by window in the same order (each linear's input is
-split per window before it is added), so only the block's own products see a larger
-batch. On the CPU those products are bitwise the same (tests: B = 2, 3, 7 on tiny models;
-SmolLM2-135M at B = 8 in docs/results.md (history: docs/notes/)); a GPU's GEMM may pick another kernel for
-more rows and round differently, which is why B is part of a run's identity and the
-default keeps the authors' rounding.
-
-When the blocks live on the host and the device is a GPU, block i+1's weights are copied
-by a worker thread on a side stream while block i is pruned (`Blocks`): two blocks are
-then on the device at once, which the plan counts.
+The block loop, the capture of a block's inputs and the statistics pass are the sequential
+driver's (engine/driver.py); this file holds what a one-shot method declares: its statistic
+(`new_stats`, `add_batch`), a per-input precomputation (`prepare`) and the pruning of a
+linear (`prune_linear`) or of a group (`prune_group`). The statistics the official Wanda and
+SparseGPT code keep (running means of ||X_j||^2 and of H = 2 X^T X / n) are here too.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..errors import SparsebenchError
+from ..engine.driver import Sequential, collect_statistics
 from ..masks import apply_mask
-from ..models import find_blocks, find_linears
 from ..sparsity import Pattern
 from .base import Pruner, PruneContext
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised inside the model forward once the needed inputs are recorded."""
-
-
-def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Tensors inside nested args/kwargs to `device`; floating ones also to `float_dtype` if given."""
-    if isinstance(obj, torch.Tensor):
-        dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else obj.dtype
-        return obj.to(device, dtype)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device, float_dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, float_dtype) for k, v in obj.items()}
-    return obj
-
-
-def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, attr = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), attr
-
-
-def move_outside_blocks(model: nn.Module, device: torch.device) -> None:
-    """Move embeddings, norms, rotary tables, lm_head to `device`; blocks stay where they are."""
-    path, blocks = find_blocks(model)
-    parent, attr = _parent_and_attr(model, path)
-    setattr(parent, attr, nn.ModuleList())
-    try:
-        model.to(device)
-    finally:
-        setattr(parent, attr, blocks)
-
-
-def block_out(out: Any) -> torch.Tensor:
-    # transformers 5 blocks return a tensor; older ones return a tuple.
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class Windows:
-    """A block's inputs, `batch` windows at a time, on the compute device. From host memory
-    on a GPU, batch j+1's copy is issued on a side stream before batch j is handed out."""
-
-    def __init__(self, x: torch.Tensor, device: torch.device, batch: int = 1):
-        self.x, self.device, self.batch = x, device, batch
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and x.device.type == "cpu" else None
-
-    def _fetch(self, j: int):
-        with torch.cuda.stream(self.stream):
-            return self.x[j : j + self.batch].to(self.device, non_blocking=True)
-
-    def __iter__(self):
-        n, b = self.x.shape[0], self.batch
-        if self.stream is None:
-            for j in range(0, n, b):
-                yield self.x[j : j + b].to(self.device)
-            return
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # the host buffer was written by the previous block's copies
-        nxt = self._fetch(0)
-        for j in range(0, n, b):
-            current.wait_stream(self.stream)
-            window = nxt
-            window.record_stream(current)  # the side stream's memory is used on this one
-            if j + b < n:
-                nxt = self._fetch(j + b)
-            yield window
-
-
-def store_window(dest: torch.Tensor, j: int, value: torch.Tensor) -> None:
-    """dest[j : j + len(value)] = value; into pinned host memory without waiting (finish_block
-    synchronises)."""
-    dest[j : j + value.shape[0]].copy_(value, non_blocking=dest.device.type == "cpu" and value.device.type == "cuda")
-
-
-def finish_block(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-class Blocks:
-    """The decoder blocks in order, each moved to the compute device while it is in use and
-    back to where it lives afterwards. When they live on the host and the device is a GPU
-    (or `prefetch=True`), a worker thread moves block i+1 on a side stream while the caller
-    works on block i; the caller's stream waits for that copy before it touches the block."""
-
-    def __init__(self, blocks: nn.ModuleList, device: torch.device, prefetch: bool | None = None):
-        self.blocks, self.device = blocks, device
-        home = next(blocks[0].parameters()).device
-        self.prefetch = (device.type == "cuda" and home.type == "cpu") if prefetch is None else prefetch
-        self.stream = torch.cuda.Stream(device) if self.prefetch and device.type == "cuda" else None
-
-    def _load(self, i: int):
-        block = self.blocks[i]
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            block.to(self.device, non_blocking=True)  # pageable weights: this thread waits, the caller does not
-        if self.stream is None:
-            return None
-        done = torch.cuda.Event()
-        done.record(self.stream)
-        return done
-
-    def _arrived(self, done, block: nn.Module) -> None:
-        """The caller's stream waits for block's copy and owns its memory from here."""
-        if done is None:
-            return
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(done)
-        for t in itertools.chain(block.parameters(), block.buffers()):
-            t.record_stream(current)  # allocated on the side stream, used on this one
-
-    def __iter__(self):
-        n = len(self.blocks)
-        home = [next(b.parameters()).device for b in self.blocks]
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsebench-block") if self.prefetch else None
-        try:
-            nxt = pool.submit(self._load, 0) if pool else None
-            for i, block in enumerate(self.blocks):
-                if pool is None:
-                    block.to(self.device)
-                else:
-                    self._arrived(nxt.result(), block)
-                    if i + 1 < n:
-                        nxt = pool.submit(self._load, i + 1)
-                yield i, block
-                finish_block(self.device)  # the block's work is done before its memory is given back
-                block.to(home[i])
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
-
-
-def input_buffer(n: int, shape, dtype, device: torch.device, inputs: str) -> torch.Tensor:
-    """n windows of a block's inputs on the compute device, or pinned on the host."""
-    if inputs == "host" and device.type != "cpu":
-        return torch.empty((n, *shape), dtype=dtype, pin_memory=torch.cuda.is_available())
-    return torch.empty((n, *shape), dtype=dtype, device=device)
-
-
-@torch.no_grad()
-def capture(model: nn.Module, calib: torch.Tensor, device: torch.device, inputs: str = "device"):
-    """Inputs of block 0 for every window, and (args, kwargs) each block receives.
-
-    Window 0 runs the real blocks one at a time (so each records the kwargs the model
-    gives it); every later window stops at block 0. `inputs="host"` keeps them in pinned
-    host memory (see the module's docstring).
-    """
-    _, blocks = find_blocks(model)
-    home = next(blocks.parameters()).device
-    n = calib.shape[0]
-    inps: torch.Tensor | None = None
-    block_args: list[Any] = [None] * len(blocks)
-    state = {"j": 0}
-
-    def make_recorder(i: int, block: nn.Module, original):
-        def forward(hidden, *args, **kwargs):
-            nonlocal inps
-            if i == 0:
-                if inps is None:
-                    inps = input_buffer(n, hidden.shape[1:], hidden.dtype, device, inputs)
-                store_window(inps, state["j"], hidden)
-            if state["j"] > 0:
-                raise _Stop
-            block_args[i] = (args, kwargs)
-            if i == len(blocks) - 1:
-                raise _Stop
-            block.to(device)
-            out = original(hidden, *args, **kwargs)
-            block.to(home)
-            return out
-
-        return forward
-
-    move_outside_blocks(model, device)
-    for i, block in enumerate(blocks):
-        block.forward = make_recorder(i, block, block.forward)
-    try:
-        for j in range(n):
-            state["j"] = j
-            try:
-                model(calib[j : j + 1].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for block in blocks:
-            del block.forward  # drop the instance attribute; the class method is back
-        move_outside_blocks(model, home)
-    finish_block(device)
-    return inps, block_args
-
-
-class SharedInputs:
-    """Which linears read the very same input tensor (q/k/v, gate/up), learnt from the
-    first forward call of the statistics pass itself, so finding them costs no extra run."""
-
-    def __init__(self):
-        self.leader: dict[str, str] = {}  # linear -> the first linear that read its input
-        self._first: dict[str, torch.Tensor] = {}  # leaders' first inputs, kept alive: equal data_ptr = same tensor
-
-    def observe(self, name: str, x: torch.Tensor) -> str:
-        """The leader of `name`: itself unless an earlier linear read this very tensor."""
-        if name not in self.leader:
-            for other, y in self._first.items():
-                if x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride():
-                    self.leader[name] = other
-                    break
-            else:
-                self.leader[name] = name
-                self._first[name] = x
-        return self.leader[name]
-
-    def release(self) -> None:
-        self._first.clear()
 
 
 class RunningMean:
@@ -329,62 +85,8 @@ class LayerwisePruner(Pruner):
                     pattern: Pattern, batch: int = 1) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
         official code); return {linear name inside the block: keep mask} on the block's device."""
-        linears = find_linears(block)
-        sharing = SharedInputs()
-        stats: dict[str, Any] = {}  # one statistic per distinct input
-        calls: list[str] = []  # the linears the current forward has run, in order
-        skip_tail = False  # stop each forward once every linear's input is recorded (see below)
-        windows = 0  # in the current forward
-
-        def record(name):
-            def hook(module, args):  # a pre-hook (the input is all we need); returning None keeps the input
-                x = args[0].detach()
-                if sharing.observe(name, x) == name:
-                    if name not in stats:
-                        stats[name] = self.new_stats(linears[name].in_features, device)
-                    if windows == 1:
-                        self.add_batch(stats[name], x)
-                    elif x.dim() == 3 and x.shape[0] == windows:  # window by window, as one per forward adds them
-                        for k in range(windows):
-                            self.add_batch(stats[name], x[k : k + 1])
-                    else:
-                        raise SparsebenchError(
-                            f"calib_batch={batch}: linear '{name}' of {self.name}'s block reads an input of shape "
-                            f"{tuple(x.shape)}, not one row per window (a mixture of experts routes tokens), so its "
-                            f"statistics cannot be added window by window; use calib_batch=1")
-                calls.append(name)
-                if skip_tail and len(set(calls)) == len(linears):
-                    raise _Stop  # the last linear's own product and the rest of the block are not needed
-
-            return hook
-
-        hooks = [lin.register_forward_pre_hook(record(name)) for name, lin in linears.items()]
-        device = next(block.parameters()).device
-        try:
-            for j, window in enumerate(Windows(inps, device, batch)):
-                calls.clear()
-                windows = window.shape[0]
-                try:
-                    block(window, *args, **kwargs)
-                except _Stop:
-                    pass
-                if j == 0:
-                    # The first forward runs the whole block. If it ran every linear exactly once (not
-                    # a mixture of experts, whose linears run as the data routes them), every later
-                    # forward stops as soon as all of them have their input: in a Llama block that
-                    # skips down_proj's product, a fifth of this pass's multiply-adds.
-                    skip_tail = sorted(calls) == sorted(linears)
-        finally:
-            for h in hooks:
-                h.remove()
-            sharing.release()
-        unused = sorted(set(linears) - set(sharing.leader))
-        if unused:
-            raise SparsebenchError(f"{self.name}: linears {unused} never ran in the block's forward, "
-                                   f"so they have no input statistics to prune with")
-        groups: dict[str, list[str]] = {}  # leader -> the linears reading its input, in block order
-        for name in linears:
-            groups.setdefault(sharing.leader[name], []).append(name)
+        linears, groups, stats = collect_statistics(block, inps, args, kwargs, self.new_stats, self.add_batch,
+                                                    batch, who=self.name)
         masks: dict[str, torch.Tensor] = {}
         for leader, names in groups.items():
             prepared = self.prepare(stats.pop(leader))
@@ -396,19 +98,12 @@ class LayerwisePruner(Pruner):
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        path, blocks = find_blocks(ctx.model)
-        inps, block_args = capture(ctx.model, ctx.calib, ctx.device, ctx.inputs)
-        outs = input_buffer(inps.shape[0], inps.shape[1:], inps.dtype, ctx.device, ctx.inputs)
+        driver = Sequential(ctx.model, ctx.calib, ctx.device, ctx.inputs, ctx.calib_batch, desc=f"{self.name} blocks")
         masks: dict[str, torch.Tensor] = {}
-        for i, block in tqdm(Blocks(blocks, ctx.device), total=len(blocks), desc=f"{self.name} blocks", unit="block"):
-            args, kwargs = to_device(block_args[i], ctx.device)
-            block_masks = self.prune_block(block, inps, args, kwargs, ctx.block_sparsity(i), ctx.pattern,
-                                           ctx.calib_batch)
-            masks.update({f"{path}.{i}.{name}": keep.cpu() for name, keep in block_masks.items()})
-            for j, window in zip(range(0, inps.shape[0], ctx.calib_batch),
-                                 Windows(inps, ctx.device, ctx.calib_batch)):  # the pruned block feeds the next one
-                store_window(outs, j, block_out(block(window, *args, **kwargs)))
-            inps, outs = outs, inps  # Blocks synchronises (finish_block) before the next block starts
+        for step in driver:
+            block_masks = self.prune_block(step.block, step.inputs, step.args, step.kwargs,
+                                           ctx.block_sparsity(step.index), ctx.pattern, ctx.calib_batch)
+            masks.update({f"{driver.path}.{step.index}.{name}": keep.cpu() for name, keep in block_masks.items()})
         return masks
 
 

@@ -32,13 +32,14 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import SparsebenchError
+from ..engine.driver import Sequential, block_out
 from ..masks import apply_mask
-from ..models import find_blocks, find_linears
+from ..models import find_linears
 from ..registry import METHODS, option
 from ..engine.training import ADMMHook, Budget, Trainer, warmup_linear
 from ..engine.admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
-from .layerwise import LayerwisePruner, RunningMean, block_out, to_device, capture
+from .layerwise import LayerwisePruner, RunningMean
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,11 @@ class Safe(Pruner):
             total += float((out.float() - targets[j : j + self.batch_size].float()).pow(2).sum())
         return total / targets.numel()
 
-    def _targets(self, block, linears, inps, args, kwargs):
-        """Dense outputs on the block's inputs, and ||X_j||_2 of every linear's input."""
+    def _targets(self, block, linears, inps, args, kwargs, targets):
+        """Dense outputs on the block's inputs (into `targets`), and ||X_j||_2 of every linear's input."""
         norms = {name: RunningMean(torch.zeros(lin.in_features, device=inps.device)) for name, lin in linears.items()}
         hooks = [lin.register_forward_hook(lambda m, a, o, s=norms[name]: s.add(a[0].detach(), lambda x: x.pow(2).sum(0)))
                  for name, lin in linears.items()] if self.projection == "wanda" else []
-        targets = torch.empty_like(inps)
         try:
             with torch.no_grad():
                 for j in range(inps.shape[0]):
@@ -189,42 +189,36 @@ class Safe(Pruner):
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         if ctx.calib is None:
             raise SparsebenchError(f"{self.name} needs calibration windows")
-        path, blocks = find_blocks(ctx.model)
-        with torch.no_grad():
-            inps, block_args = capture(ctx.model, ctx.calib, ctx.device)
-        inps = inps.float()  # the block trains in float32 whatever the model's dtype
+        # blocks, inputs, dense targets, rotary tables and additive masks in float32: the block trains in it
+        driver = Sequential(ctx.model, ctx.calib, ctx.device, batch=self.batch_size, dtype=torch.float32,
+                            desc=f"{self.name} blocks")
         gen = torch.Generator().manual_seed(self.seed)
         masks: dict[str, torch.Tensor] = {}
         self.blocks = []
         self._budget = Budget()
-        for i, block in enumerate(tqdm(blocks, desc=f"{self.name} blocks", unit="block")):
-            home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
-            block.to(ctx.device, torch.float32)
-            # rotary tables and additive masks in float32, to match the training block
-            args, kwargs = to_device(block_args[i], ctx.device, torch.float32)
+        for step in driver:
+            i, block, inps, args, kwargs = step.index, step.block, step.inputs, step.args, step.kwargs
             bctx = ctx.for_block(i)  # this block's target (schedule=owl gives blocks their own)
             linears = find_linears(block)
-            targets, norms = self._targets(block, linears, inps, args, kwargs)  # from the dense block
+            # the dense outputs go into the driver's output buffer, which then receives the pruned block's
+            targets, norms = self._targets(block, linears, inps, args, kwargs, step.outputs)
             z_init = None
             if self._oneshot is not None:  # prune this block in place from the same inputs
                 self._oneshot.prune_block(block, inps, args, kwargs, bctx.sparsity, ctx.pattern)
                 z_init = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
-            block_masks, rec = self._train_block(i, len(blocks), block, inps, targets, args, kwargs, norms, bctx, gen, z_init)
+            block_masks, rec = self._train_block(i, len(driver), block, inps, targets, args, kwargs, norms, bctx, gen,
+                                                 z_init)
             with torch.no_grad():
                 for name, lin in linears.items():
                     apply_mask(lin, block_masks[name])
-                    masks[f"{path}.{i}.{name}"] = block_masks[name]
+                    masks[f"{driver.path}.{i}.{name}"] = block_masks[name]
             after = self._mse(lambda x: block(x, *args, **kwargs), inps, targets)
             rec = {"block": i, **rec, "recon_error_after": after}
             before = rec["recon_error_before"]
             self.blocks.append(rec)
             log.info("%s block %d: reconstruction error %.4g (one-shot) -> %.4g", self.name, i, before, after)
-            ctx.log({f"{self.name}/block": i, f"{self.name}/recon_error_before": before, f"{self.name}/recon_error_after": after})
-            with torch.no_grad():  # the pruned block feeds the next one
-                for j in range(0, inps.shape[0], self.batch_size):
-                    targets[j : j + self.batch_size] = block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
-            inps = targets
-            block.to(home, dtype)
+            ctx.log({f"{self.name}/block": i, f"{self.name}/recon_error_before": before,
+                     f"{self.name}/recon_error_after": after})
         return masks
 
     def report(self) -> dict[str, Any]:

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine.driver import Sequential, block_out
 from ..models import find_blocks, find_linears
-from ..pruners.layerwise import block_out, to_device, capture
 from ..registry import option
 from ..engine.training import Budget, MaskHook, Trainer, linear_decay
 from . import RECOVERIES, RecoverContext, Recovery
@@ -147,30 +147,27 @@ class Reconstruct(Recovery):
         return {"unit": label, "error_before": before, "error_after": after, "steps": trainer.steps_done}
 
     def run(self, ctx: RecoverContext) -> None:
-        from ..data import DataSpec, calibration
+        from ..data import calibration_windows
 
-        spec: DataSpec = ctx.data
-        nsamples = self.nsamples or spec.nsamples
-        calib = calibration(DataSpec(**{**spec.__dict__, "nsamples": nsamples}), ctx.tokenizer, ctx.seqlen,
-                            ctx.model.config.vocab_size)
+        calib = calibration_windows(ctx.data, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size, self.nsamples)
         self._budget = Budget(calib_tokens=int(calib.numel()))
         dense = ctx.load_dense()
-        model = ctx.model
-        path, blocks = find_blocks(model)
         _, dense_blocks = find_blocks(dense)
-        with torch.no_grad():
-            inps, block_args = capture(model, calib, ctx.device)
-        inps = inps.float()
-        dense_inps = inps.clone() if self.inputs == "dense" else None
+        # blocks, inputs, rotary tables and additive masks in float32: the units train in it; the
+        # driver runs each reconstructed block for the next one's inputs
+        driver = Sequential(ctx.model, calib, ctx.device, batch=self.batch_size, dtype=torch.float32,
+                            desc="recover reconstruct")
+        dense_inps = None
         gen = torch.Generator().manual_seed(self.seed)
         units_report = []
-        for i, (block, dblock) in enumerate(tqdm(list(zip(blocks, dense_blocks)), desc="recover reconstruct", unit="block")):
-            home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
-            block.to(ctx.device, torch.float32)
-            dblock.to(ctx.device, torch.float32)
-            args, kwargs = to_device(block_args[i], ctx.device, torch.float32)
-            x = dense_inps if dense_inps is not None else inps
-            block_masks = {n.removeprefix(f"{path}.{i}."): m for n, m in ctx.masks.items() if n.startswith(f"{path}.{i}.")}
+        for step in driver:
+            i, block, args, kwargs = step.index, step.block, step.args, step.kwargs
+            if self.inputs == "dense" and dense_inps is None:
+                dense_inps = step.inputs.clone()  # block 0's inputs are the dense model's too
+            dblock = dense_blocks[i].to(ctx.device, torch.float32)
+            x = dense_inps if dense_inps is not None else step.inputs
+            prefix = f"{driver.path}.{i}."
+            block_masks = {n.removeprefix(prefix): m for n, m in ctx.masks.items() if n.startswith(prefix)}
             for uname in units_of(block, self.granularity):
                 unit = block.get_submodule(uname) if uname else block
                 dunit = dblock.get_submodule(uname) if uname else dblock
@@ -187,8 +184,6 @@ class Reconstruct(Recovery):
                 del hidden, targets
             if dense_inps is not None:
                 dense_inps = self._forward(dblock, dense_inps, args, kwargs)
-            inps = self._forward(block, inps, args, kwargs)  # the reconstructed block feeds the next
-            block.to(home, dtype)
             dblock.to("cpu")
         del dense
         self._report = {"units": units_report, "steps_run": self.budget().optimizer_steps,
