@@ -1,28 +1,36 @@
 """The memory plan: what a run will hold, per rank, before anything is loaded.
 
 Built from the model's meta-device shapes (no weights, no download: hub models read their
-config, random ones their `arch`) and the run's specs. Every term is a tensor count times
-its dtype's bytes, for the stated micro-batch and seqlen; there are no fitted factors.
+config, random ones their `arch`) and the terms the run's method and recovery declare
+(`plan_terms(device)` -> `Terms`): this file does the arithmetic and knows no method by name.
+Every term is a tensor count times its dtype's bytes, for the stated micro-batch and seqlen;
+there are no fitted factors. A method or recovery that declares no terms is refused here,
+never planned without them.
 
-  one-shot (magnitude, Wanda, SparseGPT)  the model on the host; on the compute device one
-      block, the calibration inputs and outputs of a block (n x seqlen x hidden, model
-      dtype), the statistics of the block (Wanda: a norm per input column; SparseGPT: one
-      Hessian per distinct input, plus the prune-time copies of one linear: damped H, its
-      inverse factor, the weight in float32) and one window's forward through the block
-  SAFE  one-shot's terms, inputs and dense targets in float32, and one block in training:
-      float32 weights, gradients, Adam's two moments, z and u of its linears, the saved
-      activations of a batch through the block
-  Elsa / masked fine-tuning / PERP  float32 master weights, gradients and Adam's moments
-      of every trained parameter (8-bit moments: 2 bytes + block scales), z and u of the
-      pruned linears in their formats (Elsa), activations saved for the backward of one
+  oneshot  block by block with input statistics: the model on the host; on the compute
+      device one block (two while the next is prefetched), the calibration inputs and
+      outputs of a block (n x seqlen x hidden, model dtype), the declared statistics of the
+      block (`norms`: one per input column; `hessian`: one Gram matrix per distinct input,
+      plus the prune-time copies of one linear: damped H, its inverse factor, the weight in
+      float32; `gram_eig` / `gram_inv`: the Gram matrices and an ADMM solve's copies) and
+      one window's forward through the block
+  blockwise  one-shot's terms, inputs and dense targets in float32, and one block in
+      training: float32 weights, gradients, Adam's two moments, the declared z and u of its
+      linears, the saved activations of a batch through the block
+  train  the whole model in training: float32 master weights, gradients and Adam's moments
+      of every trained parameter (8-bit moments: 2 bytes + block scales), the declared z and
+      u of the pruned linears in their formats, activations saved for the backward of one
       micro-batch (per token and block: every linear's output, two norm inputs and the MLP
       product; with checkpointing only each block's input plus one block's set) and the
       float32 logits with their log-softmax and gradient
-  ranks  one-shot methods plan one process whatever world_size says; training under DDP
-      holds everything on every rank plus DDP's gradient buckets; FSDP2 (sparsebench/engine/shard.py)
+  ranks  one-shot stages plan one process whatever world_size says; training under DDP
+      holds everything on every rank plus DDP's gradient buckets; FSDP2 (engine/shard.py)
       shards weights, gradients, moments, z and u and gathers two blocks at a time; with
       `offload=true` those shards are host memory and the device keeps the gathered blocks,
       the root group and the activations
+
+A recovery that trains the whole model replaces a one-shot plan (its stage is the larger);
+a block-wise one adds its block in training to it.
 
 Phases: the terms of a whole-model training run do not all live at once. A term is held
 `always` (weights, Adam's moments, z, u, DDP's buckets) or in one phase of a step:
@@ -32,7 +40,7 @@ gradient, a projection's temporaries, FSDP2's whole root gradient, foreach Adam'
 temporaries) or `end` (after training: the masks, rank 0's gather of FSDP2 shards). Each
 total is the `always` terms plus the largest phase, per location. Through the backward,
 gradients appear as activations are freed, so its middle holds no more than the larger
-end. One-shot methods and SAFE hold every term at once (`always`).
+end. One-shot and block-wise stages hold every term at once (`always`).
 
 On the CPU the device is the host: every term adds to the host total. A real run compares
 the totals with the visible memory before loading and stops with one line naming the
@@ -65,6 +73,27 @@ class PlanSpec:
     device_limit_gib: float | None = option(None, gt=0)  # override the visible device memory
 
 
+@dataclass(frozen=True)
+class Terms:
+    """What one stage holds, as its method or recovery declares it (`plan_terms(device)`)."""
+
+    kind: str  # oneshot | blockwise | train (the module's docstring says what each holds)
+    stats: str = "none"  # oneshot: none | norms | hessian | gram_eig | gram_inv
+    prunes: bool = True  # False: nothing is pruned (no masks, no projection)
+    batch: int = 1  # windows per optimizer step (train) or per training batch (blockwise)
+    grad_accum: int = 1  # train: micro-batches per step
+    seqlen: int | None = None  # train: the training window; None: the model's
+    z_bytes: int = 0  # ADMM z and u per pruned weight; 0: no ADMM state
+    u_bytes: int = 0
+    adam8: bool = False  # Adam's moments in 8 bits
+    trained: str = "all"  # all | no_embeddings | linears | none (a few parameters)
+    checkpointing: bool = False
+    bf16: bool = False  # activations in bfloat16
+    merged_copy: bool = False  # each linear's merged weight kept for the backward (adapters)
+    # lighter variants the method offers a refusal: (the option to name, the fields it changes)
+    lighter: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+
 @dataclass
 class Shapes:
     params: int
@@ -76,10 +105,10 @@ class Shapes:
     block_params: int  # the largest block's parameters
     block_linear_params: int  # the largest block's prunable parameters
     act_per_token: int  # elements saved per token and block for the backward
-    hessian_elems: int  # SparseGPT: one Hessian per distinct input of the largest block
+    hessian_elems: int  # `hessian`: one Gram matrix per distinct input of the largest block
     max_in: int  # the widest linear input (the largest Hessian's side)
     group_elems: int  # the largest set of linears sharing one input (q/k/v, gate/up), in weights
-    norm_elems: int  # Wanda: one norm per input column of the largest block's linears
+    norm_elems: int  # `norms`: one norm per input column of the largest block's linears
     largest_linear: tuple[int, int]
     dtype_bytes: int
     largest_param: int = 0  # the largest parameter's elements (the embeddings, usually)
@@ -142,9 +171,10 @@ def shapes_of(model: nn.Module) -> Shapes:
 class Knobs:
     """What the plan varies: the run's own settings, and the alternatives it suggests."""
 
-    kind: str  # oneshot | safe | train
+    kind: str  # oneshot | blockwise | train
     method: str
-    stats: str = "none"  # none | norms | hessian (SparseGPT) | gram_eig (ALPS) | gram_inv (L-ADMM)
+    prunes: bool = True
+    stats: str = "none"  # Terms.stats
     nsamples: int = 0
     seqlen: int = 2048
     micro_batch: int = 1
@@ -156,12 +186,13 @@ class Knobs:
     z_bytes: int = 0  # 0: no ADMM state
     u_bytes: int = 0
     adam8: bool = False
-    trained: str = "all"  # all | no_embeddings | none (PERP: only a few parameters)
-    extra_trained: int = 0  # PERP adapters / norms
+    trained: str = "all"  # all | no_embeddings | linears | none (only a few parameters)
+    extra_trained: int = 0  # trained = none: adapters or norms
     checkpointing: bool = False
     act_bytes: int = 4  # 2 under bf16 autocast
-    merged_copy: bool = False  # MaskLoRA keeps each linear's merged weight for the backward
+    merged_copy: bool = False  # adapters keep each linear's merged weight for the backward
     device: str = "cpu"
+    lighter: tuple = ()  # Terms.lighter: the method's own lighter variants
 
 
 @dataclass
@@ -221,47 +252,55 @@ class Plan:
         return "\n".join(lines)
 
 
-def knobs_of(specs, world: int) -> Knobs:
-    """The plan's view of a run's specs."""
-    from .pruners.layerwise import LayerwisePruner
-    from .pruners.safe import Safe
+def declared(part, device: torch.device, what: str) -> Terms:
+    """The terms a method or recovery declares; one clear error when it declares none."""
+    terms = part.plan_terms(device)
+    if not isinstance(terms, Terms):
+        raise SparsebenchError(f"{what} '{part.name}' declares no memory-plan terms, so its memory cannot be "
+                               f"planned: give {type(part).__name__} a plan_terms(device) that returns "
+                               f"plan.Terms (docs/contributing.md)")
+    return terms
 
+
+def knobs_of(specs, world: int) -> Knobs:
+    """The plan's view of a run's specs: the declared terms, the run's sizes and launch."""
     p, r = specs.pruner, specs.recover
-    device = specs.device.type
-    common = dict(method=p.name, nsamples=specs.data.nsamples if p.needs_calibration else 0,
-                  seqlen=specs.model.seqlen, device=device)
-    stats = {"wanda": "norms", "sparsegpt": "hessian", "alps": "gram_eig", "ladmm": "gram_inv"}.get(p.name, "none")
-    if isinstance(p, Safe):
-        return Knobs(kind="safe", stats="norms", micro_batch=p.batch_size, z_bytes=4, u_bytes=4, **common)
-    if isinstance(p, LayerwisePruner) or p.name in ("dense", "magnitude"):
-        knobs = Knobs(kind="oneshot", stats=stats, inputs=specs.run_inputs, calib_batch=specs.calib_batch, **common)
-        if r is not None and r.name in ("finetune", "perp"):  # the training stage is the larger one
-            return _recover_knobs(r, knobs, world, specs)
+    t = declared(p, specs.device, "method")
+    common = dict(method=p.name, prunes=t.prunes, nsamples=specs.data.nsamples if p.needs_calibration else 0,
+                  seqlen=specs.model.seqlen, device=specs.device.type)
+    if t.kind in ("oneshot", "blockwise"):
+        if t.kind == "oneshot":
+            knobs = Knobs(kind="oneshot", stats=t.stats, inputs=specs.run_inputs, calib_batch=specs.calib_batch, **common)
+        else:
+            knobs = Knobs(kind="blockwise", stats=t.stats, micro_batch=t.batch, z_bytes=t.z_bytes, u_bytes=t.u_bytes,
+                          **common)
+        if r is None:
+            return knobs
+        rt = declared(r, specs.device, "recovery")
+        if rt.kind == "train":  # the training stage is the larger one
+            return _recover_knobs(r.name, rt, knobs, world, specs)
+        if rt.kind == "blockwise" and knobs.kind == "oneshot":  # its block in training beside one-shot's terms
+            return replace(knobs, kind="blockwise", method=f"{p.name}+{r.name}", micro_batch=rt.batch,
+                           inputs="device", calib_batch=1)
         return knobs
-    # Elsa and Elsa-L: the engine the run resolved (run.resolve_engine), else DDP on several ranks
+    # whole-model training: the engine the run resolved (run.resolve_engine), else DDP on several ranks
     engine = specs.run_engine if specs.run_engine in ("ddp", "fsdp") and world > 1 else ("ddp" if world > 1 else "single")
     if specs.offload and specs.run_engine == "fsdp":  # offload is FSDP2's, on any number of ranks
         engine = "fsdp"
-    micro = p.batch_size // p.grad_accum // max(world, 1)
+    micro = t.batch // t.grad_accum // max(world, 1)
     return Knobs(kind="train", stats="none", micro_batch=max(micro, 1), world=world, engine=engine,
-                 offload=engine == "fsdp" and specs.offload,
-                 z_bytes=FORMAT_BYTES[p.z_format], u_bytes=FORMAT_BYTES[p.u_format], adam8=p.optim_8bit,
-                 trained="no_embeddings" if p.freeze_embeddings else ("all" if p.train_others else "linears"),
-                 checkpointing=p.grad_checkpointing, act_bytes=2 if p.use_bf16(specs.device) else 4,
-                 **{**common, "seqlen": p.seqlen or specs.model.seqlen})
+                 offload=engine == "fsdp" and specs.offload, z_bytes=t.z_bytes, u_bytes=t.u_bytes, adam8=t.adam8,
+                 trained=t.trained, checkpointing=t.checkpointing, act_bytes=2 if t.bf16 else 4, lighter=t.lighter,
+                 **{**common, "seqlen": t.seqlen or specs.model.seqlen})
 
 
-def _recover_knobs(r, base: Knobs, world: int, specs) -> Knobs:
-    bf16 = (specs.device.type == "cuda") if r.bf16 is None else r.bf16
-    trained = "no_embeddings" if getattr(r, "freeze_embeddings", False) else "all"
-    if r.name == "perp":
-        trained = "none"
-    fsdp = specs.run_engine == "fsdp"  # sharded fine-tuning over the ranks, or offloaded in one (recover/finetune.py)
-    micro = max(r.batch_size // r.grad_accum // (world if fsdp else 1), 1)
-    return replace(base, kind="train", method=f"{base.method}+{r.name}", micro_batch=micro,
-                   seqlen=r.seqlen or base.seqlen, trained=trained, act_bytes=2 if bf16 else 4,
-                   merged_copy=r.name == "perp" and r.variant == "masklora",
-                   engine="fsdp" if fsdp else base.engine, world=world if fsdp else 1, offload=fsdp and specs.offload)
+def _recover_knobs(name: str, rt: Terms, base: Knobs, world: int, specs) -> Knobs:
+    fsdp = specs.run_engine == "fsdp"  # sharded training over the ranks, or offloaded in one (engine/shard.py)
+    micro = max(rt.batch // rt.grad_accum // (world if fsdp else 1), 1)
+    return replace(base, kind="train", method=f"{base.method}+{name}", micro_batch=micro,
+                   seqlen=rt.seqlen or base.seqlen, trained=rt.trained, act_bytes=2 if rt.bf16 else 4,
+                   merged_copy=rt.merged_copy, engine="fsdp" if fsdp else base.engine, world=world if fsdp else 1,
+                   offload=fsdp and specs.offload)
 
 
 def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
@@ -269,21 +308,21 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     b = s.dtype_bytes
     host, dev = "host", "device"
     rows, cols = s.largest_linear
-    admm = k.kind == "train" and k.z_bytes > 0  # Elsa: masks only from the final projection on
-    if k.method != "dense":
+    admm = k.kind == "train" and k.z_bytes > 0  # ADMM training: masks only from the final projection on
+    if k.prunes:
         plan.add("masks (bool, on the host until the run ends)", host, s.prunable, "end" if admm else "always")
         # a projection ranks one tensor at a time: its score (float32) and a sort's values
         # (float32) and indices (int64)
         plan.add("projection of one linear: score, sorted values, indices", dev, rows * cols * (4 + 4 + 8),
                  "update" if k.kind == "train" else "always")
-    if k.kind in ("oneshot", "safe"):
+    if k.kind in ("oneshot", "blockwise"):
         plan.add("weights (model dtype)", host, s.params * b)
         if k.kind == "oneshot":  # engine/driver.py.s Blocks: the next block is copied while one is pruned
             plan.add("two blocks on the device (in use, the next prefetched)", dev,
                      2 * s.block_params * b if k.device != "cpu" else 0)
         else:
             plan.add("one block on the device", dev, s.block_params * b if k.device != "cpu" else 0)
-        in_bytes = 4 if k.kind == "safe" else b
+        in_bytes = 4 if k.kind == "blockwise" else b
         per_forward = k.calib_batch * k.seqlen  # tokens through a block in one forward
         on = host if k.inputs == "host" else dev  # pinned host memory: one batch of windows at a time on the device
         plan.add("calibration inputs of a block", on, k.nsamples * k.seqlen * s.hidden * in_bytes)
@@ -299,7 +338,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             # masks and their per-linear copies (bool)
             plan.add("prune copies: 4 of the largest Hessian (float32)", dev, 4 * s.max_in * s.max_in * 4)
             plan.add("prune copies: a Hessian group's weights (float32) and masks", dev, s.group_elems * (4 + 1 + 1))
-        if k.stats in ("gram_eig", "gram_inv"):  # ALPS, L-ADMM: the Gram statistic as SparseGPT's
+        if k.stats in ("gram_eig", "gram_inv"):  # the Gram statistic as `hessian`'s
             plan.add("statistics: Gram matrices (float32)", dev, s.hessian_elems * 4)
             side = s.max_in * s.max_in
             if k.stats == "gram_eig":  # damped copy, normalised H, eigenvectors and a (H + rho I)^-1 in float64, one float32
@@ -310,13 +349,13 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             rows, cols = s.largest_linear
             plan.add("prune copies: one linear's ADMM variables (float32) and masks", dev, rows * cols * (7 * 4 + 3))
         plan.add(f"one forward through a block ({k.calib_batch} window(s))", dev, per_forward * s.act_per_token * in_bytes)
-        if k.kind == "safe":
+        if k.kind == "blockwise":
             w = s.block_params * 4
             plan.add("block in training: weights, grads, Adam (float32)", dev, 4 * w)
             plan.add("block in training: z, u", dev, s.block_linear_params * (k.z_bytes + k.u_bytes))
             plan.add("block in training: saved activations", dev, k.micro_batch * k.seqlen * s.act_per_token * 4)
         return plan
-    # training of the whole model (Elsa, masked fine-tuning, PERP)
+    # training of the whole model
     shard = k.world if k.engine == "fsdp" else 1
     trained = {"all": s.params, "no_embeddings": s.params - s.embeddings, "linears": s.prunable,
                "none": k.extra_trained}[k.trained]
@@ -337,14 +376,14 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     # mask and where()'s inputs and output (17 more), 29 bytes per value (engine/adam8bit.py)
     largest = (s.largest_param if k.trained == "all" else rows * cols) / shard
     if k.trained == "none":
-        pass  # PERP: a few small tensors
+        pass  # a few small tensors
     elif k.adam8:
         plan.add("8-bit Adam: one tensor's float32 working set", state, 29 * largest, "update")
     elif k.device == "cuda" and not k.offload:
         plan.add("Adam step temporaries (foreach)", dev, trained * 4 / shard, "update")
     else:
         plan.add("Adam step temporaries (one tensor)", state, 8 * largest, "update")
-    if not admm and k.device == "cuda" and k.method != "dense" and not k.offload:
+    if not admm and k.device == "cuda" and k.prunes and not k.offload:
         plan.add("masks on the device (re-masking)", dev, s.prunable)
     if k.engine == "ddp":
         plan.add("DDP gradient buckets", dev, trained * 4)
@@ -361,7 +400,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         gather = s.params * (4 + s.dtype_bytes)
         if k.device != "cpu" and not k.offload:
             plan.add("FSDP: rank 0 gathers the trained model (host)", "host", gather, "end", rank0=True)
-        else:  # Adam's state, z and u (held `always`) are freed first (pruners/elsa.py)
+        else:  # Adam's state, z and u (held `always`) are freed first
             freed = (adam + s.prunable * (k.z_bytes + k.u_bytes)) / shard
             plan.add("FSDP: rank 0's final gather beyond the freed training state", host, max(0.0, gather - freed), "end",
                      rank0=True)
@@ -373,7 +412,7 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
         plan.add("activations saved for the backward", dev, s.blocks * tokens * s.act_per_token * k.act_bytes, "backward")
     plan.add("logits, log-softmax, their gradient (float32)", dev, 3 * tokens * s.vocab * 4, "backward")
     if k.merged_copy:
-        plan.add("MaskLoRA: merged weights kept for the backward", dev, s.prunable * 4, "backward")
+        plan.add("adapters: merged weights kept for the backward", dev, s.prunable * 4, "backward")
     return plan
 
 
@@ -436,8 +475,8 @@ def alternatives(model_name: str, s: Shapes, k: Knobs) -> list[tuple[str, Knobs]
     """Option changes the user can make, each with the plan it would give."""
     out = []
     if k.kind == "train":
-        if k.z_bytes and (k.z_bytes, k.u_bytes, k.adam8) != (1, 2, True):
-            out.append(("method=elsa_l", replace(k, z_bytes=1, u_bytes=2, adam8=True)))
+        for option_text, changes in k.lighter:  # the method's own lighter variants
+            out.append((option_text, replace(k, **dict(changes), lighter=())))
         if not k.checkpointing:
             out.append(("method.grad_checkpointing=true", replace(k, checkpointing=True)))
         if k.act_bytes == 4 and k.device == "cuda":

@@ -34,6 +34,33 @@ def sync_cuda() -> None:
         torch.cuda.synchronize()
 
 
+def use_bf16(flag: bool | None, device: torch.device) -> bool:
+    """The bf16 rule of every method that trains: bf16 autocast on CUDA (the released codes),
+    float32 on the CPU; an explicit true / false wins."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
+def float_master(model: torch.nn.Module, who: str) -> torch.dtype:
+    """Adam on float16 weights underflows (eps 1e-8, tiny updates): train float32 master weights
+    (bf16 autocast stays available); returns the dtype to cast back to at the end."""
+    import logging
+
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float16:
+        logging.getLogger(__name__).warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or "
+                                            "float32 to avoid the copy)", who)
+        model.float()
+    return dtype
+
+
+def embedding_weights(model: torch.nn.Module) -> set[int]:
+    """ids of the input embedding and lm_head weights (one when tied): what freeze_embeddings keeps."""
+    ids = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        ids.add(id(model.get_output_embeddings().weight))
+    return ids
+
+
 def mean_over_ranks(device: torch.device) -> Callable[[float], float]:
     """A Trainer's reduce_loss under torch.distributed: the mean of the ranks' losses."""
     import torch.distributed as dist

@@ -68,6 +68,7 @@ class ALPS(GramPruner):
     cg_rtol: float = option(1e-4, gt=0)
 
     group = "tensor"
+    statistic = "gram_eig"  # the Gram matrices, an eigendecomposition's copies (plan.py)
 
     def __post_init__(self):
         self._iters: list[int] = []

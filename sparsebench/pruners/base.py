@@ -89,6 +89,11 @@ class Pruner:
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def plan_terms(self, device: torch.device):
+        """What the method holds, for the memory plan: a plan.Terms (None: undeclared, and the
+        plan refuses the run rather than plan it without its terms)."""
+        return None
+
     def budget(self):
         """Tokens and optimizer steps the method spent beyond the run's calibration windows
         (training methods; see sparsebench/engine/training.py)."""

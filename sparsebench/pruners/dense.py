@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..plan import Terms
 from ..registry import METHODS
 from .base import Pruner, PruneContext
 
@@ -10,5 +11,8 @@ from .base import Pruner, PruneContext
 @METHODS.register("dense")
 @dataclass
 class Dense(Pruner):
+    def plan_terms(self, device):
+        return Terms("oneshot", prunes=False)
+
     def prune(self, ctx: PruneContext):
         return {}

@@ -25,45 +25,42 @@ number of ranks, and the deterministic projection gives every rank the same z.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from ..errors import SparsebenchError
-from ..models import prunable_linears
-from ..registry import METHODS, option
+from ..engine.adam8bit import Adam8bit
+from ..engine.admm import ADMM, LambdaSchedule, Stored
 from ..engine.checkpoint import TrainingCheckpoint
 from ..engine.shard import place_for_training, unshard
-from ..engine.adam8bit import Adam8bit
-from ..engine.training import ADMMHook, Budget, Trainer, linear_decay, mean_over_ranks
-from ..engine.admm import ADMM, LambdaSchedule, Stored
+from ..engine.training import ADMMHook, Budget, Trainer, embedding_weights, float_master, linear_decay, mean_over_ranks
+from ..engine.training import use_bf16
+from ..engine.windows import WindowTraining, ranks
+from ..errors import SparsebenchError
+from ..models import prunable_linears
+from ..plan import FORMAT_BYTES, Terms
+from ..registry import METHODS, option
+from .base import Pruner, PruneContext
 
 STATE_FORMATS = Stored.FORMATS
-from .base import Pruner, PruneContext
+LIGHT = ("fp8", "bfloat16", True)  # Elsa-L's z, u and 8-bit moments
 
 log = logging.getLogger(__name__)
 
 
 @METHODS.register("elsa")
 @dataclass
-class Elsa(Pruner):
+class Elsa(WindowTraining, Pruner):
+    """The window-training options (steps, batch_size, grad_accum, seqlen, lr, betas, eps,
+    clip, bf16, seed, log_every: engine/windows.py, Elsa's published defaults) and ADMM's."""
+
     distributed = True
     reads_data = True
     iterative = True
 
-    steps: int = option(4096, ge=1)
-    batch_size: int = option(8, ge=1)  # windows per optimizer step (global, over all ranks and micro-batches)
-    grad_accum: int = option(1, ge=1)  # micro-batches per step
-    seqlen: int | None = option(None, ge=2)  # training window; None: model.seqlen
-    lr: float = option(2e-4, gt=0, lt=1)
     lr_pruned: float | None = option(None, gt=0, lt=1)  # separate lr for the ADMM weights; None: lr
-    betas: tuple[float, float] = option((0.9, 0.95), ge=0, lt=1)
-    eps: float = option(1e-8, gt=0)
-    clip: float = option(1.0, gt=0)
     lam: float = option(0.01, ge=0)
     lam_schedule: str = option("constant", choices=("constant", "linear", "cosine", "exponential"))  # from lam_start to lam
     lam_start: float = option(0.0, ge=0)
@@ -74,34 +71,32 @@ class Elsa(Pruner):
     freeze_embeddings: bool = False  # with train_others: keep embeddings and lm_head fixed
     warm_start: str | None = None  # a one-shot method whose solution initialises w and z
     warm_start_nsamples: int = option(64, ge=1)
-    bf16: bool | None = None  # autocast the forward in bfloat16; None: on CUDA (the released code), never on the CPU
     grad_checkpointing: bool = False
     z_format: str = option("float32", choices=STATE_FORMATS)
     u_format: str = option("float32", choices=STATE_FORMATS)
     z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (engine/admm.py)
     optim_8bit: bool = False  # Adam's moments in 8 bits (engine/adam8bit.py)
-    seed: int = 0
-    log_every: int = option(8, ge=1)
-    history: list[dict[str, float]] = field(default_factory=list, init=False, repr=False)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "grad_accum", "interval", "log_every"):
-            if int(getattr(self, key)) < 1:
-                raise SparsebenchError(f"{self.name}.{key} must be >= 1, got {getattr(self, key)}")
-        if self.batch_size % self.grad_accum:
-            raise SparsebenchError(f"{self.name}: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.projection not in ("objective", "magnitude"):
-            raise SparsebenchError(f"{self.name}: unknown projection '{self.projection}'; valid: objective, magnitude")
+        super().__post_init__()
         if self.warm_start is not None:
             METHODS.get(self.warm_start)
-        self.betas = tuple(self.betas)
         self.lam_sched = LambdaSchedule(self.lam_schedule, self.lam_start, self.lam)
 
     # ------------------------------------------------------------------ pieces
 
     def use_bf16(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.bf16 is None else self.bf16
+        return use_bf16(self.bf16, device)
+
+    def plan_terms(self, device):
+        light = (self.z_format, self.u_format, self.optim_8bit) == LIGHT
+        return Terms("train", batch=self.batch_size, grad_accum=self.grad_accum, seqlen=self.seqlen,
+                     z_bytes=FORMAT_BYTES[self.z_format], u_bytes=FORMAT_BYTES[self.u_format], adam8=self.optim_8bit,
+                     trained="no_embeddings" if self.freeze_embeddings else ("all" if self.train_others else "linears"),
+                     checkpointing=self.grad_checkpointing, bf16=self.use_bf16(device),
+                     lighter=() if light else (("method=elsa_l", (("z_bytes", FORMAT_BYTES[LIGHT[0]]),
+                                                                  ("u_bytes", FORMAT_BYTES[LIGHT[1]]), ("adam8", True))),))
 
     def budget(self) -> Budget:
         warm = self.warm_start_nsamples * self._seqlen if self.warm_start else 0
@@ -109,9 +104,7 @@ class Elsa(Pruner):
 
     def _trainable(self, model, admm_names: set[str]):
         admm, others = [], []
-        embeddings = {id(model.get_input_embeddings().weight)}
-        if model.get_output_embeddings() is not None:
-            embeddings.add(id(model.get_output_embeddings().weight))
+        embeddings = embedding_weights(model)
         for name, p in model.named_parameters():
             if name.removesuffix(".weight") in admm_names and name.endswith(".weight"):
                 admm.append(p)
@@ -136,29 +129,20 @@ class Elsa(Pruner):
     # ------------------------------------------------------------------ the loop
 
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        from ..data import window_source
-
         if ctx.data is None:
             raise SparsebenchError(f"{self.name} needs a data source")
-        distributed = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rank, world = ranks()
+        distributed = world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized())
         engine = ("fsdp" if ctx.engine == "fsdp" else "ddp") if distributed else "single"
         if engine == "fsdp" and ctx.fresh_model is None and rank == 0:
             raise SparsebenchError(f"{self.name}: engine=fsdp needs PruneContext.fresh_model to hand back an unsharded model")
-        micro = self.batch_size // self.grad_accum
-        if micro % world:
-            raise SparsebenchError(f"{self.name}: micro-batch {micro} is not divisible by {world} ranks")
+        self.micro_share()  # a micro-batch the ranks cannot split is refused before any work
         seqlen = self.seqlen or ctx.seqlen
         self._seqlen = ctx.seqlen  # the warm start's windows
         model = ctx.model
 
         z_init = self._warm_start(ctx) if self.warm_start else None
-        # Adam on float16 weights underflows (eps 1e-8, tiny updates): train in float32
-        # master weights (bf16 autocast stays available) and cast back at the end.
-        dtype = next(model.parameters()).dtype
-        if dtype == torch.float16:
-            log.warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or float32 to avoid the copy)", self.name)
-            model.float()
+        dtype = float_master(model, self.name)  # cast back at the end
         # under fsdp every block, then the root: rows of every tensor split over the ranks
         place_for_training(model, ctx.device, engine == "fsdp", ctx.offload, self.use_bf16(ctx.device))
         linears = prunable_linears(model)
@@ -180,38 +164,23 @@ class Elsa(Pruner):
             model.gradient_checkpointing_enable()
         model.train()
         net = torch.nn.parallel.DistributedDataParallel(model) if engine == "ddp" else model  # FSDP2 reduces itself
-        sampler = window_source(ctx.data, ctx.tokenizer, seqlen, self.seed, model.config.vocab_size)
+        sampler = self.windows(ctx.data, ctx.tokenizer, seqlen, model.config.vocab_size)
         hook = ADMMHook(admm)
         trainer = Trainer(admm_params + others, opt, linear_decay(self.steps), clip=self.clip, hooks=[hook],
                           name=self.name, reduce_loss=mean_over_ranks(ctx.device) if distributed else (lambda x: x))
-        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.use_bf16(ctx.device))
-        share = micro // world
-
-        def closure(x):
-            def loss():
-                with autocast:
-                    return net(input_ids=x, labels=x, use_cache=False).loss / self.grad_accum
-            return loss
-
         ckpt = TrainingCheckpoint(ctx.workdir and Path(ctx.workdir), ctx.checkpoint_every, ctx.fingerprint, engine)
         trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
         first = ckpt.load(trained, opt, admm, trainer, sampler, self.history)  # 0 unless resuming this run
-        bar = tqdm(range(first, self.steps), desc=self.name, unit="step", disable=rank != 0, initial=first,
-                   total=self.steps)
-        for step in bar:
-            # every rank draws the same global batch and trains on its slice
-            batches = [sampler.batch(micro)[rank * share : (rank + 1) * share].to(ctx.device) for _ in range(self.grad_accum)]
-            loss_sum = trainer.step([closure(x) for x in batches], tokens=self.batch_size * seqlen)
-            if hook.updated or step % self.log_every == 0 or step == self.steps - 1:
-                rec = {"step": step, "loss": loss_sum, "dist": admm.distance(), "churn": admm.churn,
-                       "lam": hook.lam, "lr": trainer.lr, "grad_norm": trainer.grad_norm, "target": admm.target(step)}
-                self.history.append(rec)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", dist=f"{rec['dist']:.3g}", churn=f"{admm.churn:.2%}")
-                ctx.log({f"{self.name}/{k}": v for k, v in rec.items()})
+
+        def checkpoint(step):
             if ckpt.due(step, self.steps):
                 ckpt.save(step, trained, opt, admm, trainer, sampler, self.history)
+
+        self.train_on_windows(
+            net, trainer, sampler, ctx.device, seqlen, label=self.name, log=ctx.log, log_prefix=self.name,
+            extras=lambda step: {"dist": admm.distance(), "churn": admm.churn, "lam": hook.lam, "target": admm.target(step)},
+            log_now=lambda: hook.updated, after_step=checkpoint, first=first)
         self._budget = trainer.budget()
-        opt.zero_grad(set_to_none=True)  # the gradients are done: free them before the final projection
         ckpt.remove()
         if self.grad_checkpointing:
             model.gradient_checkpointing_disable()

@@ -45,6 +45,7 @@ class LADMM(GramPruner):
     gradual: bool = False  # unstructured: the paper's cubic schedule to the target over `reselect` iterations
 
     group = "tensor"  # the mask competes over the whole layer
+    statistic = "gram_inv"  # the Gram matrices, an inverse's copies (plan.py)
 
     def __post_init__(self):
         if self.reselect > self.iters:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..engine.driver import Sequential, collect_statistics
 from ..masks import apply_mask
+from ..plan import Terms
 from ..sparsity import Pattern
 from .base import Pruner, PruneContext
 
@@ -58,6 +59,12 @@ class LayerwisePruner(Pruner):
     """A one-shot method: how to accumulate input statistics and prune one linear."""
 
     needs_calibration: ClassVar[bool] = True
+    # The statistic the method keeps per block, for the memory plan (plan.Terms.stats: norms,
+    # hessian, gram_eig, gram_inv); a method that declares none is refused by the plan.
+    statistic: ClassVar[str | None] = None
+
+    def plan_terms(self, device):
+        return Terms("oneshot", stats=self.statistic) if self.statistic else None
 
     def new_stats(self, columns: int, device: torch.device) -> Any:
         raise NotImplementedError

@@ -7,6 +7,7 @@ import torch
 
 from ..masks import apply_mask
 from ..models import prunable_linears
+from ..plan import Terms
 from ..registry import METHODS
 from ..sparsity import project
 from .base import Pruner, PruneContext
@@ -16,6 +17,9 @@ from .base import Pruner, PruneContext
 @dataclass
 class Magnitude(Pruner):
     group = "tensor"
+
+    def plan_terms(self, device):
+        return Terms("oneshot")  # no statistics: one tensor's projection at a time
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext):

@@ -36,7 +36,8 @@ from ..engine.driver import Sequential, block_out
 from ..masks import apply_mask
 from ..models import find_linears
 from ..registry import METHODS, option
-from ..engine.training import ADMMHook, Budget, Trainer, warmup_linear
+from ..engine.training import ADMMHook, Budget, Trainer, use_bf16, warmup_linear
+from ..plan import Terms
 from ..engine.admm import ADMM, LambdaSchedule
 from .base import Pruner, PruneContext
 from .layerwise import LayerwisePruner, RunningMean
@@ -78,15 +79,7 @@ class Safe(Pruner):
     _state_bytes: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        for key in ("epochs", "batch_size", "interval"):
-            if int(getattr(self, key)) < 1:
-                raise SparsebenchError(f"{self.name}.{key} must be >= 1, got {getattr(self, key)}")
-        if self.rho < 0 or self.lr <= 0 or self.warmup_epochs < 0:
-            raise SparsebenchError(f"{self.name}: need rho >= 0, lr > 0, warmup_epochs >= 0 (got {self.rho}, {self.lr}, {self.warmup_epochs})")
-        if self.projection not in ("magnitude", "wanda"):
-            raise SparsebenchError(f"{self.name}: unknown projection '{self.projection}'; valid: magnitude, wanda")
-        if self.group not in ("row", "tensor"):
-            raise SparsebenchError(f"{self.name}: unknown group '{self.group}'; valid: row, tensor")
+        # the ranges are checked once, by the registry (option(...)); what no single field says:
         self.betas = tuple(self.betas)
         self._oneshot = None
         if self.warm_start is not None:
@@ -98,7 +91,11 @@ class Safe(Pruner):
         self.lam_sched = LambdaSchedule(self.lam_schedule, self.lam_start, self.lam)
 
     def use_bf16(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.bf16 is None else self.bf16
+        return use_bf16(self.bf16, device)
+
+    def plan_terms(self, device):
+        # a block in training beside one-shot's terms; its linears' input norms; z and u in float32
+        return Terms("blockwise", stats="norms", batch=self.batch_size, z_bytes=4, u_bytes=4)
 
     def budget(self) -> Budget:
         return getattr(self, "_budget", Budget())

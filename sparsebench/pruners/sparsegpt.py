@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 @METHODS.register("sparsegpt")
 @dataclass
 class SparseGPT(GramPruner):
+    statistic = "hessian"  # plus the prune-time copies of the largest one (plan.py)
     blocksize: int = option(128, ge=1)
     percdamp: float = option(0.01, gt=0, lt=1e3)
     damp_retries: int = option(6, ge=0)  # each retry multiplies the damping by 10

@@ -14,6 +14,7 @@ from .layerwise import LayerwisePruner, RunningMean
 @dataclass
 class Wanda(LayerwisePruner):
     group = "row"
+    statistic = "norms"
 
     def new_stats(self, columns, device):
         return RunningMean(torch.zeros(columns, dtype=torch.float32, device=device))

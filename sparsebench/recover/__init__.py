@@ -51,6 +51,11 @@ class Recovery:
     def run(self, ctx: RecoverContext) -> None:
         raise NotImplementedError
 
+    def plan_terms(self, device: torch.device):
+        """What the recovery holds, for the memory plan: a plan.Terms (None: undeclared, and
+        the plan refuses the run rather than plan it without its terms)."""
+        return None
+
     def budget(self) -> Budget:
         return getattr(self, "_budget", Budget())
 

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from ..errors import SparsebenchError
 from ..registry import option
-from . import RECOVERIES, RecoverContext, Recovery, norm_and_bias_parameters
-from .finetune import WindowTraining, float_master
+from . import RECOVERIES, RecoverContext, norm_and_bias_parameters
+from ..engine.training import float_master
+from .finetune import WindowRecovery
 
 
 def _mask_lora_layer(layer, mask: torch.Tensor) -> None:
@@ -52,7 +53,7 @@ def _mask_lora_layer(layer, mask: torch.Tensor) -> None:
 
 @RECOVERIES.register("perp")
 @dataclass
-class Perp(WindowTraining, Recovery):
+class Perp(WindowRecovery):
     variant: str = option("masklora", choices=("masklora", "norms"))
     rank: int = option(16, ge=1)
     alpha: float = option(32.0, gt=0)
@@ -60,9 +61,13 @@ class Perp(WindowTraining, Recovery):
     lr: float = option(5e-4, gt=0, lt=1)
     betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
 
+    def trained_terms(self) -> dict:
+        # a few parameters train (adapters, norms); adapters keep each linear's merged weight
+        return {"trained": "none", "merged_copy": self.variant == "masklora"}
+
     def run(self, ctx: RecoverContext) -> None:
         model = ctx.model
-        dtype = float_master(model)
+        dtype = float_master(model, f"recover={self.name}")
         model.to(ctx.device)
         total = sum(p.numel() for p in model.parameters())
         for p in model.parameters():
@@ -72,7 +77,7 @@ class Perp(WindowTraining, Recovery):
                 trainable = norm_and_bias_parameters(model)
                 for p in trainable:
                     p.requires_grad_(True)
-                self.train_on_windows(ctx, trainable, hooks=[])
+                self.train_recovery(ctx, trainable, hooks=[])
                 adapters = 0
             else:
                 trainable, adapters = self._masklora(ctx)
@@ -100,7 +105,7 @@ class Perp(WindowTraining, Recovery):
         for p in extra:
             p.requires_grad_(True)
         trainable = adapters + extra
-        self.train_on_windows(ctx, trainable, hooks=[])
+        self.train_recovery(ctx, trainable, hooks=[])
         with torch.no_grad():
             peft_model.merge_and_unload()  # masked deltas merged; the model is plain again
         return trainable, sum(p.numel() for p in adapters)

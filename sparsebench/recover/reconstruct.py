@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..engine.driver import Sequential, block_out
 from ..models import find_blocks, find_linears
+from ..plan import Terms
 from ..registry import option
 from ..engine.training import Budget, MaskHook, Trainer, linear_decay
 from . import RECOVERIES, RecoverContext, Recovery
@@ -96,6 +97,10 @@ class Reconstruct(Recovery):
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+
+    def plan_terms(self, device):
+        # one unit of a block in training at a time, beside the one-shot terms (no ADMM state)
+        return Terms("blockwise", batch=self.batch_size)
 
     @torch.no_grad()
     def _forward(self, block, inps, args, kwargs) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""The structure the code promises (docs/contributing.md), checked on the code itself: the
+methods that work block by block go through the one sequential driver, the layers import
+only what their docstrings allow, no module reaches into another's underscore names, the
+memory plan knows no method by name, and every file reads in one sitting."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsebench.engine import driver
+
+from .conftest import REPO, tiny_spec
+
+PKG = REPO / "sparsebench"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the blocks every Sequential driver hands out."""
+    seen = []
+    real = driver.Sequential.__iter__
+
+    def iterate(self):
+        for step in real(self):
+            seen.append((self.desc, step.index))
+            yield step
+
+    monkeypatch.setattr(driver.Sequential, "__iter__", iterate)
+    return seen
+
+
+def _tiny():
+    from sparsebench.models import load_model
+
+    return load_model(tiny_spec("llama"), seed=0)
+
+
+def test_safe_reconstruction_and_the_owl_probe_run_through_the_shared_driver(spy):
+    from sparsebench.allocation import outlier_ratios
+    from sparsebench.data import DataSpec
+    from sparsebench.pruners import PruneContext
+    from sparsebench.pruners.safe import Safe
+    from sparsebench.recover import RecoverContext
+    from sparsebench.recover.reconstruct import Reconstruct
+    from sparsebench.sparsity import Pattern, Schedule
+
+    model, tok = _tiny()
+    cpu = torch.device("cpu")
+    calib = torch.randint(0, 256, (4, 64))
+    ratios = outlier_ratios(model, calib, cpu, 5.0)
+    assert [i for d, i in spy if d.startswith("owl")] == [0, 1] and len(ratios) == 2
+
+    masks = Safe(epochs=1, batch_size=2).prune(PruneContext(model, 0.5, Pattern(), Schedule(), cpu, calib))
+    assert [i for d, i in spy if d == "safe blocks"] == [0, 1]
+
+    rec = Reconstruct(batch_size=2)
+    rec.run(RecoverContext(model, masks, cpu, tok, DataSpec(nsamples=4), 64, load_dense=lambda: _tiny()[0]))
+    assert [i for d, i in spy if d == "recover reconstruct"] == [0, 1]
+    assert rec.report()["steps_run"] > 0
+
+
+def test_one_shot_methods_run_through_the_shared_driver(spy):
+    from sparsebench.pruners import PruneContext
+    from sparsebench.pruners.wanda import Wanda
+    from sparsebench.sparsity import Pattern, Schedule
+
+    model, _ = _tiny()
+    Wanda().prune(PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), torch.randint(0, 256, (2, 64))))
+    assert [i for d, i in spy] == [0, 1]
+
+
+# ----------------------------------------------------------------------------- the code itself
+
+# what each folder may import from the package (its __init__ docstring says the same)
+FOUNDATIONS = {"errors", "registry", "sparsity", "masks", "models", "data"}
+ALLOWED = {
+    "engine": FOUNDATIONS | {"engine"},
+    "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan"},
+    "records": {"errors", "registry", "records", "evaluation"},
+    "pruners": FOUNDATIONS | {"engine", "pruners", "plan"},
+    "recover": FOUNDATIONS | {"engine", "pruners", "recover", "plan"},
+}
+
+
+def _modules():
+    for path in sorted(PKG.rglob("*.py")):
+        yield path, ast.parse(path.read_text())
+
+
+def _package_imports(path: Path, tree: ast.Module) -> set[str]:
+    """Top-level parts of sparsebench that `path` imports (relative imports resolved)."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    here = parts[:-1]  # the package the module is in (for __init__.py: its own)
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - node.level + 1]
+            full = base + (node.module.split(".") if node.module else [])
+            if len(full) > 1:
+                out.add(full[1])
+            else:
+                out.update(a.name for a in node.names)
+    return out
+
+
+def test_each_layer_imports_only_what_it_may():
+    bad = []
+    for path, tree in _modules():
+        layer = path.relative_to(PKG).parts[0]
+        if layer in ALLOWED:
+            extra = _package_imports(path, tree) - ALLOWED[layer]
+            if extra:
+                bad.append(f"{path.relative_to(REPO)} imports {sorted(extra)}")
+    assert not bad, bad
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    bad = []
+    for root in ("sparsebench", "scripts"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    bad += [f"{path.relative_to(REPO)}:{node.lineno} {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad
+
+
+def test_no_file_in_the_package_is_over_450_lines():
+    long = {str(p.relative_to(REPO)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
+
+
+def test_the_memory_plan_names_no_method():
+    """plan.py does the arithmetic of what methods declare (plan_terms): no method or
+    recovery name in any of its strings, docstrings included."""
+    from sparsebench.recover import RECOVERIES
+    from sparsebench.registry import METHODS
+
+    names = [n for n in METHODS.names() + RECOVERIES.names() if n not in ("dense", "none")]
+    strings = [node.value for node in ast.walk(ast.parse((PKG / "plan.py").read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    found = {(n, s[:60]) for s in strings for n in names if re.search(rf"(?i)\b{re.escape(n)}\b", s)}
+    found |= {("dense", s) for s in strings if s == "dense"}
+    assert not found, sorted(found)
