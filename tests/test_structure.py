@@ -133,14 +133,37 @@ def test_no_file_in_the_package_is_over_450_lines():
 
 
 def test_the_memory_plan_names_no_method():
-    """plan.py does the arithmetic of what methods declare (plan_terms): no method or
+    """plan/ does the arithmetic of what methods declare (plan_terms): no method or
     recovery name in any of its strings, docstrings included."""
     from sparsebench.recover import RECOVERIES
     from sparsebench.registry import METHODS
 
     names = [n for n in METHODS.names() + RECOVERIES.names() if n not in ("dense", "none")]
-    strings = [node.value for node in ast.walk(ast.parse((PKG / "plan.py").read_text()))
+    strings = [node.value for path in sorted((PKG / "plan").glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
                if isinstance(node, ast.Constant) and isinstance(node.value, str)]
     found = {(n, s[:60]) for s in strings for n in names if re.search(rf"(?i)\b{re.escape(n)}\b", s)}
     found |= {("dense", s) for s in strings if s == "dense"}
     assert not found, sorted(found)
+
+
+def test_a_method_without_plan_terms_is_refused_by_the_plan():
+    """A one-shot method that declares no statistic (plan_terms None) is refused with one
+    line naming it, never planned without its statistics."""
+    from dataclasses import dataclass
+
+    from sparsebench.errors import SparsebenchError
+    from sparsebench.plan import plan_run
+    from sparsebench.pruners.wanda import Wanda
+    from sparsebench.run import build_specs
+
+    from .conftest import compose
+
+    @dataclass
+    class Undeclared(Wanda):
+        statistic = None
+
+    Undeclared.name = "undeclared"
+    specs = build_specs(compose(["model=tiny-llama", "logger=disabled", "dry_run=true"]))
+    specs.pruner = Undeclared()
+    with pytest.raises(SparsebenchError, match=r"^method 'undeclared' declares no memory-plan terms.*plan_terms"):
+        plan_run(specs)
