@@ -5,7 +5,7 @@ import torch
 from sparsebench import data as datamod
 from sparsebench.evaluation.perplexity import perplexity
 from sparsebench.models import ModelSpec, find_blocks, find_linears, load_model
-from sparsebench.pruners.layerwise import block_out, capture
+from sparsebench.engine.driver import block_out, capture
 
 pytestmark = pytest.mark.slow
 
