@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 
 from sparsebench import data as datamod
 from sparsebench.evaluation.perplexity import perplexity
-from sparsebench.masks import summarize, verify
-from sparsebench.models import ModelSpec, load_model, prunable_linears
-from sparsebench.pruners import PruneContext
+from sparsebench.models import ModelSpec, load_model
+from sparsebench.pipeline import prune_model
 from sparsebench.registry import METHODS
-from sparsebench.run import sync_cuda
-from sparsebench.sparsity import Schedule, check_sparsity, parse_pattern
+from sparsebench.sparsity import check_sparsity, parse_pattern
 
 TABLE = ["dense", "magnitude:0.5"] + [f"{m}:{s}" for m in ("wanda", "sparsegpt") for s in ("0.5", "0.7", "0.9", "2:4")]
 
@@ -119,23 +116,15 @@ def main() -> None:
         model.load_state_dict(dense)
         model.to("cpu")
         pruner = METHODS.build(method, {})
-        ctx = PruneContext(model, sparsity, pattern, Schedule(), device, calib if pruner.needs_calibration else None,
-                           calib_batch=args.calib_batch)
-        sync_cuda()
-        start = time.perf_counter()
-        masks = pruner.prune(ctx)
-        sync_cuda()
-        prune_s = time.perf_counter() - start
-        linears = prunable_linears(model)
-        if method == "dense":
-            per = {n: 0.0 for n in linears}
-        else:
-            per = verify(linears, masks, sparsity, pattern, pruner.group)
+        # the library entry point: the command's prune and verify stages on this loaded model
+        out = prune_model(model, method=pruner, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen, device=device,
+                          calib=calib if pruner.needs_calibration else None, calib_batch=args.calib_batch)
+        prune_s = out.timings_s["prune"]
         ppl = evaluate(model, streams, args)
         row = {
             "method": method, "sparsity": sparsity, "pattern": str(pattern),
             "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
-            "prune_seconds": round(prune_s, 2), "actual_sparsity": round(summarize(per, linears)["actual_sparsity"], 6),
+            "prune_seconds": round(prune_s, 2), "actual_sparsity": round(out.sparsity["actual_sparsity"], 6),
         }
         print(json.dumps(row), flush=True)
 

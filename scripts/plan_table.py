@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from sparsebench.launch import Launch
 from sparsebench.plan import build_plan, knobs_of, shapes_of
 from sparsebench.models import meta_model
 from sparsebench.run import build_specs
@@ -39,12 +40,12 @@ def main() -> None:
         shapes = shapes_of(meta_model(specs_for(model, "wanda").model))
 
         def dev(method, world=1, engine=None, **kw):
-            k = knobs_of(specs_for(model, method), world)
+            k = knobs_of(specs_for(model, method), Launch(world=world))
             if engine:
                 k = replace(k, engine=engine, world=world)
             return build_plan(model, shapes, replace(k, **kw)).total("device")
 
-        sgpt = build_plan(model, shapes, knobs_of(specs_for(model, "sparsegpt"), 1))
+        sgpt = build_plan(model, shapes, knobs_of(specs_for(model, "sparsegpt"), Launch()))
         cells = [f"{shapes.params / 1e9:.2f}", f"{sgpt.total('host'):.1f}", f"{sgpt.total('device'):.1f}",
                  f"{dev('wanda'):.1f}", f"{dev('safe_plus'):.1f}",
                  f"{dev('elsa'):.1f}", f"{dev('elsa', 4):.1f}", f"{dev('elsa', 4, 'fsdp'):.1f}",

@@ -178,8 +178,8 @@ def test_engine_choice_and_its_errors(monkeypatch):
     specs = build_specs(compose(["model=tiny-llama", "method=elsa"]))
     assert resolve_engine(specs, 1) == "single" and resolve_engine(specs, 2) == "ddp"  # no shapes: DDP
     specs = build_specs(compose(["model=tiny-llama", "method=elsa", "plan.host_limit_gib=0.002"]))
-    plan, _ = memory_plan(specs, 2)  # DDP's per-rank plan does not fit 2 MiB: auto picks FSDP2
-    assert specs.run_engine == "fsdp" and plan.knobs.engine == "fsdp"
+    plan, _, launch = memory_plan(specs, 2)  # DDP's per-rank plan does not fit 2 MiB: auto picks FSDP2
+    assert launch.engine == "fsdp" and plan.knobs.engine == "fsdp"
     specs = build_specs(compose(["model=tiny-llama", "method=elsa_l", "offload=true"]))
     assert resolve_engine(specs, 1) == "fsdp" and resolve_engine(specs, 2) == "fsdp"  # offload is FSDP2's
     specs = build_specs(compose(["model=tiny-llama", "method=elsa_l", "offload=true", "engine=ddp"]))

@@ -56,14 +56,14 @@ def test_plan_runs_offline_for_every_model_and_method():
     for name in HUB:
         for overrides in METHODS:
             specs = build_specs(compose([f"model={name}", "model.source=random", "logger=disabled", *overrides]))
-            plan, shapes = memory_plan(specs, 4)
+            plan, shapes, _ = memory_plan(specs, 4)
             assert plan.total("host") > 0 and shapes.params > 1e9 or name in ("opt-1.3b", "gemma2-2b")
     assert time.perf_counter() - start < 60  # 72 plans; the bar is 30 s for each
 
 
 def test_llama2_7b_shapes_are_the_published_ones():
     specs = build_specs(compose(["model=llama2-7b", "model.source=random", "method=elsa"]))
-    plan, s = memory_plan(specs, 1)
+    plan, s, _ = memory_plan(specs, 1)
     assert s.params == 6_738_415_616  # Llama-2-7B's parameter count
     assert plan.knobs.engine == "single"
     # auto on 4 ranks: DDP holds ~160 GB per rank for 7B, which fits no memory here: FSDP2
@@ -108,8 +108,8 @@ def test_offload_moves_the_training_state_to_the_host_and_is_advised():
 
     base = ["model=llama2-7b", "model.source=random", "method=elsa_l", "device=cuda", "dry_run=true",
             "model.seqlen=2048", "method.batch_size=1", "method.grad_checkpointing=true"]
-    one, shapes = memory_plan(build_specs(compose(base)), 1)
-    off, _ = memory_plan(build_specs(compose(base + ["offload=true"])), 1)
+    one, shapes, _ = memory_plan(build_specs(compose(base)), 1)
+    off, *_ = memory_plan(build_specs(compose(base + ["offload=true"])), 1)
     assert (off.knobs.engine, off.knobs.offload, one.knobs.offload) == ("fsdp", True, False)
     state = {"weights (float32 master)", "gradients", "Adam moments (8-bit)", "ADMM z", "ADMM u"}
     where = {name: w for name, w, _, _ in off.terms}
@@ -182,14 +182,14 @@ def test_calibration_inputs_go_to_the_host_when_they_do_not_fit_the_gpu():
     base = ["model=llama2-70b", "model.source=random", "method=sparsegpt", "device=cuda", "dry_run=true",
             "plan.host_limit_gib=1000"]
     specs = build_specs(compose(base))
-    plan, _ = memory_plan(specs, 1)  # 128 x 2048 windows of 8192 in float16: 4 GiB in, 4 out, beside the block
-    assert specs.run_inputs == "device" and plan.knobs.inputs == "device"
+    plan, _, launch = memory_plan(specs, 1)  # 128 x 2048 windows of 8192 in float16: 4 GiB in, 4 out, beside the block
+    assert launch.inputs == "device" and plan.knobs.inputs == "device"
     inputs = {name: gib for name, _, gib, _ in plan.terms}["calibration inputs of a block"]
     assert inputs == pytest.approx(128 * 2048 * 8192 * 2 / 2**30)
     tight = build_specs(compose(base + [f"plan.device_limit_gib={(plan.total('device') - inputs) / 0.95:.2f}"]))
-    host_plan, _ = memory_plan(tight, 1)  # auto: the inputs and outputs move to pinned host memory
+    host_plan, _, tight_launch = memory_plan(tight, 1)  # auto: the inputs and outputs move to pinned host memory
     where = {name: w for name, w, _, _ in host_plan.terms}
-    assert tight.run_inputs == "host" and where["calibration inputs of a block"] == "host"
+    assert tight_launch.inputs == "host" and where["calibration inputs of a block"] == "host"
     windows = 3 * 2048 * 8192 * 2 / 2**30  # in use, prefetched, one output
     assert host_plan.total("device") == pytest.approx(plan.total("device") - 2 * inputs + windows)
     assert host_plan.as_dict()["calib_inputs"] == "host"
@@ -201,8 +201,8 @@ def test_calibration_inputs_go_to_the_host_when_they_do_not_fit_the_gpu():
 
 def test_batched_windows_and_the_prefetched_block_in_the_plan():
     base = ["model=llama2-7b", "model.source=random", "method=wanda", "device=cuda", "dry_run=true", "calib_inputs=host"]
-    one, _ = memory_plan(build_specs(compose(base)), 1)
-    four, _ = memory_plan(build_specs(compose(base + ["calib_batch=4"])), 1)
+    one, *_ = memory_plan(build_specs(compose(base)), 1)
+    four, *_ = memory_plan(build_specs(compose(base + ["calib_batch=4"])), 1)
     a = {name: gib for name, _, gib, _ in one.terms}
     b = {name: gib for name, _, gib, _ in four.terms}
     s = shapes_of(meta_model(build_specs(compose(base)).model))

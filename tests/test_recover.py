@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsebench import cli
-from sparsebench.records import report
+from sparsebench.records import report, rows
 from sparsebench.errors import SparsebenchError
 from sparsebench.records.export import load_saved
 from sparsebench.models import load_model, prunable_linears
@@ -235,11 +235,11 @@ def test_within_spread_marks_and_labels():
     a = {**base, "label": "a", "wikitext2": 10.0, "wikitext2_std": 0.5}
     b = {**base, "label": "b", "wikitext2": 10.8, "wikitext2_std": 0.4}
     c = {**base, "label": "c", "wikitext2": 12.0, "wikitext2_std": 0.1}
-    report.mark_within_spread([a, b, c])
+    rows.mark_within_spread([a, b, c])
     assert a["within_spread_of"] == ["b"] and b["within_spread_of"] == ["a"] and c["within_spread_of"] == []
-    assert report._label({"method": {"name": "elsa", "preset": "elsa_cpu"}, "recover": {"name": "none"}}) == "elsa_cpu"
-    assert report._label({"method": {"name": "sparsegpt"}, "recover": {"name": "finetune_cpu"}}) == "sparsegpt+finetune_cpu"
-    assert report._label({"method": {"name": "sparsegpt"}, "recover": {"name": "finetune", "preset": "finetune_cpu"}}) \
+    assert rows.label_of({"method": {"name": "elsa", "preset": "elsa_cpu"}, "recover": {"name": "none"}}) == "elsa_cpu"
+    assert rows.label_of({"method": {"name": "sparsegpt"}, "recover": {"name": "finetune_cpu"}}) == "sparsegpt+finetune_cpu"
+    assert rows.label_of({"method": {"name": "sparsegpt"}, "recover": {"name": "finetune", "preset": "finetune_cpu"}}) \
         == "sparsegpt+finetune_cpu"
 
 

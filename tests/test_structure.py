@@ -3,6 +3,7 @@ methods that work block by block go through the one sequential driver, the layer
 only what their docstrings allow, no module reaches into another's underscore names, the
 memory plan knows no method by name, and every file reads in one sitting."""
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -152,9 +153,9 @@ def test_a_method_without_plan_terms_is_refused_by_the_plan():
     from dataclasses import dataclass
 
     from sparsebench.errors import SparsebenchError
-    from sparsebench.plan import plan_run
+    from sparsebench.launch import memory_plan
     from sparsebench.pruners.wanda import Wanda
-    from sparsebench.run import build_specs
+    from sparsebench.specs import build_specs
 
     from .conftest import compose
 
@@ -166,4 +167,30 @@ def test_a_method_without_plan_terms_is_refused_by_the_plan():
     specs = build_specs(compose(["model=tiny-llama", "logger=disabled", "dry_run=true"]))
     specs.pruner = Undeclared()
     with pytest.raises(SparsebenchError, match=r"^method 'undeclared' declares no memory-plan terms.*plan_terms"):
-        plan_run(specs)
+        memory_plan(specs, 1)
+
+
+@pytest.mark.parametrize("case,method,extra", [("wanda", "wanda", {}), ("finetune", "wanda", {"recovery": "finetune"})])
+def test_the_entry_point_on_a_loaded_model_gives_the_commands_numbers(case, method, extra):
+    """pipeline.prune_model on a model object the caller loaded runs the command's stages:
+    the same masks and perplexities as `sparsebench model=tiny-llama method=...` (the golden
+    record of that command), bit for bit where the golden environment is this one."""
+    import sys
+
+    from sparsebench.data import DataSpec
+    from sparsebench.pipeline import prune_model
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import golden
+
+    model, tok = _tiny()
+    opts = {"recover_options": {"steps": 2}} if extra else {}  # as the golden case: recover.steps=2
+    out = prune_model(model, tok, method=method, sparsity=0.5, data=DataSpec(nsamples=8), seqlen=64,
+                      evaluate=("wikitext2", "c4"), max_windows=4, **extra, **opts)
+    want = json.loads(golden.GOLDEN.read_text())
+    assert out.sparsity["pruned_params"] == want["cases"][case]["pruned_params"]
+    assert out.budget["prune"]["calib_tokens"] == 8 * 64 and out.timings_s["prune"] >= 0
+    if want["environment"] == golden.environment():
+        assert golden.digest(out.masks) == want["cases"][case]["masks"]
+        assert repr(out.metrics["wikitext2"]) == want["cases"][case]["wikitext2"]
+        assert repr(out.metrics["c4"]) == want["cases"][case]["c4"]

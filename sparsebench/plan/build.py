@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .shapes import ADAM8_BLOCK, GIB, Shapes, shapes_of
-from .terms import Knobs, Plan, knobs_of
+from .shapes import ADAM8_BLOCK, GIB, Shapes
+from .terms import Knobs, Plan
 
 def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     plan = Plan(model_name, k)
@@ -118,12 +118,6 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
     if k.merged_copy:
         plan.add("adapters: merged weights kept for the backward", dev, s.prunable * 4, "backward")
     return plan
-
-
-def plan_run(specs, world: int = 1) -> Plan:
-    from ..models import meta_model
-
-    return build_plan(specs.model.name, shapes_of(meta_model(specs.model)), knobs_of(specs, world))
 
 
 def eval_placement(s: Shapes, batch: int, seqlen: int, gpus: list[float] | None, margin: float) -> dict[str, Any]:

@@ -138,15 +138,17 @@ def declared(part, device: torch.device, what: str) -> Terms:
     return terms
 
 
-def knobs_of(specs, world: int) -> Knobs:
-    """The plan's view of a run's specs: the declared terms, the run's sizes and launch."""
+def knobs_of(specs, launch) -> Knobs:
+    """The plan's view of a run: the declared terms, the asked-for sizes (specs.Specs) and
+    the resolved launch (launch.Launch: engine, inputs placement, ranks)."""
     p, r = specs.pruner, specs.recover
+    world = launch.world
     t = declared(p, specs.device, "method")
     common = dict(method=p.name, prunes=t.prunes, nsamples=specs.data.nsamples if p.needs_calibration else 0,
                   seqlen=specs.model.seqlen, device=specs.device.type)
     if t.kind in ("oneshot", "blockwise"):
         if t.kind == "oneshot":
-            knobs = Knobs(kind="oneshot", stats=t.stats, inputs=specs.run_inputs, calib_batch=specs.calib_batch, **common)
+            knobs = Knobs(kind="oneshot", stats=t.stats, inputs=launch.inputs, calib_batch=launch.calib_batch, **common)
         else:
             knobs = Knobs(kind="blockwise", stats=t.stats, micro_batch=t.batch, z_bytes=t.z_bytes, u_bytes=t.u_bytes,
                           **common)
@@ -154,26 +156,27 @@ def knobs_of(specs, world: int) -> Knobs:
             return knobs
         rt = declared(r, specs.device, "recovery")
         if rt.kind == "train":  # the training stage is the larger one
-            return recover_knobs(r.name, rt, knobs, world, specs)
+            return recover_knobs(r.name, rt, knobs, launch)
         if rt.kind == "blockwise" and knobs.kind == "oneshot":  # its block in training beside one-shot's terms
             return replace(knobs, kind="blockwise", method=f"{p.name}+{r.name}", micro_batch=rt.batch,
                            inputs="device", calib_batch=1)
         return knobs
     # whole-model training: the engine the run resolved (run.resolve_engine), else DDP on several ranks
-    engine = specs.run_engine if specs.run_engine in ("ddp", "fsdp") and world > 1 else ("ddp" if world > 1 else "single")
-    if specs.offload and specs.run_engine == "fsdp":  # offload is FSDP2's, on any number of ranks
+    engine = launch.engine if launch.engine in ("ddp", "fsdp") and world > 1 else ("ddp" if world > 1 else "single")
+    if launch.offload and launch.engine == "fsdp":  # offload is FSDP2's, on any number of ranks
         engine = "fsdp"
     micro = t.batch // t.grad_accum // max(world, 1)
     return Knobs(kind="train", stats="none", micro_batch=max(micro, 1), world=world, engine=engine,
-                 offload=engine == "fsdp" and specs.offload, z_bytes=t.z_bytes, u_bytes=t.u_bytes, adam8=t.adam8,
+                 offload=engine == "fsdp" and launch.offload, z_bytes=t.z_bytes, u_bytes=t.u_bytes, adam8=t.adam8,
                  trained=t.trained, checkpointing=t.checkpointing, act_bytes=2 if t.bf16 else 4, lighter=t.lighter,
                  **{**common, "seqlen": t.seqlen or specs.model.seqlen})
 
 
-def recover_knobs(name: str, rt: Terms, base: Knobs, world: int, specs) -> Knobs:
-    fsdp = specs.run_engine == "fsdp"  # sharded training over the ranks, or offloaded in one (engine/shard.py)
+def recover_knobs(name: str, rt: Terms, base: Knobs, launch) -> Knobs:
+    world = launch.world
+    fsdp = launch.engine == "fsdp"  # sharded training over the ranks, or offloaded in one (engine/shard.py)
     micro = max(rt.batch // rt.grad_accum // (world if fsdp else 1), 1)
     return replace(base, kind="train", method=f"{base.method}+{name}", micro_batch=micro,
                    seqlen=rt.seqlen or base.seqlen, trained=rt.trained, act_bytes=2 if rt.bf16 else 4,
                    merged_copy=rt.merged_copy, engine="fsdp" if fsdp else base.engine, world=world if fsdp else 1,
-                   offload=fsdp and specs.offload)
+                   offload=fsdp and launch.offload)

@@ -47,6 +47,7 @@ class Recovery:
 
     name: ClassVar[str]
     shardable: ClassVar[bool] = False  # runs on FSDP2: several ranks under torchrun, or offload=true in one
+    needs_dense: ClassVar[bool] = False  # reads the dense model again (RecoverContext.load_dense)
 
     def run(self, ctx: RecoverContext) -> None:
         raise NotImplementedError

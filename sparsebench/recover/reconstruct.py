@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..engine.driver import Sequential, block_out
 from ..models import find_blocks, find_linears
@@ -97,6 +96,8 @@ class Reconstruct(Recovery):
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+
+    needs_dense = True  # the dense blocks' outputs are the targets
 
     def plan_terms(self, device):
         # one unit of a block in training at a time, beside the one-shot terms (no ADMM state)

@@ -1,0 +1,187 @@
+"""What a run asks for: every config group parsed and validated once, before any heavy work
+(`build_specs`), and the local files it will read checked now (`check_data_files`).
+
+What actually runs (the engine, where the calibration inputs live, the ranks) is resolved
+from this by the memory plan: launch.py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import data as datamod
+from .engine.shard import ENGINES
+from .evaluation.perplexity import EvalSpec
+from .errors import SparsebenchError
+from .models import ModelSpec
+from .plan import PlanSpec
+from .pruners import Pruner
+from .pruners.base import targets_by_linear
+from .pruners.layerwise import LayerwisePruner
+from .records.tracking import LoggerSpec
+from .recover import RECOVERIES
+from .registry import METHODS, build_dataclass, check_value
+from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveSpec:
+    enabled: bool = False
+    dir: str | None = None
+
+
+@dataclass
+class Specs:
+    model: ModelSpec
+    pruner: Pruner
+    sparsity: float
+    pattern: Pattern
+    schedule: Schedule
+    data: datamod.DataSpec
+    eval: EvalSpec
+    device: torch.device
+    seed: int
+    logger: LoggerSpec
+    save: SaveSpec
+    recover: Any = None  # a Recovery (sparsebench/recover/), or None
+    plan: Any = None  # PlanSpec
+    world_size: int = 1  # ranks to plan for (dry runs)
+    engine: str = "auto"  # auto | single | ddp | fsdp (sparsebench/engine/shard.py); what runs: launch.Launch
+    offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/engine/shard.py)
+    calib_inputs: str = "auto"  # auto | device | host (engine/driver.py); what runs: launch.Launch
+    calib_batch: int = 1  # one-shot methods: windows per forward through a block (engine/driver.py)
+    checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/engine/checkpoint.py)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.pruner.needs_calibration or self.schedule.needs_calibration
+
+    @property
+    def reads_calibration(self) -> bool:
+        """The calibration pool's file is part of the run's identity."""
+        return self.pruner.reads_calibration or self.schedule.needs_calibration
+
+
+def resolve_device(name: str, planning: bool = False) -> torch.device:
+    """The compute device; `planning` (dry runs) accepts cuda without a visible GPU."""
+    cuda = torch.cuda.is_available()
+    if planning and not cuda and str(name).startswith("cuda"):
+        return torch.device(name if ":" in str(name) else "cuda:0")
+    valid = "auto, cpu" + (f", cuda, cuda:0..{torch.cuda.device_count() - 1}" if cuda else "")
+    if name == "auto":
+        if cuda:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SparsebenchError(f"unknown device '{name}'; valid here: {valid}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SparsebenchError(f"device={name} is not supported by sparsebench (valid here: {valid})")
+    if device.type == "cuda" and not cuda:
+        raise SparsebenchError(f"device={name} but no CUDA GPU is visible to this torch build; valid here: {valid}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SparsebenchError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; valid here: {valid}")
+    return device
+
+
+def build_specs(cfg: DictConfig) -> Specs:
+    """Parse and validate every config group once, before any heavy work."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    seed = check_value(c["seed"], int, "seed")  # first: data.seed and method.seed copy it
+    method = dict(c["method"])
+    method.pop("preset", None)  # a preset's own name, for tables: it is not an option
+    pruner = METHODS.build(method.pop("name", None), method)
+    recover = dict(c.get("recover") or {"name": "none"})
+    recover.pop("preset", None)  # as for methods: a name for tables, not an option
+    recover_name = recover.pop("name", None)
+    recovery = None if recover_name == "none" else RECOVERIES.build(recover_name, recover)
+    pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
+    sched = dict(c["schedule"])
+    ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
+    owl = sched.pop("owl", None)
+    if owl is not None or sched.get("allocation") == "owl":
+        owl = build_dataclass(OWL, owl or {}, "schedule.owl")
+    for key in ("resume", "dense_baseline", "dry_run"):
+        check_value(c.get(key, False), bool, key)
+    model = build_dataclass(ModelSpec, c["model"], "model")
+    specs = Specs(
+        model=model,
+        pruner=pruner,
+        sparsity=0.0 if pruner.name == "dense" else check_sparsity(c["sparsity"], pattern),
+        pattern=Pattern() if pruner.name == "dense" else pattern,
+        schedule=build_dataclass(Schedule, {**sched, "ramp": ramp, "owl": owl}, "schedule"),
+        # a random-weight model reads random ids, no data file: it runs where no data root is
+        data=build_dataclass(datamod.DataSpec, {**c["data"], "needs_files": not model.random_weights}, "data"),
+        eval=build_dataclass(EvalSpec, c["eval"], "eval"),
+        device=resolve_device(str(c["device"]), planning=bool(c.get("dry_run", False))),
+        seed=seed,
+        logger=build_dataclass(LoggerSpec, c["logger"], "logger"),
+        save=build_dataclass(SaveSpec, c["save"], "save"),
+        recover=recovery,
+        plan=build_dataclass(PlanSpec, c.get("plan") or {}, "plan"),
+        world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
+        engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),
+        checkpoint_every=check_value(c.get("checkpoint_every", 0), int, "checkpoint_every", ge=0),
+        offload=check_value(c.get("offload", False), bool, "offload"),
+        calib_inputs=check_value(c.get("calib_inputs", "auto"), str, "calib_inputs", choices=("auto", "device", "host")),
+        calib_batch=check_value(c.get("calib_batch", 1), int, "calib_batch", ge=1),
+    )
+    # Options that change nothing for this run: say so once, never silently ignore them.
+    if ramp.kind != "constant" and not pruner.iterative:
+        log.warning("schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target at once",
+                    ramp.kind, pruner.name)
+    if specs.schedule.allocation != "uniform":
+        if pruner.name == "dense":
+            raise SparsebenchError(f"schedule={specs.schedule.allocation} allocates sparsity over blocks, but method=dense "
+                                   f"prunes nothing; use schedule=uniform")
+        if pattern.is_nm:
+            raise SparsebenchError(f"schedule={specs.schedule.allocation} gives blocks different sparsities, but pattern "
+                                   f"{pattern} fixes every block at 0.5; use pattern=unstructured or schedule=uniform")
+    if owl is not None and specs.schedule.allocation != "owl":
+        log.warning("schedule.owl is set but schedule.allocation=%s: the OWL options do nothing",
+                    specs.schedule.allocation)
+    if specs.checkpoint_every and not pruner.distributed:
+        log.warning("checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) checkpoints",
+                    specs.checkpoint_every, pruner.name)
+    if specs.calib_batch > 1 and not isinstance(pruner, LayerwisePruner):
+        log.warning("calib_batch=%d does nothing for '%s': only the layer-by-layer one-shot methods batch windows",
+                    specs.calib_batch, pruner.name)
+    if specs.save.dir and not specs.save.enabled:
+        log.warning("save.dir is set but save.enabled=false: nothing will be saved")
+    return specs
+
+
+def check_data_files(specs: Specs) -> tuple[dict[str, str], dict[str, str]]:
+    """Check every local file the run will read, now (missing, empty, corrupt, too short),
+    not after the model has loaded. Returns the content digests of (all of them, the ones
+    the evaluation reads)."""
+    d = specs.data
+    zs = specs.eval.zeroshot
+    if specs.model.random_weights:
+        return {}, {}  # random token ids, no evaluation: no data file is read
+    zs.check_source(d.source, d.root)
+    if d.source != "local":
+        return {}, {}
+    evals = {datamod.eval_file(n) for n in specs.eval.datasets}
+    reads = evals | ({datamod.calibration_file(d)} if specs.reads_calibration else set())
+    digests = {rel: datamod.check_file(d, rel) for rel in sorted(reads)}
+    for rel in zs.local_files():
+        digests[rel] = datamod.file_digest(Path(d.root) / rel)
+    eval_digests = {rel: h for rel, h in digests.items() if rel in evals or rel.startswith("zeroshot/")}
+    return digests, eval_digests
+
+
+def saved_targets(meta: dict[str, Any], model, linears) -> float | dict[str, float]:
+    """The targets an exported model's masks were verified against (per block under OWL)."""
+    if not meta.get("block_targets"):
+        return meta["sparsity"]
+    return targets_by_linear(model, list(meta["block_targets"]), linears)
