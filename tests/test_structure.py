@@ -81,7 +81,7 @@ ALLOWED = {
     "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan"},
     "records": {"errors", "registry", "records", "evaluation"},
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan"},
-    "recover": FOUNDATIONS | {"engine", "pruners", "recover", "plan"},
+    "recover": FOUNDATIONS | {"engine", "recover", "plan"},
 }
 
 
@@ -194,3 +194,41 @@ def test_the_entry_point_on_a_loaded_model_gives_the_commands_numbers(case, meth
         assert golden.digest(out.masks) == want["cases"][case]["masks"]
         assert repr(out.metrics["wikitext2"]) == want["cases"][case]["wikitext2"]
         assert repr(out.metrics["c4"]) == want["cases"][case]["c4"]
+
+
+def test_the_worked_example_of_contributing_md_runs_from_the_cli_and_is_planned(tmp_path):
+    """The method of docs/contributing.md, its two code blocks saved as the files they name in
+    a copy of the package and conf/, is found without editing a list, planned by dry_run
+    (with its statistic) and run by the command with exact sparsity."""
+    import shutil
+    import subprocess
+    import sys
+
+    text = (REPO / "docs" / "contributing.md").read_text()
+    blocks = re.findall(r"```(?:python|yaml)\n# ((?:sparsebench|conf)/[\w/.]+)\n(.*?)```", text, re.S)
+    assert [path for path, _ in blocks] == ["sparsebench/pruners/ria.py", "conf/method/ria.yaml"]
+    for part in ("sparsebench", "conf"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for path, body in blocks:
+        (tmp_path / path).write_text(f"# {path}\n{body}")
+    script = (
+        "import sys\n"
+        "from sparsebench import cli\n"
+        "for argv in (['dry_run=true'], ['hydra.run.dir=run']):\n"
+        "    try:\n"
+        "        cli.main(['model=tiny-llama', 'logger=disabled', 'method=ria'] + argv)\n"
+        "    except SystemExit as err:\n"
+        "        if err.code: sys.exit(err.code)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path)
+    from sparsebench.data import resolve_root
+
+    env["SPARSEBENCH_DATA_ROOT"] = str(resolve_root(None))  # the copy has no ../shared beside it
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "statistics: input norms (float32)" in out.stdout and "verdict: fits" in out.stdout
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["status"] == "complete" and res["config"]["method"]["name"] == "ria"
+    assert res["sparsity"]["actual_sparsity"] == 0.5 and res["metrics"]["wikitext2"] > 0

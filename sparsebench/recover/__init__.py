@@ -1,8 +1,9 @@
 """Recovery after pruning: a stage between prune + verify and evaluation that trains the
 pruned model again with its masks frozen (docs/recovery.md).
 
-Every recovery is one file, registered by name, configured by `conf/recover/<name>.yaml`,
-and composable with every method and pattern: it takes the pruned model and its masks,
+Every recovery is one file, registered by name (this package imports each of its modules,
+so a new file is found without a list to edit), configured by `conf/recover/<name>.yaml`,
+declares its memory-plan terms (`plan_terms`) and is composable with every method and pattern: it takes the pruned model and its masks,
 trains, and leaves the masks as they were (the pipeline verifies them again after it).
 
   none         no recovery (default)
@@ -78,4 +79,13 @@ def norm_and_bias_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
-from . import finetune, perp, reconstruct  # noqa: E402,F401  (registration side effects)
+def _register_all() -> None:
+    """Import every module of this package: a new recovery file registers itself."""
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_register_all()
