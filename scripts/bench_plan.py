@@ -22,6 +22,7 @@ in the FSDP2 case). The children therefore run with MALLOC_MMAP_THRESHOLD_=65536
 block over 64 KiB is its own mapping, returned when freed, and the resident set follows
 the live tensors. `--glibc-default` measures with glibc's default instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-ARCH = ["model=llama2-7b", "model.source=random", "model.name=llama-470m-random", "model.dtype=float32",
-        "model.seqlen=512", "model.arch.hidden_size=1024", "model.arch.intermediate_size=4096",
-        "model.arch.num_hidden_layers=24", "model.arch.num_attention_heads=16", "model.arch.num_key_value_heads=16",
-        "device=cpu", "logger=disabled", "protocol=cpu", "data.nsamples=32"]
+ARCH = [
+    "model=llama2-7b",
+    "model.source=random",
+    "model.name=llama-470m-random",
+    "model.dtype=float32",
+    "model.seqlen=512",
+    "model.arch.hidden_size=1024",
+    "model.arch.intermediate_size=4096",
+    "model.arch.num_hidden_layers=24",
+    "model.arch.num_attention_heads=16",
+    "model.arch.num_key_value_heads=16",
+    "device=cpu",
+    "logger=disabled",
+    "protocol=cpu",
+    "data.nsamples=32",
+]
 CASES = {
     "sparsegpt": ["method=sparsegpt", "sparsity=0.5"],
     "wanda": ["method=wanda", "sparsity=0.5"],
@@ -43,11 +56,27 @@ CASES = {
     "elsa_l": ["method=elsa_l", "sparsity=0.5", "method.steps=1", "method.batch_size=1"],
 }
 
-ARCH_300M = [a.replace("num_hidden_layers=24", "num_hidden_layers=14").replace("llama-470m-random", "llama-300m-random")
-             for a in ARCH]
+ARCH_300M = [
+    a.replace("num_hidden_layers=24", "num_hidden_layers=14").replace(
+        "llama-470m-random", "llama-300m-random"
+    )
+    for a in ARCH
+]
 FSDP_CASES = {
-    "elsa_fsdp2": ["method=elsa", "sparsity=0.5", "method.steps=2", "method.batch_size=2", "engine=fsdp"],
-    "elsa_l_fsdp2": ["method=elsa_l", "sparsity=0.5", "method.steps=2", "method.batch_size=2", "engine=fsdp"],
+    "elsa_fsdp2": [
+        "method=elsa",
+        "sparsity=0.5",
+        "method.steps=2",
+        "method.batch_size=2",
+        "engine=fsdp",
+    ],
+    "elsa_l_fsdp2": [
+        "method=elsa_l",
+        "sparsity=0.5",
+        "method.steps=2",
+        "method.batch_size=2",
+        "engine=fsdp",
+    ],
 }
 
 CHILD = r"""
@@ -83,15 +112,24 @@ def child_env(glibc_default: bool) -> dict:
 
 def measure(name: str, conf: Path, env: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(conf), out, *ARCH, *CASES[name]],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(conf), out, *ARCH, *CASES[name]],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     measured = rec["peak"] - rec["baseline"]
     predicted = rec["plan"]["per_rank_gib"]["host"]
-    return {"case": name, "predicted": predicted, "measured": measured, "ratio": predicted / measured,
-            "terms": rec["plan"]["terms"]}
+    return {
+        "case": name,
+        "predicted": predicted,
+        "measured": measured,
+        "ratio": predicted / measured,
+        "terms": rec["plan"]["terms"],
+    }
 
 
 def measure_fsdp(name: str, conf: Path, env: dict) -> list[dict]:
@@ -104,20 +142,47 @@ def measure_fsdp(name: str, conf: Path, env: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         child = Path(out) / "child.py"
         child.write_text(CHILD)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                               f"--master_port={port}", str(child), str(conf), str(Path(out) / "run"),
-                               *ARCH_300M, *FSDP_CASES[name]], capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={port}",
+                str(child),
+                str(conf),
+                str(Path(out) / "run"),
+                *ARCH_300M,
+                *FSDP_CASES[name],
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    recs = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
-                  key=lambda r: r["rank"])
+    recs = sorted(
+        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
+        key=lambda r: r["rank"],
+    )
     plan = recs[0]["plan"]
     # rank 0 also gathers the trained model at the end: the plan gives it its own total
-    predicted = {r["rank"]: plan.get("other_ranks_gib", plan["per_rank_gib"])["host"] if r["rank"] else
-                 plan["per_rank_gib"]["host"] for r in recs}
-    return [{"case": f"{name} rank {r['rank']}", "predicted": predicted[r["rank"]], "measured": r["peak"] - r["baseline"],
-             "ratio": predicted[r["rank"]] / (r["peak"] - r["baseline"]), "terms": plan["terms"] if r["rank"] == 0 else []}
-            for r in recs]
+    predicted = {
+        r["rank"]: plan.get("other_ranks_gib", plan["per_rank_gib"])["host"]
+        if r["rank"]
+        else plan["per_rank_gib"]["host"]
+        for r in recs
+    }
+    return [
+        {
+            "case": f"{name} rank {r['rank']}",
+            "predicted": predicted[r["rank"]],
+            "measured": r["peak"] - r["baseline"],
+            "ratio": predicted[r["rank"]] / (r["peak"] - r["baseline"]),
+            "terms": plan["terms"] if r["rank"] == 0 else [],
+        }
+        for r in recs
+    ]
 
 
 def main(argv: list[str]) -> None:
@@ -126,17 +191,28 @@ def main(argv: list[str]) -> None:
     names = [a for a in argv if a != "--glibc-default"] or list(CASES)
     unknown = [n for n in names if n not in CASES and n not in FSDP_CASES]
     if unknown:
-        raise SystemExit(f"bench_plan: unknown case(s) {unknown}; choose from {', '.join([*CASES, *FSDP_CASES])}")
-    print("| case | plan (GiB) | measured peak - after imports (GiB) | plan / measured |", flush=True)
+        raise SystemExit(
+            f"bench_plan: unknown case(s) {unknown}; choose from {', '.join([*CASES, *FSDP_CASES])}"
+        )
+    print(
+        "| case | plan (GiB) | measured peak - after imports (GiB) | plan / measured |", flush=True
+    )
     print("|---|---|---|---|", flush=True)
     rows = []
     for n in names:  # one row as soon as it is measured
-        for r in (measure_fsdp(n, conf, env) if n in FSDP_CASES else [measure(n, conf, env)]):
+        for r in measure_fsdp(n, conf, env) if n in FSDP_CASES else [measure(n, conf, env)]:
             rows.append(r)
-            print(f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |", flush=True)
+            print(
+                f"| {r['case']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['ratio']:.3f} |",
+                flush=True,
+            )
     for r in (r for r in rows if r["terms"]):
-        print(f"\n{r['case']}: " + ", ".join(f"{t['component']} {t['gib']:.3f} ({t.get('phase', 'always')})"
-                                            for t in r["terms"]))
+        print(
+            f"\n{r['case']}: "
+            + ", ".join(
+                f"{t['component']} {t['gib']:.3f} ({t.get('phase', 'always')})" for t in r["terms"]
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ prints one JSON line per implementation (impl, method, sparsity, pattern, option
 wikitext2, c4, actual_sparsity, prune_seconds per run and their mean), then one with
 the ratios and the fraction of weights whose pruned/kept state agrees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,9 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_oneshot import add_protocol_args, evaluate, load_protocol, parse  # noqa: E402
 
-from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.engine.driver import block_out, capture, to_device  # noqa: E402
 from sparsebench.engine.training import sync_cuda  # noqa: E402
+from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pipeline import prune_model  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
 
@@ -75,10 +76,12 @@ class RefWanda:
         prune = torch.zeros_like(metric, dtype=torch.bool)
         if n:
             for c in range(0, metric.shape[1], m):
-                prune.scatter_(1, c + torch.topk(metric[:, c:c + m], m - n, dim=1, largest=False)[1], True)
+                prune.scatter_(
+                    1, c + torch.topk(metric[:, c : c + m], m - n, dim=1, largest=False)[1], True
+                )
         else:
             order = torch.sort(metric, dim=-1, stable=True)[1]
-            prune.scatter_(1, order[:, :int(metric.shape[1] * sparsity)], True)
+            prune.scatter_(1, order[:, : int(metric.shape[1] * sparsity)], True)
         W[prune] = 0
 
 
@@ -115,11 +118,11 @@ class RefSparseGPT:
             if n:
                 cut = torch.zeros_like(W1, dtype=torch.bool)
             else:
-                score = W1 ** 2 / d.reshape(1, -1) ** 2
+                score = W1**2 / d.reshape(1, -1) ** 2
                 cut = score <= torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
             for j in range(c2 - c1):
                 if n and j % m == 0:
-                    score = W1[:, j:j + m] ** 2 / d[j:j + m].reshape(1, -1) ** 2
+                    score = W1[:, j : j + m] ** 2 / d[j : j + m].reshape(1, -1) ** 2
                     cut.scatter_(1, j + torch.topk(score, m - n, dim=1, largest=False)[1], True)
                 w = W1[:, j]
                 q = w.clone()
@@ -147,8 +150,10 @@ def reference_prune(model, calib, method, sparsity, pattern, device):
         args, kwargs = to_device(block_args[i], device)
         subset = find_linears(block)
         wrapped = {name: REFERENCE[method](lin) for name, lin in subset.items()}
-        handles = [lin.register_forward_hook(lambda mod, a, o, w=wrapped[name]: w.add_batch(a[0].data))
-                   for name, lin in subset.items()]
+        handles = [
+            lin.register_forward_hook(lambda mod, a, o, w=wrapped[name]: w.add_batch(a[0].data))
+            for name, lin in subset.items()
+        ]
         for j in range(inps.shape[0]):
             outs[j] = block_out(block(inps[j].unsqueeze(0), *args, **kwargs))[0]
         for h in handles:
@@ -166,24 +171,47 @@ def zero_masks(model) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="*", default=["wanda:0.5", "sparsegpt:0.5"],
-                    help="method:sparsity or method:N:M, method in {wanda, sparsegpt}")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="prune runs per implementation, in ABBA order; the time is their mean")
-    ap.add_argument("--warmup", type=int, default=0,
-                    help="untimed prune runs per implementation before the timed ones (use 1 on a GPU: "
-                         "the first run pays CUDA context, cuBLAS and allocator start-up)")
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="a sparsebench method option, e.g. count=exact for SparseGPT")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "configs",
+        nargs="*",
+        default=["wanda:0.5", "sparsegpt:0.5"],
+        help="method:sparsity or method:N:M, method in {wanda, sparsegpt}",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="prune runs per implementation, in ABBA order; the time is their mean",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="untimed prune runs per implementation before the timed ones (use 1 on a GPU: "
+        "the first run pays CUDA context, cuBLAS and allocator start-up)",
+    )
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sparsebench method option, e.g. count=exact for SparseGPT",
+    )
     add_protocol_args(ap)
     args = ap.parse_args()
     if args.repeats < 1 or args.warmup < 0 or any("=" not in o for o in args.option):
-        sys.exit("bench_reference: --repeats must be >= 1, --warmup >= 0 and each --option KEY=VALUE")
+        sys.exit(
+            "bench_reference: --repeats must be >= 1, --warmup >= 0 and each --option KEY=VALUE"
+        )
     configs = [parse(c) for c in args.configs]
     for name, _, _ in configs:
         if name not in REFERENCE:
-            sys.exit(f"bench_reference: no reference loop for {name!r}; choose from {sorted(REFERENCE)}")
+            sys.exit(
+                f"bench_reference: no reference loop for {name!r}; choose from {sorted(REFERENCE)}"
+            )
 
     device = torch.device(args.device)
     model, calib, streams = load_protocol(args)
@@ -205,9 +233,16 @@ def main() -> None:
             sync_cuda()
             took = time.perf_counter() - start
         else:  # the library entry point; its prune stage is timed as the reference's loop (synchronised)
-            took = prune_model(model, method=METHODS.build(method, options), sparsity=sparsity, pattern=pattern,
-                               calib=calib, seqlen=calib.shape[1], device=device,
-                               calib_batch=args.calib_batch).timings_s["prune"]
+            took = prune_model(
+                model,
+                method=METHODS.build(method, options),
+                sparsity=sparsity,
+                pattern=pattern,
+                calib=calib,
+                seqlen=calib.shape[1],
+                device=device,
+                calib_batch=args.calib_batch,
+            ).timings_s["prune"]
         if device.type == "cuda":
             peaks[impl] = max(peaks.get(impl, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
         return took
@@ -229,7 +264,9 @@ def main() -> None:
                 z = zero_masks(model)
                 if impl in zeros:  # a repeat: it must reproduce the first run's masks
                     if any(not torch.equal(z[k], zeros[impl][k]) for k in z):
-                        sys.exit(f"bench_reference: {impl} {method} is not deterministic across repeats")
+                        sys.exit(
+                            f"bench_reference: {impl} {method} is not deterministic across repeats"
+                        )
                     continue
                 zeros[impl] = z
                 pruned[impl] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -239,9 +276,17 @@ def main() -> None:
             total = sum(m.numel() for m in z.values())
             ppl = evaluate(model, streams, args)
             rows[impl] = {
-                "impl": impl, "method": method, "sparsity": sparsity, "pattern": str(pattern),
-                "options": ({**options, "calib_batch": args.calib_batch} if args.calib_batch > 1 else options)
-                if impl == "sparsebench" else {},
+                "impl": impl,
+                "method": method,
+                "sparsity": sparsity,
+                "pattern": str(pattern),
+                "options": (
+                    {**options, "calib_batch": args.calib_batch}
+                    if args.calib_batch > 1
+                    else options
+                )
+                if impl == "sparsebench"
+                else {},
                 "wikitext2": None if math.isnan(ppl["wikitext2"]) else round(ppl["wikitext2"], 4),
                 "c4": None if math.isnan(ppl["c4"]) else round(ppl["c4"], 4),
                 "peak_gpu_gib": round(peaks[impl], 3) if impl in peaks else None,
@@ -252,14 +297,26 @@ def main() -> None:
             rows[impl]["prune_seconds_mean"] = round(sum(times[impl]) / len(times[impl]), 2)
             print(json.dumps(rows[impl]), flush=True)
         ref, ours = rows["reference"], rows["sparsebench"]
-        same = sum(int((zeros["reference"][k] == zeros["sparsebench"][k]).sum()) for k in zeros["reference"])
-        print(json.dumps({
-            "compare": f"{method}:{pattern}" + ("" if pattern.is_nm else f":{sparsity}"),
-            "wikitext2_rel_diff": round(ours["wikitext2"] / ref["wikitext2"] - 1, 5) if ref["wikitext2"] else None,
-            "c4_rel_diff": round(ours["c4"] / ref["c4"] - 1, 5) if ref["c4"] else None,
-            "prune_time_ratio_sparsebench_over_reference": round(ours["prune_seconds_mean"] / ref["prune_seconds_mean"], 3),
-            "mask_agreement": round(same / total, 6),
-        }), flush=True)
+        same = sum(
+            int((zeros["reference"][k] == zeros["sparsebench"][k]).sum())
+            for k in zeros["reference"]
+        )
+        print(
+            json.dumps(
+                {
+                    "compare": f"{method}:{pattern}" + ("" if pattern.is_nm else f":{sparsity}"),
+                    "wikitext2_rel_diff": round(ours["wikitext2"] / ref["wikitext2"] - 1, 5)
+                    if ref["wikitext2"]
+                    else None,
+                    "c4_rel_diff": round(ours["c4"] / ref["c4"] - 1, 5) if ref["c4"] else None,
+                    "prune_time_ratio_sparsebench_over_reference": round(
+                        ours["prune_seconds_mean"] / ref["prune_seconds_mean"], 3
+                    ),
+                    "mask_agreement": round(same / total, 6),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

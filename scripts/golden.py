@@ -13,6 +13,7 @@ environment (torch, ATen capability, BLAS dispatch, threads) is this one, and el
 what no kernel changes (exact sparsity counts; magnitude's masks, which compare stored
 weights that come from the seeded generator).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,20 @@ CASES: dict[str, list[str]] = {
     "elsa_l": ["method=elsa_l", "method.steps=2"],
     # four steps with a z/u update after each: the tiny protocol's one step at warm-up lr 0
     # would leave the block as it was
-    "safe": ["method=safe", "method.warmup_epochs=0", "method.interval=1", "method.epochs=2", "method.batch_size=4"],
-    "safe_plus": ["method=safe_plus", "method.warmup_epochs=0", "method.interval=1", "method.epochs=2",
-                  "method.batch_size=4"],
+    "safe": [
+        "method=safe",
+        "method.warmup_epochs=0",
+        "method.interval=1",
+        "method.epochs=2",
+        "method.batch_size=4",
+    ],
+    "safe_plus": [
+        "method=safe_plus",
+        "method.warmup_epochs=0",
+        "method.interval=1",
+        "method.epochs=2",
+        "method.batch_size=4",
+    ],
     "wanda_2-4": ["method=wanda", "pattern=2:4"],
     "sparsegpt_4-8": ["method=sparsegpt", "pattern=4:8"],
     "owl_wanda": ["method=wanda", "schedule=owl", "sparsity=0.7"],
@@ -78,9 +90,14 @@ def read_case(run_dir: Path) -> dict:
     masks, _ = load_saved(run_dir / "model")
     weights = load_file(str(run_dir / "model" / "model.safetensors"))
     sp = results["sparsity"]
-    return {"masks": digest(masks), "weights": digest(weights),
-            "pruned_params": sp["pruned_params"], "prunable_params": sp["prunable_params"],
-            "wikitext2": repr(results["metrics"]["wikitext2"]), "c4": repr(results["metrics"]["c4"])}
+    return {
+        "masks": digest(masks),
+        "weights": digest(weights),
+        "pruned_params": sp["pruned_params"],
+        "prunable_params": sp["prunable_params"],
+        "wikitext2": repr(results["metrics"]["wikitext2"]),
+        "c4": repr(results["metrics"]["c4"]),
+    }
 
 
 def run_case(name: str, folder: Path) -> dict:
@@ -92,7 +109,9 @@ def run_case(name: str, folder: Path) -> dict:
         cli.main(argv)
     except SystemExit as err:
         if err.code:
-            raise AssertionError(f"{name}: sparsebench {' '.join(argv)} exited {err.code}") from None
+            raise AssertionError(
+                f"{name}: sparsebench {' '.join(argv)} exited {err.code}"
+            ) from None
     return read_case(run_dir)
 
 
@@ -101,8 +120,14 @@ def _rank(rank: int, world: int, port: int, run_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), WANDB_MODE="disabled")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WANDB_MODE="disabled",
+    )
     from sparsebench import cli
 
     try:
@@ -120,7 +145,9 @@ def run_fsdp2(folder: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_dir = folder / FSDP2_CASE
-    mp.start_processes(_rank, args=(2, port, str(run_dir)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _rank, args=(2, port, str(run_dir)), nprocs=2, join=True, start_method="spawn"
+    )
     return read_case(run_dir)
 
 
@@ -133,9 +160,15 @@ def environment() -> dict:
     from sparsebench.records.tracking import kernel_environment
 
     k = kernel_environment()
-    return {"torch": torch.__version__, "transformers": metadata.version("transformers"),
-            "cpu": k["cpu"], "aten_capability": k["aten_capability"], "blas": k["blas"],
-            "mkl_cbwr": k["mkl_cbwr"], "threads": k["threads"]}
+    return {
+        "torch": torch.__version__,
+        "transformers": metadata.version("transformers"),
+        "cpu": k["cpu"],
+        "aten_capability": k["aten_capability"],
+        "blas": k["blas"],
+        "mkl_cbwr": k["mkl_cbwr"],
+        "threads": k["threads"],
+    }
 
 
 def record_all(folder: Path, names=None) -> dict:
@@ -166,8 +199,11 @@ def main() -> int:
     want = json.loads(GOLDEN.read_text())
     same_env = want["environment"] == environment()
     bad = [n for n in got if got[n] != want["cases"].get(n)]
-    print(f"environment {'matches' if same_env else 'differs from'} the recorded one; "
-          f"{len(got) - len(bad)} of {len(got)} cases identical" + (f"; differ: {', '.join(bad)}" if bad else ""))
+    print(
+        f"environment {'matches' if same_env else 'differs from'} the recorded one; "
+        f"{len(got) - len(bad)} of {len(got)} cases identical"
+        + (f"; differ: {', '.join(bad)}" if bad else "")
+    )
     return 1 if bad and same_env else 0
 
 

@@ -20,6 +20,7 @@ it cannot run here, and each such point is named:
 
 Prints one JSON line per compared item, then a summary line per method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_oneshot import add_protocol_args, load_protocol  # noqa: E402
 
 from sparsebench.allocation import outlier_ratios, owl_targets  # noqa: E402
+from sparsebench.engine.driver import block_out, capture, to_device  # noqa: E402
 from sparsebench.models import find_blocks, find_linears, prunable_linears  # noqa: E402
 from sparsebench.pruners import PruneContext  # noqa: E402
-from sparsebench.engine.driver import block_out, capture, to_device  # noqa: E402
 from sparsebench.registry import METHODS  # noqa: E402
 from sparsebench.sparsity import Pattern, Schedule  # noqa: E402
 
@@ -81,14 +82,26 @@ def owl_parity(args, model, calib, dense) -> None:
     ratios = outlier_ratios(model, calib, torch.device("cpu"), 5.0)
     targets = owl_targets(ratios, sparsity, 0.08)
     model.load_state_dict(dense)
-    METHODS.build("wanda", {}).prune(PruneContext(model, sparsity, Pattern(), Schedule(), torch.device("cpu"), calib,
-                                                  block_targets=targets))
+    METHODS.build("wanda", {}).prune(
+        PruneContext(
+            model,
+            sparsity,
+            Pattern(),
+            Schedule(),
+            torch.device("cpu"),
+            calib,
+            block_targets=targets,
+        )
+    )
     ours_s = time.perf_counter() - start
     ours = {n: (l.weight == 0) for n, l in prunable_linears(model).items()}
 
     # the authors' prune_wanda_outlier on the same windows
     model.load_state_dict(dense)
-    owl.get_loaders = lambda *a, **k: ([(calib[i : i + 1], None) for i in range(calib.shape[0])], None)
+    owl.get_loaders = lambda *a, **k: (
+        [(calib[i : i + 1], None) for i in range(calib.shape[0])],
+        None,
+    )
     layers = model.model.layers
     for i in range(len(layers)):
         layers[i] = _RotaryShim(layers[i], model.model.rotary_emb)
@@ -100,8 +113,15 @@ def owl_parity(args, model, calib, dense) -> None:
         printed.append(a)
 
     owl.print = capture_print
-    ns = types.SimpleNamespace(nsamples=calib.shape[0], seed=0, sparsity_ratio=sparsity, Lamda=0.08, Hyper_m=5.0,
-                               model="smollm2-135m", use_variant=False)
+    ns = types.SimpleNamespace(
+        nsamples=calib.shape[0],
+        seed=0,
+        sparsity_ratio=sparsity,
+        Lamda=0.08,
+        Hyper_m=5.0,
+        model="smollm2-135m",
+        use_variant=False,
+    )
     start = time.perf_counter()
     owl.prune_wanda_outlier(ns, model, None, torch.device("cpu"))
     ref_s = time.perf_counter() - start
@@ -110,13 +130,25 @@ def owl_parity(args, model, calib, dense) -> None:
         layers[i] = layers[i].block
     ref_ratios = next(a[1] for a in printed if a and a[0] == "before adjustment")
     ref = {n: (l.weight == 0) for n, l in prunable_linears(model).items()}
-    agree = sum(int((ours[n] == ref[n]).sum()) for n in ours) / sum(m.numel() for m in ours.values())
-    print(json.dumps({"compare": "owl+wanda", "blocks": len(layers), "sparsity": sparsity,
-                      "outlier_ratio_max_abs_diff": max(abs(a - b) for a, b in zip(ratios, ref_ratios)),
-                      "sparsebench_targets": [round(t, 6) for t in targets],
-                      "mask_agreement": round(agree, 8), "masks_identical": agree == 1.0,
-                      "seconds_sparsebench_two_passes": round(ours_s, 2), "seconds_reference_two_passes": round(ref_s, 2)}),
-          flush=True)
+    agree = sum(int((ours[n] == ref[n]).sum()) for n in ours) / sum(
+        m.numel() for m in ours.values()
+    )
+    print(
+        json.dumps(
+            {
+                "compare": "owl+wanda",
+                "blocks": len(layers),
+                "sparsity": sparsity,
+                "outlier_ratio_max_abs_diff": max(abs(a - b) for a, b in zip(ratios, ref_ratios)),
+                "sparsebench_targets": [round(t, 6) for t in targets],
+                "mask_agreement": round(agree, 8),
+                "masks_identical": agree == 1.0,
+                "seconds_sparsebench_two_passes": round(ours_s, 2),
+                "seconds_reference_two_passes": round(ref_s, 2),
+            }
+        ),
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------- ALPS, L-ADMM
@@ -147,8 +179,12 @@ def block_inputs(model, calib, blocks):
         args, kwargs = to_device(block_args[i], torch.device("cpu"))
         linears = find_linears(layers[i])
         xs = {n: [] for n in linears}
-        hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-                 for n, lin in linears.items()]
+        hooks = [
+            lin.register_forward_pre_hook(
+                lambda m, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1]))
+            )
+            for n, lin in linears.items()
+        ]
         nxt = torch.empty_like(inps)
         with torch.no_grad():
             for j in range(inps.shape[0]):
@@ -162,7 +198,7 @@ def block_inputs(model, calib, blocks):
 
 def rel_error(x, w, w0) -> float:
     y0 = x @ w0.T
-    return float(((x @ w.T - y0) ** 2).sum() / (y0 ** 2).sum())
+    return float(((x @ w.T - y0) ** 2).sum() / (y0**2).sum())
 
 
 def layer_parity(method, ref_mod, args, model, calib, dense) -> None:
@@ -170,9 +206,15 @@ def layer_parity(method, ref_mod, args, model, calib, dense) -> None:
     inputs = block_inputs(model, calib, args.blocks)
     _, layers = find_blocks(model)
     ours_cls = METHODS.build(method, {})
-    errs, secs, agree_all = {"sparsebench": [], "reference": []}, {"sparsebench": 0.0, "reference": 0.0}, []
+    errs, secs, agree_all = (
+        {"sparsebench": [], "reference": []},
+        {"sparsebench": 0.0, "reference": 0.0},
+        [],
+    )
     for i in range(args.blocks):
-        prepared: dict[str, object] = {}  # as the driver: one statistic and one prepare per distinct input
+        prepared: dict[
+            str, object
+        ] = {}  # as the driver: one statistic and one prepare per distinct input
         for name, lin in find_linears(layers[i]).items():
             x, w0 = inputs[i][name], lin.weight.detach().clone()
             # sparsebench: its Gram statistic over the same windows, prepare (shared by the
@@ -195,7 +237,9 @@ def layer_parity(method, ref_mod, args, model, calib, dense) -> None:
             if method == "alps":
                 ref = ref_mod.ALPS_prune(lin, nsamples=calib.shape[0], seqlen=calib.shape[1])
                 for chunk in x.split(calib.shape[1]):
-                    ref.add_batch(chunk.unsqueeze(0), torch.zeros(1, chunk.shape[0], lin.out_features))
+                    ref.add_batch(
+                        chunk.unsqueeze(0), torch.zeros(1, chunk.shape[0], lin.out_features)
+                    )
                 ref.ALPS_admm(sp=args.sparsity, nm_n=0, nm_m=0, rho=0.1)
             else:
                 ref = ref_mod.AdmmPruner(lin)
@@ -211,24 +255,52 @@ def layer_parity(method, ref_mod, args, model, calib, dense) -> None:
             errs["sparsebench"].append(e_ours)
             errs["reference"].append(e_ref)
             agree_all.append(agree)
-            print(json.dumps({"compare": method, "block": i, "linear": name, "rel_error_sparsebench": e_ours,
-                              "rel_error_reference": e_ref, "error_ratio": round(e_ours / e_ref, 5),
-                              "mask_agreement": round(agree, 6)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "compare": method,
+                        "block": i,
+                        "linear": name,
+                        "rel_error_sparsebench": e_ours,
+                        "rel_error_reference": e_ref,
+                        "error_ratio": round(e_ours / e_ref, 5),
+                        "mask_agreement": round(agree, 6),
+                    }
+                ),
+                flush=True,
+            )
     ratios = [a / b for a, b in zip(errs["sparsebench"], errs["reference"])]
-    print(json.dumps({"summary": method, "linears": len(ratios), "sparsity": args.sparsity,
-                      "error_ratio_min": round(min(ratios), 5), "error_ratio_max": round(max(ratios), 5),
-                      "within_1pct": all(r <= 1.01 for r in ratios),
-                      "mask_agreement_mean": round(sum(agree_all) / len(agree_all), 6),
-                      "seconds_sparsebench": round(secs["sparsebench"], 2), "seconds_reference": round(secs["reference"], 2),
-                      "time_ratio_sparsebench_over_reference": round(secs["sparsebench"] / secs["reference"], 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "summary": method,
+                "linears": len(ratios),
+                "sparsity": args.sparsity,
+                "error_ratio_min": round(min(ratios), 5),
+                "error_ratio_max": round(max(ratios), 5),
+                "within_1pct": all(r <= 1.01 for r in ratios),
+                "mask_agreement_mean": round(sum(agree_all) / len(agree_all), 6),
+                "seconds_sparsebench": round(secs["sparsebench"], 2),
+                "seconds_reference": round(secs["reference"], 2),
+                "time_ratio_sparsebench_over_reference": round(
+                    secs["sparsebench"] / secs["reference"], 3
+                ),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--owl", help="checkout of luuyin/OWL")
     ap.add_argument("--alps", help="checkout of mazumder-lab/ALPS")
     ap.add_argument("--ladmm", help="checkout of fmfi-compbio/admm-pruning")
-    ap.add_argument("--blocks", type=int, default=2, help="first blocks compared (OWL: the model is cut to 6)")
+    ap.add_argument(
+        "--blocks", type=int, default=2, help="first blocks compared (OWL: the model is cut to 6)"
+    )
     ap.add_argument("--owl-blocks", type=int, default=6)
     ap.add_argument("--sparsity", type=float, default=0.7)
     add_protocol_args(ap)

@@ -17,6 +17,7 @@ OWL (Yin et al., ICML 2024, luuyin/OWL `prune_wanda_outlier`):
 The targets go to every method through PruneContext.block_targets and to the mask
 verifier; results.json records ratios, raw and balanced targets.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SparsebenchError
 from .engine.driver import Sequential, collect_statistics
+from .errors import SparsebenchError
 from .models import find_blocks, find_linears
 from .pruners.wanda import Wanda
 from .sparsity import OWL, Pattern, Schedule, expected_pruned
@@ -42,11 +43,25 @@ def outlier_ratios(model, calib: torch.Tensor, device: torch.device, m: float) -
     wanda = Wanda()
     ratios = []
     for step in Sequential(model, calib, device, desc="owl outlier ratios"):
-        linears, groups, stats = collect_statistics(step.block, step.inputs, step.args, step.kwargs, wanda.new_stats,
-                                                    wanda.add_batch, who="owl")
+        linears, groups, stats = collect_statistics(
+            step.block,
+            step.inputs,
+            step.args,
+            step.kwargs,
+            wanda.new_stats,
+            wanda.add_batch,
+            who="owl",
+        )
         # |W_jk| * ||X_k|| of every linear, flattened together in block order (the mean's summation order)
-        scores = torch.cat([(linears[n].weight.abs().float() * stats[leader].value.sqrt().unsqueeze(0)).flatten().cpu()
-                            for leader, names in groups.items() for n in names])
+        scores = torch.cat(
+            [
+                (linears[n].weight.abs().float() * stats[leader].value.sqrt().unsqueeze(0))
+                .flatten()
+                .cpu()
+                for leader, names in groups.items()
+                for n in names
+            ]
+        )
         ratios.append(float((scores > torch.mean(scores) * m).sum().item()) / scores.numel() * 100)
     return ratios
 
@@ -63,7 +78,8 @@ def owl_targets(ratios: list[float], sparsity: float, lam: float) -> list[float]
     if bad:
         raise SparsebenchError(
             f"schedule=owl with sparsity={sparsity} and schedule.owl.lam={lam} gives block sparsities from "
-            f"{min(targets):.4f} to {max(targets):.4f}, outside [0, 1); lower schedule.owl.lam")
+            f"{min(targets):.4f} to {max(targets):.4f}, outside [0, 1); lower schedule.owl.lam"
+        )
     return targets
 
 
@@ -71,8 +87,13 @@ def _pruned(shapes: list[tuple[int, int]], s: float, pattern: Pattern, group: st
     return sum(expected_pruned(shape, s, pattern, group) for shape in shapes)
 
 
-def balance(targets: list[float], shapes: list[list[tuple[int, int]]], sparsity: float, pattern: Pattern,
-            group: str) -> list[float]:
+def balance(
+    targets: list[float],
+    shapes: list[list[tuple[int, int]]],
+    sparsity: float,
+    pattern: Pattern,
+    group: str,
+) -> list[float]:
     """Nudge each block's target so the running pruned count tracks the exact total (see above)."""
     out: list[float] = []
     want = done = 0.0
@@ -84,7 +105,10 @@ def balance(targets: list[float], shapes: list[list[tuple[int, int]]], sparsity:
             t = s
         else:  # smallest t whose count reaches `need` (counts are non-decreasing in t)
             lo, hi = max(0.0, s - 0.05), min(s + 0.05, 0.999999)
-            if _pruned(block, lo, pattern, group) > need or _pruned(block, hi, pattern, group) < need:
+            if (
+                _pruned(block, lo, pattern, group) > need
+                or _pruned(block, hi, pattern, group) < need
+            ):
                 lo, hi = 0.0, 0.999999
             for _ in range(60):
                 mid = (lo + hi) / 2
@@ -104,8 +128,15 @@ class Allocation:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def allocate(schedule: Schedule, model, calib: torch.Tensor | None, sparsity: float, pattern: Pattern, group: str,
-             device: torch.device) -> Allocation | None:
+def allocate(
+    schedule: Schedule,
+    model,
+    calib: torch.Tensor | None,
+    sparsity: float,
+    pattern: Pattern,
+    group: str,
+    device: torch.device,
+) -> Allocation | None:
     """Per-block targets for a non-uniform schedule; None for the uniform one."""
     if schedule.allocation == "uniform":
         return None
@@ -119,8 +150,23 @@ def allocate(schedule: Schedule, model, calib: torch.Tensor | None, sparsity: fl
     targets = balance(raw, shapes, sparsity, pattern, group) if owl.balance else raw
     total = sum(r * c for block in shapes for r, c in block)
     realized = sum(_pruned(block, t, pattern, group) for block, t in zip(shapes, targets)) / total
-    log.info("owl: block sparsities %.4f..%.4f (target %g, realized %.6f)", min(targets), max(targets), sparsity, realized)
-    return Allocation(targets, {
-        "kind": "owl", "m": owl.m, "lam": owl.lam, "balance": owl.balance,
-        "outlier_ratio": ratios, "targets_raw": raw, "targets": targets, "expected_sparsity": realized,
-    })
+    log.info(
+        "owl: block sparsities %.4f..%.4f (target %g, realized %.6f)",
+        min(targets),
+        max(targets),
+        sparsity,
+        realized,
+    )
+    return Allocation(
+        targets,
+        {
+            "kind": "owl",
+            "m": owl.m,
+            "lam": owl.lam,
+            "balance": owl.balance,
+            "outlier_ratio": ratios,
+            "targets_raw": raw,
+            "targets": targets,
+            "expected_sparsity": realized,
+        },
+    )

@@ -9,6 +9,7 @@ Around Hydra, this file keeps the command's promises:
 - Ctrl-C and SIGTERM end the run or the sweep with one line (exit 130 / 143), the
   running job's results.json saying "interrupted".
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .records import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
 from .errors import Interrupted, SparsebenchError
+from .records import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
 from .registry import did_you_mean
 
 # conf/ sits beside the package in the repository (installed editable: `make install`).
@@ -68,8 +69,8 @@ def _task(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out = Path(hc.runtime.output_dir)
-    from .run import OUTCOMES
     from .records.summary import run_summary
+    from .run import OUTCOMES
 
     if multirun:
         SWEEP["dir"] = Path(hc.sweep.dir)
@@ -85,13 +86,19 @@ def _task(cfg: DictConfig) -> float | None:
     except Exception as err:
         remove_if_left_empty(out)  # refused before any work: nothing was written there
         known = isinstance(err, SparsebenchError)
-        text = str(err) if known else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        text = (
+            str(err)
+            if known
+            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        )
         where = "" if known else f" (traceback in {out / 'results.json'})"
         if not multirun:
             _fail(text + where, 2 if known else 1)
         FAILED.append(f"{out.name}: {text}")
         OUTCOMES[str(out)] = "failed"
-        print(f"sparsebench: job {out.name} failed: {text}{where}; the sweep goes on", file=sys.stderr)
+        print(
+            f"sparsebench: job {out.name} failed: {text}{where}; the sweep goes on", file=sys.stderr
+        )
         return None
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 records and reports
         return None
@@ -106,11 +113,18 @@ def _task(cfg: DictConfig) -> float | None:
 
     extra = [WANDB_LINES[str(out)]] if str(out) in WANDB_LINES else []
     if OUTCOMES.get(str(out)) == "skipped":
-        print(f"sparsebench: {out} already holds this run's complete result (resume=false runs it again)")
+        print(
+            f"sparsebench: {out} already holds this run's complete result (resume=false runs it again)"
+        )
     if multirun:  # one line a job; the sweep's summary and the report say the rest
         m = results.get("metrics") or {}
-        ppl = ", ".join(f"{k} {m[k]:.4f}" for k in ("wikitext2", "c4") if isinstance(m.get(k), (int, float)))
-        print(f"sparsebench: job {out.name}: {ppl or results.get('evaluation', 'no evaluation')}", flush=True)
+        ppl = ", ".join(
+            f"{k} {m[k]:.4f}" for k in ("wikitext2", "c4") if isinstance(m.get(k), (int, float))
+        )
+        print(
+            f"sparsebench: job {out.name}: {ppl or results.get('evaluation', 'no evaluation')}",
+            flush=True,
+        )
     else:
         print(run_summary(results, out / "results.json", extra), flush=True)
     return results["metrics"].get("wikitext2")
@@ -124,7 +138,10 @@ def _options(group: str) -> list[str]:
 
 
 def help_text() -> str:
-    groups = {g: _options(g) for g in ("model", "method", "recover", "protocol", "data", "eval", "schedule", "logger")}
+    groups = {
+        g: _options(g)
+        for g in ("model", "method", "recover", "protocol", "data", "eval", "schedule", "logger")
+    }
     width = max(map(len, groups)) + 1
     lines = [
         "sparsebench: prune a causal LM with one method at one sparsity, evaluate it, record results.json.",
@@ -201,22 +218,59 @@ def _check_output_root(folder: str) -> None:
     while not path.exists():
         path = path.parent
     if not path.is_dir():
-        _fail(f"output folder {folder}: {path} is a file; set hydra.run.dir (hydra.sweep.dir) to a folder")
+        _fail(
+            f"output folder {folder}: {path} is a file; set hydra.run.dir (hydra.sweep.dir) to a folder"
+        )
     try:
         probe = path / f".sparsebench-probe-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        _fail(f"output folder {folder} is not writable ({path}: {err.strerror}); set hydra.run.dir "
-              f"(hydra.sweep.dir for -m) to a writable folder")
+        _fail(
+            f"output folder {folder} is not writable ({path}: {err.strerror}); set hydra.run.dir "
+            f"(hydra.sweep.dir for -m) to a writable folder"
+        )
 
 
 # Hydra's own flags (sparsebench passes them through); those that take the next word as value
-HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--hydra-help", "--resolve", "--package", "-p",
-               "--run", "-r", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
-               "--config-dir", "-cd", "--experimental-rerun"}
-TAKES_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-               "-cd", "--experimental-rerun", "--info", "-i"}
+HYDRA_FLAGS = {
+    "-m",
+    "--multirun",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--hydra-help",
+    "--resolve",
+    "--package",
+    "-p",
+    "--run",
+    "-r",
+    "--shell-completion",
+    "-sc",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+TAKES_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+}
 
 
 def version_text() -> str:
@@ -239,7 +293,11 @@ def check_habits(argv: list[str]) -> None:
         if skip:
             skip = False
             continue
-        nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1] else None
+        nxt = (
+            argv[i + 1]
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]
+            else None
+        )
         if arg.startswith("-"):
             flag = arg.split("=", 1)[0]
             if flag in HYDRA_FLAGS:
@@ -247,9 +305,13 @@ def check_habits(argv: list[str]) -> None:
                 continue
             key = flag.lstrip("-").replace("-", "_")
             value = arg.split("=", 1)[1] if "=" in arg else (nxt or "...")
-            _fail(f"unknown option {flag}: sparsebench takes key=value, e.g. {key}={value} (see sparsebench --help)")
+            _fail(
+                f"unknown option {flag}: sparsebench takes key=value, e.g. {key}={value} (see sparsebench --help)"
+            )
         if "=" not in arg and not arg.startswith("~"):
-            _fail(f"'{arg}' has no value: sparsebench takes key=value, e.g. {arg}={nxt or '...'} (see sparsebench --help)")
+            _fail(
+                f"'{arg}' has no value: sparsebench takes key=value, e.g. {arg}={nxt or '...'} (see sparsebench --help)"
+            )
 
 
 def check_appended_keys(overrides: list[str], base) -> None:
@@ -264,8 +326,10 @@ def check_appended_keys(overrides: list[str], base) -> None:
         top = key.split(".")[0]
         if top == "hydra" or top in top_keys:
             continue
-        _fail(f"unknown key '{key}'{did_you_mean(top, top_keys)}: sparsebench reads no such key; valid top-level "
-              f"keys: {', '.join(top_keys)}")
+        _fail(
+            f"unknown key '{key}'{did_you_mean(top, top_keys)}: sparsebench reads no such key; valid top-level "
+            f"keys: {', '.join(top_keys)}"
+        )
 
 
 def precheck(argv: list[str]) -> None:
@@ -293,6 +357,7 @@ def precheck(argv: list[str]) -> None:
         jobs = [overrides]
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+
         def compose(job):
             return hydra_compose("config", overrides=job, return_hydra_config=True)
 
@@ -340,16 +405,26 @@ def main(argv: list[str] | None = None) -> None:
         _task()
     except (KeyboardInterrupt, Interrupted) as err:
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else str(err)
-        print(f"sparsebench: interrupted ({name}); the running job's results.json records it", file=sys.stderr)
+        print(
+            f"sparsebench: interrupted ({name}); the running job's results.json records it",
+            file=sys.stderr,
+        )
         sys.exit(130 if name == "SIGINT" else 128 + int(getattr(signal, name, signal.SIGTERM)))
     if SWEEP.get("dir") is not None:
-        from .run import BASELINES, OUTCOMES
         from .records.summary import sweep_summary
+        from .run import BASELINES, OUTCOMES
 
         jobs = {k: v for k, v in OUTCOMES.items() if k not in BASELINES}
-        print(sweep_summary(Path(str(SWEEP["dir"])), [k for k, v in jobs.items() if v == "done"],
-                            [k for k, v in jobs.items() if v in ("skipped", "busy")], FAILED,
-                            {k: v for k, v in BASELINES.items()}), flush=True)
+        print(
+            sweep_summary(
+                Path(str(SWEEP["dir"])),
+                [k for k, v in jobs.items() if v == "done"],
+                [k for k, v in jobs.items() if v in ("skipped", "busy")],
+                FAILED,
+                {k: v for k, v in BASELINES.items()},
+            ),
+            flush=True,
+        )
     if FAILED:
         sys.exit(1)
 

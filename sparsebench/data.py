@@ -14,6 +14,7 @@ Tokenized results are cached on disk, keyed by what determines them: the content
 digest of the file they came from (never its path: a file edited in place is read
 again), the tokenizer, seqlen and the draw. A cache entry that cannot be read is rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,17 +49,25 @@ class DataSpec:
     calib_set: str = option("c4", choices=CALIB_SETS)
     nsamples: int = option(128, ge=1)
     seed: int = 0
-    calib_docs: tuple[int, int] = option((1100, 2000), ge=0)  # local C4 documents that stand in for the train shard
+    calib_docs: tuple[int, int] = option(
+        (1100, 2000), ge=0
+    )  # local C4 documents that stand in for the train shard
     cache: bool = True
     needs_files: bool = True  # False for a random-weight model (random ids): the root may be absent
 
     def __post_init__(self):
         if self.source not in SOURCES:
-            raise SparsebenchError(f"unknown data.source '{self.source}'; valid: {', '.join(SOURCES)}")
+            raise SparsebenchError(
+                f"unknown data.source '{self.source}'; valid: {', '.join(SOURCES)}"
+            )
         if self.calib_set not in CALIB_SETS:
-            raise SparsebenchError(f"unknown calibration set '{self.calib_set}'; valid: {', '.join(CALIB_SETS)}")
+            raise SparsebenchError(
+                f"unknown calibration set '{self.calib_set}'; valid: {', '.join(CALIB_SETS)}"
+            )
         if not isinstance(self.nsamples, int) or self.nsamples < 1:
-            raise SparsebenchError(f"data.nsamples must be a positive integer, got {self.nsamples!r}")
+            raise SparsebenchError(
+                f"data.nsamples must be a positive integer, got {self.nsamples!r}"
+            )
         self.calib_docs = tuple(self.calib_docs)
         if self.source == "local" and self.needs_files:
             self.root = str(resolve_root(self.root))
@@ -111,8 +120,10 @@ def _read_parquet_texts(path: Path) -> list[str]:
     try:
         table = pq.read_table(path, columns=["text"])
     except (pa.ArrowException, OSError, KeyError) as err:
-        raise SparsebenchError(f"data file {path} is not a readable parquet file with a 'text' column "
-                               f"({str(err).splitlines()[0][:200]}); restore it from its source (SOURCES.md)") from None
+        raise SparsebenchError(
+            f"data file {path} is not a readable parquet file with a 'text' column "
+            f"({str(err).splitlines()[0][:200]}); restore it from its source (SOURCES.md)"
+        ) from None
     return table.column("text").to_pylist()
 
 
@@ -121,19 +132,27 @@ def check_file(spec: DataSpec, rel: str) -> str:
     any model loads; returns its content digest."""
     path = _local_file(spec, rel)
     if path.stat().st_size == 0:
-        raise SparsebenchError(f"data file {path} is empty; restore it from its source (SOURCES.md in data.root)")
+        raise SparsebenchError(
+            f"data file {path} is empty; restore it from its source (SOURCES.md in data.root)"
+        )
     if rel.endswith(".parquet"):
         n = len(_read_parquet_texts(path))
         need = max(C4_EVAL_DOCS, spec.calib_docs[1])
         if n < need:
-            raise SparsebenchError(f"data file {path} has {n} documents; sparsebench reads documents [0, {need})")
+            raise SparsebenchError(
+                f"data file {path} has {n} documents; sparsebench reads documents [0, {need})"
+            )
     else:
         with open(path, encoding="utf-8", errors="strict") as f:
             try:
                 if not f.read().strip():
-                    raise SparsebenchError(f"data file {path} holds only white space; restore it from its source")
+                    raise SparsebenchError(
+                        f"data file {path} holds only white space; restore it from its source"
+                    )
             except UnicodeDecodeError as err:
-                raise SparsebenchError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+                raise SparsebenchError(
+                    f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
     return file_digest(path)
 
 
@@ -147,7 +166,9 @@ def wikitext_rows(spec: DataSpec, split: str = "test") -> list[str]:
         return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
     local = {"test": "test", "validation": "valid"}
     if split not in local:
-        raise SparsebenchError(f"WikiText-2 split '{split}' is not in the local data (have: test, validation)")
+        raise SparsebenchError(
+            f"WikiText-2 split '{split}' is not in the local data (have: test, validation)"
+        )
     # Text mode turns the file's CRLF into "\n"; each row keeps its newline.
     with open(_local_file(spec, WIKI_FILE.format(split=local[split])), encoding="utf-8") as f:
         return f.readlines()
@@ -164,7 +185,9 @@ def c4_documents(spec: DataSpec, split: str) -> list[str]:
     texts = _read_parquet_texts(_local_file(spec, C4_FILE))
     lo, hi = (0, C4_EVAL_DOCS) if split == "validation" else spec.calib_docs
     if hi > len(texts) or lo >= hi:
-        raise SparsebenchError(f"C4 document range [{lo}, {hi}) is outside the {len(texts)} local documents")
+        raise SparsebenchError(
+            f"C4 document range [{lo}, {hi}) is outside the {len(texts)} local documents"
+        )
     return texts[lo:hi]
 
 
@@ -187,7 +210,11 @@ def _cached(key: str, build):
                 return value
             raise ValueError(f"holds {type(value).__name__}, not a token tensor")
         except Exception as err:  # truncated, corrupt or foreign: rebuild it, once
-            log.warning("cache entry %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0][:120])
+            log.warning(
+                "cache entry %s is unreadable (%s); rebuilding it",
+                path,
+                str(err).splitlines()[0][:120],
+            )
     value = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -246,7 +273,9 @@ class WindowSampler:
             if ids.shape[0] > self.seqlen:
                 break
         else:
-            raise SparsebenchError(f"no calibration document is longer than seqlen={self.seqlen} tokens; lower model.seqlen")
+            raise SparsebenchError(
+                f"no calibration document is longer than seqlen={self.seqlen} tokens; lower model.seqlen"
+            )
         start = self.rng.randint(0, ids.shape[0] - self.seqlen - 1)
         return ids[start : start + self.seqlen]
 
@@ -312,10 +341,11 @@ def calibration(spec: DataSpec, tok, seqlen: int, vocab_size: int | None = None)
     return _cached(key, build) if spec.cache else build()
 
 
-def calibration_windows(spec: DataSpec, tok, seqlen: int, vocab_size: int | None, nsamples: int | None = None):
+def calibration_windows(
+    spec: DataSpec, tok, seqlen: int, vocab_size: int | None, nsamples: int | None = None
+):
     """The run's calibration draw with `nsamples` windows (None: the run's data.nsamples): the
     windows a warm start (Elsa) or a reconstruction reads beside the run's own."""
     if nsamples is not None and nsamples != spec.nsamples:
         spec = DataSpec(**{**spec.__dict__, "nsamples": nsamples})
     return calibration(spec, tok, seqlen, vocab_size)
-

@@ -2,6 +2,7 @@
 (single, DDP or FSDP2), where a one-shot method's calibration inputs live (device or pinned
 host memory) and the ranks; the process group under torchrun; the dry run.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ class Launch:
     """The resolved launch of a run (memory_plan decides it; the run only reads it)."""
 
     engine: str = "single"  # single | ddp | fsdp (engine/shard.py)
-    inputs: str = "device"  # one-shot methods: a block's calibration inputs on the device or the host
+    inputs: str = (
+        "device"  # one-shot methods: a block's calibration inputs on the device or the host
+    )
     world: int = 1  # ranks
     offload: bool = False  # FSDP2 CPU offload, as asked
     calib_batch: int = 1  # one-shot methods: windows per forward through a block, as asked
@@ -47,12 +50,18 @@ def init_distributed(specs: Specs, launch: Launch) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        if launch.engine == "fsdp" and not dist.is_initialized():  # offload on one process: a group of one
-            dist.init_process_group(backend(specs.device, specs.offload), store=dist.HashStore(), rank=0, world_size=1)
+        if (
+            launch.engine == "fsdp" and not dist.is_initialized()
+        ):  # offload on one process: a group of one
+            dist.init_process_group(
+                backend(specs.device, specs.offload), store=dist.HashStore(), rank=0, world_size=1
+            )
             global _own_group
             _own_group = True
         return 0
-    if not specs.pruner.distributed and launch.engine != "fsdp":  # fsdp: a sharded recovery after it
+    if (
+        not specs.pruner.distributed and launch.engine != "fsdp"
+    ):  # fsdp: a sharded recovery after it
         raise SparsebenchError(
             f"method '{specs.pruner.name}' runs in one process; launch it without torchrun "
             f"(multi-process methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).distributed)})"
@@ -61,15 +70,22 @@ def init_distributed(specs: Specs, launch: Launch) -> int:
         dist.init_process_group(backend(specs.device, specs.offload))
     if specs.device.type == "cuda":
         torch.cuda.set_device(specs.device)
-    choice = [launch.engine]  # engine=auto read each rank's free memory: rank 0's choice holds for all
+    choice = [
+        launch.engine
+    ]  # engine=auto read each rank's free memory: rank 0's choice holds for all
     dist.broadcast_object_list(choice, src=0)
     launch.engine = choice[0]
     return dist.get_rank()
 
 
 def asked_launch(specs: Specs, world: int, engine: str = "single") -> Launch:
-    return Launch(engine=engine, inputs="device" if specs.calib_inputs == "auto" else specs.calib_inputs, world=world,
-                  offload=specs.offload, calib_batch=specs.calib_batch)
+    return Launch(
+        engine=engine,
+        inputs="device" if specs.calib_inputs == "auto" else specs.calib_inputs,
+        world=world,
+        offload=specs.offload,
+        calib_batch=specs.calib_batch,
+    )
 
 
 def memory_plan(specs: Specs, world: int):
@@ -82,11 +98,19 @@ def memory_plan(specs: Specs, world: int):
     shapes = shapes_of(meta)
     launch = asked_launch(specs, world, resolve_engine(specs, world, shapes))
     plan = build_plan(specs.model.name, shapes, knobs_of(specs, launch))
-    if specs.calib_inputs == "auto" and plan.knobs.kind == "oneshot" and not fits(plan, specs.plan, specs.device):
+    if (
+        specs.calib_inputs == "auto"
+        and plan.knobs.kind == "oneshot"
+        and not fits(plan, specs.plan, specs.device)
+    ):
         host = build_plan(specs.model.name, shapes, replace(plan.knobs, inputs="host"))
-        if fits(host, specs.plan, specs.device):  # the inputs do not fit the GPU beside the block: keep them on the host
+        if fits(
+            host, specs.plan, specs.device
+        ):  # the inputs do not fit the GPU beside the block: keep them on the host
             launch.inputs, plan = "host", host
-    plan.eval = eval_placement(shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin)
+    plan.eval = eval_placement(
+        shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
+    )
     return plan, shapes, launch
 
 
@@ -105,35 +129,52 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
     """single | ddp | fsdp for this run. auto: one process -> single; several -> DDP when
     its per-rank plan (every rank holds all the state) fits the visible memory, else FSDP2."""
     engine, name = specs.engine, specs.pruner.name  # build_specs checked it against ENGINES
-    if not specs.pruner.distributed and getattr(specs.recover, "shardable", False) and (specs.offload or world > 1):
+    if (
+        not specs.pruner.distributed
+        and getattr(specs.recover, "shardable", False)
+        and (specs.offload or world > 1)
+    ):
         # a one-shot method on rank 0, then masked fine-tuning sharded with FSDP2 over the
         # ranks (or, with offload=true, in this one process)
         if engine in ("single", "ddp"):
-            raise SparsebenchError(f"recover={specs.recover.name} on several ranks or with offload=true runs on "
-                                   f"FSDP2, but engine={engine}; use engine=fsdp or auto")
+            raise SparsebenchError(
+                f"recover={specs.recover.name} on several ranks or with offload=true runs on "
+                f"FSDP2, but engine={engine}; use engine=fsdp or auto"
+            )
         return "fsdp"
     if not specs.pruner.distributed:
         if engine in ("ddp", "fsdp") or specs.offload:
             what = f"engine={engine}" if engine in ("ddp", "fsdp") else "offload=true"
-            raise SparsebenchError(f"{what} is for whole-model training (elsa, elsa_l; offload=true also for "
-                                   f"recover=finetune); method '{name}' runs in one process (valid for it: engine=auto "
-                                   f"or single, offload=false)")
+            raise SparsebenchError(
+                f"{what} is for whole-model training (elsa, elsa_l; offload=true also for "
+                f"recover=finetune); method '{name}' runs in one process (valid for it: engine=auto "
+                f"or single, offload=false)"
+            )
         return "single"
     if specs.offload:  # CPU offload is FSDP2's: one process runs it as a group of one
         if engine in ("single", "ddp"):
-            raise SparsebenchError(f"offload=true is FSDP2's CPU offload, but engine={engine}; use engine=fsdp or auto")
+            raise SparsebenchError(
+                f"offload=true is FSDP2's CPU offload, but engine={engine}; use engine=fsdp or auto"
+            )
         return "fsdp"
     if world == 1:
         if engine in ("ddp", "fsdp"):
-            raise SparsebenchError(f"engine={engine} needs several processes: launch with torchrun --nproc_per_node=N "
-                                   f"(sparsebench dry_run=true world_size=N engine={engine} ... plans it); "
-                                   f"on one GPU, FSDP2 runs with offload=true")
+            raise SparsebenchError(
+                f"engine={engine} needs several processes: launch with torchrun --nproc_per_node=N "
+                f"(sparsebench dry_run=true world_size=N engine={engine} ... plans it); "
+                f"on one GPU, FSDP2 runs with offload=true"
+            )
         return "single"
     if engine == "single":
-        raise SparsebenchError(f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, fsdp")
+        raise SparsebenchError(
+            f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, fsdp"
+        )
     if engine == "auto":
-        ddp = build_plan(specs.model.name, shapes, knobs_of(specs, asked_launch(specs, world, "ddp"))) \
-            if shapes is not None else None
+        ddp = (
+            build_plan(specs.model.name, shapes, knobs_of(specs, asked_launch(specs, world, "ddp")))
+            if shapes is not None
+            else None
+        )
         engine = "ddp" if ddp is None or fits(ddp, specs.plan, specs.device) else "fsdp"
     return engine
 
@@ -143,7 +184,9 @@ def dry_run(specs: Specs) -> dict[str, Any]:
     (the model's config alone gives the shapes)."""
     plan, shapes, _ = memory_plan(specs, specs.world_size)
     if specs.world_size > 1 and plan.knobs.kind != "train":
-        print(f"{specs.pruner.name} runs in one process: planned for 1 rank (world_size={specs.world_size} ignored)")
+        print(
+            f"{specs.pruner.name} runs in one process: planned for 1 rank (world_size={specs.world_size} ignored)"
+        )
     print(plan.table())
     ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
     print(f"verdict: {verdict}")
@@ -158,6 +201,8 @@ def slurm_ranks() -> None:
     try:
         from submitit.helpers import TorchDistributedEnvironment
     except ImportError:
-        raise SparsebenchError("several SLURM tasks but no torchrun: install hydra-submitit-launcher "
-                               "(make install-slurm) or launch with torchrun") from None
+        raise SparsebenchError(
+            "several SLURM tasks but no torchrun: install hydra-submitit-launcher "
+            "(make install-slurm) or launch with torchrun"
+        ) from None
     TorchDistributedEnvironment().export()

@@ -1,4 +1,5 @@
 """Masks are the source of truth: apply them, verify them, summarise them."""
+
 from __future__ import annotations
 
 import torch
@@ -34,12 +35,18 @@ def verify(
         keep = masks[name].to(torch.bool)
         weight = linear.weight.detach()
         if keep.shape != weight.shape:
-            raise SparsebenchError(f"mask of {name} has shape {tuple(keep.shape)}, weight {tuple(weight.shape)}")
+            raise SparsebenchError(
+                f"mask of {name} has shape {tuple(keep.shape)}, weight {tuple(weight.shape)}"
+            )
         pruned = int((~keep).sum())
         target = sparsity[name] if isinstance(sparsity, dict) else sparsity
         low, high = pruned_bounds(tuple(weight.shape), target, pattern, group)
         if not low <= pruned <= high:
-            want = f"{low}" if low == high else f"{low} plus at most {high - low} tied at the threshold"
+            want = (
+                f"{low}"
+                if low == high
+                else f"{low} plus at most {high - low} tied at the threshold"
+            )
             hint = "; method.count=exact prunes exactly k per block" if low != high else ""
             raise SparsebenchError(
                 f"{name}: mask prunes {pruned} of {keep.numel()} weights, target {want} "
@@ -48,7 +55,9 @@ def verify(
         if pattern.is_nm:
             per_group = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)
             if int(per_group.max()) > pattern.n:
-                raise SparsebenchError(f"{name}: an N:M group keeps more than {pattern.n} of {pattern.m}")
+                raise SparsebenchError(
+                    f"{name}: an N:M group keeps more than {pattern.n} of {pattern.m}"
+                )
         leaked = int((weight[~keep.to(weight.device)] != 0).sum())
         if leaked:
             raise SparsebenchError(f"{name}: {leaked} weights outside the mask are non-zero")
@@ -59,4 +68,8 @@ def verify(
 def summarize(per_tensor: dict[str, float], linears: dict[str, nn.Linear]) -> dict[str, float]:
     total = sum(l.weight.numel() for l in linears.values())
     pruned = sum(per_tensor[n] * linears[n].weight.numel() for n in linears)
-    return {"actual_sparsity": pruned / total if total else 0.0, "pruned_params": int(round(pruned)), "prunable_params": total}
+    return {
+        "actual_sparsity": pruned / total if total else 0.0,
+        "pruned_params": int(round(pruned)),
+        "prunable_params": total,
+    }

@@ -12,6 +12,7 @@ Sources:
          with random weights and no tokenizer: memory and speed measurements and dry runs,
          fed random token ids of the vocabulary; never quality (no perplexity is measured)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,25 +43,35 @@ class ModelSpec:
     source: str
     path: str | None = None  # hub id, folder, or the Python package holding the GGUF file
     gguf_file: str | None = None
-    gguf_assemble: str | None = None  # "module:function" that writes the GGUF file and returns its path
+    gguf_assemble: str | None = (
+        None  # "module:function" that writes the GGUF file and returns its path
+    )
     dtype: str = option("float32", choices=tuple(DTYPES))
     seqlen: int = option(2048, ge=2)
     revision: str | None = None
     trust_remote_code: bool = False
-    arch: dict[str, Any] = field(default_factory=dict)  # model_type + config values (source=tiny|random)
+    arch: dict[str, Any] = field(
+        default_factory=dict
+    )  # model_type + config values (source=tiny|random)
 
     def __post_init__(self):
         if self.source not in SOURCES:
-            raise SparsebenchError(f"model '{self.name}': unknown source '{self.source}'; valid: {', '.join(SOURCES)}")
+            raise SparsebenchError(
+                f"model '{self.name}': unknown source '{self.source}'; valid: {', '.join(SOURCES)}"
+            )
         if self.dtype not in DTYPES:
-            raise SparsebenchError(f"model '{self.name}': unknown dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
+            raise SparsebenchError(
+                f"model '{self.name}': unknown dtype '{self.dtype}'; valid: {', '.join(DTYPES)}"
+            )
         if not isinstance(self.seqlen, int) or self.seqlen < 2:
             raise SparsebenchError(f"model.seqlen must be an integer >= 2, got {self.seqlen!r}")
         if self.source not in RANDOM_SOURCES and not self.path:
             raise SparsebenchError(f"model '{self.name}' (source {self.source}) needs model.path")
         if self.source in RANDOM_SOURCES and "model_type" not in self.arch:
-            raise SparsebenchError(f"model '{self.name}' has no architecture (model.arch.model_type) to build with "
-                                   f"source={self.source}; models that have one: the hub model files in conf/model")
+            raise SparsebenchError(
+                f"model '{self.name}' has no architecture (model.arch.model_type) to build with "
+                f"source={self.source}; models that have one: the hub model files in conf/model"
+            )
 
     @property
     def random_weights(self) -> bool:
@@ -107,7 +118,9 @@ def cache_root() -> Path:
 def _gguf_cache(spec: ModelSpec) -> Path:
     gguf = _gguf_path(spec)
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(
+        f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{spec.dtype}".encode()
+    ).hexdigest()[:12]
     return cache_root() / "models" / f"{spec.name}-{key}"
 
 
@@ -121,7 +134,9 @@ def _gguf_folder(spec: ModelSpec) -> Path:
         return folder
     log.info("converting %s to a cached float checkpoint in %s (once)", gguf.name, folder)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[spec.dtype])
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=DTYPES[spec.dtype]
+    )
     # The weights are plain floats now; drop the GGUF "quantizer" so they save and reload as such.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -194,7 +209,9 @@ def load_config(spec: ModelSpec):
                 spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
             )
         except OSError as err:
-            raise SparsebenchError(f"cannot load model '{spec.path}': {str(err).splitlines()[0]}") from None
+            raise SparsebenchError(
+                f"cannot load model '{spec.path}': {str(err).splitlines()[0]}"
+            ) from None
     _check_seqlen(spec, config)
     return config
 
@@ -211,9 +228,15 @@ def load_model(spec: ModelSpec, seed: int = 0):
         tok = byte_tokenizer() if spec.source == "tiny" else None  # random: random token ids
     else:
         where = _gguf_folder(spec) if spec.source == "gguf" else spec.path
-        extra = {} if spec.source == "gguf" else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        extra = (
+            {}
+            if spec.source == "gguf"
+            else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        )
         tok = AutoTokenizer.from_pretrained(where, **extra)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, low_cpu_mem_usage=True, **extra
+        )
     model.config.use_cache = False
     return model.eval(), tok
 
@@ -245,7 +268,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 if best is None or len(module) > len(best[1]):
                     best = (name, module)
     if best is None:
-        raise SparsebenchError(f"cannot find decoder blocks (a ModuleList of blocks with nn.Linear) in {type(model).__name__}")
+        raise SparsebenchError(
+            f"cannot find decoder blocks (a ModuleList of blocks with nn.Linear) in {type(model).__name__}"
+        )
     return best
 
 
@@ -272,10 +297,15 @@ def check_block_coverage(model: nn.Module) -> None:
         raise SparsebenchError(
             f"{left[0]}{more} are block weights that are neither pruned nor declared kept: sparsebench prunes "
             f"nn.Linear weights only, and does not yet prune mixture-of-experts experts, routers or non-Linear "
-            f"projections of {type(model).__name__}; refusing rather than leaving them dense")
+            f"projections of {type(model).__name__}; refusing rather than leaving them dense"
+        )
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside a decoder block, by its full module name (never lm_head)."""
     path, blocks = find_blocks(model)
-    return {f"{path}.{i}.{n}": lin for i, block in enumerate(blocks) for n, lin in find_linears(block).items()}
+    return {
+        f"{path}.{i}.{n}": lin
+        for i, block in enumerate(blocks)
+        for n, lin in find_linears(block).items()
+    }

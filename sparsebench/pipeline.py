@@ -8,6 +8,7 @@ the caller has loaded: the library entry point, in the spirit of lm-eval's `simp
 The `sparsebench` command runs the same stages (run.py), recording each one's result and
 time in results.json.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,7 @@ from .engine.training import Budget, sync_cuda
 from .evaluation.perplexity import perplexity
 from .masks import summarize, verify
 from .models import prunable_linears
-from .pruners import Pruner, PruneContext
+from .pruners import PruneContext, Pruner
 from .recover import RecoverContext, Recovery
 from .sparsity import Pattern, Schedule
 
@@ -37,8 +38,15 @@ def calibrate(data: datamod.DataSpec, tokenizer, seqlen: int, vocab_size: int) -
     return datamod.calibration(data, tokenizer, seqlen, vocab_size)
 
 
-def allocate_blocks(schedule: Schedule, model: nn.Module, calib, sparsity: float, pattern: Pattern, pruner: Pruner,
-                    device: torch.device) -> Allocation | None:
+def allocate_blocks(
+    schedule: Schedule,
+    model: nn.Module,
+    calib,
+    sparsity: float,
+    pattern: Pattern,
+    pruner: Pruner,
+    device: torch.device,
+) -> Allocation | None:
     """Per-block targets of a non-uniform schedule (schedule=owl) from the dense model; None: uniform."""
     if not schedule.needs_calibration:
         return None
@@ -53,7 +61,9 @@ def prune(pruner: Pruner, ctx: PruneContext) -> tuple[nn.Module, dict[str, torch
     return ctx.model, masks
 
 
-def targets_of(model: nn.Module, sparsity: float, allocation: Allocation | None, linears) -> float | dict[str, float]:
+def targets_of(
+    model: nn.Module, sparsity: float, allocation: Allocation | None, linears
+) -> float | dict[str, float]:
     """What each mask must prune: the run's sparsity, or each block's allocated target."""
     if allocation is None:
         return sparsity
@@ -62,7 +72,9 @@ def targets_of(model: nn.Module, sparsity: float, allocation: Allocation | None,
     return targets_by_linear(model, allocation.targets, linears)
 
 
-def verify_masks(model: nn.Module, masks, targets, pattern: Pattern, group: str) -> dict[str, float]:
+def verify_masks(
+    model: nn.Module, masks, targets, pattern: Pattern, group: str
+) -> dict[str, float]:
     """Every pruned linear's sparsity, after checking its mask (count, N:M, hard zeros)."""
     return verify(prunable_linears(model), masks, targets, pattern, group)
 
@@ -74,9 +86,16 @@ def recover(recovery: Recovery, ctx: RecoverContext) -> nn.Module:
     return ctx.model
 
 
-def evaluate_perplexity(model: nn.Module, tokenizer, data: datamod.DataSpec, datasets, seqlen: int,
-                        device: torch.device, batch_size: int = 1, max_windows: int | None = None
-                        ) -> dict[str, tuple[float, int]]:
+def evaluate_perplexity(
+    model: nn.Module,
+    tokenizer,
+    data: datamod.DataSpec,
+    datasets,
+    seqlen: int,
+    device: torch.device,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+) -> dict[str, tuple[float, int]]:
     """{dataset: (perplexity, windows)} over non-overlapping seqlen windows."""
     out = {}
     for name in datasets:
@@ -102,17 +121,33 @@ class Outcome:
     method_report: dict[str, Any] = field(default_factory=dict)
     recover_report: dict[str, Any] = field(default_factory=dict)
     allocation: dict[str, Any] | None = None
-    timings_s: dict[str, float] = field(default_factory=dict)  # each stage's wall time (CUDA synchronised)
+    timings_s: dict[str, float] = field(
+        default_factory=dict
+    )  # each stage's wall time (CUDA synchronised)
 
 
-def prune_model(model: nn.Module, tokenizer=None, *, method: str | Pruner = "wanda", sparsity: float = 0.5,
-                pattern: str | Pattern = "unstructured", schedule: Schedule | None = None,
-                recovery: str | Recovery | None = None, data: datamod.DataSpec | None = None,
-                calib: torch.Tensor | None = None, seqlen: int | None = None, device: str | torch.device = "cpu",
-                calib_batch: int = 1, options: dict[str, Any] | None = None,
-                recover_options: dict[str, Any] | None = None, evaluate: tuple[str, ...] = (),
-                eval_batch_size: int = 1, max_windows: int | None = None, log: Log = lambda metrics: None,
-                load_dense: Callable[[], nn.Module] | None = None) -> Outcome:
+def prune_model(
+    model: nn.Module,
+    tokenizer=None,
+    *,
+    method: str | Pruner = "wanda",
+    sparsity: float = 0.5,
+    pattern: str | Pattern = "unstructured",
+    schedule: Schedule | None = None,
+    recovery: str | Recovery | None = None,
+    data: datamod.DataSpec | None = None,
+    calib: torch.Tensor | None = None,
+    seqlen: int | None = None,
+    device: str | torch.device = "cpu",
+    calib_batch: int = 1,
+    options: dict[str, Any] | None = None,
+    recover_options: dict[str, Any] | None = None,
+    evaluate: tuple[str, ...] = (),
+    eval_batch_size: int = 1,
+    max_windows: int | None = None,
+    log: Log = lambda metrics: None,
+    load_dense: Callable[[], nn.Module] | None = None,
+) -> Outcome:
     """Prune (and optionally recover and evaluate) a model object the caller loaded.
 
     `method` / `recovery`: a registered name (with `options` / `recover_options`) or a built
@@ -121,13 +156,15 @@ def prune_model(model: nn.Module, tokenizer=None, *, method: str | Pruner = "wan
     perplexity datasets ("wikitext2", "c4"). `load_dense`: the dense model again, for a recovery
     that reconstructs against it (default: a host copy taken before pruning). The masks are
     verified as the command verifies them."""
-    from .registry import METHODS
     from .recover import RECOVERIES
+    from .registry import METHODS
     from .sparsity import check_sparsity, parse_pattern
 
     pruner = METHODS.build(method, dict(options or {})) if isinstance(method, str) else method
     if isinstance(recovery, str):
-        recovery = None if recovery == "none" else RECOVERIES.build(recovery, dict(recover_options or {}))
+        recovery = (
+            None if recovery == "none" else RECOVERIES.build(recovery, dict(recover_options or {}))
+        )
     pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
     sparsity = 0.0 if pruner.name == "dense" else check_sparsity(sparsity, pattern)
     schedule = schedule or Schedule()
@@ -145,18 +182,44 @@ def prune_model(model: nn.Module, tokenizer=None, *, method: str | Pruner = "wan
         load_dense = lambda: dense  # noqa: E731
     with _timed(timings, "allocate"):
         allocation = allocate_blocks(schedule, model, calib, sparsity, pattern, pruner, device)
-    ctx = PruneContext(model, sparsity, pattern, schedule, device, calib, tokenizer=tokenizer, data=data, seqlen=seqlen,
-                       log=log, block_targets=allocation.targets if allocation else None, calib_batch=calib_batch)
+    ctx = PruneContext(
+        model,
+        sparsity,
+        pattern,
+        schedule,
+        device,
+        calib,
+        tokenizer=tokenizer,
+        data=data,
+        seqlen=seqlen,
+        log=log,
+        block_targets=allocation.targets if allocation else None,
+        calib_batch=calib_batch,
+    )
     with _timed(timings, "prune"):
         model, masks = prune(pruner, ctx)
     linears = prunable_linears(model)
     targets = targets_of(model, sparsity, allocation, linears)
-    check = (lambda: verify_masks(model, masks, targets, pattern, pruner.group)) if pruner.name != "dense" else \
-        (lambda: {n: float((lin.weight == 0).float().mean()) for n, lin in prunable_linears(model).items()})
+    check = (
+        (lambda: verify_masks(model, masks, targets, pattern, pruner.group))
+        if pruner.name != "dense"
+        else (
+            lambda: {
+                n: float((lin.weight == 0).float().mean())
+                for n, lin in prunable_linears(model).items()
+            }
+        )
+    )
     per_tensor = check()
-    spent = {"prune": Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(pruner.budget()).as_dict()}
+    spent = {
+        "prune": Budget(calib_tokens=int(calib.numel()) if calib is not None else 0)
+        .add(pruner.budget())
+        .as_dict()
+    }
     if recovery is not None:
-        rctx = RecoverContext(model, masks, device, tokenizer, data, seqlen, load_dense=load_dense, log=log)
+        rctx = RecoverContext(
+            model, masks, device, tokenizer, data, seqlen, load_dense=load_dense, log=log
+        )
         with _timed(timings, "recover"):
             model = recover(recovery, rctx)
         per_tensor = check()
@@ -167,11 +230,21 @@ def prune_model(model: nn.Module, tokenizer=None, *, method: str | Pruner = "wan
         model.to(device)
         for name in evaluate:
             with _timed(timings, f"eval_{name}"):
-                metrics[name], _ = evaluate_perplexity(model, tokenizer, data, [name], seqlen, device, eval_batch_size,
-                                                       max_windows)[name]
-    return Outcome(model, masks, per_tensor, {"target": sparsity, "pattern": str(pattern), **summary}, metrics, spent,
-                   pruner.report(), recovery.report() if recovery is not None else {},
-                   allocation.report if allocation else None, timings)
+                metrics[name], _ = evaluate_perplexity(
+                    model, tokenizer, data, [name], seqlen, device, eval_batch_size, max_windows
+                )[name]
+    return Outcome(
+        model,
+        masks,
+        per_tensor,
+        {"target": sparsity, "pattern": str(pattern), **summary},
+        metrics,
+        spent,
+        pruner.report(),
+        recovery.report() if recovery is not None else {},
+        allocation.report if allocation else None,
+        timings,
+    )
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """Name -> class registries with did-you-mean errors (lm-eval-harness style), and the one
 place where config values are checked against the dataclass that receives them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,20 +53,35 @@ class Registry:
 # ----------------------------------------------------------------------------- options
 
 
-def option(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
-           lt: float | None = None, le: float | None = None, choices: tuple | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    choices: tuple | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with its valid range, checked by build_dataclass before any work.
 
     Numbers (and each entry of a tuple of numbers) must satisfy the bounds; strings must be
     one of `choices`. The type comes from the field's annotation.
     """
-    check = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le, choices=choices).items() if v is not None}
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"check": check})
+    check = {
+        k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le, choices=choices).items() if v is not None
+    }
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"check": check}
+    )
 
 
-_BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
-           "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
+_BOUNDS = {
+    "gt": (">", lambda v, b: v > b),
+    "ge": (">=", lambda v, b: v >= b),
+    "lt": ("<", lambda v, b: v < b),
+    "le": ("<=", lambda v, b: v <= b),
+}
 
 
 def check_value(value: Any, tp: Any, what: str, **check) -> Any:
@@ -103,14 +119,23 @@ def check_value(value: Any, tp: Any, what: str, **check) -> Any:
         if not isinstance(value, (list, tuple)):
             raise SparsebenchError(f"{what} must be a list, got {value!r}")
         if args[-1] is Ellipsis:
-            return tuple(check_value(v, args[0], f"{what} (entry {i})", **check) for i, v in enumerate(value))
+            return tuple(
+                check_value(v, args[0], f"{what} (entry {i})", **check) for i, v in enumerate(value)
+            )
         if len(value) != len(args):
-            raise SparsebenchError(f"{what} must be a list of {len(args)} values, got {list(value)!r}")
-        return tuple(check_value(v, a, f"{what} (entry {i})", **check) for i, (v, a) in enumerate(zip(value, args)))
+            raise SparsebenchError(
+                f"{what} must be a list of {len(args)} values, got {list(value)!r}"
+            )
+        return tuple(
+            check_value(v, a, f"{what} (entry {i})", **check)
+            for i, (v, a) in enumerate(zip(value, args))
+        )
     else:
         return value  # Any, dict, nested specs: their own dataclass checks them
     if "choices" in check and value not in check["choices"]:
-        raise SparsebenchError(f"{what} is {value!r}; valid: {', '.join(map(str, check['choices']))}")
+        raise SparsebenchError(
+            f"{what} is {value!r}; valid: {', '.join(map(str, check['choices']))}"
+        )
     for key, (sign, ok) in _BOUNDS.items():
         if key in check and not ok(value, check[key]):
             raise SparsebenchError(f"{what} must be {sign} {check[key]}, got {value!r}")

@@ -6,6 +6,7 @@ runs (launch.py), and compares its fingerprint with a result already there: the 
 skipped (resume), another config's complete result is never overwritten. The work itself is
 the stages of pipeline.py, each recorded in results.json with its time.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,15 @@ from .engine.shard import share_pruned
 from .engine.training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
 from .errors import Interrupted, SparsebenchError
 from .evaluation.perplexity import place_for_eval
-from .launch import Launch, dry_run, end_own_group, init_distributed, memory_plan, resolve_engine, slurm_ranks  # noqa: F401
+from .launch import (
+    Launch,
+    dry_run,
+    end_own_group,
+    init_distributed,
+    memory_plan,
+    resolve_engine,
+    slurm_ranks,
+)  # noqa: F401
 from .masks import summarize
 from .models import load_model, prunable_linears
 from .plan import check_fits
@@ -39,8 +48,9 @@ from .specs import Specs, build_specs, check_data_files, resolve_device, saved_t
 log = logging.getLogger(__name__)
 
 
-def run_worker(specs: Specs, launch: Launch, workdir: Path | None = None, fingerprint: str | None = None
-               ) -> dict[str, Any]:
+def run_worker(
+    specs: Specs, launch: Launch, workdir: Path | None = None, fingerprint: str | None = None
+) -> dict[str, Any]:
     """Ranks > 0 under torchrun: load, join the training, write nothing but their checkpoint
     shards (rank 0 records)."""
     model, tok = load_model(specs.model, specs.seed)
@@ -48,18 +58,40 @@ def run_worker(specs: Specs, launch: Launch, workdir: Path | None = None, finger
         masks = share_pruned(model, None, str(fingerprint))
         pipeline.recover(specs.recover, recover_context(specs, launch, model, masks, tok))
         return {"metrics": {}}
-    ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device,
-                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, engine=launch.engine,
-                       offload=launch.offload, workdir=workdir, fingerprint=fingerprint,
-                       checkpoint_every=specs.checkpoint_every)
+    ctx = PruneContext(
+        model,
+        specs.sparsity,
+        specs.pattern,
+        specs.schedule,
+        specs.device,
+        tokenizer=tok,
+        data=specs.data,
+        seqlen=specs.model.seqlen,
+        engine=launch.engine,
+        offload=launch.offload,
+        workdir=workdir,
+        fingerprint=fingerprint,
+        checkpoint_every=specs.checkpoint_every,
+    )
     pipeline.prune(specs.pruner, ctx)
     return {"metrics": {}}
 
 
-def recover_context(specs: Specs, launch: Launch, model, masks, tok, log=lambda metrics: None) -> RecoverContext:
-    return RecoverContext(model, masks, specs.device, tok, specs.data, specs.model.seqlen,
-                          load_dense=lambda: load_model(specs.model, specs.seed)[0], log=log,
-                          engine=launch.engine, offload=launch.offload)
+def recover_context(
+    specs: Specs, launch: Launch, model, masks, tok, log=lambda metrics: None
+) -> RecoverContext:
+    return RecoverContext(
+        model,
+        masks,
+        specs.device,
+        tok,
+        specs.data,
+        specs.model.seqlen,
+        load_dense=lambda: load_model(specs.model, specs.seed)[0],
+        log=log,
+        engine=launch.engine,
+        offload=launch.offload,
+    )
 
 
 @contextmanager
@@ -75,10 +107,14 @@ def _resolved(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # an interpolation that cannot be resolved
-        raise SparsebenchError(f"the config cannot be resolved: {str(err).splitlines()[0]}") from None
+        raise SparsebenchError(
+            f"the config cannot be resolved: {str(err).splitlines()[0]}"
+        ) from None
 
 
-def resume_decision(existing: dict[str, Any] | None, fp: dict[str, Any], resume: bool, out_dir: Path) -> bool:
+def resume_decision(
+    existing: dict[str, Any] | None, fp: dict[str, Any], resume: bool, out_dir: Path
+) -> bool:
     """True if `existing` (the folder's results.json) is this run's complete result and may
     be returned as it is; raises if the folder holds a complete result of another config."""
     if existing is None or existing.get("status") != "complete":
@@ -86,7 +122,11 @@ def resume_decision(existing: dict[str, Any] | None, fp: dict[str, Any], resume:
     old = ledger.stored_fingerprint(existing)
     if old["digest"] == fp["digest"]:
         return resume
-    diffs = ledger.differences(old, fp) if old["digest"] else ["it was written before run fingerprints existed"]
+    diffs = (
+        ledger.differences(old, fp)
+        if old["digest"]
+        else ["it was written before run fingerprints existed"]
+    )
     shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
     raise SparsebenchError(
         f"{out_dir} holds a complete result of another config ({shown}); sparsebench never overwrites it: "
@@ -105,7 +145,9 @@ def save_folder(specs: Specs, out_dir: Path, sweep_dir: Path | None) -> Path:
 # folder -> "done" | "skipped" | "failed" (jobs), and the dense baselines apart.
 OUTCOMES: dict[str, str] = {}
 BASELINES: dict[str, str] = {}
-WANDB_LINES: dict[str, str] = {}  # folder -> where its wandb run went (the summary's one wandb line)
+WANDB_LINES: dict[
+    str, str
+] = {}  # folder -> where its wandb run went (the summary's one wandb line)
 
 
 def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
@@ -130,7 +172,11 @@ def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
     except Exception as err:
         OUTCOMES.pop(str(folder), None)
         BASELINES[str(folder)] = "failed"
-        log.warning("dense baseline in %s failed (%s); the report has no %% of dense for this protocol", folder, err)
+        log.warning(
+            "dense baseline in %s failed (%s); the report has no %% of dense for this protocol",
+            folder,
+            err,
+        )
 
 
 def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
@@ -147,7 +193,9 @@ def _save_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), folder / "overrides.yaml")
 
 
-def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None, baseline: bool = False) -> dict[str, Any]:
+def run(
+    cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None, baseline: bool = False
+) -> dict[str, Any]:
     out_dir = Path(out_dir)
     if sweep_dir is not None and (old := ledger.legacy_job_folder(out_dir)) is not None:
         log.info("this job's folder from an earlier version: %s", old)
@@ -164,14 +212,27 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None, baseline:
         specs = build_specs(cfg)
         files, _ = check_data_files(specs)
         config["device"] = specs.device.type
-        fp = ledger.fingerprint(config, files, needs_calibration=specs.reads_calibration,
-                                dense=specs.pruner.name == "dense")
-        if resume_decision(ledger.previous_results(out_dir, move_aside=False), fp, bool(cfg.get("resume", True)), out_dir):
+        fp = ledger.fingerprint(
+            config,
+            files,
+            needs_calibration=specs.reads_calibration,
+            dense=specs.pruner.name == "dense",
+        )
+        if resume_decision(
+            ledger.previous_results(out_dir, move_aside=False),
+            fp,
+            bool(cfg.get("resume", True)),
+            out_dir,
+        ):
             return {"metrics": {}}
-        _, _, launch = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))  # resolves and checks the engine
+        _, _, launch = memory_plan(
+            specs, int(os.environ.get("WORLD_SIZE", 1))
+        )  # resolves and checks the engine
         init_distributed(specs, launch)
         return run_worker(specs, launch, out_dir, fp["digest"])
-    ledger.check_writable(out_dir, "run folder", "set hydra.run.dir=<folder> (hydra.sweep.dir in a sweep)")
+    ledger.check_writable(
+        out_dir, "run folder", "set hydra.run.dir=<folder> (hydra.sweep.dir in a sweep)"
+    )
     with ledger.claim(out_dir):
         key = str(out_dir)
         OUTCOMES[key] = "failed"
@@ -181,8 +242,13 @@ def run(cfg: DictConfig, out_dir: Path, sweep_dir: Path | None = None, baseline:
         return res
 
 
-def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_dir: Path | None,
-                 baseline: bool = False) -> dict[str, Any]:
+def _run_claimed(
+    cfg: DictConfig,
+    config: dict[str, Any],
+    out_dir: Path,
+    sweep_dir: Path | None,
+    baseline: bool = False,
+) -> dict[str, Any]:
     existing = ledger.previous_results(out_dir)
     # Refused before any work (a SparsebenchError from here to check_fits): nothing is written,
     # and cli.py removes the folder Hydra made.
@@ -192,8 +258,10 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
     local = specs.model.source == "local" and Path(specs.model.path).is_dir()
     saved = load_saved(specs.model.path) if local else None
     if specs.recover is not None and specs.pruner.name == "dense" and saved is None:
-        raise SparsebenchError("a recovery stage needs masks: choose a pruning method, or method=dense on a "
-                               "saved sparsebench export (model=local model.path=<export>)")
+        raise SparsebenchError(
+            "a recovery stage needs masks: choose a pruning method, or method=dense on a "
+            "saved sparsebench export (model=local model.path=<export>)"
+        )
     # the memory plan from the model's config alone (this also checks seqlen against it)
     plan, shapes, launch = memory_plan(specs, int(os.environ.get("WORLD_SIZE", 1)))
     config["device"] = specs.device.type  # "auto" means different things on different machines
@@ -201,7 +269,9 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
     fp = ledger.fingerprint(config, files, needs_calibration=specs.reads_calibration, dense=dense)
     protocol = ledger.protocol_id(config, eval_files)
     if sweep_dir is not None and cfg.get("dense_baseline", False) and not dense:
-        dense_baseline(cfg, sweep_dir, protocol)  # also when this job is done: a deleted baseline comes back
+        dense_baseline(
+            cfg, sweep_dir, protocol
+        )  # also when this job is done: a deleted baseline comes back
     if resume_decision(existing, fp, bool(cfg.get("resume", True)), out_dir):
         OUTCOMES[str(out_dir)] = "skipped"
         if baseline:
@@ -214,7 +284,9 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
         check_save_dir(save_dir, fp["digest"])
         ledger.check_writable(save_dir.parent, "save folder", "set save.dir=<writable folder>")
 
-    check_fits(plan, shapes, specs.plan, specs.device)  # before anything loads; a refusal writes nothing
+    check_fits(
+        plan, shapes, specs.plan, specs.device
+    )  # before anything loads; a refusal writes nothing
 
     init_distributed(specs, launch)  # under torchrun: join the ranks (they wait for rank 0 here)
     _save_hydra_files(cfg, out_dir)
@@ -226,16 +298,26 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
     for h in consoles:
         h.addFilter(_quiet_harness)
     torch.manual_seed(specs.seed)
-    results = Results(out_dir / "results.json", config, specs.seed, fingerprint=fp, protocol_id=protocol,
-                      plan=plan.as_dict())
+    results = Results(
+        out_dir / "results.json",
+        config,
+        specs.seed,
+        fingerprint=fp,
+        protocol_id=protocol,
+        plan=plan.as_dict(),
+    )
     logger = None
     exit_code = 1
     try:
         lg = specs.logger
         logger = WandbLogger(
-            lg.mode, lg.project, lg.entity, lg.group or (sweep_dir.name if sweep_dir else None),
+            lg.mode,
+            lg.project,
+            lg.entity,
+            lg.group or (sweep_dir.name if sweep_dir else None),
             name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
-            config=config, directory=out_dir,
+            config=config,
+            directory=out_dir,
         )
         data = record_stages(specs, launch, results, logger, saved, save_dir, fp["digest"], out_dir)
         exit_code = 0
@@ -243,7 +325,10 @@ def _run_claimed(cfg: DictConfig, config: dict[str, Any], out_dir: Path, sweep_d
     except BaseException as err:
         fields: dict[str, Any] = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
         if isinstance(err, (KeyboardInterrupt, Interrupted)):
-            fields.update(error=f"interrupted ({'SIGINT' if isinstance(err, KeyboardInterrupt) else err})", reason="interrupted")
+            fields.update(
+                error=f"interrupted ({'SIGINT' if isinstance(err, KeyboardInterrupt) else err})",
+                reason="interrupted",
+            )
         elif isinstance(err, SparsebenchError):
             fields.update(error=str(err))
         else:
@@ -267,14 +352,29 @@ def _quiet_harness(record: logging.LogRecord) -> bool:
     return not (record.name.startswith("lm_eval") and record.levelno < logging.ERROR)
 
 
-def record_stages(specs: Specs, launch: Launch, results: Results, logger: WandbLogger, saved: tuple | None,
-                  save_dir: Path | None, fingerprint: str, workdir: Path | None = None) -> dict[str, Any]:
+def record_stages(
+    specs: Specs,
+    launch: Launch,
+    results: Results,
+    logger: WandbLogger,
+    saved: tuple | None,
+    save_dir: Path | None,
+    fingerprint: str,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
     """The stages of pipeline.py for the command: each one timed and recorded in results.json."""
     with timed(results, "load"):
-        model, tok = load_model(specs.model, specs.seed)  # checks seqlen on the config before the weights
-    results.update(model={"class": type(model).__name__, "seqlen": specs.model.seqlen,
-                          "params": sum(p.numel() for p in model.parameters()),
-                          "random_weights": specs.model.random_weights})
+        model, tok = load_model(
+            specs.model, specs.seed
+        )  # checks seqlen on the config before the weights
+    results.update(
+        model={
+            "class": type(model).__name__,
+            "seqlen": specs.model.seqlen,
+            "params": sum(p.numel() for p in model.parameters()),
+            "random_weights": specs.model.random_weights,
+        }
+    )
 
     calib = None
     stage_peak(specs.device)  # the prune stage's peak starts here
@@ -285,24 +385,60 @@ def record_stages(specs: Specs, launch: Launch, results: Results, logger: WandbL
     allocation = None
     if specs.schedule.needs_calibration:  # schedule=owl: per-block targets from the dense model
         with timed(results, "allocate"):
-            allocation = pipeline.allocate_blocks(specs.schedule, model, calib, specs.sparsity, specs.pattern,
-                                                  specs.pruner, specs.device)
+            allocation = pipeline.allocate_blocks(
+                specs.schedule,
+                model,
+                calib,
+                specs.sparsity,
+                specs.pattern,
+                specs.pruner,
+                specs.device,
+            )
         results.update(allocation=allocation.report)
 
-    ctx = PruneContext(model, specs.sparsity, specs.pattern, specs.schedule, specs.device, calib,
-                       tokenizer=tok, data=specs.data, seqlen=specs.model.seqlen, log=logger.log,
-                       block_targets=allocation.targets if allocation else None, engine=launch.engine,
-                       offload=launch.offload, inputs=launch.inputs, calib_batch=launch.calib_batch,
-                       fresh_model=lambda: load_model(specs.model, specs.seed)[0], workdir=workdir,
-                       fingerprint=fingerprint, checkpoint_every=specs.checkpoint_every)
-    results.update(engine=launch.engine, world_size=int(os.environ.get("WORLD_SIZE", 1)), offload=launch.offload)
+    ctx = PruneContext(
+        model,
+        specs.sparsity,
+        specs.pattern,
+        specs.schedule,
+        specs.device,
+        calib,
+        tokenizer=tok,
+        data=specs.data,
+        seqlen=specs.model.seqlen,
+        log=logger.log,
+        block_targets=allocation.targets if allocation else None,
+        engine=launch.engine,
+        offload=launch.offload,
+        inputs=launch.inputs,
+        calib_batch=launch.calib_batch,
+        fresh_model=lambda: load_model(specs.model, specs.seed)[0],
+        workdir=workdir,
+        fingerprint=fingerprint,
+        checkpoint_every=specs.checkpoint_every,
+    )
+    results.update(
+        engine=launch.engine,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        offload=launch.offload,
+    )
     with timed(results, "prune"):
         model, masks = pipeline.prune(specs.pruner, ctx)
     if specs.pruner.report():
         results.update(method_report=specs.pruner.report())
-    spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(specs.pruner.budget())
+    spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(
+        specs.pruner.budget()
+    )
     wall = sum(results.data["timings_s"].get(k, 0.0) for k in ("calibrate", "allocate", "prune"))
-    results.update(budget={"prune": {**spent.as_dict(), "wall_s": round(wall, 3), "peak_mem_gib": stage_peak(specs.device)}})
+    results.update(
+        budget={
+            "prune": {
+                **spent.as_dict(),
+                "wall_s": round(wall, 3),
+                "peak_mem_gib": stage_peak(specs.device),
+            }
+        }
+    )
 
     dense = specs.pruner.name == "dense"
     if not dense:  # what each mask must prune, and the masks the recovery keeps
@@ -317,43 +453,90 @@ def record_stages(specs: Specs, launch: Launch, results: Results, logger: WandbL
     if not dense or saved is not None:
         per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group)
     else:
-        per_tensor = {n: float((lin.weight == 0).float().mean()) for n, lin in prunable_linears(model).items()}
+        per_tensor = {
+            n: float((lin.weight == 0).float().mean()) for n, lin in prunable_linears(model).items()
+        }
     if specs.recover is not None:  # the masks are frozen: trained around, then verified again
-        if launch.engine == "fsdp" and not specs.pruner.distributed and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if (
+            launch.engine == "fsdp"
+            and not specs.pruner.distributed
+            and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        ):
             share_pruned(model, frozen, fingerprint)  # the other ranks waited for this pruned model
         with timed(results, "recover"):
-            model = pipeline.recover(specs.recover, recover_context(specs, launch, model, frozen, tok, logger.log))
+            model = pipeline.recover(
+                specs.recover, recover_context(specs, launch, model, frozen, tok, logger.log)
+            )
         per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group)
-        results.update(recover_report=specs.recover.report(),
-                       budget={"recover": {**specs.recover.budget().as_dict(), "wall_s": results.data["timings_s"]["recover"],
-                                           "peak_mem_gib": stage_peak(specs.device)}})
+        results.update(
+            recover_report=specs.recover.report(),
+            budget={
+                "recover": {
+                    **specs.recover.budget().as_dict(),
+                    "wall_s": results.data["timings_s"]["recover"],
+                    "peak_mem_gib": stage_peak(specs.device),
+                }
+            },
+        )
     summary = summarize(per_tensor, prunable_linears(model))
-    nonzero = sum(p.numel() for p in model.parameters()) - summary["pruned_params"]  # Elsa's Figure 3 axis
-    results.update(sparsity={"target": specs.sparsity, "pattern": str(specs.pattern), **summary, "nonzero_params": nonzero},
-                   per_layer_sparsity=per_tensor)
-    logger.table("per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()])
+    nonzero = (
+        sum(p.numel() for p in model.parameters()) - summary["pruned_params"]
+    )  # Elsa's Figure 3 axis
+    results.update(
+        sparsity={
+            "target": specs.sparsity,
+            "pattern": str(specs.pattern),
+            **summary,
+            "nonzero_params": nonzero,
+        },
+        per_layer_sparsity=per_tensor,
+    )
+    logger.table(
+        "per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()]
+    )
     sp = results.data["sparsity"]
     if not dense or saved is not None:
-        log.info("sparsity: target %s, actual %.6f over %d prunable weights", sp["target"], sp["actual_sparsity"],
-                 sp["prunable_params"])
+        log.info(
+            "sparsity: target %s, actual %.6f over %d prunable weights",
+            sp["target"],
+            sp["actual_sparsity"],
+            sp["prunable_params"],
+        )
 
     if save_dir is not None:
         with timed(results, "save"):
-            folder = save_pruned(model, tok, masks, save_dir, export_meta(specs, allocation, fingerprint, results))
+            folder = save_pruned(
+                model, tok, masks, save_dir, export_meta(specs, allocation, fingerprint, results)
+            )
         results.update(saved_model=str(folder))
 
-    if specs.model.random_weights:  # a measurement run: the perplexity of random weights is no result
+    if (
+        specs.model.random_weights
+    ):  # a measurement run: the perplexity of random weights is no result
         log.info("random weights (model.source=random): no quality evaluation")
-        results.update(memory=peak_memory(specs.device), evaluation="skipped: random weights", status="complete")
+        results.update(
+            memory=peak_memory(specs.device),
+            evaluation="skipped: random weights",
+            status="complete",
+        )
         return results.data
     placement = results.data["plan"]["eval"]
-    place_for_eval(model, specs.device, placement, specs.plan.margin)  # one GPU, or a device map over several
+    place_for_eval(
+        model, specs.device, placement, specs.plan.margin
+    )  # one GPU, or a device map over several
     results.update(eval_placement=placement["placement"])
     for name in specs.eval.datasets:
         with timed(results, f"eval_{name}"):
-            (ppl, windows), = pipeline.evaluate_perplexity(model, tok, specs.data, [name], specs.model.seqlen,
-                                                           specs.device, specs.eval.batch_size,
-                                                           specs.eval.max_windows).values()
+            ((ppl, windows),) = pipeline.evaluate_perplexity(
+                model,
+                tok,
+                specs.data,
+                [name],
+                specs.model.seqlen,
+                specs.device,
+                specs.eval.batch_size,
+                specs.eval.max_windows,
+            ).values()
         results.update(metrics={name: ppl, f"{name}_windows": windows})
         logger.log({f"ppl/{name}": ppl})
         log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
@@ -364,11 +547,25 @@ def record_stages(specs: Specs, launch: Launch, results: Results, logger: WandbL
         from .models import cache_root
 
         with timed(results, "eval_zeroshot"):
-            out = evaluate_zeroshot(model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root())
-        results.update(zeroshot=out, metrics={**{t: v["headline"] for t, v in out["tasks"].items()}, "mean_acc": out["mean_acc"]})
-        logger.log({f"zeroshot/{t}": v["headline"] for t, v in out["tasks"].items()} | {"zeroshot/mean_acc": out["mean_acc"]})
-        logger.table("zeroshot", ["task", "acc", "acc_norm", "n"],
-                     [[t, v.get("acc"), v.get("acc_norm"), v["n"]] for t, v in out["tasks"].items()])
+            out = evaluate_zeroshot(
+                model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root()
+            )
+        results.update(
+            zeroshot=out,
+            metrics={
+                **{t: v["headline"] for t, v in out["tasks"].items()},
+                "mean_acc": out["mean_acc"],
+            },
+        )
+        logger.log(
+            {f"zeroshot/{t}": v["headline"] for t, v in out["tasks"].items()}
+            | {"zeroshot/mean_acc": out["mean_acc"]}
+        )
+        logger.table(
+            "zeroshot",
+            ["task", "acc", "acc_norm", "n"],
+            [[t, v.get("acc"), v.get("acc_norm"), v["n"]] for t, v in out["tasks"].items()],
+        )
 
     results.update(memory=peak_memory(specs.device), status="complete")
     return results.data
@@ -376,13 +573,28 @@ def record_stages(specs: Specs, launch: Launch, results: Results, logger: WandbL
 
 def export_meta(specs: Specs, allocation, fingerprint: str, results: Results) -> dict[str, Any]:
     """sparsebench.json of an export: what verifies its masks and re-evaluates it as this run did."""
-    return {"method": specs.pruner.name, "sparsity": specs.sparsity, "pattern": str(specs.pattern),
-            "block_targets": allocation.targets if allocation else None,
-            "group": specs.pruner.group, "seed": specs.seed, "model": specs.model.name, "fingerprint": fingerprint,
-            "data": {"source": specs.data.source, "calib_set": specs.data.calib_set,
-                     "nsamples": specs.data.nsamples, "seqlen": specs.model.seqlen},
-            # what `model=local model.path=<export> method=dense` needs to evaluate it as this run did
-            "dtype": specs.model.dtype,
-            "evaluation": {"protocol": results.data["config"].get("protocol"), "nsamples": specs.data.nsamples,
-                           "max_windows": specs.eval.max_windows, "batch_size": specs.eval.batch_size,
-                           "datasets": list(specs.eval.datasets)}}
+    return {
+        "method": specs.pruner.name,
+        "sparsity": specs.sparsity,
+        "pattern": str(specs.pattern),
+        "block_targets": allocation.targets if allocation else None,
+        "group": specs.pruner.group,
+        "seed": specs.seed,
+        "model": specs.model.name,
+        "fingerprint": fingerprint,
+        "data": {
+            "source": specs.data.source,
+            "calib_set": specs.data.calib_set,
+            "nsamples": specs.data.nsamples,
+            "seqlen": specs.model.seqlen,
+        },
+        # what `model=local model.path=<export> method=dense` needs to evaluate it as this run did
+        "dtype": specs.model.dtype,
+        "evaluation": {
+            "protocol": results.data["config"].get("protocol"),
+            "nsamples": specs.data.nsamples,
+            "max_windows": specs.eval.max_windows,
+            "batch_size": specs.eval.batch_size,
+            "datasets": list(specs.eval.datasets),
+        },
+    }

@@ -15,6 +15,7 @@ Comparison groups (docs/methods.md): who competes with whom for survival.
 N:M patterns ignore the group: every run of M consecutive input columns of a
 row keeps exactly N.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,7 +92,9 @@ def _block_count(rows: int, width: int, sparsity: float, extra: int) -> int:
 TIE_SURPLUS = 1e-3
 
 
-def pruned_bounds(shape: tuple[int, int], sparsity: float, pattern: Pattern, group: str) -> tuple[int, int]:
+def pruned_bounds(
+    shape: tuple[int, int], sparsity: float, pattern: Pattern, group: str
+) -> tuple[int, int]:
     """(fewest, most) pruned weights a mask of this shape may have: equal, except under
     the official SparseGPT rule ("block:B+1"), where ties may add up to TIE_SURPLUS."""
     want = expected_pruned(shape, sparsity, pattern, group)
@@ -126,7 +129,9 @@ def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     rows, cols = score.shape
     if cols % m:
-        raise SparsebenchError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
+        raise SparsebenchError(
+            f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}"
+        )
     groups = score.reshape(rows, cols // m, m)
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(2, torch.topk(groups, m - n, dim=2, largest=False).indices, False)
@@ -153,7 +158,9 @@ def _lowest_flat_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
     return prune
 
 
-def project(score: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "tensor") -> torch.Tensor:
+def project(
+    score: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "tensor"
+) -> torch.Tensor:
     """Keep-mask (bool, same shape as score) pruning the lowest-scoring weights.
 
     Exactly `expected_pruned(score.shape, ...)` entries are False (for "block:B+1", within
@@ -163,7 +170,9 @@ def project(score: torch.Tensor, sparsity: float, pattern: Pattern, group: str =
     if pattern.is_nm:
         return nm_keep(score, pattern.n, pattern.m)
     rows, cols = score.shape
-    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)  # contiguous whatever score is
+    keep = torch.ones(
+        score.shape, dtype=torch.bool, device=score.device
+    )  # contiguous whatever score is
     if sparsity == 0:
         return keep
     if group == "tensor":
@@ -203,9 +212,13 @@ class Ramp:
             raise SparsebenchError(f"unknown ramp '{self.kind}'; valid: constant, cubic")
         if self.kind == "cubic":
             if not (0.0 <= self.start < self.end <= 1.0):
-                raise SparsebenchError(f"cubic ramp needs 0 <= start < end <= 1, got {self.start}, {self.end}")
+                raise SparsebenchError(
+                    f"cubic ramp needs 0 <= start < end <= 1, got {self.start}, {self.end}"
+                )
             if not (0.0 <= self.initial < 1.0):
-                raise SparsebenchError(f"ramp initial sparsity must be in [0, 1), got {self.initial}")
+                raise SparsebenchError(
+                    f"ramp initial sparsity must be in [0, 1), got {self.initial}"
+                )
 
     def at(self, step: int, total_steps: int, target: float) -> float:
         if self.kind == "constant":
@@ -249,7 +262,9 @@ class Schedule:
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
-            raise SparsebenchError(f"unknown allocation '{self.allocation}'; valid: {', '.join(ALLOCATIONS)}")
+            raise SparsebenchError(
+                f"unknown allocation '{self.allocation}'; valid: {', '.join(ALLOCATIONS)}"
+            )
 
     @property
     def needs_calibration(self) -> bool:

@@ -4,6 +4,7 @@
 What actually runs (the engine, where the calibration inputs live, the ranks) is resolved
 from this by the memory plan: launch.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import data as datamod
 from .engine.shard import ENGINES
-from .evaluation.perplexity import EvalSpec
 from .errors import SparsebenchError
+from .evaluation.perplexity import EvalSpec
 from .models import ModelSpec
 from .plan import PlanSpec
 from .pruners import Pruner
@@ -54,11 +55,15 @@ class Specs:
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
     plan: Any = None  # PlanSpec
     world_size: int = 1  # ranks to plan for (dry runs)
-    engine: str = "auto"  # auto | single | ddp | fsdp (sparsebench/engine/shard.py); what runs: launch.Launch
+    engine: str = (
+        "auto"  # auto | single | ddp | fsdp (sparsebench/engine/shard.py); what runs: launch.Launch
+    )
     offload: bool = False  # FSDP2 CPU offload (engine=fsdp; sparsebench/engine/shard.py)
     calib_inputs: str = "auto"  # auto | device | host (engine/driver.py); what runs: launch.Launch
     calib_batch: int = 1  # one-shot methods: windows per forward through a block (engine/driver.py)
-    checkpoint_every: int = 0  # training checkpoints every N steps (sparsebench/engine/checkpoint.py)
+    checkpoint_every: int = (
+        0  # training checkpoints every N steps (sparsebench/engine/checkpoint.py)
+    )
 
     @property
     def needs_calibration(self) -> bool:
@@ -85,11 +90,21 @@ def resolve_device(name: str, planning: bool = False) -> torch.device:
     except RuntimeError:
         raise SparsebenchError(f"unknown device '{name}'; valid here: {valid}") from None
     if device.type not in ("cpu", "cuda"):
-        raise SparsebenchError(f"device={name} is not supported by sparsebench (valid here: {valid})")
+        raise SparsebenchError(
+            f"device={name} is not supported by sparsebench (valid here: {valid})"
+        )
     if device.type == "cuda" and not cuda:
-        raise SparsebenchError(f"device={name} but no CUDA GPU is visible to this torch build; valid here: {valid}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SparsebenchError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; valid here: {valid}")
+        raise SparsebenchError(
+            f"device={name} but no CUDA GPU is visible to this torch build; valid here: {valid}"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise SparsebenchError(
+            f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; valid here: {valid}"
+        )
     return device
 
 
@@ -120,7 +135,9 @@ def build_specs(cfg: DictConfig) -> Specs:
         pattern=Pattern() if pruner.name == "dense" else pattern,
         schedule=build_dataclass(Schedule, {**sched, "ramp": ramp, "owl": owl}, "schedule"),
         # a random-weight model reads random ids, no data file: it runs where no data root is
-        data=build_dataclass(datamod.DataSpec, {**c["data"], "needs_files": not model.random_weights}, "data"),
+        data=build_dataclass(
+            datamod.DataSpec, {**c["data"], "needs_files": not model.random_weights}, "data"
+        ),
         eval=build_dataclass(EvalSpec, c["eval"], "eval"),
         device=resolve_device(str(c["device"]), planning=bool(c.get("dry_run", False))),
         seed=seed,
@@ -132,29 +149,46 @@ def build_specs(cfg: DictConfig) -> Specs:
         engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),
         checkpoint_every=check_value(c.get("checkpoint_every", 0), int, "checkpoint_every", ge=0),
         offload=check_value(c.get("offload", False), bool, "offload"),
-        calib_inputs=check_value(c.get("calib_inputs", "auto"), str, "calib_inputs", choices=("auto", "device", "host")),
+        calib_inputs=check_value(
+            c.get("calib_inputs", "auto"), str, "calib_inputs", choices=("auto", "device", "host")
+        ),
         calib_batch=check_value(c.get("calib_batch", 1), int, "calib_batch", ge=1),
     )
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
-        log.warning("schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target at once",
-                    ramp.kind, pruner.name)
+        log.warning(
+            "schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target at once",
+            ramp.kind,
+            pruner.name,
+        )
     if specs.schedule.allocation != "uniform":
         if pruner.name == "dense":
-            raise SparsebenchError(f"schedule={specs.schedule.allocation} allocates sparsity over blocks, but method=dense "
-                                   f"prunes nothing; use schedule=uniform")
+            raise SparsebenchError(
+                f"schedule={specs.schedule.allocation} allocates sparsity over blocks, but method=dense "
+                f"prunes nothing; use schedule=uniform"
+            )
         if pattern.is_nm:
-            raise SparsebenchError(f"schedule={specs.schedule.allocation} gives blocks different sparsities, but pattern "
-                                   f"{pattern} fixes every block at 0.5; use pattern=unstructured or schedule=uniform")
+            raise SparsebenchError(
+                f"schedule={specs.schedule.allocation} gives blocks different sparsities, but pattern "
+                f"{pattern} fixes every block at 0.5; use pattern=unstructured or schedule=uniform"
+            )
     if owl is not None and specs.schedule.allocation != "owl":
-        log.warning("schedule.owl is set but schedule.allocation=%s: the OWL options do nothing",
-                    specs.schedule.allocation)
+        log.warning(
+            "schedule.owl is set but schedule.allocation=%s: the OWL options do nothing",
+            specs.schedule.allocation,
+        )
     if specs.checkpoint_every and not pruner.distributed:
-        log.warning("checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) checkpoints",
-                    specs.checkpoint_every, pruner.name)
+        log.warning(
+            "checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) checkpoints",
+            specs.checkpoint_every,
+            pruner.name,
+        )
     if specs.calib_batch > 1 and not isinstance(pruner, LayerwisePruner):
-        log.warning("calib_batch=%d does nothing for '%s': only the layer-by-layer one-shot methods batch windows",
-                    specs.calib_batch, pruner.name)
+        log.warning(
+            "calib_batch=%d does nothing for '%s': only the layer-by-layer one-shot methods batch windows",
+            specs.calib_batch,
+            pruner.name,
+        )
     if specs.save.dir and not specs.save.enabled:
         log.warning("save.dir is set but save.enabled=false: nothing will be saved")
     return specs
@@ -176,7 +210,9 @@ def check_data_files(specs: Specs) -> tuple[dict[str, str], dict[str, str]]:
     digests = {rel: datamod.check_file(d, rel) for rel in sorted(reads)}
     for rel in zs.local_files():
         digests[rel] = datamod.file_digest(Path(d.root) / rel)
-    eval_digests = {rel: h for rel, h in digests.items() if rel in evals or rel.startswith("zeroshot/")}
+    eval_digests = {
+        rel: h for rel, h in digests.items() if rel in evals or rel.startswith("zeroshot/")
+    }
     return digests, eval_digests
 
 

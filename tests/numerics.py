@@ -12,6 +12,7 @@ them under each):
   the terms' magnitudes. Two orders of a sum of non-negative terms (a squared norm) are
   therefore within 2 gamma(n) of each other relative to the sum itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ def norm_rel_bound(n: int) -> float:
     return 2 * one
 
 
-def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str = "") -> None:
+def assert_identical(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str = ""
+) -> None:
     """Every tensor of a equals b's bit for bit (NaN-free; same keys)."""
     assert set(a) == set(b), (what, sorted(set(a) ^ set(b))[:5])
     for key, x in a.items():

@@ -1,7 +1,14 @@
 """8-bit Adam: quantization error bounds and agreement with float32 Adam."""
+
 import torch
 
-from sparsebench.engine.adam8bit import Adam8bit, dequantize_log, dequantize_signed, quantize_log, quantize_signed
+from sparsebench.engine.adam8bit import (
+    Adam8bit,
+    dequantize_log,
+    dequantize_signed,
+    quantize_log,
+    quantize_signed,
+)
 
 
 def test_signed_quantization_bound():
@@ -28,7 +35,9 @@ def test_blocks_never_straddle_rows_so_a_row_shard_quantizes_as_the_whole():
     y = torch.randn(6, 4096)  # 4096 columns: two blocks of 2048 per row, as a flat cut would make
     qy, _ = quantize_signed(y, block=2048)
     assert qy.shape == (12, 2048)
-    assert torch.allclose(dequantize_signed(*quantize_signed(y, 2048), y), y, atol=float(y.abs().max()) / 254 + 1e-6)
+    assert torch.allclose(
+        dequantize_signed(*quantize_signed(y, 2048), y), y, atol=float(y.abs().max()) / 254 + 1e-6
+    )
 
 
 def test_log_quantization_relative_bound_and_zeros():
@@ -60,7 +69,9 @@ def test_tracks_float32_adam():
     assert (b - target).norm() < 0.05 * target.norm()
     assert (a - b).norm() < 0.05 * target.norm()
     st = ob.state[b]
-    state_bytes = sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+    state_bytes = sum(
+        t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor)
+    )
     assert state_bytes / b.numel() < 2.2  # 1 + 1 byte per value plus per-block scales
 
 
@@ -73,5 +84,7 @@ def test_first_step_moments_match():
     ob.step()
     torch.testing.assert_close(b, a)  # the step itself uses float32 moments
     m, v = ob.moments(b)
-    torch.testing.assert_close(m, oa.state[a]["exp_avg"], rtol=0, atol=float(m.abs().max()) / 254 + 1e-9)
+    torch.testing.assert_close(
+        m, oa.state[a]["exp_avg"], rtol=0, atol=float(m.abs().max()) / 254 + 1e-9
+    )
     torch.testing.assert_close(v, oa.state[a]["exp_avg_sq"], rtol=0.05, atol=0)

@@ -1,12 +1,13 @@
 """The ADMM engine: a toy problem with a known sparse optimum, the update rules, FP8 state."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from sparsebench.errors import SparsebenchError
 from sparsebench.engine.admm import ADMM, FP8_MAX, LambdaSchedule, Stored
+from sparsebench.errors import SparsebenchError
 from sparsebench.sparsity import Pattern, Ramp
 
 
@@ -21,7 +22,9 @@ def _least_squares(seed=0, rows=4, cols=32, nnz=32):
 
 
 @pytest.mark.parametrize("projection", ["objective", "magnitude"])
-@pytest.mark.parametrize("fmt", [("float32", "float32", True), ("fp8", "bfloat16", True), ("fp8", "bfloat16", False)])
+@pytest.mark.parametrize(
+    "fmt", [("float32", "float32", True), ("fp8", "bfloat16", True), ("fp8", "bfloat16", False)]
+)
 def test_admm_recovers_known_sparse_optimum(projection, fmt):
     _solve_toy(projection, fmt)
 
@@ -32,8 +35,19 @@ def _solve_toy(projection, fmt):
     lin = nn.Linear(32, 4, bias=False)
     opt = torch.optim.Adam(lin.parameters(), lr=0.05, betas=(0.9, 0.95))
     steps = 400
-    admm = ADMM({"w": lin.weight}, opt, 0.75, Pattern(), steps, interval=10, lam=LambdaSchedule("constant", 0, 1.0),
-                projection=projection, z_format=fmt[0], u_format=fmt[1], residual=fmt[2])
+    admm = ADMM(
+        {"w": lin.weight},
+        opt,
+        0.75,
+        Pattern(),
+        steps,
+        interval=10,
+        lam=LambdaSchedule("constant", 0, 1.0),
+        projection=projection,
+        z_format=fmt[0],
+        u_format=fmt[1],
+        residual=fmt[2],
+    )
     dists = []
     for step in range(steps):
         opt.zero_grad()
@@ -67,10 +81,18 @@ def test_fp8_residual_coding_tracks_exact_admm():
     torch.manual_seed(0)
     w_full = nn.Parameter(torch.randn(16, 32))
     w_fp8 = nn.Parameter(w_full.detach().clone())
-    kw = dict(sparsity=0.75, pattern=Pattern(), total_steps=40, interval=4, projection="magnitude",
-              lam=LambdaSchedule("constant", 0, 0.5))
+    kw = dict(
+        sparsity=0.75,
+        pattern=Pattern(),
+        total_steps=40,
+        interval=4,
+        projection="magnitude",
+        lam=LambdaSchedule("constant", 0, 0.5),
+    )
     exact = ADMM({"w": w_full}, torch.optim.SGD([w_full], lr=0.05), **kw)
-    coded = ADMM({"w": w_fp8}, torch.optim.SGD([w_fp8], lr=0.05), z_format="fp8", u_format="float32", **kw)
+    coded = ADMM(
+        {"w": w_fp8}, torch.optim.SGD([w_fp8], lr=0.05), z_format="fp8", u_format="float32", **kw
+    )
     for step in range(40):
         g = torch.randn(16, 32)
         for p, admm in ((w_full, exact), (w_fp8, coded)):
@@ -83,7 +105,9 @@ def test_fp8_residual_coding_tracks_exact_admm():
         assert torch.equal(coded.keep("w"), z != 0)
         assert ((z * u) == 0).all()  # exact ADMM: disjoint supports, the slot the residual uses
         assert (coded.z["w"].get() != z).any()  # the FP8 z itself is rounded ...
-        torch.testing.assert_close(coded.z_value("w"), z, atol=1e-5, rtol=1e-5)  # ... the value read back is not
+        torch.testing.assert_close(
+            coded.z_value("w"), z, atol=1e-5, rtol=1e-5
+        )  # ... the value read back is not
         assert (coded.u_value("w")[z != 0] == 0).all()
         torch.testing.assert_close(coded.u_value("w"), u, atol=1e-5, rtol=1e-5)
     assert coded.state_bytes()["z"] == 16 * 32 + 4
@@ -93,11 +117,21 @@ def test_updates_follow_the_equations():
     torch.manual_seed(0)
     lin = nn.Linear(8, 4, bias=False)
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-    admm = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10, interval=3, lam=LambdaSchedule("constant", 0, 0.3),
-                projection="magnitude")
+    admm = ADMM(
+        {"w": lin.weight},
+        opt,
+        0.5,
+        Pattern(),
+        10,
+        interval=3,
+        lam=LambdaSchedule("constant", 0, 0.3),
+        projection="magnitude",
+    )
     w0 = lin.weight.detach().clone()
     z0 = admm.z["w"].get()
-    assert int((z0 == 0).sum()) == 16 and torch.equal(z0, w0 * (w0.abs() >= w0.abs().flatten().kthvalue(17).values))
+    assert int((z0 == 0).sum()) == 16 and torch.equal(
+        z0, w0 * (w0.abs() >= w0.abs().flatten().kthvalue(17).values)
+    )
     assert torch.equal(admm.u["w"].get(), torch.zeros(4, 8))
     g = torch.randn(4, 8)
     lin.weight.grad = g.clone()
@@ -107,7 +141,7 @@ def test_updates_follow_the_equations():
     w1 = lin.weight.detach().clone()
     assert admm.after_step(0)  # step 0 updates
     z1, u1 = admm.z["w"].get(), admm.u["w"].get()
-    keep = (w1.abs() >= w1.abs().flatten().kthvalue(17).values)
+    keep = w1.abs() >= w1.abs().flatten().kthvalue(17).values
     torch.testing.assert_close(z1, w1 * keep)
     torch.testing.assert_close(u1, w1 - z1)
     assert not admm.after_step(1) and not admm.after_step(2) and admm.after_step(3)
@@ -142,7 +176,11 @@ def test_lambda_schedules():
     lin = LambdaSchedule("linear", 0.0, 1.0)
     assert lin.at(0, 11) == 0.0 and lin.at(5, 11) == pytest.approx(0.5) and lin.at(10, 11) == 1.0
     cos = LambdaSchedule("cosine", 0.0, 1.0)
-    assert cos.at(0, 11) == pytest.approx(0.0) and cos.at(5, 11) == pytest.approx(0.5) and cos.at(10, 11) == pytest.approx(1.0)
+    assert (
+        cos.at(0, 11) == pytest.approx(0.0)
+        and cos.at(5, 11) == pytest.approx(0.5)
+        and cos.at(10, 11) == pytest.approx(1.0)
+    )
     exp = LambdaSchedule("exponential", 0.01, 1.0)
     assert exp.at(5, 11) == pytest.approx(0.1)
     with pytest.raises(SparsebenchError, match="valid: constant, linear"):
@@ -174,7 +212,9 @@ def test_state_bytes_are_measured():
     lin.weight.grad = torch.zeros_like(lin.weight)
     opt.step()
     full = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10).state_bytes()
-    light = ADMM({"w": lin.weight}, opt, 0.5, Pattern(), 10, z_format="fp8", u_format="bfloat16").state_bytes()
+    light = ADMM(
+        {"w": lin.weight}, opt, 0.5, Pattern(), 10, z_format="fp8", u_format="bfloat16"
+    ).state_bytes()
     n = 64 * 32
     assert full["z"] == 4 * n and full["u"] == 4 * n and full["optimizer"] >= 8 * n
     assert light["z"] == n + 4 and light["u"] == 2 * n and light["params"] == n
@@ -184,8 +224,16 @@ def test_u_is_rescaled_when_lambda_changes():
     """Scaled-form ADMM: u = y / lam. With the weights held still (no optimizer steps),
     the second z/u update sees lam go 0.5 -> 1.0 and must use u * 0.5 before the u-step."""
     w = nn.Parameter(torch.tensor([[3.0, -1.0, 0.5, 2.0]]))
-    admm = ADMM({"w": w}, torch.optim.SGD([w], lr=0.0), 0.5, Pattern(), total_steps=3, interval=1,
-                lam=LambdaSchedule("linear", 0.5, 1.0), projection="magnitude")
+    admm = ADMM(
+        {"w": w},
+        torch.optim.SGD([w], lr=0.0),
+        0.5,
+        Pattern(),
+        total_steps=3,
+        interval=1,
+        lam=LambdaSchedule("linear", 0.5, 1.0),
+        projection="magnitude",
+    )
     # z0 = Proj(w) = [3, 0, 0, 2], u0 = 0; update at step 0 (lam 0.5): z = [3,0,0,2], u = w - z
     admm.after_step(0)
     u1 = admm.u["w"].get().clone()
@@ -203,8 +251,16 @@ def test_dual_carries_over_a_lambda_ramp():
     a = torch.tensor([[4.0, -0.3, 2.5, 0.2, -3.0, 0.1]])
     w = nn.Parameter(a.clone())
     steps = 3000
-    admm = ADMM({"w": w}, torch.optim.SGD([w], lr=0.05), 0.5, Pattern(), steps, interval=5,
-                lam=LambdaSchedule("exponential", 0.05, 2.0), projection="magnitude")
+    admm = ADMM(
+        {"w": w},
+        torch.optim.SGD([w], lr=0.05),
+        0.5,
+        Pattern(),
+        steps,
+        interval=5,
+        lam=LambdaSchedule("exponential", 0.05, 2.0),
+        projection="magnitude",
+    )
     for step in range(steps):
         w.grad = w.detach() - a
         admm.add_penalty(step)

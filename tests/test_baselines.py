@@ -1,17 +1,18 @@
 """The papers' other baselines (issue #19): OWL allocation, ALPS, L-ADMM."""
+
 import pytest
 import torch
 from torch import nn
 
-from sparsebench.records import report
 from sparsebench.allocation import balance, outlier_ratios, owl_targets
 from sparsebench.errors import SparsebenchError
-from sparsebench.records.export import load_saved
 from sparsebench.models import find_blocks, find_linears, load_model, prunable_linears
 from sparsebench.pruners.alps import ALPS, masked_cg
 from sparsebench.pruners.ladmm import LADMM
 from sparsebench.pruners.layerwise import RunningMean, scaled_gram
 from sparsebench.pruners.wanda import Wanda
+from sparsebench.records import report
+from sparsebench.records.export import load_saved
 from sparsebench.run import build_specs, run
 from sparsebench.sparsity import Pattern, expected_pruned
 
@@ -42,7 +43,9 @@ def test_owl_gives_the_block_with_outliers_the_lower_sparsity():
             w[torch.randperm(w.numel())[: w.numel() // 50]] *= 50
     calib = torch.randint(0, model.config.vocab_size, (4, 32))
     ratios = outlier_ratios(model, calib, torch.device("cpu"), 5.0)
-    assert ratios[1] > 1.0 and ratios[1] > 2 * ratios[0]  # percent: most of the planted 2% stand out
+    assert (
+        ratios[1] > 1.0 and ratios[1] > 2 * ratios[0]
+    )  # percent: most of the planted 2% stand out
     t = owl_targets(ratios, 0.5, 0.08)
     assert t == pytest.approx([0.58, 0.42])  # two blocks: the full spread, +/- lam
 
@@ -52,7 +55,9 @@ def test_balance_makes_the_total_exact(group):
     shapes = [[(96, 64), (64, 64), (160, 64), (64, 160)]] * 6
     raw = owl_targets([1.0, 3.0, 2.0, 7.0, 4.0, 2.5], 0.7, 0.08)
     total = sum(r * c for b in shapes for r, c in b)
-    count = lambda ts: sum(expected_pruned(s, t, Pattern(), group) for b, t in zip(shapes, ts) for s in b)  # noqa: E731
+    count = lambda ts: sum(
+        expected_pruned(s, t, Pattern(), group) for b, t in zip(shapes, ts) for s in b
+    )  # noqa: E731
     tuned = balance(raw, shapes, 0.7, Pattern(), group)
     assert abs(count(tuned) - 0.7 * total) <= 160  # the last block's smallest step: one row of 160
     assert abs(count(tuned) - 0.7 * total) < abs(count(raw) - 0.7 * total)
@@ -61,14 +66,23 @@ def test_balance_makes_the_total_exact(group):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude", "elsa"])
 def test_owl_runs_and_the_verifier_checks_each_block_target(tmp_path, method):
-    res = run(compose(TINY + [f"method={method}", "sparsity=0.6", "schedule=owl", "save.enabled=true"]), tmp_path)
+    res = run(
+        compose(TINY + [f"method={method}", "sparsity=0.6", "schedule=owl", "save.enabled=true"]),
+        tmp_path,
+    )
     alloc = res["allocation"]
-    assert alloc["kind"] == "owl" and len(alloc["targets"]) == 2 and len(alloc["outlier_ratio"]) == 2
+    assert (
+        alloc["kind"] == "owl" and len(alloc["targets"]) == 2 and len(alloc["outlier_ratio"]) == 2
+    )
     assert sum(alloc["targets_raw"]) / 2 == pytest.approx(0.6)
-    assert alloc["targets"][0] != pytest.approx(alloc["targets"][1])  # random blocks differ in outliers
+    assert alloc["targets"][0] != pytest.approx(
+        alloc["targets"][1]
+    )  # random blocks differ in outliers
     for name, s in res["per_layer_sparsity"].items():
         block = int(name.split(".")[2])
-        assert abs(s - alloc["targets"][block]) < 1 / 64 + 1e-9, name  # per-row rounding of its block's target
+        assert abs(s - alloc["targets"][block]) < 1 / 64 + 1e-9, (
+            name
+        )  # per-row rounding of its block's target
     # the released targets (balance=false): each row or group rounds its count to whole weights, at
     # most one weight in a 64-wide row away (SparseGPT's official count may prune one more per block)
     assert abs(0.6 - res["sparsity"]["actual_sparsity"]) < 1 / 64
@@ -76,8 +90,20 @@ def test_owl_runs_and_the_verifier_checks_each_block_target(tmp_path, method):
     # the export remembers the per-block targets: its masks verify again on reload
     masks, meta = load_saved(tmp_path / "model")
     assert meta["block_targets"] == alloc["targets"]
-    res2 = run(compose(["model=local", f"model.path={tmp_path / 'model'}", "model.dtype=float32", "model.seqlen=64",
-                        "protocol=tiny", "method=dense", "logger=disabled"]), tmp_path / "reload")
+    res2 = run(
+        compose(
+            [
+                "model=local",
+                f"model.path={tmp_path / 'model'}",
+                "model.dtype=float32",
+                "model.seqlen=64",
+                "protocol=tiny",
+                "method=dense",
+                "logger=disabled",
+            ]
+        ),
+        tmp_path / "reload",
+    )
     assert res2["sparsity"]["actual_sparsity"] == pytest.approx(res["sparsity"]["actual_sparsity"])
 
 
@@ -89,7 +115,9 @@ def test_owl_refuses_what_it_cannot_do():
     with pytest.raises(SparsebenchError, match="schedule.owl option 'lam' must be < 1"):
         build_specs(compose(TINY + ["method=wanda", "schedule=owl", "schedule.owl.lam=1.5"]))
     specs = build_specs(compose(TINY + ["method=magnitude", "schedule=owl"]))
-    assert specs.reads_calibration and specs.needs_calibration  # OWL scores with data even for magnitude
+    assert (
+        specs.reads_calibration and specs.needs_calibration
+    )  # OWL scores with data even for magnitude
 
 
 # ---------------------------------------------------------------- ALPS, L-ADMM
@@ -98,7 +126,9 @@ def test_owl_refuses_what_it_cannot_do():
 def _layer(rows=48, cols=64, tokens=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)  # correlated inputs
-    x = torch.randn(tokens, cols, generator=g) @ mix * torch.linspace(0.2, 3.0, cols)  # uneven column norms
+    x = (
+        torch.randn(tokens, cols, generator=g) @ mix * torch.linspace(0.2, 3.0, cols)
+    )  # uneven column norms
     lin = nn.Linear(cols, rows, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(rows, cols, generator=g))
@@ -120,14 +150,18 @@ def _oneshot_start(w, x, sparsity, pattern):
 
 
 @pytest.mark.parametrize("cls", [ALPS, LADMM])
-@pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)])
+@pytest.mark.parametrize(
+    "pattern,sparsity", [(Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)]
+)
 def test_layerwise_admm_lowers_the_reconstruction_error_below_its_start(cls, pattern, sparsity):
     lin, x, stats = _layer()
     w0 = lin.weight.detach().clone()
     method = cls()
     keep = method.prune_linear(lin, method.prepare(stats), sparsity, pattern)
     w = lin.weight.detach()
-    assert int((~keep).sum()) == expected_pruned(tuple(w.shape), sparsity, pattern, "tensor")  # exact count
+    assert int((~keep).sum()) == expected_pruned(
+        tuple(w.shape), sparsity, pattern, "tensor"
+    )  # exact count
     assert (w[~keep] == 0).all()
     if pattern.is_nm:
         assert (keep.reshape(w.shape[0], -1, pattern.m).sum(-1) == pattern.n).all()
@@ -164,15 +198,30 @@ def test_alps_and_ladmm_run_from_the_cli_in_a_sweep_and_appear_in_the_report(tmp
     res = run(compose(TINY + [f"method={method}", "sparsity=0.7"]), tmp_path / method)
     assert res["status"] == "complete"
     assert res["sparsity"]["actual_sparsity"] == pytest.approx(
-        sum(int(l.weight.numel() * 0.7) for l in prunable_linears(load_model(tiny_spec("llama"), 0)[0]).values())
-        / res["sparsity"]["prunable_params"])
+        sum(
+            int(l.weight.numel() * 0.7)
+            for l in prunable_linears(load_model(tiny_spec("llama"), 0)[0]).values()
+        )
+        / res["sparsity"]["prunable_params"]
+    )
     rows = report.load_results(tmp_path)
     assert [r["method"] for r in rows if r["method"] != "dense"] == [method]
     assert res["budget"]["prune"]["wall_s"] > 0
 
 
 def test_owl_balance_makes_the_run_total_exact(tmp_path):
-    res = run(compose(TINY + ["method=wanda", "sparsity=0.6", "schedule=owl", "schedule.owl.balance=true"]), tmp_path)
+    res = run(
+        compose(
+            TINY + ["method=wanda", "sparsity=0.6", "schedule=owl", "schedule.owl.balance=true"]
+        ),
+        tmp_path,
+    )
     assert res["allocation"]["balance"] is True
     assert abs(res["sparsity"]["actual_sparsity"] - 0.6) < 2e-3  # the last block's rounding step
-    assert max(abs(a - b) for a, b in zip(res["allocation"]["targets"], res["allocation"]["targets_raw"])) < 0.02
+    assert (
+        max(
+            abs(a - b)
+            for a, b in zip(res["allocation"]["targets"], res["allocation"]["targets_raw"])
+        )
+        < 0.02
+    )

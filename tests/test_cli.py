@@ -1,4 +1,5 @@
 """End to end on tiny models: prune, verify, perplexity, results.json; and the bad-input errors."""
+
 import json
 import subprocess
 import sys
@@ -34,14 +35,20 @@ def test_pipeline_end_to_end(overrides, tmp_path):
     for name in ("wikitext2", "c4"):
         assert 1 < on_disk["metrics"][name] < 1e6 and on_disk["metrics"][f"{name}_windows"] == 4
     assert {"load", "prune", "eval_wikitext2", "eval_c4"} <= set(on_disk["timings_s"])
-    assert on_disk["versions"]["torch"] and on_disk["seed"] == 0 and on_disk["memory"]["peak_rss_gib"] > 0
+    assert (
+        on_disk["versions"]["torch"]
+        and on_disk["seed"] == 0
+        and on_disk["memory"]["peak_rss_gib"] > 0
+    )
     assert on_disk["config"]["model"]["seqlen"] == 64
 
 
 def test_pruning_hurts_in_order(tmp_path):
     ppl = {}
     for s in (0.0, 0.5, 0.9):
-        ppl[s] = run(compose(TINY + ["method=magnitude", f"sparsity={s}"]), tmp_path / str(s))["metrics"]["wikitext2"]
+        ppl[s] = run(compose(TINY + ["method=magnitude", f"sparsity={s}"]), tmp_path / str(s))[
+            "metrics"
+        ]["wikitext2"]
     # a random model is already bad, but removing 90% of it must change its predictions
     assert ppl[0.0] != ppl[0.5] != ppl[0.9]
 
@@ -53,8 +60,14 @@ def test_pruning_hurts_in_order(tmp_path):
         (["sparsity=-0.2"], r"sparsity must be in \[0, 1\)"),
         (["pattern=3:4"], "ratio 0.5"),
         (["pattern=2:4", "sparsity=0.7"], "fixes sparsity at 0.5"),
-        (["method.name=wandaa"], "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, dense, elsa, elsa_l, ladmm, magnitude"),
-        (["+method.blocksz=64", "method=sparsegpt"], "has no option 'blocksz' \\(did you mean 'blocksize'\\?\\)"),
+        (
+            ["method.name=wandaa"],
+            "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, dense, elsa, elsa_l, ladmm, magnitude",
+        ),
+        (
+            ["+method.blocksz=64", "method=sparsegpt"],
+            "has no option 'blocksz' \\(did you mean 'blocksize'\\?\\)",
+        ),
         (["data.root=/nonexistent/data"], "data root not found"),
         (["device=tpu"], "unknown device 'tpu'"),
         (["eval.datasets=[ptb]"], "unknown eval dataset 'ptb'"),
@@ -66,53 +79,88 @@ def test_bad_input_fails_before_heavy_work(overrides, message):
 
 
 def test_seqlen_beyond_model(tmp_path):
-    with pytest.raises(SparsebenchError, match=r"model.seqlen=1024 exceeds the maximum of tiny-llama \(256 positions\)"):
+    with pytest.raises(
+        SparsebenchError,
+        match=r"model.seqlen=1024 exceeds the maximum of tiny-llama \(256 positions\)",
+    ):
         run(compose(TINY + ["model.seqlen=1024"]), tmp_path)
     assert not (tmp_path / "results.json").exists()  # refused before any work: nothing written
 
 
 def test_missing_data_file(tmp_path):
     (tmp_path / "data").mkdir()
-    with pytest.raises(SparsebenchError, match=r"c4/c4_validation_2k.parquet is missing \(data.root="):
+    with pytest.raises(
+        SparsebenchError, match=r"c4/c4_validation_2k.parquet is missing \(data.root="
+    ):
         run(compose(TINY + [f"data.root={tmp_path / 'data'}"]), tmp_path / "out")
 
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "sparsebench.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "sparsebench.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_cli_error_is_one_line(tmp_path):
     proc = _cli(*TINY, "sparsity=1.5", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "sparsebench: error: sparsity must be in [0, 1), got 1.5"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "sparsebench: error: sparsity must be in [0, 1), got 1.5"
+    )
     assert "Traceback" not in proc.stderr
-    assert list(tmp_path.iterdir()) == []  # a refused command leaves no folder (outputs/<date>/... removed)
+    assert (
+        list(tmp_path.iterdir()) == []
+    )  # a refused command leaves no folder (outputs/<date>/... removed)
 
 
 def test_cli_rejects_a_switch_that_is_not_a_bool(tmp_path):
     proc = _cli(*TINY, "method=elsa_l", "method.z_residual=maybe", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "sparsebench: error: method 'elsa_l' option 'z_residual' must be true or false, got 'maybe'")
+        "sparsebench: error: method 'elsa_l' option 'z_residual' must be true or false, got 'maybe'"
+    )
 
 
 def test_cli_unknown_model_lists_valid(tmp_path):
     proc = _cli("model=llama9", cwd=tmp_path)
     assert proc.returncode != 0
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("sparsebench: error: unknown model 'llama9'")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("sparsebench: error: unknown model 'llama9'")
+    )
     assert "smollm2-135m" in proc.stderr
 
 
 def test_cli_multirun_sweep(tmp_path):
-    proc = _cli("-m", *TINY, "method=magnitude,wanda", "sparsity=0.5,0.7", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    proc = _cli(
+        "-m",
+        *TINY,
+        "method=magnitude,wanda",
+        "sparsity=0.5,0.7",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = sorted((tmp_path / "sweep").glob("*/results.json"))
     assert len(results) == 5  # 4 jobs + the dense baseline of the sweep
-    seen = {(r["config"]["method"]["name"], r["config"]["sparsity"]) for r in map(lambda p: json.loads(p.read_text()), results)}
-    assert seen == {("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7), ("dense", 0.5)}
+    seen = {
+        (r["config"]["method"]["name"], r["config"]["sparsity"])
+        for r in map(lambda p: json.loads(p.read_text()), results)
+    }
+    assert seen == {
+        ("magnitude", 0.5),
+        ("magnitude", 0.7),
+        ("wanda", 0.5),
+        ("wanda", 0.7),
+        ("dense", 0.5),
+    }
     assert len(list((tmp_path / "sweep").glob("dense_tiny-llama_*/results.json"))) == 1
 
 
@@ -121,8 +169,19 @@ def test_killed_run_is_recorded_as_failed(tmp_path):
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sparsebench.cli", *TINY, "eval.max_windows=null",
-                             f"hydra.run.dir={out}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparsebench.cli",
+            *TINY,
+            "eval.max_windows=null",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -135,24 +194,45 @@ def test_killed_run_is_recorded_as_failed(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     rec = json.loads((out / "results.json").read_text())
-    assert rec["status"] == "failed" and rec["error"] == "interrupted (SIGTERM)" and rec["reason"] == "interrupted"
+    assert (
+        rec["status"] == "failed"
+        and rec["error"] == "interrupted (SIGTERM)"
+        and rec["reason"] == "interrupted"
+    )
     assert proc.returncode == 143
     assert rec["sparsity"]["actual_sparsity"] == 0.5  # what was measured before the kill is kept
 
 
-@pytest.mark.parametrize("args,line", [
-    (["--method", "wanda"], "unknown option --method: sparsebench takes key=value, e.g. method=wanda"),
-    (["--sparsity=0.5"], "unknown option --sparsity: sparsebench takes key=value, e.g. sparsity=0.5"),
-    (["sparsity", "0.5"], "'sparsity' has no value: sparsebench takes key=value, e.g. sparsity=0.5"),
-    (["+sparsty=0.5"], "unknown key 'sparsty' (did you mean 'sparsity'?): sparsebench reads no such key"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["--method", "wanda"],
+            "unknown option --method: sparsebench takes key=value, e.g. method=wanda",
+        ),
+        (
+            ["--sparsity=0.5"],
+            "unknown option --sparsity: sparsebench takes key=value, e.g. sparsity=0.5",
+        ),
+        (
+            ["sparsity", "0.5"],
+            "'sparsity' has no value: sparsebench takes key=value, e.g. sparsity=0.5",
+        ),
+        (
+            ["+sparsty=0.5"],
+            "unknown key 'sparsty' (did you mean 'sparsity'?): sparsebench reads no such key",
+        ),
+    ],
+)
 def test_other_tools_habits_get_one_line_and_leave_nothing(tmp_path, args, line, capsys):
     from sparsebench import cli
 
     with pytest.raises(SystemExit) as err:  # in this process: the check runs before Hydra
         cli.main([*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"])
     assert err.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"sparsebench: error: {line}")
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1].startswith(f"sparsebench: error: {line}")
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -181,12 +261,20 @@ def test_a_run_ends_with_its_summary_and_one_wandb_line(tmp_path):
 
 
 def test_eval_full_prints_the_zero_shot_table(tmp_path):
-    proc = _cli(*TINY, "eval=full", "eval.zeroshot.limit=10", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = _cli(
+        *TINY,
+        "eval=full",
+        "eval.zeroshot.limit=10",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads((tmp_path / "run" / "results.json").read_text())
     for task, v in rec["zeroshot"]["tasks"].items():
         assert f"| {task}" in proc.stdout and f"{v['headline']:.4f}" in proc.stdout
-    assert f"| mean" in proc.stdout and "lm_eval" not in proc.stdout + proc.stderr  # its warnings: run.log
+    assert (
+        f"| mean" in proc.stdout and "lm_eval" not in proc.stdout + proc.stderr
+    )  # its warnings: run.log
     assert "lm_eval" in (tmp_path / "run" / "run.log").read_text()
 
 
@@ -197,7 +285,9 @@ def test_a_sweep_ends_with_its_counts_and_the_report_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     tail = proc.stdout.strip().splitlines()[-4:]
     assert tail[0] == "sparsebench sweep: 2 done, 0 skipped (already complete), 0 failed"
-    assert tail[1].startswith(f"  dense baseline: {sweep}/dense_tiny-llama_") and tail[1].endswith("(ran)")
+    assert tail[1].startswith(f"  dense baseline: {sweep}/dense_tiny-llama_") and tail[1].endswith(
+        "(ran)"
+    )
     assert tail[-1] == f"table and plots: sparsebench-report {sweep}"
     assert all(":" not in p.name for p in sweep.iterdir())  # 2-4, not 2:4
     again = _cli(*args, cwd=tmp_path)
@@ -209,8 +299,17 @@ def test_a_saved_model_reloads_to_its_own_perplexity(tmp_path):
     """Save, then `model=local model.path=<export> method=dense` and nothing else: the export's
     dtype, seqlen and evaluation protocol come from its sparsebench.json."""
     saved = run(compose(TINY + ["method=sparsegpt", "save.enabled=true"]), tmp_path / "run")
-    again = run(compose(["model=local", f"model.path={tmp_path / 'run' / 'model'}", "method=dense", "logger=disabled"]),
-                tmp_path / "reload")
+    again = run(
+        compose(
+            [
+                "model=local",
+                f"model.path={tmp_path / 'run' / 'model'}",
+                "method=dense",
+                "logger=disabled",
+            ]
+        ),
+        tmp_path / "reload",
+    )
     assert again["metrics"] == saved["metrics"]
     assert again["sparsity"]["actual_sparsity"] == saved["sparsity"]["actual_sparsity"]
     assert again["config"]["model"]["dtype"] == "float32" and again["config"]["protocol"] == "tiny"
@@ -222,10 +321,20 @@ def test_a_mixture_of_experts_is_refused_before_any_work_not_pruned_silently(tmp
     from sparsebench import cli
 
     with pytest.raises(SystemExit) as err:
-        cli.main(["model=tiny-llama", "model.arch.model_type=mixtral", "+model.arch.num_local_experts=4",
-                  "+model.arch.num_experts_per_tok=2", "method=wanda", f"hydra.run.dir={tmp_path / 'run'}"])
+        cli.main(
+            [
+                "model=tiny-llama",
+                "model.arch.model_type=mixtral",
+                "+model.arch.num_local_experts=4",
+                "+model.arch.num_experts_per_tok=2",
+                "method=wanda",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
     assert err.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("sparsebench: error: model.layers.0.mlp.gate.weight (4, 64) (MixtralTopKRouter) and 5 more")
+    assert line.startswith(
+        "sparsebench: error: model.layers.0.mlp.gate.weight (4, 64) (MixtralTopKRouter) and 5 more"
+    )
     assert "neither pruned nor declared kept" in line
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """Every config file composes, and every composed config builds valid specs."""
+
 import pytest
 
 from sparsebench.registry import METHODS
@@ -32,7 +33,12 @@ def test_method_files_match_registry():
 
 def test_default_is_offline_smollm2_wanda():
     cfg = compose()
-    assert (cfg.model.name, cfg.method.name, cfg.sparsity, cfg.data.source) == ("smollm2-135m", "wanda", 0.5, "local")
+    assert (cfg.model.name, cfg.method.name, cfg.sparsity, cfg.data.source) == (
+        "smollm2-135m",
+        "wanda",
+        0.5,
+        "local",
+    )
     assert cfg.protocol == "cpu" and cfg.data.nsamples == 64 and cfg.eval.max_windows == 64
     assert cfg.logger.mode == "offline"
 
@@ -47,7 +53,15 @@ def test_models_choose_protocols_and_cli_wins():
 def test_nm_override_and_paper_models():
     specs = build_specs(compose(["pattern=2:4", "method=sparsegpt"]))
     assert str(specs.pattern) == "2:4" and specs.pruner.group == "block:128+1"
-    for name in ["llama2-7b", "llama2-13b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "opt-1.3b", "gemma2-2b"]:
+    for name in [
+        "llama2-7b",
+        "llama2-13b",
+        "llama3-8b",
+        "mistral-7b",
+        "qwen2.5-7b",
+        "opt-1.3b",
+        "gemma2-2b",
+    ]:
         assert compose([f"model={name}"]).model.source == "hub"
 
 
@@ -58,4 +72,7 @@ def test_slurm_launcher_config_composes():
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+    assert (
+        cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        and cfg.hydra.launcher.gpus_per_node == 1
+    )

@@ -10,6 +10,7 @@ entry; what no kernel changes is still exact there: a method's pruned count wher
 promised count per matrix (not SparseGPT's ties, not OWL's measured targets), and magnitude's masks, weights and the dense-side inputs they depend
 on (seeded weights, a sort of stored values).
 """
+
 import json
 import sys
 
@@ -17,7 +18,9 @@ import pytest
 
 from .conftest import REPO
 
-sys.path.insert(0, str(REPO / "scripts"))  # by name: the two FSDP2 ranks are spawned and import it again
+sys.path.insert(
+    0, str(REPO / "scripts")
+)  # by name: the two FSDP2 ranks are spawned and import it again
 import golden  # noqa: E402
 
 WANT = json.loads(golden.GOLDEN.read_text())
@@ -57,7 +60,10 @@ def test_golden_fsdp2_two_ranks(folder):
 def test_golden_rejects_a_changed_result():
     """The comparison can fail: a case with one perplexity digit off is refused."""
     name = "magnitude"
-    changed = dict(WANT["cases"][name], wikitext2=WANT["cases"][name]["wikitext2"] + "1",
-                   pruned_params=WANT["cases"][name]["pruned_params"] + 1)
+    changed = dict(
+        WANT["cases"][name],
+        wikitext2=WANT["cases"][name]["wikitext2"] + "1",
+        pruned_params=WANT["cases"][name]["pruned_params"] + 1,
+    )
     with pytest.raises(AssertionError):
         _compare(name, changed)

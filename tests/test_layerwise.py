@@ -1,9 +1,10 @@
 """The sequential driver: captured inputs and kwargs reproduce the model, block by block."""
+
 import torch
 
+from sparsebench.engine.driver import SharedInputs, block_out, capture
 from sparsebench.models import find_blocks, find_linears, prunable_linears
 from sparsebench.pruners import PruneContext
-from sparsebench.engine.driver import SharedInputs, block_out, capture
 from sparsebench.pruners.sparsegpt import SparseGPT
 from sparsebench.pruners.wanda import Wanda
 from sparsebench.sparsity import Pattern, Schedule, expected_pruned
@@ -40,8 +41,12 @@ def test_gemma_blocks_get_their_own_masks():
     (k0, k1) = (block_args[i][1] for i in range(2))
     # layer 0 slides over 16 tokens (an explicit mask), layer 1 is plainly causal
     assert k0["attention_mask"] is not None
-    assert k1["attention_mask"] is None or not torch.equal(k0["attention_mask"], k1["attention_mask"])
-    assert not torch.equal(k0["position_embeddings"][0], k1["position_embeddings"][0])  # local vs global RoPE
+    assert k1["attention_mask"] is None or not torch.equal(
+        k0["attention_mask"], k1["attention_mask"]
+    )
+    assert not torch.equal(
+        k0["position_embeddings"][0], k1["position_embeddings"][0]
+    )  # local vs global RoPE
 
 
 def test_shared_input_groups(tiny_model):
@@ -51,8 +56,10 @@ def test_shared_input_groups(tiny_model):
     inps, block_args = capture(model, torch.randint(0, 256, (1, 64)), torch.device("cpu"))
     args, kwargs = block_args[0]
     sharing = SharedInputs()
-    hooks = [lin.register_forward_hook(lambda m, a, o, n=name: (sharing.observe(n, a[0]), None)[1])
-             for name, lin in linears.items()]
+    hooks = [
+        lin.register_forward_hook(lambda m, a, o, n=name: (sharing.observe(n, a[0]), None)[1])
+        for name, lin in linears.items()
+    ]
     with torch.no_grad():
         for _ in range(2):  # the second call keeps the first call's answer
             blocks[0](inps, *args, **kwargs)
@@ -75,27 +82,37 @@ def test_wanda_block0_uses_dense_inputs(tiny_model):
     _, blocks = find_blocks(model)
     q = blocks[0].self_attn.q_proj
     seen = []
-    h = q.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    h = q.register_forward_hook(
+        lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         model(calib, use_cache=False)
     h.remove()
     norms = torch.cat(seen).norm(dim=0)
     w0 = q.weight.detach().clone()
-    masks = Wanda().prune(PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), calib))
+    masks = Wanda().prune(
+        PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), calib)
+    )
     score = w0.abs() * norms
     keep = masks[[n for n in masks if n.endswith("0.self_attn.q_proj")][0]]
-    assert (torch.where(keep, score, torch.inf).amin(1) >= torch.where(~keep, score, -torch.inf).amax(1)).all()
+    assert (
+        torch.where(keep, score, torch.inf).amin(1) >= torch.where(~keep, score, -torch.inf).amax(1)
+    ).all()
 
 
 def test_sparsegpt_model_2of4(tiny_model):
     model, _ = tiny_model
     calib = torch.randint(0, 256, (4, 64))
-    masks = SparseGPT().prune(PruneContext(model, 0.5, Pattern(2, 4), Schedule(), torch.device("cpu"), calib))
+    masks = SparseGPT().prune(
+        PruneContext(model, 0.5, Pattern(2, 4), Schedule(), torch.device("cpu"), calib)
+    )
     for name, lin in prunable_linears(model).items():
         keep = masks[name]
         assert (keep.view(keep.shape[0], -1, 4).sum(-1) == 2).all()
         assert (lin.weight[~keep] == 0).all()
-        assert int((~keep).sum()) == expected_pruned(tuple(keep.shape), 0.5, Pattern(2, 4), "tensor")
+        assert int((~keep).sum()) == expected_pruned(
+            tuple(keep.shape), 0.5, Pattern(2, 4), "tensor"
+        )
 
 
 def _reference_loop():
@@ -107,7 +124,9 @@ def _reference_loop():
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     sys.path.insert(0, str(scripts))
     try:
-        spec = importlib.util.spec_from_file_location("bench_reference", scripts / "bench_reference.py")
+        spec = importlib.util.spec_from_file_location(
+            "bench_reference", scripts / "bench_reference.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
@@ -128,18 +147,29 @@ def test_driver_matches_the_official_loop(tiny_model):
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     runs = [("wanda", Wanda()), ("sparsegpt", SparseGPT()), ("sparsegpt", SparseGPT(count="exact"))]
     for method, pruner in runs:
-        for pattern, sparsity in ((parse_pattern("unstructured"), 0.5), (parse_pattern("2:4"), 0.5)):
+        for pattern, sparsity in (
+            (parse_pattern("unstructured"), 0.5),
+            (parse_pattern("2:4"), 0.5),
+        ):
             model.load_state_dict(dense)
             ref.reference_prune(model, calib, method, sparsity, pattern, torch.device("cpu"))
-            official = {n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()}
+            official = {
+                n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()
+            }
             model.load_state_dict(dense)
-            pruner.prune(PruneContext(model, sparsity, pattern, Schedule(), torch.device("cpu"), calib))
+            pruner.prune(
+                PruneContext(model, sparsity, pattern, Schedule(), torch.device("cpu"), calib)
+            )
             exact = getattr(pruner, "count", "") == "exact" and not pattern.is_nm
             for n, lin in prunable_linears(model).items():
                 ours, theirs = lin.weight == 0, official[n] == 0
                 if not exact:
                     assert torch.equal(ours, theirs), (method, pattern, n)
-                    assert torch.equal(lin.weight, official[n]), (method, pattern, n)  # the same operations
+                    assert torch.equal(lin.weight, official[n]), (
+                        method,
+                        pattern,
+                        n,
+                    )  # the same operations
                 else:
                     assert (ours == theirs).float().mean() > 0.99, n
                     if ".0." in n:
@@ -169,8 +199,10 @@ def test_statistics_pass_stops_at_the_last_input(tiny_model):
     block = blocks[0]
     args, kwargs = block_args[0]
     runs = {name: 0 for name in find_linears(block)}
-    hooks = [lin.register_forward_hook(lambda m, a, o, k=name: runs.__setitem__(k, runs[k] + 1))
-             for name, lin in find_linears(block).items()]
+    hooks = [
+        lin.register_forward_hook(lambda m, a, o, k=name: runs.__setitem__(k, runs[k] + 1))
+        for name, lin in find_linears(block).items()
+    ]
     pruner = _CountingWanda()
     pruner.prune_block(block, inps, args, kwargs, 0.5, Pattern())
     for h in hooks:
@@ -205,16 +237,18 @@ def test_statistics_pass_runs_whole_blocks_that_repeat_a_linear():
 
 def test_windows_come_one_by_one_in_order_and_host_inputs_keep_the_masks(tmp_path):
     from sparsebench.engine.driver import Windows
+    from sparsebench.run import run
 
     from .conftest import compose
-    from sparsebench.run import run
 
     x = torch.arange(24.0).view(4, 2, 3)
     got = list(Windows(x, torch.device("cpu")))
     assert len(got) == 4 and all(torch.equal(w, x[j : j + 1]) for j, w in enumerate(got))
     base = ["model=tiny-llama", "logger=disabled", "method=sparsegpt", "save.enabled=true"]
     a = run(compose(base + ["calib_inputs=device"]), tmp_path / "a")
-    b = run(compose(base + ["calib_inputs=host"]), tmp_path / "b")  # on the CPU the host is the device
+    b = run(
+        compose(base + ["calib_inputs=host"]), tmp_path / "b"
+    )  # on the CPU the host is the device
     assert a["plan"]["calib_inputs"] == "device" and b["plan"]["calib_inputs"] == "host"
     assert a["metrics"] == b["metrics"]
 
@@ -223,7 +257,9 @@ def _prune_copy(model, pruner, calib, batch):
     import copy
 
     m = copy.deepcopy(model)
-    masks = pruner.prune(PruneContext(m, 0.6, Pattern(), Schedule(), torch.device("cpu"), calib, calib_batch=batch))
+    masks = pruner.prune(
+        PruneContext(m, 0.6, Pattern(), Schedule(), torch.device("cpu"), calib, calib_batch=batch)
+    )
     return masks, m.state_dict()
 
 

@@ -18,7 +18,11 @@ def test_verify_accepts_and_reports():
     lin, keep = _pruned_linear()
     report = verify({"l": lin}, {"l": keep}, 0.5, Pattern(), "row")
     assert report == {"l": 0.5}
-    assert summarize(report, {"l": lin}) == {"actual_sparsity": 0.5, "pruned_params": 64, "prunable_params": 128}
+    assert summarize(report, {"l": lin}) == {
+        "actual_sparsity": 0.5,
+        "pruned_params": 64,
+        "prunable_params": 128,
+    }
 
 
 def test_verify_catches_wrong_count():
@@ -41,7 +45,13 @@ def test_verify_official_sparsegpt_count():
     with pytest.raises(SparsebenchError, match=r"target 66 plus at most 2 tied .*count=exact"):
         verify({"l": lin}, {"l": keep}, 0.5, Pattern(), "block:8+1")
     with pytest.raises(SparsebenchError, match="target 66 plus"):  # too few fails too
-        verify({"l": lin}, {"l": project(lin.weight.detach().abs(), 0.5, Pattern(), "block:8")}, 0.5, Pattern(), "block:8+1")
+        verify(
+            {"l": lin},
+            {"l": project(lin.weight.detach().abs(), 0.5, Pattern(), "block:8")},
+            0.5,
+            Pattern(),
+            "block:8+1",
+        )
 
 
 def test_verify_catches_weights_outside_mask():

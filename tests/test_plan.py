@@ -1,5 +1,6 @@
 """The memory plan (issue #17): its arithmetic against tensors actually allocated, dry runs
 of every model config offline, the refusal before loading, random full-size architectures."""
+
 import json
 import time
 
@@ -14,9 +15,27 @@ from sparsebench.run import build_specs, memory_plan, run
 from .conftest import compose, tiny_spec
 
 TINY = ["model=tiny-llama", "logger=disabled"]
-HUB = ["llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "gemma2-2b", "gemma2-27b", "opt-1.3b"]
-METHODS = [["method=magnitude"], ["method=wanda"], ["method=sparsegpt"], ["method=elsa"], ["method=elsa_l"],
-           ["method=safe_plus"], ["method=sparsegpt", "recover=finetune"], ["method=wanda", "recover=perp"]]
+HUB = [
+    "llama2-7b",
+    "llama2-13b",
+    "llama2-70b",
+    "llama3-8b",
+    "mistral-7b",
+    "qwen2.5-7b",
+    "gemma2-2b",
+    "gemma2-27b",
+    "opt-1.3b",
+]
+METHODS = [
+    ["method=magnitude"],
+    ["method=wanda"],
+    ["method=sparsegpt"],
+    ["method=elsa"],
+    ["method=elsa_l"],
+    ["method=safe_plus"],
+    ["method=sparsegpt", "recover=finetune"],
+    ["method=wanda", "recover=perp"],
+]
 
 
 def _terms(plan) -> dict[str, float]:
@@ -37,7 +56,9 @@ def test_shapes_match_the_allocated_model():
 
 @pytest.mark.parametrize("method,z,u", [("elsa", 4, 4), ("elsa_l", 1, 2)])
 def test_admm_and_adam_terms_equal_the_measured_state(tmp_path, method, z, u):
-    res = run(compose(TINY + [f"method={method}", "method.steps=2", "method.batch_size=2"]), tmp_path)
+    res = run(
+        compose(TINY + [f"method={method}", "method.steps=2", "method.batch_size=2"]), tmp_path
+    )
     plan_terms = {t["component"]: t["bytes"] for t in res["plan"]["terms"]}
     state = res["method_report"]["state_bytes"]
     n_tensors = len(res["per_layer_sparsity"])
@@ -55,9 +76,13 @@ def test_plan_runs_offline_for_every_model_and_method():
     start = time.perf_counter()
     for name in HUB:
         for overrides in METHODS:
-            specs = build_specs(compose([f"model={name}", "model.source=random", "logger=disabled", *overrides]))
+            specs = build_specs(
+                compose([f"model={name}", "model.source=random", "logger=disabled", *overrides])
+            )
             plan, shapes, _ = memory_plan(specs, 4)
-            assert plan.total("host") > 0 and shapes.params > 1e9 or name in ("opt-1.3b", "gemma2-2b")
+            assert (
+                plan.total("host") > 0 and shapes.params > 1e9 or name in ("opt-1.3b", "gemma2-2b")
+            )
     assert time.perf_counter() - start < 60  # 72 plans; the bar is 30 s for each
 
 
@@ -68,7 +93,9 @@ def test_llama2_7b_shapes_are_the_published_ones():
     assert plan.knobs.engine == "single"
     # auto on 4 ranks: DDP holds ~160 GB per rank for 7B, which fits no memory here: FSDP2
     assert memory_plan(specs, 4)[0].knobs.engine == "fsdp"
-    ddp = build_specs(compose(["model=llama2-7b", "model.source=random", "method=elsa", "engine=ddp"]))
+    ddp = build_specs(
+        compose(["model=llama2-7b", "model.source=random", "method=elsa", "engine=ddp"])
+    )
     assert memory_plan(ddp, 4)[0].knobs.engine == "ddp"
     t = _terms(plan)
     assert t["weights (float32 master)"] == s.params * 4 and t["ADMM z"] == s.prunable * 4
@@ -77,12 +104,25 @@ def test_llama2_7b_shapes_are_the_published_ones():
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     try:
-        cli.main(["model=llama2-70b", "model.source=random", "method=elsa_l", "dry_run=true", "world_size=4",
-                  "device=cuda", f"hydra.run.dir={out}"])
-    except SystemExit as err:  # this machine's host memory is too small for it: the verdict's exit code
+        cli.main(
+            [
+                "model=llama2-70b",
+                "model.source=random",
+                "method=elsa_l",
+                "dry_run=true",
+                "world_size=4",
+                "device=cuda",
+                f"hydra.run.dir={out}",
+            ]
+        )
+    except (
+        SystemExit
+    ) as err:  # this machine's host memory is too small for it: the verdict's exit code
         assert err.code == cli.DOES_NOT_FIT
     printed = capsys.readouterr().out
-    assert "memory plan: llama2-70b, elsa_l, engine fsdp, 4 rank(s)" in printed  # auto: DDP does not fit
+    assert (
+        "memory plan: llama2-70b, elsa_l, engine fsdp, 4 rank(s)" in printed
+    )  # auto: DDP does not fit
     for term in ("weights (float32 master)", "Adam moments (8-bit)", "ADMM z", "total device"):
         assert term in printed
     assert "verdict: " in printed
@@ -92,11 +132,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 def test_a_dry_run_that_does_not_fit_says_so_names_options_and_exits_3(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        cli.main(["model=llama2-7b", "model.source=random", "method=elsa", "dry_run=true", "device=cuda",
-                  "plan.device_limit_gib=80", "plan.host_limit_gib=1024", f"hydra.run.dir={out}"])
+        cli.main(
+            [
+                "model=llama2-7b",
+                "model.source=random",
+                "method=elsa",
+                "dry_run=true",
+                "device=cuda",
+                "plan.device_limit_gib=80",
+                "plan.host_limit_gib=1024",
+                f"hydra.run.dir={out}",
+            ]
+        )
     assert err.value.code == cli.DOES_NOT_FIT
     verdict = capsys.readouterr().out.strip().splitlines()[-1]
-    assert verdict.startswith("verdict: does not fit: the memory plan needs 189.7 GiB of device memory (80.0 on")
+    assert verdict.startswith(
+        "verdict: does not fit: the memory plan needs 189.7 GiB of device memory (80.0 on"
+    )
     assert "options that fit: offload=true" in verdict
     assert not out.exists()
 
@@ -106,25 +158,53 @@ def test_offload_moves_the_training_state_to_the_host_and_is_advised():
 
     from sparsebench.plan import PlanSpec, check_fits
 
-    base = ["model=llama2-7b", "model.source=random", "method=elsa_l", "device=cuda", "dry_run=true",
-            "model.seqlen=2048", "method.batch_size=1", "method.grad_checkpointing=true"]
+    base = [
+        "model=llama2-7b",
+        "model.source=random",
+        "method=elsa_l",
+        "device=cuda",
+        "dry_run=true",
+        "model.seqlen=2048",
+        "method.batch_size=1",
+        "method.grad_checkpointing=true",
+    ]
     one, shapes, _ = memory_plan(build_specs(compose(base)), 1)
     off, *_ = memory_plan(build_specs(compose(base + ["offload=true"])), 1)
     assert (off.knobs.engine, off.knobs.offload, one.knobs.offload) == ("fsdp", True, False)
     state = {"weights (float32 master)", "gradients", "Adam moments (8-bit)", "ADMM z", "ADMM u"}
     where = {name: w for name, w, _, _ in off.terms}
-    assert all(where[name] == "host" for name in state) and where["activations (one block recomputed)"] == "device"
+    assert (
+        all(where[name] == "host" for name in state)
+        and where["activations (one block recomputed)"] == "device"
+    )
     on_host = sum(g for name, _, g, _ in off.terms if name in state)
-    assert on_host == pytest.approx(sum(g for name, _, g, _ in one.terms if name in state))  # moved, not changed
-    assert off.total("device") < 8 < 74.5 < one.total("device")  # 7B Elsa-L: ~83 GiB on one GPU, ~6 offloaded
+    assert on_host == pytest.approx(
+        sum(g for name, _, g, _ in one.terms if name in state)
+    )  # moved, not changed
+    assert (
+        off.total("device") < 8 < 74.5 < one.total("device")
+    )  # 7B Elsa-L: ~83 GiB on one GPU, ~6 offloaded
     # one 80 GB GPU (74.5 GiB) and a 120 GiB host: the refusal names offload
-    with pytest.raises(SparsebenchError, match=r"options that fit: .*offload=true \(FSDP2 CPU offload\)"):
-        check_fits(one, shapes, PlanSpec(device_limit_gib=74.5, host_limit_gib=120), torch.device("cuda"))
+    with pytest.raises(
+        SparsebenchError, match=r"options that fit: .*offload=true \(FSDP2 CPU offload\)"
+    ):
+        check_fits(
+            one, shapes, PlanSpec(device_limit_gib=74.5, host_limit_gib=120), torch.device("cuda")
+        )
 
 
 def test_one_shot_plans_one_process(capsys):
-    specs = build_specs(compose(["model=llama2-13b", "model.source=random", "method=sparsegpt", "world_size=8",
-                                 "dry_run=true"]))
+    specs = build_specs(
+        compose(
+            [
+                "model=llama2-13b",
+                "model.source=random",
+                "method=sparsegpt",
+                "world_size=8",
+                "dry_run=true",
+            ]
+        )
+    )
     from sparsebench.run import dry_run
 
     res = dry_run(specs)
@@ -135,9 +215,14 @@ def test_one_shot_plans_one_process(capsys):
 def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch):
     import sparsebench.run as runmod
 
-    monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("loaded a model that does not fit"))
-    with pytest.raises(SparsebenchError, match=r"the memory plan needs .* GiB of host memory \(0.0 available\); "
-                                               r"no single option or pair of options fits"):
+    monkeypatch.setattr(
+        runmod, "load_model", lambda *a, **k: pytest.fail("loaded a model that does not fit")
+    )
+    with pytest.raises(
+        SparsebenchError,
+        match=r"the memory plan needs .* GiB of host memory \(0.0 available\); "
+        r"no single option or pair of options fits",
+    ):
         run(compose(TINY + ["method=wanda", "plan.host_limit_gib=0.00001"]), tmp_path / "a")
     # a limit between Elsa-L's plan and Elsa's: the advice names elsa_l
     specs = build_specs(compose(TINY + ["method=elsa"]))
@@ -146,26 +231,45 @@ def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch):
     limit = (elsa + elsa_l) / 2 / 0.95
     with pytest.raises(SparsebenchError, match=r"options that fit: method=elsa_l"):
         run(compose(TINY + ["method=elsa", f"plan.host_limit_gib={limit}"]), tmp_path / "b")
-    rec = json.loads((tmp_path / "b" / "results.json").read_text()) if (tmp_path / "b" / "results.json").exists() else None
+    rec = (
+        json.loads((tmp_path / "b" / "results.json").read_text())
+        if (tmp_path / "b" / "results.json").exists()
+        else None
+    )
     assert rec is None or rec["status"] == "failed"
 
 
 def test_enforce_false_runs_anyway(tmp_path):
-    res = run(compose(TINY + ["method=magnitude", "plan.host_limit_gib=0.00001", "plan.enforce=false"]), tmp_path)
+    res = run(
+        compose(TINY + ["method=magnitude", "plan.host_limit_gib=0.00001", "plan.enforce=false"]),
+        tmp_path,
+    )
     assert res["status"] == "complete" and res["plan"]["per_rank_gib"]["host"] > 0
 
 
 def test_random_full_size_architecture_runs_without_tokenizer(tmp_path):
-    small = ["model=llama2-7b", "model.source=random", "model.name=llama-random-small", "model.dtype=float32",
-             "model.seqlen=32", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
-             "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=4",
-             "protocol=tiny", "logger=disabled"]
+    small = [
+        "model=llama2-7b",
+        "model.source=random",
+        "model.name=llama-random-small",
+        "model.dtype=float32",
+        "model.seqlen=32",
+        "model.arch.hidden_size=64",
+        "model.arch.intermediate_size=128",
+        "model.arch.num_hidden_layers=2",
+        "model.arch.num_attention_heads=4",
+        "model.arch.num_key_value_heads=4",
+        "protocol=tiny",
+        "logger=disabled",
+    ]
     res = run(compose(small + ["method=sparsegpt"]), tmp_path / "a")
     assert res["status"] == "complete" and res["model"]["random_weights"] is True
     assert res["metrics"] == {} and res["evaluation"] == "skipped: random weights"
     assert res["sparsity"]["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert res["fingerprint"]["data"] == {}  # no data file was read
-    elsa = run(compose(small + ["method=elsa", "method.steps=2", "method.batch_size=2"]), tmp_path / "b")
+    elsa = run(
+        compose(small + ["method=elsa", "method.steps=2", "method.batch_size=2"]), tmp_path / "b"
+    )
     assert elsa["status"] == "complete" and elsa["method_report"]["steps_run"] == 2
     from sparsebench.records import report
 
@@ -179,39 +283,66 @@ def test_random_needs_an_architecture():
 
 
 def test_calibration_inputs_go_to_the_host_when_they_do_not_fit_the_gpu():
-    base = ["model=llama2-70b", "model.source=random", "method=sparsegpt", "device=cuda", "dry_run=true",
-            "plan.host_limit_gib=1000"]
+    base = [
+        "model=llama2-70b",
+        "model.source=random",
+        "method=sparsegpt",
+        "device=cuda",
+        "dry_run=true",
+        "plan.host_limit_gib=1000",
+    ]
     specs = build_specs(compose(base))
-    plan, _, launch = memory_plan(specs, 1)  # 128 x 2048 windows of 8192 in float16: 4 GiB in, 4 out, beside the block
+    plan, _, launch = memory_plan(
+        specs, 1
+    )  # 128 x 2048 windows of 8192 in float16: 4 GiB in, 4 out, beside the block
     assert launch.inputs == "device" and plan.knobs.inputs == "device"
     inputs = {name: gib for name, _, gib, _ in plan.terms}["calibration inputs of a block"]
     assert inputs == pytest.approx(128 * 2048 * 8192 * 2 / 2**30)
-    tight = build_specs(compose(base + [f"plan.device_limit_gib={(plan.total('device') - inputs) / 0.95:.2f}"]))
-    host_plan, _, tight_launch = memory_plan(tight, 1)  # auto: the inputs and outputs move to pinned host memory
+    tight = build_specs(
+        compose(base + [f"plan.device_limit_gib={(plan.total('device') - inputs) / 0.95:.2f}"])
+    )
+    host_plan, _, tight_launch = memory_plan(
+        tight, 1
+    )  # auto: the inputs and outputs move to pinned host memory
     where = {name: w for name, w, _, _ in host_plan.terms}
     assert tight_launch.inputs == "host" and where["calibration inputs of a block"] == "host"
     windows = 3 * 2048 * 8192 * 2 / 2**30  # in use, prefetched, one output
     assert host_plan.total("device") == pytest.approx(plan.total("device") - 2 * inputs + windows)
     assert host_plan.as_dict()["calib_inputs"] == "host"
     forced = build_specs(compose(base + ["calib_inputs=device", "plan.device_limit_gib=10"]))
-    assert memory_plan(forced, 1)[0].knobs.inputs == "device"  # asked for: kept (the check then refuses)
+    assert (
+        memory_plan(forced, 1)[0].knobs.inputs == "device"
+    )  # asked for: kept (the check then refuses)
     with pytest.raises(SparsebenchError, match="unknown calib_inputs|calib_inputs.*valid"):
         build_specs(compose(base + ["calib_inputs=disk"]))
 
 
 def test_batched_windows_and_the_prefetched_block_in_the_plan():
-    base = ["model=llama2-7b", "model.source=random", "method=wanda", "device=cuda", "dry_run=true", "calib_inputs=host"]
+    base = [
+        "model=llama2-7b",
+        "model.source=random",
+        "method=wanda",
+        "device=cuda",
+        "dry_run=true",
+        "calib_inputs=host",
+    ]
     one, *_ = memory_plan(build_specs(compose(base)), 1)
     four, *_ = memory_plan(build_specs(compose(base + ["calib_batch=4"])), 1)
     a = {name: gib for name, _, gib, _ in one.terms}
     b = {name: gib for name, _, gib, _ in four.terms}
     s = shapes_of(meta_model(build_specs(compose(base)).model))
-    assert a["two blocks on the device (in use, the next prefetched)"] == pytest.approx(2 * s.block_params * 2 / 2**30)
-    assert b["one forward through a block (4 window(s))"] == pytest.approx(4 * a["one forward through a block (1 window(s))"])
+    assert a["two blocks on the device (in use, the next prefetched)"] == pytest.approx(
+        2 * s.block_params * 2 / 2**30
+    )
+    assert b["one forward through a block (4 window(s))"] == pytest.approx(
+        4 * a["one forward through a block (1 window(s))"]
+    )
     windows = "windows on the device (in use, prefetched, output)"
-    assert b[windows] == pytest.approx(4 * a[windows]) and a[windows] == pytest.approx(3 * 2048 * 4096 * 2 / 2**30)
+    assert b[windows] == pytest.approx(4 * a[windows]) and a[windows] == pytest.approx(
+        3 * 2048 * 4096 * 2 / 2**30
+    )
     assert four.as_dict()["calib_batch"] == 4
-    assert ("calib_batch=1" in [name for name, _ in alternatives("llama2-7b", s, four.knobs)])
+    assert "calib_batch=1" in [name for name, _ in alternatives("llama2-7b", s, four.knobs)]
 
 
 def test_evaluation_placement_one_gpu_several_or_offloaded():
@@ -224,10 +355,15 @@ def test_evaluation_placement_one_gpu_several_or_offloaded():
     one = eval_placement(s, 1, 64, [1.0], 0.05)
     assert one["placement"] == "one GPU" and one["weights_gib"] == pytest.approx(weights, abs=1e-3)
     assert one["window_gib"] == pytest.approx(window, abs=1e-3)
-    half = (weights + 2 * window) / 0.95 / 2 * 1.01  # two GPUs hold it (a window kept free on each), one does not
+    half = (
+        (weights + 2 * window) / 0.95 / 2 * 1.01
+    )  # two GPUs hold it (a window kept free on each), one does not
     assert half < (weights + window) / 0.95
     assert eval_placement(s, 1, 64, [half, half], 0.05)["placement"] == "GPUs (device map)"
-    assert eval_placement(s, 1, 64, [half / 2, half / 2], 0.05)["placement"] == "GPUs + host (device map, offloaded)"
+    assert (
+        eval_placement(s, 1, 64, [half / 2, half / 2], 0.05)["placement"]
+        == "GPUs + host (device map, offloaded)"
+    )
     assert eval_placement(s, 1, 64, [], 0.05)["placement"] == "host"
     # what the device map may fill: each GPU less the margin and one batch's forward; the host
     # only when offloading (accelerate's map itself needs visible GPUs: not run here)

@@ -1,4 +1,5 @@
 """Known-answer tests of the one-shot methods on small matrices."""
+
 import logging
 
 import pytest
@@ -103,14 +104,18 @@ def sparsegpt_reference(w, x, s, pattern, blocksize, percdamp=0.01, extra=1):
 
 
 @pytest.mark.parametrize("count", ["official", "exact"])
-@pytest.mark.parametrize("pattern,s", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)])
+@pytest.mark.parametrize(
+    "pattern,s", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)]
+)
 def test_sparsegpt_matches_naive_obs(pattern, s, count):
     torch.manual_seed(0)
     x = torch.randn(96, 24) @ torch.randn(24, 24)  # correlated inputs
     w = torch.randn(6, 24)
     method = SparseGPT(blocksize=8, count=count)
     got, keep = _prune_one(method, w, x, s, pattern)
-    ref, ref_keep = sparsegpt_reference(w, x, s, pattern, blocksize=8, extra=int(count == "official"))
+    ref, ref_keep = sparsegpt_reference(
+        w, x, s, pattern, blocksize=8, extra=int(count == "official")
+    )
     assert int((~keep).sum()) == expected_pruned((6, 24), s, pattern, method.group)
     assert torch.equal(keep, ref_keep)
     torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4)
@@ -168,7 +173,9 @@ def test_sparsegpt_dead_inputs_zeroed():
 
 def test_sparsegpt_count_option():
     assert SparseGPT().group == "block:128+1" and SparseGPT(count="exact").group == "block:128"
-    with pytest.raises(SparsebenchError, match=r"count must be one of \['official', 'exact'\], got 'round'"):
+    with pytest.raises(
+        SparsebenchError, match=r"count must be one of \['official', 'exact'\], got 'round'"
+    ):
         SparseGPT(count="round")
 
 
@@ -185,7 +192,9 @@ def test_sparsegpt_hessian_as_official():
 
 def test_sparsegpt_retries_damping(caplog):
     stats = SparseGPT().new_stats(16, torch.device("cpu"))
-    stats.value = torch.ones(16, 16)  # rank 1: tiny damping cannot make it positive definite in float32
+    stats.value = torch.ones(
+        16, 16
+    )  # rank 1: tiny damping cannot make it positive definite in float32
     with pytest.raises(SparsebenchError, match="percdamp"):
         SparseGPT(percdamp=1e-30, damp_retries=0).prepare(stats)
     stats.value = torch.ones(16, 16)

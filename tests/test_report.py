@@ -1,4 +1,5 @@
 """sparsebench-report on hand-made results, and resume of completed runs."""
+
 import json
 
 import pytest
@@ -11,13 +12,23 @@ from .conftest import compose
 
 def _result(folder, method, sparsity, wiki, c4, pattern="unstructured", status="complete"):
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({
-        "status": status,
-        "config": {"model": {"name": "m"}, "method": {"name": method}, "sparsity": sparsity, "pattern": pattern},
-        "metrics": {"wikitext2": wiki, "c4": c4} if status == "complete" else {},
-        "sparsity": {"pattern": pattern, "actual_sparsity": sparsity},
-        "timings_s": {"prune": 1.5}, "memory": {"peak_rss_gib": 2.0},
-    }))
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "config": {
+                    "model": {"name": "m"},
+                    "method": {"name": method},
+                    "sparsity": sparsity,
+                    "pattern": pattern,
+                },
+                "metrics": {"wikitext2": wiki, "c4": c4} if status == "complete" else {},
+                "sparsity": {"pattern": pattern, "actual_sparsity": sparsity},
+                "timings_s": {"prune": 1.5},
+                "memory": {"peak_rss_gib": 2.0},
+            }
+        )
+    )
 
 
 def test_report_table_and_plot(tmp_path, capsys):
@@ -30,13 +41,25 @@ def test_report_table_and_plot(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + 5
-    assert lines[0] == ("| model | method | sparsity | actual | pattern | WikiText-2 | C4 | % dense (Wiki) | % dense (C4) "
-                        "| prune s | peak GiB | status |")  # one-shot rows only: no training columns
-    assert lines[2].startswith("| m | dense | 0.00 | 0.5000 | unstructured | 10.00 | 20.00 | 100.0 | 100.0 |")
-    assert "| m | wanda | 0.70 | 0.7000 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | complete |" in md
-    assert "| sparsegpt | 0.70 | 0.7000 | unstructured | — | — | — | — | 1.5 | 2.00 | failed |" in md
+    assert lines[0] == (
+        "| model | method | sparsity | actual | pattern | WikiText-2 | C4 | % dense (Wiki) | % dense (C4) "
+        "| prune s | peak GiB | status |"
+    )  # one-shot rows only: no training columns
+    assert lines[2].startswith(
+        "| m | dense | 0.00 | 0.5000 | unstructured | 10.00 | 20.00 | 100.0 | 100.0 |"
+    )
+    assert (
+        "| m | wanda | 0.70 | 0.7000 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | complete |"
+        in md
+    )
+    assert (
+        "| sparsegpt | 0.70 | 0.7000 | unstructured | — | — | — | — | 1.5 | 2.00 | failed |" in md
+    )
     assert md.startswith(f"# sparsebench report: {tmp_path}")
-    assert "- % dense (Wiki): dense perplexity / row perplexity x 100" in md and "higher is better" in md
+    assert (
+        "- % dense (Wiki): dense perplexity / row perplexity x 100" in md
+        and "higher is better" in md
+    )
     rows = (tmp_path / "report.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith("path,status,error,model,method")
     png = (tmp_path / "report.png").read_bytes()
@@ -70,12 +93,24 @@ def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
     import time
 
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sparsebench.cli", "-m", "model=tiny-llama", "logger=disabled",
-           "method=magnitude,wanda,sparsegpt", "sparsity=0.3,0.5,0.7", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparsebench.cli",
+        "-m",
+        "model=tiny-llama",
+        "logger=disabled",
+        "method=magnitude,wanda,sparsegpt",
+        "sparsity=0.3,0.5,0.7",
+        f"hydra.sweep.dir={sweep}",
+    ]
 
     def complete():
-        return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")
-                if json.loads(p.read_text())["status"] == "complete"}
+        return {
+            p.parent.name: p.stat().st_mtime_ns
+            for p in sweep.glob("*/results.json")
+            if json.loads(p.read_text())["status"] == "complete"
+        }
 
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -89,7 +124,9 @@ def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     after = complete()
     assert len(after) == 10  # 9 jobs + the dense baseline
-    assert all(after[name] == mtime for name, mtime in before.items())  # finished jobs were not re-run
+    assert all(
+        after[name] == mtime for name, mtime in before.items()
+    )  # finished jobs were not re-run
 
     report.main([str(sweep)])
     rows = [ln for ln in (sweep / "report.md").read_text().splitlines() if ln.startswith("|")][2:]
@@ -102,7 +139,10 @@ def test_report_zero_shot_columns(tmp_path):
         _result(tmp_path / str(i), method, s, 10.0, 20.0)
         path = tmp_path / str(i) / "results.json"
         rec = json.loads(path.read_text())
-        rec["zeroshot"] = {"tasks": {"boolq": {"headline": acc}, "arc_easy": {"headline": acc / 2}}, "mean_acc": acc * 0.75}
+        rec["zeroshot"] = {
+            "tasks": {"boolq": {"headline": acc}, "arc_easy": {"headline": acc / 2}},
+            "mean_acc": acc * 0.75,
+        }
         path.write_text(json.dumps(rec))
     md = report.markdown(report.table(report.load_results(tmp_path)))
     assert "| boolq | arc_easy | mean acc | % dense (acc) |" in md
@@ -112,22 +152,43 @@ def test_report_zero_shot_columns(tmp_path):
 def test_rows_of_different_kernel_environments_never_fold_or_read_as_one(tmp_path):
     """Seeds of one config fold into mean +- std only within one kernel environment; two
     environments are labelled apart and listed under the table."""
+
     def result(folder, seed, wiki, aten):
         folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps({
-            "status": "complete", "seed": seed,
-            "config": {"model": {"name": "m"}, "method": {"name": "sparsegpt"}, "sparsity": 0.7,
-                       "pattern": "unstructured", "seed": seed},
-            "metrics": {"wikitext2": wiki, "c4": wiki}, "sparsity": {"pattern": "unstructured", "actual_sparsity": 0.7},
-            "versions": {"kernels": {"cpu": "AMD EPYC (family 25, model 17)", "aten_capability": aten,
-                                     "mkl_cbwr": "unset", "threads": 2}},
-        }))
+        (folder / "results.json").write_text(
+            json.dumps(
+                {
+                    "status": "complete",
+                    "seed": seed,
+                    "config": {
+                        "model": {"name": "m"},
+                        "method": {"name": "sparsegpt"},
+                        "sparsity": 0.7,
+                        "pattern": "unstructured",
+                        "seed": seed,
+                    },
+                    "metrics": {"wikitext2": wiki, "c4": wiki},
+                    "sparsity": {"pattern": "unstructured", "actual_sparsity": 0.7},
+                    "versions": {
+                        "kernels": {
+                            "cpu": "AMD EPYC (family 25, model 17)",
+                            "aten_capability": aten,
+                            "mkl_cbwr": "unset",
+                            "threads": 2,
+                        }
+                    },
+                }
+            )
+        )
 
     result(tmp_path / "a0", 0, 340.0, "AVX2")
     result(tmp_path / "a1", 1, 344.0, "AVX2")
     result(tmp_path / "b0", 0, 363.0, "AVX512")
     rows = report.table(report.load_results(tmp_path))
-    assert sorted(r["n"] for r in rows) == [1, 2]  # the AVX2 seeds fold; the AVX-512 run stays apart
+    assert sorted(r["n"] for r in rows) == [
+        1,
+        2,
+    ]  # the AVX2 seeds fold; the AVX-512 run stays apart
     assert sorted(r["label"] for r in rows) == ["sparsegpt [env 1]", "sparsegpt [env 2]"]
     note = report.versions_note(rows)
     assert "env 1: AMD EPYC (family 25, model 17) / ATen AVX2 / MKL_CBWR unset / 2 threads" in note

@@ -1,15 +1,16 @@
 """SAFE and SAFE+: the SAM step by hand, rho = 0 == plain ADMM, block reconstruction, CLI."""
+
 import json
 import math
 
 import pytest
 import torch
 
+from sparsebench.engine.admm import ADMM, LambdaSchedule
+from sparsebench.engine.training import ADMMHook, Trainer
 from sparsebench.models import load_model, prunable_linears
 from sparsebench.pruners import PruneContext
-from sparsebench.engine.admm import ADMM, LambdaSchedule
 from sparsebench.pruners.safe import Safe, SafePlus
-from sparsebench.engine.training import ADMMHook, Trainer
 from sparsebench.run import build_specs, run
 from sparsebench.sparsity import Pattern, Schedule, parse_pattern
 
@@ -32,7 +33,9 @@ def test_sam_gradient_two_parameters_by_hand():
             pass
 
     opt = torch.optim.SGD([a, b], lr=0.0)
-    loss = Trainer([a, b], opt, lambda s: 1.0, rho=rho, hooks=[Spy()]).step([lambda: a**2 + 3 * b**2], tokens=1)
+    loss = Trainer([a, b], opt, lambda s: 1.0, rho=rho, hooks=[Spy()]).step(
+        [lambda: a**2 + 3 * b**2], tokens=1
+    )
     ea, eb = rho * 2 / math.sqrt(40), rho * 6 / math.sqrt(40)
     assert loss == pytest.approx(4.0)  # the unperturbed loss
     assert seen["a"] == pytest.approx(2 * (1 + ea), rel=1e-6)
@@ -53,8 +56,20 @@ def test_rho_zero_is_exactly_the_plain_admm_step():
     w1, f1 = _toy()
     w2, f2 = _toy()
     opts = [torch.optim.Adam([w], lr=1e-2, betas=(0.9, 0.95)) for w in (w1, w2)]
-    admms = [ADMM({"w": w}, o, 0.5, Pattern(), 10, interval=3, lam=LambdaSchedule("constant", 0, 0.3),
-                  projection="magnitude", group="row") for w, o in zip((w1, w2), opts)]
+    admms = [
+        ADMM(
+            {"w": w},
+            o,
+            0.5,
+            Pattern(),
+            10,
+            interval=3,
+            lam=LambdaSchedule("constant", 0, 0.3),
+            projection="magnitude",
+            group="row",
+        )
+        for w, o in zip((w1, w2), opts)
+    ]
     trainer = Trainer([w1], opts[0], lambda s: 1.0, rho=0.0, hooks=[ADMMHook(admms[0])])
     for step in range(7):
         trainer.step([f1], tokens=1)
@@ -82,7 +97,9 @@ def _ctx(model, tok, sparsity, pattern="unstructured"):
     from sparsebench.data import DataSpec, calibration
 
     calib = calibration(DataSpec(nsamples=8), tok, 64)
-    return PruneContext(model, sparsity, parse_pattern(pattern), Schedule(), torch.device("cpu"), calib)
+    return PruneContext(
+        model, sparsity, parse_pattern(pattern), Schedule(), torch.device("cpu"), calib
+    )
 
 
 @pytest.mark.parametrize("cls", [Safe, SafePlus])
@@ -97,7 +114,10 @@ def test_block_reconstruction_error_decreases(cls):
         assert b["recon_error_after"] < 0.95 * b["recon_error_before"], b
     assert rep["recon_error_sum_after"] < 0.9 * rep["recon_error_sum_before"]
     for name, lin in prunable_linears(model).items():
-        assert torch.equal(lin.weight != 0, masks[name]) or (lin.weight[masks[name]] != 0).float().mean() > 0.99
+        assert (
+            torch.equal(lin.weight != 0, masks[name])
+            or (lin.weight[masks[name]] != 0).float().mean() > 0.99
+        )
         assert (lin.weight[~masks[name]] == 0).all()
         # the released code's comparison group: one threshold per tensor, exact count
         assert int((~masks[name]).sum()) == int(lin.weight.numel() * 0.6)
@@ -106,7 +126,16 @@ def test_block_reconstruction_error_decreases(cls):
 
 def test_row_group_prunes_each_row_exactly():
     model, tok = load_model(tiny_spec("llama"), seed=0)
-    method = Safe(epochs=2, batch_size=4, lr=3e-4, warmup_epochs=1, lam=0.05, rho=1e-3, interval=2, group="row")
+    method = Safe(
+        epochs=2,
+        batch_size=4,
+        lr=3e-4,
+        warmup_epochs=1,
+        lam=0.05,
+        rho=1e-3,
+        interval=2,
+        group="row",
+    )
     masks = method.prune(_ctx(model, tok, 0.6))
     for name, lin in prunable_linears(model).items():
         assert ((~masks[name]).sum(1) == int(lin.weight.shape[1] * 0.6)).all()
@@ -114,12 +143,23 @@ def test_row_group_prunes_each_row_exactly():
 
 def test_safe_trains_norms_without_penalty_and_updates_at_step_plus_one():
     model, tok = load_model(tiny_spec("llama"), seed=0)
-    norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n and "layers" in n}
+    norms = {
+        n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n and "layers" in n
+    }
     method = Safe(epochs=1, batch_size=4, lr=1e-2, warmup_epochs=0, lam=0.05, rho=1e-3, interval=2)
     method.prune(_ctx(model, tok, 0.5))
     after = dict(model.named_parameters())
     assert all(not torch.equal(after[n], v) for n, v in norms.items())  # block norms trained
-    frozen = Safe(epochs=1, batch_size=4, lr=1e-2, warmup_epochs=0, lam=0.05, rho=1e-3, interval=2, train_others=False)
+    frozen = Safe(
+        epochs=1,
+        batch_size=4,
+        lr=1e-2,
+        warmup_epochs=0,
+        lam=0.05,
+        rho=1e-3,
+        interval=2,
+        train_others=False,
+    )
     model2, _ = load_model(tiny_spec("llama"), seed=0)
     frozen.prune(_ctx(model2, tok, 0.5))
     assert all(torch.equal(dict(model2.named_parameters())[n], v) for n, v in norms.items())
@@ -144,7 +184,16 @@ def test_warm_start_from_wanda_starts_at_wandas_solution():
 
 def test_warm_started_safe_improves_on_the_one_shot_solution():
     model, tok = load_model(tiny_spec("llama"), seed=0)
-    method = Safe(epochs=24, batch_size=2, lr=3e-4, warmup_epochs=1, lam=0.05, rho=1e-3, interval=2, warm_start="sparsegpt")
+    method = Safe(
+        epochs=24,
+        batch_size=2,
+        lr=3e-4,
+        warmup_epochs=1,
+        lam=0.05,
+        rho=1e-3,
+        interval=2,
+        warm_start="sparsegpt",
+    )
     method.prune(_ctx(model, tok, 0.6))
     for b in method.report()["blocks"]:
         assert b["recon_error_after"] < 0.95 * b["recon_error_before"], b
@@ -155,16 +204,35 @@ def test_safe_plus_uses_input_norms():
     masks = []
     for cls in (Safe, SafePlus):
         model, tok = load_model(tiny_spec("llama"), seed=0)
-        masks.append(cls(epochs=1, batch_size=4, lam=0.0, rho=0.0, lr=1e-12).prune(_ctx(model, tok, 0.5)))
+        masks.append(
+            cls(epochs=1, batch_size=4, lam=0.0, rho=0.0, lr=1e-12).prune(_ctx(model, tok, 0.5))
+        )
     assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
-@pytest.mark.parametrize("method,pattern,kind", [("safe", "unstructured", "llama"), ("safe_plus", "unstructured", "gemma3"),
-                                                  ("safe_plus", "2:4", "llama")])
+@pytest.mark.parametrize(
+    "method,pattern,kind",
+    [
+        ("safe", "unstructured", "llama"),
+        ("safe_plus", "unstructured", "gemma3"),
+        ("safe_plus", "2:4", "llama"),
+    ],
+)
 def test_safe_cli_end_to_end(method, pattern, kind, tmp_path):
     over = ["method.epochs=2", "method.batch_size=4", "method.interval=2"]
-    res = run(compose([f"model=tiny-{kind}", "logger=disabled", f"method={method}", "sparsity=0.5",
-                       f"pattern={pattern}", *over]), tmp_path)
+    res = run(
+        compose(
+            [
+                f"model=tiny-{kind}",
+                "logger=disabled",
+                f"method={method}",
+                "sparsity=0.5",
+                f"pattern={pattern}",
+                *over,
+            ]
+        ),
+        tmp_path,
+    )
     assert res["status"] == "complete"
     assert res["sparsity"]["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
     rep = json.loads((tmp_path / "results.json").read_text())["method_report"]
@@ -176,8 +244,16 @@ def test_safe_cli_end_to_end(method, pattern, kind, tmp_path):
 def test_safe_published_defaults_and_bad_options():
     for name in ("safe", "safe_plus"):
         m = build_specs(compose([f"method={name}", "model=llama2-7b"])).pruner
-        assert (m.epochs, m.batch_size, m.lr, m.warmup_epochs, m.lam, m.rho, m.interval, m.betas) == \
-            (30, 8, 2e-4, 2, 1e-3, 2e-4, 32, (0.9, 0.95))
+        assert (
+            m.epochs,
+            m.batch_size,
+            m.lr,
+            m.warmup_epochs,
+            m.lam,
+            m.rho,
+            m.interval,
+            m.betas,
+        ) == (30, 8, 2e-4, 2, 1e-3, 2e-4, 32, (0.9, 0.95))
         assert m.projection == ("magnitude" if name == "safe" else "wanda")
     from sparsebench.errors import SparsebenchError
 
@@ -185,5 +261,8 @@ def test_safe_published_defaults_and_bad_options():
         build_specs(compose(["method=safe", "method.projection=objective"]))
     with pytest.raises(SparsebenchError, match="option .rho. must be >= 0, got -1.0"):
         build_specs(compose(["method=safe", "method.rho=-1"]))
-    with pytest.raises(SparsebenchError, match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: alps, ladmm, sparsegpt, wanda"):
+    with pytest.raises(
+        SparsebenchError,
+        match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: alps, ladmm, sparsegpt, wanda",
+    ):
         build_specs(compose(["method=safe", "method.warm_start=magnitude"]))

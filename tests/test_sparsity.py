@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from sparsebench.errors import SparsebenchError
-from sparsebench.sparsity import Pattern, Ramp, check_sparsity, expected_pruned, nm_keep, parse_pattern, project, pruned_bounds
+from sparsebench.sparsity import (
+    Pattern,
+    Ramp,
+    check_sparsity,
+    expected_pruned,
+    nm_keep,
+    parse_pattern,
+    project,
+    pruned_bounds,
+)
 
 
 def test_parse_pattern():
@@ -60,7 +69,9 @@ def test_project_block_official_count():
     assert int((~keep).sum()) == expected_pruned((5, 10), 0.3, Pattern(), "block:4+1") == 18
     assert project(score, 0.0, Pattern(), "block:4+1").all()  # sparsity 0 stays dense
     # ties at the threshold all go, as with the official `<=`; the bounds allow them
-    tied = torch.tensor([[1.0, 2.0, 2.0, 2.0], [3.0, 4.0, 5.0, 6.0]])  # k = int(8 * 0.25) = 2 -> value 2.0
+    tied = torch.tensor(
+        [[1.0, 2.0, 2.0, 2.0], [3.0, 4.0, 5.0, 6.0]]
+    )  # k = int(8 * 0.25) = 2 -> value 2.0
     keep = project(tied, 0.25, Pattern(), "block:4+1")
     assert keep.tolist() == [[False, False, False, False], [True, True, True, True]]
     assert pruned_bounds((2, 4), 0.25, Pattern(), "block:4+1") == (3, 4)
@@ -107,7 +118,9 @@ def test_nm_ties_broken_as_the_official_group_loop():
     for n, m in ((2, 4), (4, 8)):
         prune = torch.zeros_like(score, dtype=torch.bool)
         for c in range(0, score.shape[1], m):
-            prune.scatter_(1, c + torch.topk(score[:, c:c + m], m - n, dim=1, largest=False)[1], True)
+            prune.scatter_(
+                1, c + torch.topk(score[:, c : c + m], m - n, dim=1, largest=False)[1], True
+            )
         assert torch.equal(nm_keep(score, n, m), ~prune)
 
 
@@ -134,4 +147,7 @@ def test_project_accepts_a_non_contiguous_score():
 
     score = torch.rand(48, 64).T
     for group in ("tensor", "row", "block:16+1"):
-        assert torch.equal(project(score, 0.7, Pattern(), group), project(score.contiguous(), 0.7, Pattern(), group))
+        assert torch.equal(
+            project(score, 0.7, Pattern(), group),
+            project(score.contiguous(), 0.7, Pattern(), group),
+        )

@@ -2,6 +2,7 @@
 methods that work block by block go through the one sequential driver, the layers import
 only what their docstrings allow, no module reaches into another's underscore names, the
 memory plan knows no method by name, and every file reads in one sitting."""
+
 import ast
 import json
 import re
@@ -53,11 +54,17 @@ def test_safe_reconstruction_and_the_owl_probe_run_through_the_shared_driver(spy
     ratios = outlier_ratios(model, calib, cpu, 5.0)
     assert [i for d, i in spy if d.startswith("owl")] == [0, 1] and len(ratios) == 2
 
-    masks = Safe(epochs=1, batch_size=2).prune(PruneContext(model, 0.5, Pattern(), Schedule(), cpu, calib))
+    masks = Safe(epochs=1, batch_size=2).prune(
+        PruneContext(model, 0.5, Pattern(), Schedule(), cpu, calib)
+    )
     assert [i for d, i in spy if d == "safe blocks"] == [0, 1]
 
     rec = Reconstruct(batch_size=2)
-    rec.run(RecoverContext(model, masks, cpu, tok, DataSpec(nsamples=4), 64, load_dense=lambda: _tiny()[0]))
+    rec.run(
+        RecoverContext(
+            model, masks, cpu, tok, DataSpec(nsamples=4), 64, load_dense=lambda: _tiny()[0]
+        )
+    )
     assert [i for d, i in spy if d == "recover reconstruct"] == [0, 1]
     assert rec.report()["steps_run"] > 0
 
@@ -68,7 +75,11 @@ def test_one_shot_methods_run_through_the_shared_driver(spy):
     from sparsebench.sparsity import Pattern, Schedule
 
     model, _ = _tiny()
-    Wanda().prune(PruneContext(model, 0.5, Pattern(), Schedule(), torch.device("cpu"), torch.randint(0, 256, (2, 64))))
+    Wanda().prune(
+        PruneContext(
+            model, 0.5, Pattern(), Schedule(), torch.device("cpu"), torch.randint(0, 256, (2, 64))
+        )
+    )
     assert [i for d, i in spy] == [0, 1]
 
 
@@ -123,13 +134,20 @@ def test_no_module_imports_another_modules_underscore_names():
         for path in sorted((REPO / root).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom):
-                    bad += [f"{path.relative_to(REPO)}:{node.lineno} {a.name}" for a in node.names
-                            if a.name.startswith("_") and not a.name.startswith("__")]
+                    bad += [
+                        f"{path.relative_to(REPO)}:{node.lineno} {a.name}"
+                        for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")
+                    ]
     assert not bad, bad
 
 
 def test_no_file_in_the_package_is_over_450_lines():
-    long = {str(p.relative_to(REPO)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 450
+    }
     assert not long, long
 
 
@@ -140,9 +158,15 @@ def test_the_memory_plan_names_no_method():
     from sparsebench.registry import METHODS
 
     names = [n for n in METHODS.names() + RECOVERIES.names() if n not in ("dense", "none")]
-    strings = [node.value for path in sorted((PKG / "plan").glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
-               if isinstance(node, ast.Constant) and isinstance(node.value, str)]
-    found = {(n, s[:60]) for s in strings for n in names if re.search(rf"(?i)\b{re.escape(n)}\b", s)}
+    strings = [
+        node.value
+        for path in sorted((PKG / "plan").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+    found = {
+        (n, s[:60]) for s in strings for n in names if re.search(rf"(?i)\b{re.escape(n)}\b", s)
+    }
     found |= {("dense", s) for s in strings if s == "dense"}
     assert not found, sorted(found)
 
@@ -166,11 +190,15 @@ def test_a_method_without_plan_terms_is_refused_by_the_plan():
     Undeclared.name = "undeclared"
     specs = build_specs(compose(["model=tiny-llama", "logger=disabled", "dry_run=true"]))
     specs.pruner = Undeclared()
-    with pytest.raises(SparsebenchError, match=r"^method 'undeclared' declares no memory-plan terms.*plan_terms"):
+    with pytest.raises(
+        SparsebenchError, match=r"^method 'undeclared' declares no memory-plan terms.*plan_terms"
+    ):
         memory_plan(specs, 1)
 
 
-@pytest.mark.parametrize("case,method,extra", [("wanda", "wanda", {}), ("finetune", "wanda", {"recovery": "finetune"})])
+@pytest.mark.parametrize(
+    "case,method,extra", [("wanda", "wanda", {}), ("finetune", "wanda", {"recovery": "finetune"})]
+)
 def test_the_entry_point_on_a_loaded_model_gives_the_commands_numbers(case, method, extra):
     """pipeline.prune_model on a model object the caller loaded runs the command's stages:
     the same masks and perplexities as `sparsebench model=tiny-llama method=...` (the golden
@@ -185,8 +213,18 @@ def test_the_entry_point_on_a_loaded_model_gives_the_commands_numbers(case, meth
 
     model, tok = _tiny()
     opts = {"recover_options": {"steps": 2}} if extra else {}  # as the golden case: recover.steps=2
-    out = prune_model(model, tok, method=method, sparsity=0.5, data=DataSpec(nsamples=8), seqlen=64,
-                      evaluate=("wikitext2", "c4"), max_windows=4, **extra, **opts)
+    out = prune_model(
+        model,
+        tok,
+        method=method,
+        sparsity=0.5,
+        data=DataSpec(nsamples=8),
+        seqlen=64,
+        evaluate=("wikitext2", "c4"),
+        max_windows=4,
+        **extra,
+        **opts,
+    )
     want = json.loads(golden.GOLDEN.read_text())
     assert out.sparsity["pruned_params"] == want["cases"][case]["pruned_params"]
     assert out.budget["prune"]["calib_tokens"] == 8 * 64 and out.timings_s["prune"] >= 0
@@ -205,7 +243,9 @@ def test_the_worked_example_of_contributing_md_runs_from_the_cli_and_is_planned(
     import sys
 
     text = (REPO / "docs" / "contributing.md").read_text()
-    blocks = re.findall(r"```(?:python|yaml)\n# ((?:sparsebench|conf)/[\w/.]+)\n(.*?)```", text, re.S)
+    blocks = re.findall(
+        r"```(?:python|yaml)\n# ((?:sparsebench|conf)/[\w/.]+)\n(.*?)```", text, re.S
+    )
     assert [path for path, _ in blocks] == ["sparsebench/pruners/ria.py", "conf/method/ria.yaml"]
     for part in ("sparsebench", "conf"):
         shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -225,8 +265,14 @@ def test_the_worked_example_of_contributing_md_runs_from_the_cli_and_is_planned(
     from sparsebench.data import resolve_root
 
     env["SPARSEBENCH_DATA_ROOT"] = str(resolve_root(None))  # the copy has no ../shared beside it
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "statistics: input norms (float32)" in out.stdout and "verdict: fits" in out.stdout
     res = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -1,4 +1,5 @@
 """Offline zero-shot tasks: parsed from hand-made files, prompted and scored like the stock tasks."""
+
 import json
 
 import pytest
@@ -40,28 +41,76 @@ def _jsonl(path, rows):
 @pytest.fixture
 def root(tmp_path):
     z = tmp_path / "zeroshot"
-    _jsonl(z / "boolq/val.jsonl", [
-        {"question": "is it red", "passage": "P1", "idx": 0, "label": "false"},  # shortest " no" -> right
-        {"question": "is it blue", "passage": "P2", "idx": 1, "label": "true"},  # wrong
-        {"question": "is it green", "passage": "P3", "idx": 2, "label": "false"},  # right
-    ])
-    _jsonl(z / "rte/val.jsonl", [
-        {"premise": "A", "hypothesis": "B", "label": "entailment", "idx": 0},  # " True" (5) < " False" -> right
-        {"premise": "C", "hypothesis": "D", "label": "not_entailment", "idx": 1},  # wrong
-    ])
+    _jsonl(
+        z / "boolq/val.jsonl",
+        [
+            {
+                "question": "is it red",
+                "passage": "P1",
+                "idx": 0,
+                "label": "false",
+            },  # shortest " no" -> right
+            {"question": "is it blue", "passage": "P2", "idx": 1, "label": "true"},  # wrong
+            {"question": "is it green", "passage": "P3", "idx": 2, "label": "false"},  # right
+        ],
+    )
+    _jsonl(
+        z / "rte/val.jsonl",
+        [
+            {
+                "premise": "A",
+                "hypothesis": "B",
+                "label": "entailment",
+                "idx": 0,
+            },  # " True" (5) < " False" -> right
+            {"premise": "C", "hypothesis": "D", "label": "not_entailment", "idx": 1},  # wrong
+        ],
+    )
     arc = [
-        {"id": "q1", "question": {"stem": "What?", "choices": [{"text": "long answer", "label": "A"}, {"text": "ab", "label": "B"}]}, "answerKey": "B"},
-        {"id": "q2", "question": {"stem": "Why?", "choices": [{"text": "x", "label": "1"}, {"text": "yyy", "label": "2"}, {"text": "zz", "label": "3"}]}, "answerKey": "3"},
+        {
+            "id": "q1",
+            "question": {
+                "stem": "What?",
+                "choices": [{"text": "long answer", "label": "A"}, {"text": "ab", "label": "B"}],
+            },
+            "answerKey": "B",
+        },
+        {
+            "id": "q2",
+            "question": {
+                "stem": "Why?",
+                "choices": [
+                    {"text": "x", "label": "1"},
+                    {"text": "yyy", "label": "2"},
+                    {"text": "zz", "label": "3"},
+                ],
+            },
+            "answerKey": "3",
+        },
     ]
     _jsonl(z / "arc_easy/ARC-Easy-Test.jsonl", arc)
     _jsonl(z / "arc_challenge/ARC-Challenge-Test.jsonl", arc[:1])
-    _jsonl(z / "openbookqa/llmfoundry_openbook_qa.jsonl", [
-        {"query": "Fog is around:", "choices": ["a marsh", "a tundra", "sea", "a desert"], "gold": 2},
-        {"query": "Sun is a:", "choices": ["star", "planet", "moon", "comet"], "gold": 1},
-    ])
-    _jsonl(z / "winogrande/llmfoundry_winogrande.jsonl", [
-        {"context_options": ["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"], "continuation": "won.", "gold": 0},
-    ])
+    _jsonl(
+        z / "openbookqa/llmfoundry_openbook_qa.jsonl",
+        [
+            {
+                "query": "Fog is around:",
+                "choices": ["a marsh", "a tundra", "sea", "a desert"],
+                "gold": 2,
+            },
+            {"query": "Sun is a:", "choices": ["star", "planet", "moon", "comet"], "gold": 1},
+        ],
+    )
+    _jsonl(
+        z / "winogrande/llmfoundry_winogrande.jsonl",
+        [
+            {
+                "context_options": ["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"],
+                "continuation": "won.",
+                "gold": 0,
+            },
+        ],
+    )
     return tmp_path
 
 
@@ -70,7 +119,9 @@ def test_offline_tasks_prompt_and_score_like_stock(root, tmp_path, monkeypatch):
 
     lm = ShortestAnswer()
     monkeypatch.setattr(hf, "HFLM", lambda **kw: lm)
-    spec = ZeroShotSpec(tasks=("boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa"))
+    spec = ZeroShotSpec(
+        tasks=("boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+    )
     out = evaluate_zeroshot(None, None, spec, "local", str(root), "cpu", tmp_path / "cache")
     acc = {t: v["acc"] for t, v in out["tasks"].items()}
     assert acc["boolq"] == pytest.approx(2 / 3)
@@ -82,16 +133,24 @@ def test_offline_tasks_prompt_and_score_like_stock(root, tmp_path, monkeypatch):
     assert out["mean_acc"] == pytest.approx(sum(acc.values()) / 6)
     assert out["harness_version"] and out["task_versions"]["boolq"] == 2.0
     prompts = set(lm.requests)
-    assert ("P1\nQuestion: is it red?\nAnswer:", " no") in prompts and ("P1\nQuestion: is it red?\nAnswer:", " yes") in prompts
+    assert ("P1\nQuestion: is it red?\nAnswer:", " no") in prompts and (
+        "P1\nQuestion: is it red?\nAnswer:",
+        " yes",
+    ) in prompts
     assert ("A\nQuestion: B True or False?\nAnswer:", " True") in prompts
     assert ("Question: What?\nAnswer:", " long answer") in prompts
     assert ("Fog is around:", " a marsh") in prompts
     # WinoGrande: partial scoring, the two filled-in prefixes as contexts, one continuation
-    assert ("Sarah beat Maria so Sarah", " won.") in prompts and ("Sarah beat Maria so Maria", " won.") in prompts
+    assert ("Sarah beat Maria so Sarah", " won.") in prompts and (
+        "Sarah beat Maria so Maria",
+        " won.",
+    ) in prompts
 
 
 def test_zero_shot_spec_errors(root):
-    with pytest.raises(SparsebenchError, match="unknown zero-shot task 'arc_esay' \\(did you mean 'arc_easy'\\?\\)"):
+    with pytest.raises(
+        SparsebenchError, match="unknown zero-shot task 'arc_esay' \\(did you mean 'arc_easy'\\?\\)"
+    ):
         ZeroShotSpec(tasks=("arc_esay",))
     with pytest.raises(SparsebenchError, match="hellaswag has only 4 offline items"):
         ZeroShotSpec(tasks=("hellaswag",)).check_source("local", str(root))

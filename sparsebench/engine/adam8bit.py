@@ -13,6 +13,7 @@ moments, as bitsandbytes keeps small tensors in 32 bits.
 States are dequantized for each step and requantized after it, so one float32 copy
 of a single tensor's state exists at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -107,7 +108,10 @@ class Adam8bit(torch.optim.Optimizer):
         if "exp_avg" in st:  # a one-dimensional parameter's float32 moments
             return st["exp_avg"], st["exp_avg_sq"]
         w = local(p)  # under FSDP2 the moments are this rank's rows
-        return (dequantize_signed(st["m_q"], st["m_scale"], w), dequantize_log(st["v_q"], st["v_range"], w))
+        return (
+            dequantize_signed(st["m_q"], st["m_scale"], w),
+            dequantize_log(st["v_q"], st["v_range"], w),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,10 +122,15 @@ class Adam8bit(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 st = self.state[p]
-                w = local(p)  # a sharded (FSDP2) parameter updates its own rows: the state is sharded too
+                w = local(
+                    p
+                )  # a sharded (FSDP2) parameter updates its own rows: the state is sharded too
                 if not st:
                     st["step"] = 0
-                    m, v = torch.zeros_like(w, dtype=torch.float32), torch.zeros_like(w, dtype=torch.float32)
+                    m, v = (
+                        torch.zeros_like(w, dtype=torch.float32),
+                        torch.zeros_like(w, dtype=torch.float32),
+                    )
                     if w.dim() < 2:  # norms, biases: float32 moments, updated in place
                         st["exp_avg"], st["exp_avg_sq"] = m, v
                 else:

@@ -32,6 +32,7 @@ converges to; with it the penalty w - z + u is exact to bfloat16 precision at th
 bytes. The support is read back as z_fp8 != 0 (an entry whose kept value underflows FP8
 is then treated as pruned with u = -z, which leaves the penalty exact).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import SparsebenchError
-from .shard import gather, local, row_sharded, rows_of, sum_over_ranks
 from ..sparsity import Pattern, Ramp, project
+from .shard import gather, local, row_sharded, rows_of, sum_over_ranks
 
 PROJECTIONS = ("magnitude", "objective", "wanda")
 LAMBDA_KINDS = ("constant", "linear", "cosine", "exponential")
@@ -60,7 +61,9 @@ class LambdaSchedule:
 
     def __post_init__(self):
         if self.kind not in LAMBDA_KINDS:
-            raise SparsebenchError(f"unknown lambda schedule '{self.kind}'; valid: {', '.join(LAMBDA_KINDS)}")
+            raise SparsebenchError(
+                f"unknown lambda schedule '{self.kind}'; valid: {', '.join(LAMBDA_KINDS)}"
+            )
         if self.end < 0 or self.start < 0:
             raise SparsebenchError(f"lambda must be >= 0, got start={self.start}, end={self.end}")
         if self.kind == "exponential" and self.start <= 0:
@@ -84,9 +87,13 @@ class Stored:
 
     def __init__(self, value: torch.Tensor, fmt: str, sharded: bool = False):
         if fmt not in self.FORMATS:
-            raise SparsebenchError(f"unknown ADMM state format '{fmt}'; valid: {', '.join(self.FORMATS)}")
+            raise SparsebenchError(
+                f"unknown ADMM state format '{fmt}'; valid: {', '.join(self.FORMATS)}"
+            )
         self.fmt = fmt
-        self.sharded = sharded  # this rank holds some rows (FSDP2): the per-tensor scale is over all ranks
+        self.sharded = (
+            sharded  # this rank holds some rows (FSDP2): the per-tensor scale is over all ranks
+        )
         self.scale: torch.Tensor | None = None
         self.set(value)
 
@@ -141,7 +148,9 @@ class ADMM:
         targets: dict[str, float] | None = None,
     ):
         if projection not in PROJECTIONS:
-            raise SparsebenchError(f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}")
+            raise SparsebenchError(
+                f"unknown projection '{projection}'; valid: {', '.join(PROJECTIONS)}"
+            )
         if projection == "wanda" and input_norms is None:
             raise SparsebenchError("the wanda projection needs input norms")
         if interval < 1:
@@ -154,8 +163,12 @@ class ADMM:
         self.group = group  # unstructured comparison group: tensor (Elsa) or row (SAFE, as Wanda)
         self.residual = residual and z_format != "float32"  # a float32 z has no residual
         self.offset = offset
-        self.targets = targets or {}  # per-tensor final targets (non-uniform allocation), else `sparsity`
-        self.sharded = any(row_sharded(p) for p in params.values())  # FSDP2: sums over ranks (DDP: every rank has all)
+        self.targets = (
+            targets or {}
+        )  # per-tensor final targets (non-uniform allocation), else `sparsity`
+        self.sharded = any(
+            row_sharded(p) for p in params.values()
+        )  # FSDP2: sums over ranks (DDP: every rank has all)
         self.updates = 0  # z/u updates done
         self.lam_at_update: float | None = None  # lam at the last z/u update (u's scale)
         self.churn = 0.0  # fraction of mask entries that flipped at the last z-update
@@ -163,7 +176,9 @@ class ADMM:
         self.u: dict[str, Stored] = {}
         for name, p in params.items():
             # z0 = Proj_k(w0) by magnitude (or a given one-shot solution), u0 = 0.
-            w = local(p.detach()).float()  # this rank's rows under FSDP2 (sparsebench/engine/shard.py)
+            w = local(
+                p.detach()
+            ).float()  # this rank's rows under FSDP2 (sparsebench/engine/shard.py)
             if z_init is not None and name in z_init:
                 z0 = z_init[name].to(w.device, torch.float32)
                 if row_sharded(p):
@@ -173,7 +188,9 @@ class ADMM:
                 how = "magnitude" if projection == "objective" else projection
                 z0 = w * self.mask_of(name, w, self.target(0, name), how)
             self.z[name] = Stored(z0, z_format, sharded=row_sharded(p))
-            self.u[name] = Stored(self._u_slot(name, z0, torch.zeros_like(z0)), u_format, sharded=row_sharded(p))
+            self.u[name] = Stored(
+                self._u_slot(name, z0, torch.zeros_like(z0)), u_format, sharded=row_sharded(p)
+            )
 
     def _u_slot(self, name: str, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """What the u tensor stores: u, plus z's rounding residual on z's support."""
@@ -209,7 +226,9 @@ class ADMM:
             # one threshold over the whole tensor: project the gathered score exactly as one
             # process would (same ties), keep this rank's rows
             return rows_of(project(gather(score, p), sparsity, self.pattern, self.group), p)
-        return project(score, sparsity, self.pattern, self.group)  # per row / N:M: local to a row shard
+        return project(
+            score, sparsity, self.pattern, self.group
+        )  # per row / N:M: local to a row shard
 
     def second_moment(self, p: torch.Tensor) -> torch.Tensor | None:
         """Adam's v for p (dequantized for 8-bit Adam), or None before the first step."""
@@ -271,7 +290,10 @@ class ADMM:
     @torch.no_grad()
     def distance(self) -> float:
         """||w - z|| over all ADMM tensors: how far the weights are from feasibility."""
-        sq = sum(float((local(p.detach()).float() - self.z_value(n)).pow(2).sum()) for n, p in self.params.items())
+        sq = sum(
+            float((local(p.detach()).float() - self.z_value(n)).pow(2).sum())
+            for n, p in self.params.items()
+        )
         if self.sharded:
             sq = sum_over_ranks(sq, next(iter(self.z.values())).get().device)
         return math.sqrt(sq)

@@ -11,6 +11,7 @@ sparsebench/records/ledger.py), world size and engine are required; anything els
 training ends. Keys carry the rank (`r<rank>/...`): a resume needs the world size it was
 written with, which a rescheduled job keeps.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,11 +124,25 @@ class TrainingCheckpoint:
             dcp.save(self._tensors(params, optimizer, admm), checkpoint_id=str(path))
         _barrier()
         if self.rank == 0:
-            meta = {"step": step + 1, "fingerprint": self.fingerprint, "world": self.world, "engine": self.engine,
-                    "optimizer_steps": self._int_steps(params, optimizer),
-                    "trainer": {"steps_done": trainer.steps_done, "tokens": trainer.tokens, "wall_s": trainer.wall_s},
-                    "admm": {"updates": admm.updates, "lam_at_update": admm.lam_at_update, "churn": admm.churn},
-                    "sampler": _sampler_state(sampler), "history": history}
+            meta = {
+                "step": step + 1,
+                "fingerprint": self.fingerprint,
+                "world": self.world,
+                "engine": self.engine,
+                "optimizer_steps": self._int_steps(params, optimizer),
+                "trainer": {
+                    "steps_done": trainer.steps_done,
+                    "tokens": trainer.tokens,
+                    "wall_s": trainer.wall_s,
+                },
+                "admm": {
+                    "updates": admm.updates,
+                    "lam_at_update": admm.lam_at_update,
+                    "churn": admm.churn,
+                },
+                "sampler": _sampler_state(sampler),
+                "history": history,
+            }
             tmp = path / "meta.json.tmp"
             tmp.write_text(json.dumps(meta))
             tmp.replace(path / "meta.json")
@@ -146,7 +161,11 @@ class TrainingCheckpoint:
         mine = {"fingerprint": self.fingerprint, "world": self.world, "engine": self.engine}
         differ = [f"{k}: {meta.get(k)} -> {v}" for k, v in mine.items() if meta.get(k) != v]
         if differ:
-            log.warning("checkpoint %s is not this run's (%s): starting from step 0", path, "; ".join(differ))
+            log.warning(
+                "checkpoint %s is not this run's (%s): starting from step 0",
+                path,
+                "; ".join(differ),
+            )
             _barrier()
             if self.rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
@@ -162,7 +181,11 @@ class TrainingCheckpoint:
             if step is not None:
                 optimizer.state[p]["step"] = step
         t = meta["trainer"]
-        trainer.steps_done, trainer.tokens, trainer.wall_s = t["steps_done"], t["tokens"], t["wall_s"]
+        trainer.steps_done, trainer.tokens, trainer.wall_s = (
+            t["steps_done"],
+            t["tokens"],
+            t["wall_s"],
+        )
         a = meta["admm"]
         admm.updates, admm.lam_at_update, admm.churn = a["updates"], a["lam_at_update"], a["churn"]
         _set_sampler_state(sampler, meta["sampler"])
@@ -177,4 +200,3 @@ class TrainingCheckpoint:
         if self.rank == 0:
             shutil.rmtree(self.folder / "checkpoint", ignore_errors=True)
         _barrier()
-

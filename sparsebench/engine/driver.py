@@ -34,6 +34,7 @@ When the blocks live on the host and the device is a GPU, block i+1's weights ar
 a worker thread on a side stream while block i is worked on (`Blocks`): two blocks are then
 on the device at once, which the plan counts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,9 @@ class Windows:
 
     def __init__(self, x: torch.Tensor, device: torch.device, batch: int = 1):
         self.x, self.device, self.batch = x, device, batch
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and x.device.type == "cpu" else None
+        self.stream = (
+            torch.cuda.Stream(device) if device.type == "cuda" and x.device.type == "cpu" else None
+        )
 
     def _fetch(self, j: int):
         with torch.cuda.stream(self.stream):
@@ -106,7 +109,9 @@ class Windows:
                 yield self.x[j : j + b].to(self.device)
             return
         current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # the host buffer was written by the previous block's copies
+        self.stream.wait_stream(
+            current
+        )  # the host buffer was written by the previous block's copies
         nxt = self._fetch(0)
         for j in range(0, n, b):
             current.wait_stream(self.stream)
@@ -120,7 +125,9 @@ class Windows:
 def store_window(dest: torch.Tensor, j: int, value: torch.Tensor) -> None:
     """dest[j : j + len(value)] = value; into pinned host memory without waiting (finish_block
     synchronises)."""
-    dest[j : j + value.shape[0]].copy_(value, non_blocking=dest.device.type == "cpu" and value.device.type == "cuda")
+    dest[j : j + value.shape[0]].copy_(
+        value, non_blocking=dest.device.type == "cpu" and value.device.type == "cuda"
+    )
 
 
 def finish_block(device: torch.device) -> None:
@@ -134,17 +141,32 @@ class Blocks:
     (or `prefetch=True`), a worker thread moves block i+1 on a side stream while the caller
     works on block i; the caller's stream waits for that copy before it touches the block."""
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device, prefetch: bool | None = None,
-                 dtype: torch.dtype | None = None):
-        self.blocks, self.device, self.dtype = blocks, device, dtype  # dtype: floating weights cast while in use
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        device: torch.device,
+        prefetch: bool | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        self.blocks, self.device, self.dtype = (
+            blocks,
+            device,
+            dtype,
+        )  # dtype: floating weights cast while in use
         home = next(blocks[0].parameters()).device
-        self.prefetch = (device.type == "cuda" and home.type == "cpu") if prefetch is None else prefetch
+        self.prefetch = (
+            (device.type == "cuda" and home.type == "cpu") if prefetch is None else prefetch
+        )
         self.stream = torch.cuda.Stream(device) if self.prefetch and device.type == "cuda" else None
 
     def _load(self, i: int):
         block = self.blocks[i]
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            block.to(self.device, self.dtype, non_blocking=True)  # pageable weights: this thread waits, the caller does not
+        with (
+            torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        ):
+            block.to(
+                self.device, self.dtype, non_blocking=True
+            )  # pageable weights: this thread waits, the caller does not
         if self.stream is None:
             return None
         done = torch.cuda.Event()
@@ -163,9 +185,15 @@ class Blocks:
     def __iter__(self):
         n = len(self.blocks)
         # where each block lives, and its dtype when this loop casts it (SAFE, reconstruction)
-        home = [(next(b.parameters()).device,) + ((next(b.parameters()).dtype,) if self.dtype else ())
-                for b in self.blocks]
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsebench-block") if self.prefetch else None
+        home = [
+            (next(b.parameters()).device,) + ((next(b.parameters()).dtype,) if self.dtype else ())
+            for b in self.blocks
+        ]
+        pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsebench-block")
+            if self.prefetch
+            else None
+        )
         try:
             nxt = pool.submit(self._load, 0) if pool else None
             for i, block in enumerate(self.blocks):
@@ -176,7 +204,9 @@ class Blocks:
                     if i + 1 < n:
                         nxt = pool.submit(self._load, i + 1)
                 yield i, block
-                finish_block(self.device)  # the block's work is done before its memory is given back
+                finish_block(
+                    self.device
+                )  # the block's work is done before its memory is given back
                 block.to(*home[i])
         finally:
             if pool is not None:
@@ -248,7 +278,9 @@ class SharedInputs:
 
     def __init__(self):
         self.leader: dict[str, str] = {}  # linear -> the first linear that read its input
-        self._first: dict[str, torch.Tensor] = {}  # leaders' first inputs, kept alive: equal data_ptr = same tensor
+        self._first: dict[
+            str, torch.Tensor
+        ] = {}  # leaders' first inputs, kept alive: equal data_ptr = same tensor
 
     def observe(self, name: str, x: torch.Tensor) -> str:
         """The leader of `name`: itself unless an earlier linear read this very tensor."""
@@ -264,8 +296,6 @@ class SharedInputs:
 
     def release(self) -> None:
         self._first.clear()
-
-
 
 
 @dataclass
@@ -291,8 +321,16 @@ class Sequential:
     reconstruction train in float32), the blocks back in their own afterwards. `batch`:
     windows per forward when the driver runs a block for the next one's inputs."""
 
-    def __init__(self, model: nn.Module, calib: torch.Tensor, device: torch.device, inputs: str = "device",
-                 batch: int = 1, dtype: torch.dtype | None = None, desc: str = "blocks"):
+    def __init__(
+        self,
+        model: nn.Module,
+        calib: torch.Tensor,
+        device: torch.device,
+        inputs: str = "device",
+        batch: int = 1,
+        dtype: torch.dtype | None = None,
+        desc: str = "blocks",
+    ):
         self.model, self.calib, self.device, self.inputs = model, calib, device, inputs
         self.batch, self.dtype, self.desc = batch, dtype, desc
         self.path, self.blocks = find_blocks(model)
@@ -310,14 +348,27 @@ class Sequential:
             args, kwargs = to_device(block_args[i], self.device, self.dtype)
             yield Step(i, block, inps, outs, args, kwargs)
             with torch.no_grad():  # the block as the caller left it feeds the next one
-                for j, window in zip(range(0, inps.shape[0], self.batch), Windows(inps, self.device, self.batch)):
+                for j, window in zip(
+                    range(0, inps.shape[0], self.batch), Windows(inps, self.device, self.batch)
+                ):
                     store_window(outs, j, block_out(block(window, *args, **kwargs)))
-            inps, outs = outs, inps  # Blocks synchronises (finish_block) before the next block starts
+            inps, outs = (
+                outs,
+                inps,
+            )  # Blocks synchronises (finish_block) before the next block starts
 
 
 @torch.no_grad()
-def collect_statistics(block: nn.Module, inps: torch.Tensor, args, kwargs, new_stats: Callable[[int, torch.device], Any],
-                       add_batch: Callable[[Any, torch.Tensor], None], batch: int = 1, who: str = "method"):
+def collect_statistics(
+    block: nn.Module,
+    inps: torch.Tensor,
+    args,
+    kwargs,
+    new_stats: Callable[[int, torch.device], Any],
+    add_batch: Callable[[Any, torch.Tensor], None],
+    batch: int = 1,
+    who: str = "method",
+):
     """One statistics pass of `block` over `inps` (`batch` windows per forward).
 
     Returns (linears, groups, stats): the block's linears by name, {leader: the linears that
@@ -332,21 +383,26 @@ def collect_statistics(block: nn.Module, inps: torch.Tensor, args, kwargs, new_s
     device = next(block.parameters()).device
 
     def record(name):
-        def hook(module, args):  # a pre-hook (the input is all we need); returning None keeps the input
+        def hook(
+            module, args
+        ):  # a pre-hook (the input is all we need); returning None keeps the input
             x = args[0].detach()
             if sharing.observe(name, x) == name:
                 if name not in stats:
                     stats[name] = new_stats(linears[name].in_features, device)
                 if windows == 1:
                     add_batch(stats[name], x)
-                elif x.dim() == 3 and x.shape[0] == windows:  # window by window, as one per forward adds them
+                elif (
+                    x.dim() == 3 and x.shape[0] == windows
+                ):  # window by window, as one per forward adds them
                     for k in range(windows):
                         add_batch(stats[name], x[k : k + 1])
                 else:
                     raise SparsebenchError(
                         f"calib_batch={batch}: linear '{name}' of {who}'s block reads an input of shape "
                         f"{tuple(x.shape)}, not one row per window (a mixture of experts routes tokens), so its "
-                        f"statistics cannot be added window by window; use calib_batch=1")
+                        f"statistics cannot be added window by window; use calib_batch=1"
+                    )
             calls.append(name)
             if skip_tail and len(set(calls)) == len(linears):
                 raise Stop  # the last linear's own product and the rest of the block are not needed
@@ -374,8 +430,10 @@ def collect_statistics(block: nn.Module, inps: torch.Tensor, args, kwargs, new_s
         sharing.release()
     unused = sorted(set(linears) - set(sharing.leader))
     if unused:
-        raise SparsebenchError(f"{who}: linears {unused} never ran in the block's forward, "
-                               f"so they have no input statistics to prune with")
+        raise SparsebenchError(
+            f"{who}: linears {unused} never ran in the block's forward, "
+            f"so they have no input statistics to prune with"
+        )
     groups: dict[str, list[str]] = {}  # leader -> the linears reading its input, in block order
     for name in linears:
         groups.setdefault(sharing.leader[name], []).append(name)

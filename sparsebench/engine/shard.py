@@ -21,6 +21,7 @@ collectives on host tensors (gradient clipping, FP8 scales, sums); `gather` retu
 the GPU (a per-tensor projection sorts there) and `rows_of` brings this rank's rows back
 to the device of its shard.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -59,8 +60,9 @@ def gather(part: torch.Tensor, like) -> torch.Tensor:
     on the mesh's device: an offloaded shard is on the host, but the gathered score of a
     per-tensor projection is sorted on the GPU (rows_of brings this rank's rows back)."""
     mesh = like.device_mesh
-    return DTensor.from_local(part.to(mesh.device_type), mesh, like.placements, shape=like.shape,
-                              stride=like.stride()).full_tensor()
+    return DTensor.from_local(
+        part.to(mesh.device_type), mesh, like.placements, shape=like.shape, stride=like.stride()
+    ).full_tensor()
 
 
 def rows_of(full: torch.Tensor, like) -> torch.Tensor:
@@ -82,7 +84,9 @@ def sum_over_ranks(value: float, device: torch.device) -> float:
     return float(t)
 
 
-def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None, run_id: str) -> dict[str, torch.Tensor]:
+def share_pruned(
+    model: nn.Module, masks: dict[str, torch.Tensor] | None, run_id: str
+) -> dict[str, torch.Tensor]:
     """Rank 0's pruned weights and masks to every rank (a collective), before a sharded
     recovery. The other ranks first wait on the store for rank 0's key of this run (its
     fingerprint), not in a collective: one-shot pruning of a large model takes longer than
@@ -98,14 +102,20 @@ def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None, run_id
         store.set(key, "1")
     else:
         store.wait([key], timedelta(days=2))
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() != "gloo" else torch.device("cpu")
+    comm = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() != "gloo"
+        else torch.device("cpu")
+    )
     for t in [*model.parameters(), *model.buffers()]:
         buf = t.data.to(comm)
         dist.broadcast(buf, src=0)
         t.data.copy_(buf)
     out = {}
     for name, lin in sorted(prunable_linears(model).items()):
-        buf = (masks[name] if rank == 0 else torch.empty(lin.weight.shape, dtype=torch.bool)).to(comm, torch.uint8)
+        buf = (masks[name] if rank == 0 else torch.empty(lin.weight.shape, dtype=torch.bool)).to(
+            comm, torch.uint8
+        )
         dist.broadcast(buf, src=0)  # gloo broadcasts no bool
         out[name] = buf.bool().cpu()
     return out
@@ -114,11 +124,18 @@ def share_pruned(model: nn.Module, masks: dict[str, torch.Tensor] | None, run_id
 def shard_model(model: nn.Module, bf16: bool, offload: bool = False) -> None:
     """fully_shard every decoder block, then the root (embeddings, final norm, lm_head);
     with `offload` the shards stay in (pinned, on a GPU machine) host memory."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     from ..models import find_blocks
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
     where = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     _, blocks = find_blocks(model)
     for block in blocks:
@@ -130,10 +147,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights of an FSDP2 model (a collective: every rank calls it), on the CPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
-def place_for_training(model: nn.Module, device: torch.device, sharded: bool, offload: bool, bf16: bool) -> None:
+def place_for_training(
+    model: nn.Module, device: torch.device, sharded: bool, offload: bool, bf16: bool
+) -> None:
     """Shard (FSDP2) before the move, so no rank holds the whole model on the device; an
     offloaded model stays on the host (FSDP2 moved its buffers)."""
     if sharded:

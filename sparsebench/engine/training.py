@@ -15,6 +15,7 @@ One step, in this order (the released Elsa and SAFE codes' order):
 Callers own their data (fresh windows, shuffled block inputs) and pass one closure per
 micro-batch; the trainer counts steps, tokens and wall time for the run's budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,11 @@ def float_master(model: torch.nn.Module, who: str) -> torch.dtype:
 
     dtype = next(model.parameters()).dtype
     if dtype == torch.float16:
-        logging.getLogger(__name__).warning("%s: float16 model trained in float32 (set model.dtype=bfloat16 or "
-                                            "float32 to avoid the copy)", who)
+        logging.getLogger(__name__).warning(
+            "%s: float16 model trained in float32 (set model.dtype=bfloat16 or "
+            "float32 to avoid the copy)",
+            who,
+        )
         model.float()
     return dtype
 
@@ -69,6 +73,7 @@ def mean_over_ranks(device: torch.device) -> Callable[[float], float]:
         t = torch.tensor([loss], device=device)
         dist.all_reduce(t)
         return float(t) / dist.get_world_size()
+
     return reduce
 
 
@@ -85,10 +90,12 @@ def linear_decay(total: int) -> Callable[[int], float]:
 def warmup_linear(warmup: int, total: int) -> Callable[[int], float]:
     """transformers' get_linear_schedule_with_warmup (the released SAFE code): 0 -> 1 over
     `warmup` steps (step 0 has lr 0), then linearly to 0 at `total`."""
+
     def at(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return at
 
 
@@ -102,12 +109,20 @@ class Budget:
     train_s: float = 0.0  # seconds inside optimizer steps (forward, backward, update): train_tokens / train_s is tokens/s
 
     def add(self, other: "Budget") -> "Budget":
-        return Budget(self.calib_tokens + other.calib_tokens, self.train_tokens + other.train_tokens,
-                      self.optimizer_steps + other.optimizer_steps, self.train_s + other.train_s)
+        return Budget(
+            self.calib_tokens + other.calib_tokens,
+            self.train_tokens + other.train_tokens,
+            self.optimizer_steps + other.optimizer_steps,
+            self.train_s + other.train_s,
+        )
 
     def as_dict(self) -> dict[str, float]:
-        return {"calib_tokens": self.calib_tokens, "train_tokens": self.train_tokens,
-                "optimizer_steps": self.optimizer_steps, "train_s": round(self.train_s, 3)}
+        return {
+            "calib_tokens": self.calib_tokens,
+            "train_tokens": self.train_tokens,
+            "optimizer_steps": self.optimizer_steps,
+            "train_s": round(self.train_s, 3),
+        }
 
 
 class MaskHook:
@@ -118,8 +133,13 @@ class MaskHook:
 
         # bool on the weight's device: 1 byte per weight (the product with a bool is the same
         # as with 0/1 in the weight's dtype); an FSDP2 shard keeps its rows of the mask
-        self.pairs = [(local(p), rows_of(m.to(torch.bool), p) if row_sharded(p) else m.to(p.device, torch.bool))
-                      for p, m in pairs]
+        self.pairs = [
+            (
+                local(p),
+                rows_of(m.to(torch.bool), p) if row_sharded(p) else m.to(p.device, torch.bool),
+            )
+            for p, m in pairs
+        ]
 
     def before_update(self, step: int) -> None:
         pass
@@ -206,11 +226,15 @@ class Trainer:
         loss = self._sam(closures) if self.rho > 0 else self._backward(closures)
         loss = self.reduce_loss(loss)
         if not math.isfinite(loss):
-            raise SparsebenchError(f"{self.name}: loss is {loss} at step {step}; lower the learning rate "
-                                   f"(or lambda), or check the model's dtype")
+            raise SparsebenchError(
+                f"{self.name}: loss is {loss} at step {step}; lower the learning rate "
+                f"(or lambda), or check the model's dtype"
+            )
         if self.clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+            self.grad_norm = float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )  # a DTensor under FSDP2
         for hook in self.hooks:
             hook.before_update(step)
         self.optimizer.step()
@@ -227,4 +251,6 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def budget(self) -> Budget:
-        return Budget(train_tokens=self.tokens, optimizer_steps=self.steps_done, train_s=self.wall_s)
+        return Budget(
+            train_tokens=self.tokens, optimizer_steps=self.steps_done, train_s=self.wall_s
+        )

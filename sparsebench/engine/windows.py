@@ -8,6 +8,7 @@ fields, an extra reason to log and a checkpoint after a step are callbacks here.
 Every rank draws the same global batch and trains on its slice, so the data seen does not
 depend on the number of ranks; `grad_accum` micro-batches make one optimizer step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ class WindowTraining:
     defaults; a method overrides a default by declaring the field again)."""
 
     steps: int = option(4096, ge=1)
-    batch_size: int = option(8, ge=1)  # windows per optimizer step (global, over all ranks and micro-batches)
+    batch_size: int = option(
+        8, ge=1
+    )  # windows per optimizer step (global, over all ranks and micro-batches)
     grad_accum: int = option(1, ge=1)  # micro-batches per step
     seqlen: int | None = option(None, ge=2)  # the training window; None: model.seqlen
     lr: float = option(2e-4, gt=0, lt=1)  # decayed linearly to 0, no warm-up
@@ -51,15 +54,19 @@ class WindowTraining:
         # the ranges are checked once, by the registry (option(...)); what no single field says:
         self.betas = tuple(self.betas)
         if self.batch_size % self.grad_accum:
-            raise SparsebenchError(f"{self.name}: batch_size={self.batch_size} is not divisible by "
-                                   f"grad_accum={self.grad_accum}")
+            raise SparsebenchError(
+                f"{self.name}: batch_size={self.batch_size} is not divisible by "
+                f"grad_accum={self.grad_accum}"
+            )
 
     def micro_share(self) -> int:
         """Windows each rank trains on per micro-batch."""
         _, world = ranks()
         micro = self.batch_size // self.grad_accum
         if micro % world:
-            raise SparsebenchError(f"{self.name}: micro-batch {micro} is not divisible by {world} ranks")
+            raise SparsebenchError(
+                f"{self.name}: micro-batch {micro} is not divisible by {world} ranks"
+            )
         return micro // world
 
     def windows(self, data, tokenizer, seqlen: int, vocab_size: int):
@@ -68,39 +75,71 @@ class WindowTraining:
 
         return window_source(data, tokenizer, seqlen, self.seed, vocab_size)
 
-    def train_on_windows(self, net: torch.nn.Module, trainer: Trainer, sampler, device: torch.device, seqlen: int, *,
-                         label: str, log: Callable[[dict[str, Any]], None], log_prefix: str,
-                         extras: Callable[[int], dict[str, float]] = lambda step: {},
-                         log_now: Callable[[], bool] = lambda: False,
-                         after_step: Callable[[int], None] = lambda step: None, first: int = 0) -> None:
+    def train_on_windows(
+        self,
+        net: torch.nn.Module,
+        trainer: Trainer,
+        sampler,
+        device: torch.device,
+        seqlen: int,
+        *,
+        label: str,
+        log: Callable[[dict[str, Any]], None],
+        log_prefix: str,
+        extras: Callable[[int], dict[str, float]] = lambda step: {},
+        log_now: Callable[[], bool] = lambda: False,
+        after_step: Callable[[int], None] = lambda step: None,
+        first: int = 0,
+    ) -> None:
         """Steps `first`..steps-1 of `trainer` on `sampler`'s windows through `net` (the model, or
         its DDP wrapper). Every `log_every` steps (and the last, and whenever `log_now()`) one
         history record {step, loss, extras(step), lr, grad_norm} is kept and logged."""
         rank, _ = ranks()
         share = self.micro_share()
         micro = self.batch_size // self.grad_accum
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(self.bf16, device))
+        autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=use_bf16(self.bf16, device)
+        )
 
         def closure(x):
             def loss():
                 with autocast:
                     return net(input_ids=x, labels=x, use_cache=False).loss / self.grad_accum
+
             return loss
 
         net.train()
-        bar = tqdm(range(first, self.steps), desc=label, unit="step", disable=rank != 0, initial=first,
-                   total=self.steps)
+        bar = tqdm(
+            range(first, self.steps),
+            desc=label,
+            unit="step",
+            disable=rank != 0,
+            initial=first,
+            total=self.steps,
+        )
         for step in bar:
             # every rank draws the same global batch and trains on its slice
-            batches = [sampler.batch(micro)[rank * share : (rank + 1) * share].to(device)
-                       for _ in range(self.grad_accum)]
+            batches = [
+                sampler.batch(micro)[rank * share : (rank + 1) * share].to(device)
+                for _ in range(self.grad_accum)
+            ]
             loss = trainer.step([closure(x) for x in batches], tokens=self.batch_size * seqlen)
             if log_now() or step % self.log_every == 0 or step == self.steps - 1:
                 more = extras(step)
-                rec = {"step": step, "loss": loss, **more, "lr": trainer.lr, "grad_norm": trainer.grad_norm}
+                rec = {
+                    "step": step,
+                    "loss": loss,
+                    **more,
+                    "lr": trainer.lr,
+                    "grad_norm": trainer.grad_norm,
+                }
                 self.history.append(rec)
-                bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3g}" for k, v in more.items() if k == "dist"})
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", **{k: f"{v:.3g}" for k, v in more.items() if k == "dist"}
+                )
                 log({f"{log_prefix}/{k}": v for k, v in rec.items()})
             after_step(step)
         net.eval()
-        trainer.optimizer.zero_grad(set_to_none=True)  # free the gradients (before evaluation, a final gather)
+        trainer.optimizer.zero_grad(
+            set_to_none=True
+        )  # free the gradients (before evaluation, a final gather)

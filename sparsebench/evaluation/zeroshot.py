@@ -15,6 +15,7 @@ written as lm-eval YAML task files into the cache and registered under
   openbookqa   llm-foundry copy of the 500 test questions (same stems and keys as test.tsv)
 HellaSwag offline has 4 items only: it runs from the hub (data=hub) or not at all.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,15 +55,21 @@ def arc_doc(doc: dict) -> dict:
     q = doc["question"]
     return {
         "question": q["stem"],
-        "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+        "choices": {
+            "text": [c["text"] for c in q["choices"]],
+            "label": [c["label"] for c in q["choices"]],
+        },
         "answerKey": doc["answerKey"],
     }
 
 
 def openbookqa_doc(doc: dict) -> dict:
     labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-    return {"question_stem": doc["query"], "choices": {"text": list(doc["choices"]), "label": labels},
-            "answerKey": labels[int(doc["gold"])]}
+    return {
+        "question_stem": doc["query"],
+        "choices": {"text": list(doc["choices"]), "label": labels},
+        "answerKey": labels[int(doc["gold"])],
+    }
 
 
 def _mapper(fn):
@@ -157,7 +164,9 @@ def _yaml_value(value: Any) -> str:
 def write_offline_tasks(data_root: Path, dest: Path) -> Path:
     """lm-eval task YAMLs (and their helper module) that read the local files."""
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "sb_utils.py").write_text("from sparsebench.evaluation.zeroshot import *  # noqa: F401,F403\n")
+    (dest / "sb_utils.py").write_text(
+        "from sparsebench.evaluation.zeroshot import *  # noqa: F401,F403\n"
+    )
     for name, spec in OFFLINE.items():
         path = Path(data_root) / "zeroshot" / spec["file"]
         fields = {k: v for k, v in spec.items() if k not in ("file", "version")}
@@ -190,11 +199,17 @@ class ZeroShotSpec:
             if t not in STOCK_TASKS:
                 from ..registry import did_you_mean
 
-                raise SparsebenchError(f"unknown zero-shot task '{t}'{did_you_mean(t, list(STOCK_TASKS))}; valid: {', '.join(STOCK_TASKS)}")
+                raise SparsebenchError(
+                    f"unknown zero-shot task '{t}'{did_you_mean(t, list(STOCK_TASKS))}; valid: {', '.join(STOCK_TASKS)}"
+                )
         if self.headline not in HEADLINES:
-            raise SparsebenchError(f"unknown eval.zeroshot.headline '{self.headline}'; valid: {', '.join(HEADLINES)}")
+            raise SparsebenchError(
+                f"unknown eval.zeroshot.headline '{self.headline}'; valid: {', '.join(HEADLINES)}"
+            )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise SparsebenchError(f"eval.zeroshot.limit must be null or a positive integer, got {self.limit!r}")
+            raise SparsebenchError(
+                f"eval.zeroshot.limit must be null or a positive integer, got {self.limit!r}"
+            )
 
     def local_files(self) -> list[str]:
         """The offline files these tasks read, relative to the data root."""
@@ -203,11 +218,15 @@ class ZeroShotSpec:
     def check_source(self, source: str, data_root: str | None) -> None:
         if source == "local":
             if "hellaswag" in self.tasks:
-                raise SparsebenchError("hellaswag has only 4 offline items; run it with data=hub or drop it from eval.zeroshot.tasks")
+                raise SparsebenchError(
+                    "hellaswag has only 4 offline items; run it with data=hub or drop it from eval.zeroshot.tasks"
+                )
             for t in self.tasks:
                 path = Path(data_root) / "zeroshot" / OFFLINE[t]["file"]
                 if not path.is_file():
-                    raise SparsebenchError(f"zero-shot file {path} is missing (data.root={data_root})")
+                    raise SparsebenchError(
+                        f"zero-shot file {path} is missing (data.root={data_root})"
+                    )
 
 
 def _number(value) -> float | None:
@@ -217,15 +236,18 @@ def _number(value) -> float | None:
         return None
 
 
-def evaluate_zeroshot(model, tokenizer, spec: ZeroShotSpec, source: str, data_root: str | None,
-                      device, cache: Path) -> dict[str, Any]:
+def evaluate_zeroshot(
+    model, tokenizer, spec: ZeroShotSpec, source: str, data_root: str | None, device, cache: Path
+) -> dict[str, Any]:
     """Runs lm-eval; returns {"tasks": {task: {acc, acc_norm?, stderr...}}, "mean_acc", versions}."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise SparsebenchError("zero-shot needs lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'") from None
+        raise SparsebenchError(
+            "zero-shot needs lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'"
+        ) from None
 
     if source == "local":
         include = write_offline_tasks(Path(data_root), cache / "lm_eval_tasks")
@@ -236,15 +258,26 @@ def evaluate_zeroshot(model, tokenizer, spec: ZeroShotSpec, source: str, data_ro
         names = {t: t for t in spec.tasks}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, device=str(device))
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(names), num_fewshot=spec.num_fewshot, limit=spec.limit,
-        task_manager=manager, log_samples=False, bootstrap_iters=1000,
+        model=lm,
+        tasks=list(names),
+        num_fewshot=spec.num_fewshot,
+        limit=spec.limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=1000,
     )
     tasks: dict[str, dict[str, float]] = {}
     for key, stock in names.items():
         res = out["results"][key]
         entry = {m: float(res[f"{m},none"]) for m in HEADLINES if f"{m},none" in res}
         # lm-eval reports "N/A" for a stderr it cannot estimate (e.g. one document)
-        entry.update({f"{m}_stderr": _number(res.get(f"{m}_stderr,none")) for m in HEADLINES if f"{m}_stderr,none" in res})
+        entry.update(
+            {
+                f"{m}_stderr": _number(res.get(f"{m}_stderr,none"))
+                for m in HEADLINES
+                if f"{m}_stderr,none" in res
+            }
+        )
         entry["headline"] = entry.get(spec.headline, entry["acc"])
         entry["n"] = int(out.get("n-samples", {}).get(key, {}).get("effective", 0))
         tasks[stock] = entry

@@ -46,11 +46,32 @@ On the CPU the device is the host: every term adds to the host total. A real run
 the totals with the visible memory before loading and stops with one line naming the
 options that would fit (`plan.enforce=false` runs anyway).
 """
+
 from .build import build_plan, eval_placement
 from .fit import alternatives, check_fits, fit_verdict, fits, mem_available_gib, visible_memory
 from .shapes import ADAM8_BLOCK, FORMAT_BYTES, GIB, PHASES, Shapes, shapes_of
 from .terms import Knobs, Plan, PlanSpec, Terms, declared, knobs_of, recover_knobs
 
-__all__ = ["ADAM8_BLOCK", "FORMAT_BYTES", "GIB", "PHASES", "Knobs", "Plan", "PlanSpec", "Shapes", "Terms",
-           "alternatives", "build_plan", "check_fits", "declared", "eval_placement", "fit_verdict", "fits",
-           "knobs_of", "mem_available_gib", "recover_knobs", "shapes_of", "visible_memory"]
+__all__ = [
+    "ADAM8_BLOCK",
+    "FORMAT_BYTES",
+    "GIB",
+    "PHASES",
+    "Knobs",
+    "Plan",
+    "PlanSpec",
+    "Shapes",
+    "Terms",
+    "alternatives",
+    "build_plan",
+    "check_fits",
+    "declared",
+    "eval_placement",
+    "fit_verdict",
+    "fits",
+    "knobs_of",
+    "mem_available_gib",
+    "recover_knobs",
+    "shapes_of",
+    "visible_memory",
+]

@@ -1,5 +1,6 @@
 """The model's side of the plan: tensor counts read from its meta-device shapes, and the
 byte sizes every term is made of."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ class Shapes:
 
 
 def shapes_of(model: nn.Module) -> Shapes:
-    from ..models import find_blocks, find_linears
     from ..engine.adam8bit import state_bytes as adam8_bytes
+    from ..models import find_blocks, find_linears
 
     _, blocks = find_blocks(model)
     params = sum(p.numel() for p in model.parameters())
@@ -55,8 +56,13 @@ def shapes_of(model: nn.Module) -> Shapes:
     group: dict[str, int] = {}
     for name, lin in lins.items():
         leaf = name.rsplit(".", 1)[-1]
-        key = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-               "gate_proj": "mlp_in", "up_proj": "mlp_in"}.get(leaf, name)
+        key = {
+            "q_proj": "attn_in",
+            "k_proj": "attn_in",
+            "v_proj": "attn_in",
+            "gate_proj": "mlp_in",
+            "up_proj": "mlp_in",
+        }.get(leaf, name)
         distinct[key] = lin.in_features
         group[key] = group.get(key, 0) + lin.weight.numel()
     mlp_mid = max(lin.in_features for lin in lins.values())
@@ -74,12 +80,28 @@ def shapes_of(model: nn.Module) -> Shapes:
         max_in=max(distinct.values()),
         group_elems=max(group.values()),
         norm_elems=sum(lin.in_features for lin in lins.values()),
-        largest_linear=max(((lin.out_features, lin.in_features) for lin in lins.values()), key=lambda s: s[0] * s[1]),
+        largest_linear=max(
+            ((lin.out_features, lin.in_features) for lin in lins.values()),
+            key=lambda s: s[0] * s[1],
+        ),
         dtype_bytes=next(model.parameters()).element_size(),
         largest_param=max(p.numel() for p in model.parameters()),
         adam8_all=sum(adam8_bytes(tuple(p.shape)) for p in model.parameters()),
-        adam8_linears=sum(adam8_bytes(tuple(lin.weight.shape)) for b in blocks for lin in find_linears(b).values()),
-        adam8_embeddings=sum(adam8_bytes(tuple(p.shape)) for p in {id(p): p for p in
-                             (model.get_input_embeddings().weight,
-                              *([model.get_output_embeddings().weight] if model.get_output_embeddings() is not None else []))}.values()),
+        adam8_linears=sum(
+            adam8_bytes(tuple(lin.weight.shape)) for b in blocks for lin in find_linears(b).values()
+        ),
+        adam8_embeddings=sum(
+            adam8_bytes(tuple(p.shape))
+            for p in {
+                id(p): p
+                for p in (
+                    model.get_input_embeddings().weight,
+                    *(
+                        [model.get_output_embeddings().weight]
+                        if model.get_output_embeddings() is not None
+                        else []
+                    ),
+                )
+            }.values()
+        ),
     )

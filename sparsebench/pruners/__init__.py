@@ -6,10 +6,11 @@ editing a list here. Methods may import the package's foundations (errors, regis
 sparsity, masks, models, data), plan.Terms and engine/ (the driver, the training loop, the
 ADMM engine); never records/, evaluation/ or run.
 """
+
 import importlib
 import pkgutil
 
-from .base import Pruner, PruneContext  # noqa: F401
+from .base import PruneContext, Pruner  # noqa: F401
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")  # each registers its methods

@@ -17,6 +17,7 @@ product for any rho. Per linear, in the normalised space (B = W * n, Y = B_dense
 Proj keeps the largest |B| over the whole layer (group "tensor": int(numel * s) pruned; the
 released code keeps round((1 - s) numel), at most one weight apart) or per N:M group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,14 @@ from ..sparsity import project
 from .layerwise import GramPruner
 
 
-def masked_cg(A: torch.Tensor, rhs: torch.Tensor, support: torch.Tensor, X: torch.Tensor, iters: int,
-              rtol: float) -> torch.Tensor:
+def masked_cg(
+    A: torch.Tensor,
+    rhs: torch.Tensor,
+    support: torch.Tensor,
+    X: torch.Tensor,
+    iters: int,
+    rtol: float,
+) -> torch.Tensor:
     """Conjugate gradients for X A = rhs (A symmetric), one system per row of X (an output
     row of the weight), with X's entries off `support` held at zero (the residual is masked,
     so every update stays on the support). Stops when every column of X A - rhs is within
@@ -142,5 +149,8 @@ class ALPS(GramPruner):
     def report(self) -> dict[str, Any]:
         if not self._iters:
             return {}
-        return {"admm_iters_mean": sum(self._iters) / len(self._iters), "admm_iters_max": max(self._iters),
-                "linears": len(self._iters)}
+        return {
+            "admm_iters_mean": sum(self._iters) / len(self._iters),
+            "admm_iters_max": max(self._iters),
+            "linears": len(self._iters),
+        }

@@ -1,4 +1,5 @@
 """The one interface every method implements."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,9 @@ class PruneContext:
     # the "host" (engine/driver.py; calib_inputs=, the memory plan decides under auto)
     inputs: str = "device"
     calib_batch: int = 1  # one-shot methods: windows per forward through a block (engine/driver.py)
-    offload: bool = False  # fsdp: the shards, gradients and optimizer state in host memory (engine/shard.py)
+    offload: bool = (
+        False  # fsdp: the shards, gradients and optimizer state in host memory (engine/shard.py)
+    )
     fresh_model: Callable[[], Any] | None = None
     # The run folder and fingerprint: training checkpoints go to <workdir>/checkpoint and are
     # resumed only by a run with the same fingerprint (sparsebench/engine/checkpoint.py).
@@ -64,7 +67,7 @@ def targets_by_linear(model: nn.Module, block_targets: list[float], names) -> di
     from ..models import find_blocks
 
     path, _ = find_blocks(model)
-    return {n: block_targets[int(n[len(path) + 1:].split(".", 1)[0])] for n in names}
+    return {n: block_targets[int(n[len(path) + 1 :].split(".", 1)[0])] for n in names}
 
 
 class Pruner:

@@ -1,11 +1,12 @@
 """The dense baseline: prunes nothing, so it runs through the same pipeline as the rest."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..plan import Terms
 from ..registry import METHODS
-from .base import Pruner, PruneContext
+from .base import PruneContext, Pruner
 
 
 @METHODS.register("dense")

@@ -22,6 +22,7 @@ shards, gradients and optimizer state on the host, also on one GPU); every rank 
 the same global batch and trains on its slice, so the data seen does not depend on the
 number of ranks, and the deterministic projection gives every rank the same z.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,14 +36,22 @@ from ..engine.adam8bit import Adam8bit
 from ..engine.admm import ADMM, LambdaSchedule, Stored
 from ..engine.checkpoint import TrainingCheckpoint
 from ..engine.shard import place_for_training, unshard
-from ..engine.training import ADMMHook, Budget, Trainer, embedding_weights, float_master, linear_decay, mean_over_ranks
-from ..engine.training import use_bf16
+from ..engine.training import (
+    ADMMHook,
+    Budget,
+    Trainer,
+    embedding_weights,
+    float_master,
+    linear_decay,
+    mean_over_ranks,
+    use_bf16,
+)
 from ..engine.windows import WindowTraining, ranks
 from ..errors import SparsebenchError
 from ..models import prunable_linears
 from ..plan import FORMAT_BYTES, Terms
 from ..registry import METHODS, option
-from .base import Pruner, PruneContext
+from .base import PruneContext, Pruner
 
 STATE_FORMATS = Stored.FORMATS
 LIGHT = ("fp8", "bfloat16", True)  # Elsa-L's z, u and 8-bit moments
@@ -62,11 +71,15 @@ class Elsa(WindowTraining, Pruner):
 
     lr_pruned: float | None = option(None, gt=0, lt=1)  # separate lr for the ADMM weights; None: lr
     lam: float = option(0.01, ge=0)
-    lam_schedule: str = option("constant", choices=("constant", "linear", "cosine", "exponential"))  # from lam_start to lam
+    lam_schedule: str = option(
+        "constant", choices=("constant", "linear", "cosine", "exponential")
+    )  # from lam_start to lam
     lam_start: float = option(0.0, ge=0)
     interval: int = option(32, ge=1)
     projection: str = option("objective", choices=("objective", "magnitude"))
-    magnitude_updates: int = option(0, ge=0)  # first z-updates by magnitude (Adam's v is noisy early)
+    magnitude_updates: int = option(
+        0, ge=0
+    )  # first z-updates by magnitude (Adam's v is noisy early)
     train_others: bool = True  # train embeddings, norms, lm_head without penalty
     freeze_embeddings: bool = False  # with train_others: keep embeddings and lm_head fixed
     warm_start: str | None = None  # a one-shot method whose solution initialises w and z
@@ -74,7 +87,9 @@ class Elsa(WindowTraining, Pruner):
     grad_checkpointing: bool = False
     z_format: str = option("float32", choices=STATE_FORMATS)
     u_format: str = option("float32", choices=STATE_FORMATS)
-    z_residual: bool = True  # a lossy z's rounding residual rides in u's free slots (engine/admm.py)
+    z_residual: bool = (
+        True  # a lossy z's rounding residual rides in u's free slots (engine/admm.py)
+    )
     optim_8bit: bool = False  # Adam's moments in 8 bits (engine/adam8bit.py)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -91,12 +106,32 @@ class Elsa(WindowTraining, Pruner):
 
     def plan_terms(self, device):
         light = (self.z_format, self.u_format, self.optim_8bit) == LIGHT
-        return Terms("train", batch=self.batch_size, grad_accum=self.grad_accum, seqlen=self.seqlen,
-                     z_bytes=FORMAT_BYTES[self.z_format], u_bytes=FORMAT_BYTES[self.u_format], adam8=self.optim_8bit,
-                     trained="no_embeddings" if self.freeze_embeddings else ("all" if self.train_others else "linears"),
-                     checkpointing=self.grad_checkpointing, bf16=self.use_bf16(device),
-                     lighter=() if light else (("method=elsa_l", (("z_bytes", FORMAT_BYTES[LIGHT[0]]),
-                                                                  ("u_bytes", FORMAT_BYTES[LIGHT[1]]), ("adam8", True))),))
+        return Terms(
+            "train",
+            batch=self.batch_size,
+            grad_accum=self.grad_accum,
+            seqlen=self.seqlen,
+            z_bytes=FORMAT_BYTES[self.z_format],
+            u_bytes=FORMAT_BYTES[self.u_format],
+            adam8=self.optim_8bit,
+            trained="no_embeddings"
+            if self.freeze_embeddings
+            else ("all" if self.train_others else "linears"),
+            checkpointing=self.grad_checkpointing,
+            bf16=self.use_bf16(device),
+            lighter=()
+            if light
+            else (
+                (
+                    "method=elsa_l",
+                    (
+                        ("z_bytes", FORMAT_BYTES[LIGHT[0]]),
+                        ("u_bytes", FORMAT_BYTES[LIGHT[1]]),
+                        ("adam8", True),
+                    ),
+                ),
+            ),
+        )
 
     def budget(self) -> Budget:
         warm = self.warm_start_nsamples * self._seqlen if self.warm_start else 0
@@ -117,14 +152,29 @@ class Elsa(WindowTraining, Pruner):
     def _warm_start(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         from ..data import calibration_windows
 
-        calib = calibration_windows(ctx.data, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size,
-                                    self.warm_start_nsamples)
+        calib = calibration_windows(
+            ctx.data,
+            ctx.tokenizer,
+            ctx.seqlen,
+            ctx.model.config.vocab_size,
+            self.warm_start_nsamples,
+        )
         method = METHODS.build(self.warm_start, {})
-        sub = PruneContext(ctx.model, ctx.sparsity, ctx.pattern, ctx.schedule, ctx.device, calib,
-                           block_targets=ctx.block_targets)
+        sub = PruneContext(
+            ctx.model,
+            ctx.sparsity,
+            ctx.pattern,
+            ctx.schedule,
+            ctx.device,
+            calib,
+            block_targets=ctx.block_targets,
+        )
         masks = method.prune(sub)
         linears = prunable_linears(ctx.model)
-        return {n: linears[n].weight.detach().float() * masks[n].to(linears[n].weight.device) for n in masks}
+        return {
+            n: linears[n].weight.detach().float() * masks[n].to(linears[n].weight.device)
+            for n in masks
+        }
 
     # ------------------------------------------------------------------ the loop
 
@@ -132,10 +182,14 @@ class Elsa(WindowTraining, Pruner):
         if ctx.data is None:
             raise SparsebenchError(f"{self.name} needs a data source")
         rank, world = ranks()
-        distributed = world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized())
+        distributed = world > 1 or (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
         engine = ("fsdp" if ctx.engine == "fsdp" else "ddp") if distributed else "single"
         if engine == "fsdp" and ctx.fresh_model is None and rank == 0:
-            raise SparsebenchError(f"{self.name}: engine=fsdp needs PruneContext.fresh_model to hand back an unsharded model")
+            raise SparsebenchError(
+                f"{self.name}: engine=fsdp needs PruneContext.fresh_model to hand back an unsharded model"
+            )
         self.micro_share()  # a micro-batch the ranks cannot split is refused before any work
         seqlen = self.seqlen or ctx.seqlen
         self._seqlen = ctx.seqlen  # the warm start's windows
@@ -144,7 +198,9 @@ class Elsa(WindowTraining, Pruner):
         z_init = self._warm_start(ctx) if self.warm_start else None
         dtype = float_master(model, self.name)  # cast back at the end
         # under fsdp every block, then the root: rows of every tensor split over the ranks
-        place_for_training(model, ctx.device, engine == "fsdp", ctx.offload, self.use_bf16(ctx.device))
+        place_for_training(
+            model, ctx.device, engine == "fsdp", ctx.offload, self.use_bf16(ctx.device)
+        )
         linears = prunable_linears(model)
         admm_params, others = self._trainable(model, set(linears))
         groups = [{"params": admm_params, "lr": self.lr_pruned or self.lr}]
@@ -155,31 +211,70 @@ class Elsa(WindowTraining, Pruner):
         else:
             opt = torch.optim.Adam(groups, betas=self.betas, eps=self.eps, weight_decay=0.0)
         admm = ADMM(
-            {n: l.weight for n, l in linears.items()}, opt, ctx.sparsity, ctx.pattern, self.steps,
-            interval=self.interval, lam=self.lam_sched, ramp=ctx.schedule.ramp, projection=self.projection,
-            magnitude_updates=self.magnitude_updates, z_format=self.z_format, u_format=self.u_format, z_init=z_init,
-            residual=self.z_residual, targets=ctx.targets(linears) if ctx.block_targets is not None else None,
+            {n: l.weight for n, l in linears.items()},
+            opt,
+            ctx.sparsity,
+            ctx.pattern,
+            self.steps,
+            interval=self.interval,
+            lam=self.lam_sched,
+            ramp=ctx.schedule.ramp,
+            projection=self.projection,
+            magnitude_updates=self.magnitude_updates,
+            z_format=self.z_format,
+            u_format=self.u_format,
+            z_init=z_init,
+            residual=self.z_residual,
+            targets=ctx.targets(linears) if ctx.block_targets is not None else None,
         )
         if self.grad_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        net = torch.nn.parallel.DistributedDataParallel(model) if engine == "ddp" else model  # FSDP2 reduces itself
+        net = (
+            torch.nn.parallel.DistributedDataParallel(model) if engine == "ddp" else model
+        )  # FSDP2 reduces itself
         sampler = self.windows(ctx.data, ctx.tokenizer, seqlen, model.config.vocab_size)
         hook = ADMMHook(admm)
-        trainer = Trainer(admm_params + others, opt, linear_decay(self.steps), clip=self.clip, hooks=[hook],
-                          name=self.name, reduce_loss=mean_over_ranks(ctx.device) if distributed else (lambda x: x))
-        ckpt = TrainingCheckpoint(ctx.workdir and Path(ctx.workdir), ctx.checkpoint_every, ctx.fingerprint, engine)
+        trainer = Trainer(
+            admm_params + others,
+            opt,
+            linear_decay(self.steps),
+            clip=self.clip,
+            hooks=[hook],
+            name=self.name,
+            reduce_loss=mean_over_ranks(ctx.device) if distributed else (lambda x: x),
+        )
+        ckpt = TrainingCheckpoint(
+            ctx.workdir and Path(ctx.workdir), ctx.checkpoint_every, ctx.fingerprint, engine
+        )
         trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        first = ckpt.load(trained, opt, admm, trainer, sampler, self.history)  # 0 unless resuming this run
+        first = ckpt.load(
+            trained, opt, admm, trainer, sampler, self.history
+        )  # 0 unless resuming this run
 
         def checkpoint(step):
             if ckpt.due(step, self.steps):
                 ckpt.save(step, trained, opt, admm, trainer, sampler, self.history)
 
         self.train_on_windows(
-            net, trainer, sampler, ctx.device, seqlen, label=self.name, log=ctx.log, log_prefix=self.name,
-            extras=lambda step: {"dist": admm.distance(), "churn": admm.churn, "lam": hook.lam, "target": admm.target(step)},
-            log_now=lambda: hook.updated, after_step=checkpoint, first=first)
+            net,
+            trainer,
+            sampler,
+            ctx.device,
+            seqlen,
+            label=self.name,
+            log=ctx.log,
+            log_prefix=self.name,
+            extras=lambda step: {
+                "dist": admm.distance(),
+                "churn": admm.churn,
+                "lam": hook.lam,
+                "target": admm.target(step),
+            },
+            log_now=lambda: hook.updated,
+            after_step=checkpoint,
+            first=first,
+        )
         self._budget = trainer.budget()
         ckpt.remove()
         if self.grad_checkpointing:
@@ -187,10 +282,15 @@ class Elsa(WindowTraining, Pruner):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        self._state = {"dist_before_final": admm.distance(), "state_bytes": admm.state_bytes(),
-                       "steps_run": trainer.steps_done}
+        self._state = {
+            "dist_before_final": admm.distance(),
+            "state_bytes": admm.state_bytes(),
+            "steps_run": trainer.steps_done,
+        }
         masks = admm.finalize()
-        if engine == "fsdp":  # gather the trained weights into a plain model on rank 0 (a collective)
+        if (
+            engine == "fsdp"
+        ):  # gather the trained weights into a plain model on rank 0 (a collective)
             opt.state.clear()  # the training state goes first: the gather then fits under its peak
             admm.z.clear()
             admm.u.clear()

@@ -15,6 +15,7 @@ N:M (the released code has 2:4, always gradual): keep the N:M mask of |W + U| an
 beyond it, the lowest of the rest on the cubic schedule up to 0.5, where exactly the N:M
 complement is pruned.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,22 +40,30 @@ def normalized_gram(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.T
 @dataclass
 class LADMM(GramPruner):
     iters: int = option(20, ge=1)  # ADMM iterations per linear
-    reselect: int = option(15, ge=1)  # the mask is re-chosen from |W + U| in the first `reselect` iterations
+    reselect: int = option(
+        15, ge=1
+    )  # the mask is re-chosen from |W + U| in the first `reselect` iterations
     percdamp: float = option(0.1, ge=0)  # dampening of the normalised H, x its mean diagonal
     rho: float = option(1.0, gt=0)  # ADMM penalty in the normalised space
-    gradual: bool = False  # unstructured: the paper's cubic schedule to the target over `reselect` iterations
+    gradual: bool = (
+        False  # unstructured: the paper's cubic schedule to the target over `reselect` iterations
+    )
 
     group = "tensor"  # the mask competes over the whole layer
     statistic = "gram_inv"  # the Gram matrices, an inverse's copies (plan.py)
 
     def __post_init__(self):
         if self.reselect > self.iters:
-            raise SparsebenchError(f"ladmm reselect ({self.reselect}) must be <= iters ({self.iters}): the last mask "
-                                   f"must be chosen at the target")
+            raise SparsebenchError(
+                f"ladmm reselect ({self.reselect}) must be <= iters ({self.iters}): the last mask "
+                f"must be chosen at the target"
+            )
 
     def prepare(self, stats):
         Hn, norm = normalized_gram(stats.value, self.percdamp)
-        inv = torch.linalg.inv(Hn + self.rho * torch.eye(Hn.shape[0], device=Hn.device, dtype=Hn.dtype))
+        inv = torch.linalg.inv(
+            Hn + self.rho * torch.eye(Hn.shape[0], device=Hn.device, dtype=Hn.dtype)
+        )
         return Hn, inv, norm
 
     def _mask(self, x: torch.Tensor, it: int, sparsity: float, pattern: Pattern) -> torch.Tensor:

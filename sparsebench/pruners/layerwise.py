@@ -7,6 +7,7 @@ driver's (engine/driver.py); this file holds what a one-shot method declares: it
 linear (`prune_linear`) or of a group (`prune_group`). The statistics the official Wanda and
 SparseGPT code keep (running means of ||X_j||^2 and of H = 2 X^T X / n) are here too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from ..engine.driver import Sequential, collect_statistics
 from ..masks import apply_mask
 from ..plan import Terms
 from ..sparsity import Pattern
-from .base import Pruner, PruneContext
+from .base import PruneContext, Pruner
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +78,35 @@ class LayerwisePruner(Pruner):
         """Per-distinct-input precomputation shared by linears that read the same input."""
         return stats
 
-    def prune_linear(self, linear: nn.Linear, prepared: Any, sparsity: float, pattern: Pattern) -> torch.Tensor:
+    def prune_linear(
+        self, linear: nn.Linear, prepared: Any, sparsity: float, pattern: Pattern
+    ) -> torch.Tensor:
         """Prune (and possibly update) linear.weight in place; return its keep mask."""
         raise NotImplementedError
 
-    def prune_group(self, linears: list[nn.Linear], prepared: Any, sparsity: float,
-                    pattern: Pattern) -> list[torch.Tensor]:
+    def prune_group(
+        self, linears: list[nn.Linear], prepared: Any, sparsity: float, pattern: Pattern
+    ) -> list[torch.Tensor]:
         """Prune linears that read the same input (q/k/v, gate/up); one keep mask each.
         Methods whose per-linear work can be done once for all of them override this."""
         return [self.prune_linear(linear, prepared, sparsity, pattern) for linear in linears]
 
     @torch.no_grad()
-    def prune_block(self, block: nn.Module, inps: torch.Tensor, args, kwargs, sparsity: float,
-                    pattern: Pattern, batch: int = 1) -> dict[str, torch.Tensor]:
+    def prune_block(
+        self,
+        block: nn.Module,
+        inps: torch.Tensor,
+        args,
+        kwargs,
+        sparsity: float,
+        pattern: Pattern,
+        batch: int = 1,
+    ) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
         official code); return {linear name inside the block: keep mask} on the block's device."""
-        linears, groups, stats = collect_statistics(block, inps, args, kwargs, self.new_stats, self.add_batch,
-                                                    batch, who=self.name)
+        linears, groups, stats = collect_statistics(
+            block, inps, args, kwargs, self.new_stats, self.add_batch, batch, who=self.name
+        )
         masks: dict[str, torch.Tensor] = {}
         for leader, names in groups.items():
             prepared = self.prepare(stats.pop(leader))
@@ -105,12 +118,31 @@ class LayerwisePruner(Pruner):
 
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        driver = Sequential(ctx.model, ctx.calib, ctx.device, ctx.inputs, ctx.calib_batch, desc=f"{self.name} blocks")
+        driver = Sequential(
+            ctx.model,
+            ctx.calib,
+            ctx.device,
+            ctx.inputs,
+            ctx.calib_batch,
+            desc=f"{self.name} blocks",
+        )
         masks: dict[str, torch.Tensor] = {}
         for step in driver:
-            block_masks = self.prune_block(step.block, step.inputs, step.args, step.kwargs,
-                                           ctx.block_sparsity(step.index), ctx.pattern, ctx.calib_batch)
-            masks.update({f"{driver.path}.{step.index}.{name}": keep.cpu() for name, keep in block_masks.items()})
+            block_masks = self.prune_block(
+                step.block,
+                step.inputs,
+                step.args,
+                step.kwargs,
+                ctx.block_sparsity(step.index),
+                ctx.pattern,
+                ctx.calib_batch,
+            )
+            masks.update(
+                {
+                    f"{driver.path}.{step.index}.{name}": keep.cpu()
+                    for name, keep in block_masks.items()
+                }
+            )
         return masks
 
 

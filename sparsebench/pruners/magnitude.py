@@ -1,4 +1,5 @@
 """Magnitude pruning: score |W|, one threshold per tensor (N:M: per group of M)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from ..models import prunable_linears
 from ..plan import Terms
 from ..registry import METHODS
 from ..sparsity import project
-from .base import Pruner, PruneContext
+from .base import PruneContext, Pruner
 
 
 @METHODS.register("magnitude")

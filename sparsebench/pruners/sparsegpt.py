@@ -20,6 +20,7 @@ columns' updates, the next blocks' inputs and ~1% of the final mask; on SmolLM2-
 at 0.5 that moved WikiText-2 perplexity by 1.4% (docs/results.md (history: docs/notes/)). The official
 rule is the default so that numbers match the papers' code.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -44,13 +45,17 @@ class SparseGPT(GramPruner):
     blocksize: int = option(128, ge=1)
     percdamp: float = option(0.01, gt=0, lt=1e3)
     damp_retries: int = option(6, ge=0)  # each retry multiplies the damping by 10
-    count: str = option("official", choices=("official", "exact"))  # "official": score <= the k-th smallest, as the official code; "exact": k
+    count: str = option(
+        "official", choices=("official", "exact")
+    )  # "official": score <= the k-th smallest, as the official code; "exact": k
 
     COUNTS: ClassVar[tuple[str, ...]] = ("official", "exact")
 
     def __post_init__(self):
         if self.count not in self.COUNTS:
-            raise SparsebenchError(f"sparsegpt count must be one of {list(self.COUNTS)}, got '{self.count}'")
+            raise SparsebenchError(
+                f"sparsegpt count must be one of {list(self.COUNTS)}, got '{self.count}'"
+            )
         if self.blocksize < 1:
             raise SparsebenchError(f"sparsegpt blocksize must be >= 1, got {self.blocksize}")
         if not (0 < self.percdamp < 1e3):
@@ -119,7 +124,9 @@ class SparseGPT(GramPruner):
                     keep1[r1:r2] = project(score[r1:r2], sparsity, pattern, self.group)
             for i in range(i2 - i1):
                 if pattern.is_nm and i % pattern.m == 0:
-                    score = W1[:, i : i + pattern.m].pow(2) / d[i : i + pattern.m].pow(2).unsqueeze(0)
+                    score = W1[:, i : i + pattern.m].pow(2) / d[i : i + pattern.m].pow(2).unsqueeze(
+                        0
+                    )
                     keep1[:, i : i + pattern.m] = project(score, sparsity, pattern)
                 w = W1[:, i]
                 q = w * keep1[:, i]

@@ -1,4 +1,5 @@
 """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, pruned per output row. No weight update."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

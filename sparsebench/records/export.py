@@ -8,6 +8,7 @@ sparsebench never deletes what it did not write: an export goes into a new or em
 folder, or replaces an earlier export of the same run (same fingerprint); any other
 existing folder is refused before pruning starts (`check_save_dir`).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,12 +40,18 @@ def check_save_dir(folder: Path, fingerprint: str) -> None:
         meta = None
     if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint:
         return
-    what = "an export of another run" if isinstance(meta, dict) else "files sparsebench did not write"
-    raise SparsebenchError(f"save.dir {folder} already holds {what}; sparsebench never deletes it: "
-                           f"choose a new or empty folder (or leave save.dir unset: <run folder>/model)")
+    what = (
+        "an export of another run" if isinstance(meta, dict) else "files sparsebench did not write"
+    )
+    raise SparsebenchError(
+        f"save.dir {folder} already holds {what}; sparsebench never deletes it: "
+        f"choose a new or empty folder (or leave save.dir unset: <run folder>/model)"
+    )
 
 
-def save_pruned(model, tokenizer, masks: dict[str, torch.Tensor], folder: Path, meta: dict[str, Any]) -> Path:
+def save_pruned(
+    model, tokenizer, masks: dict[str, torch.Tensor], folder: Path, meta: dict[str, Any]
+) -> Path:
     """Write into a private temporary folder, then put it in place (check_save_dir has
     already said that whatever stands at `folder` may be replaced)."""
     from safetensors.torch import save_file
@@ -56,7 +63,9 @@ def save_pruned(model, tokenizer, masks: dict[str, torch.Tensor], folder: Path, 
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if masks:
-        save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE))
+        save_file(
+            {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE)
+        )
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     if folder.exists():
         shutil.rmtree(folder)
@@ -76,18 +85,24 @@ def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return None
     for path in (masks_path, meta_path):
         if not path.is_file():
-            raise SparsebenchError(f"{folder} is a sparsebench export without {path.name}; its masks cannot be "
-                                   f"verified: export it again (save.enabled=true)")
+            raise SparsebenchError(
+                f"{folder} is a sparsebench export without {path.name}; its masks cannot be "
+                f"verified: export it again (save.enabled=true)"
+            )
     try:
         meta = json.loads(meta_path.read_text())
         if not isinstance(meta, dict) or not {"sparsity", "pattern", "group"} <= set(meta):
             raise ValueError("it lacks sparsity, pattern or group")
     except (OSError, ValueError) as err:
-        raise SparsebenchError(f"{meta_path} is unreadable ({err}); export the model again") from None
+        raise SparsebenchError(
+            f"{meta_path} is unreadable ({err}); export the model again"
+        ) from None
     from safetensors.torch import load_file
 
     try:
         masks = {k: v.bool() for k, v in load_file(str(masks_path)).items()}
     except Exception as err:  # safetensors raises its own error types for cut-off files
-        raise SparsebenchError(f"{masks_path} is unreadable ({str(err).splitlines()[0][:120]}); export the model again") from None
+        raise SparsebenchError(
+            f"{masks_path} is unreadable ({str(err).splitlines()[0][:120]}); export the model again"
+        ) from None
     return masks, meta

@@ -15,6 +15,7 @@ Claims: a run folder is written by one process at a time. `claim()` creates
 `.sparsebench.lock` (pid, host, start time) atomically; a second process is told who
 holds it; a lock whose process is gone (same host) is taken over with a warning.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,20 @@ from ..errors import SparsebenchError
 log = logging.getLogger(__name__)
 
 # Top-level keys that change no number: wandb, the resume/baseline switches, exports.
-NOT_RESULTS = ("logger", "resume", "dense_baseline", "save", "hydra", "dry_run", "world_size", "plan", "engine",
-               "offload", "calib_inputs", "checkpoint_every")
+NOT_RESULTS = (
+    "logger",
+    "resume",
+    "dense_baseline",
+    "save",
+    "hydra",
+    "dry_run",
+    "world_size",
+    "plan",
+    "engine",
+    "offload",
+    "calib_inputs",
+    "checkpoint_every",
+)
 # Data keys that only the calibration draw reads.
 CALIBRATION_KEYS = ("nsamples", "seed", "calib_set", "calib_docs")
 # Keys that only pruning reads: the dense model's numbers never depend on them.
@@ -47,12 +60,16 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def identity(config: dict[str, Any], *, needs_calibration: bool = True, dense: bool = False) -> dict[str, Any]:
+def identity(
+    config: dict[str, Any], *, needs_calibration: bool = True, dense: bool = False
+) -> dict[str, Any]:
     """The part of a resolved config that moves a number of this run."""
     c = copy.deepcopy({k: v for k, v in config.items() if k not in NOT_RESULTS})
     c.pop("protocol", None)  # a label: its values are in data and eval
     if c.get("calib_batch", 1) == 1:
-        c.pop("calib_batch", None)  # the official code's one window per forward: identities from before the key stay
+        c.pop(
+            "calib_batch", None
+        )  # the official code's one window per forward: identities from before the key stay
     data = c.get("data") or {}
     data.pop("cache", None)
     if data.get("source") == "local":
@@ -68,11 +85,17 @@ def identity(config: dict[str, Any], *, needs_calibration: bool = True, dense: b
     return c
 
 
-def fingerprint(config: dict[str, Any], data_files: dict[str, str], *, needs_calibration: bool, dense: bool) -> dict[str, Any]:
+def fingerprint(
+    config: dict[str, Any], data_files: dict[str, str], *, needs_calibration: bool, dense: bool
+) -> dict[str, Any]:
     """{digest, config, data}: the digest covers only what moves this run's numbers; `config`
     keeps every result key, so that a mismatch can be told as the keys that differ."""
     ident = identity(config, needs_calibration=needs_calibration, dense=dense)
-    return {"digest": digest({"config": ident, "data": data_files}), "config": identity(config), "data": data_files}
+    return {
+        "digest": digest({"config": ident, "data": data_files}),
+        "config": identity(config),
+        "data": data_files,
+    }
 
 
 def protocol_id(config: dict[str, Any], eval_files: dict[str, str]) -> str:
@@ -102,7 +125,11 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            name = key.removeprefix("config.").replace("data.", "data file ", 1) if key.startswith("data.") else key.removeprefix("config.")
+            name = (
+                key.removeprefix("config.").replace("data.", "data file ", 1)
+                if key.startswith("data.")
+                else key.removeprefix("config.")
+            )
             out.append(f"{name}: {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}")
     return out
 
@@ -127,7 +154,12 @@ def previous_results(out_dir: Path, move_aside: bool = True) -> dict[str, Any] |
             return None
         aside = path.with_name(f"results.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json")
         path.replace(aside)
-        log.warning("%s could not be read (%s); moved to %s and the run starts afresh", path, err, aside.name)
+        log.warning(
+            "%s could not be read (%s); moved to %s and the run starts afresh",
+            path,
+            err,
+            aside.name,
+        )
         return None
 
 
@@ -152,7 +184,9 @@ def check_writable(folder: Path, what: str, hint: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise SparsebenchError(f"{what} {folder} is not writable ({err.strerror or err}); {hint}") from None
+        raise SparsebenchError(
+            f"{what} {folder} is not writable ({err.strerror or err}); {hint}"
+        ) from None
 
 
 def _alive(pid: int) -> bool:
@@ -173,7 +207,11 @@ class FolderBusy(SparsebenchError):
 def claim(out_dir: Path):
     """Hold `out_dir` for this process for the duration of the block (see module doc)."""
     path = Path(out_dir) / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     for _attempt in range(3):
         try:
@@ -185,14 +223,20 @@ def claim(out_dir: Path):
                 holder = {}
             pid, host = holder.get("pid"), holder.get("host")
             if host == me["host"] and isinstance(pid, int) and not _alive(pid):
-                log.warning("%s: taking over the lock of pid %s, which is no longer running", out_dir, pid)
+                log.warning(
+                    "%s: taking over the lock of pid %s, which is no longer running", out_dir, pid
+                )
                 path.unlink(missing_ok=True)
                 continue
-            if not holder and time.time() - path.stat().st_mtime > 60:  # an empty lock left by a crash mid-write
+            if (
+                not holder and time.time() - path.stat().st_mtime > 60
+            ):  # an empty lock left by a crash mid-write
                 path.unlink(missing_ok=True)
                 continue
-            raise FolderBusy(f"{out_dir} is being run by pid {pid} on {host} since {holder.get('since')}; "
-                             f"wait for it, or remove {path} if that process is gone")
+            raise FolderBusy(
+                f"{out_dir} is being run by pid {pid} on {host} since {holder.get('since')}; "
+                f"wait for it, or remove {path} if that process is gone"
+            )
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
@@ -261,7 +305,9 @@ def _register_resolver() -> None:
 
     if not OmegaConf.has_resolver("sb_job"):
         OmegaConf.register_new_resolver("sb_job", _job_resolver)
-    if not OmegaConf.has_resolver("sb_safe"):  # folder names safe in every shell and filesystem: 2:4 -> 2-4
+    if not OmegaConf.has_resolver(
+        "sb_safe"
+    ):  # folder names safe in every shell and filesystem: 2:4 -> 2-4
         OmegaConf.register_new_resolver("sb_safe", lambda value: str(value).replace(":", "-"))
     if not OmegaConf.has_resolver("sb_saved"):
         OmegaConf.register_new_resolver("sb_saved", saved_setting)

@@ -1,11 +1,13 @@
 """The report's plots: perplexity against sparsity per method (report.png) and against the
 number of non-zero parameters (report_nonzero.png), WikiText-2 and C4 side by side, log-scale
 perplexity, one colour per method label in every plot, seed folds as dodged error bars."""
+
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
 
 def _series(rows, x_key: str, metric: str):
     protocols = defaultdict(set)
@@ -14,10 +16,21 @@ def _series(rows, x_key: str, metric: str):
             protocols[r["model"]].add(r.get("protocol"))
     series = defaultdict(list)
     for r in rows:
-        if r["status"] == "complete" and r[metric] and r["pattern"] == "unstructured" and r.get(x_key) is not None:
+        if (
+            r["status"] == "complete"
+            and r[metric]
+            and r["pattern"] == "unstructured"
+            and r.get(x_key) is not None
+        ):
             # one line per protocol: seqlen 512 and 2048 are different curves, never one
-            tag = r["model"] if len(protocols[r["model"]]) == 1 else f"{r['model']}, protocol {str(r.get('protocol'))[:8]}"
-            series[(tag, r["label"], r["method"] == "dense")].append((r[x_key], r[metric], r.get(f"{metric}_std")))
+            tag = (
+                r["model"]
+                if len(protocols[r["model"]]) == 1
+                else f"{r['model']}, protocol {str(r.get('protocol'))[:8]}"
+            )
+            series[(tag, r["label"], r["method"] == "dense")].append(
+                (r[x_key], r[metric], r.get(f"{metric}_std"))
+            )
     return series
 
 
@@ -39,14 +52,18 @@ def _plain_log_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _figure(path: Path, xlabel: str, draw, metrics=("wikitext2", "c4"), log_x: bool = False) -> None:
+def _figure(
+    path: Path, xlabel: str, draw, metrics=("wikitext2", "c4"), log_x: bool = False
+) -> None:
     """WikiText-2 and C4 side by side, log-scale perplexity: `draw(ax, metric)` plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics):
         draw(ax, metric)
         ax.set_yscale("log")
@@ -54,7 +71,9 @@ def _figure(path: Path, xlabel: str, draw, metrics=("wikitext2", "c4"), log_x: b
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{ {'wikitext2': 'WikiText-2', 'c4': 'C4'}.get(metric, metric)} perplexity (log)")
+        ax.set_ylabel(
+            f"{ {'wikitext2': 'WikiText-2', 'c4': 'C4'}.get(metric, metric) } perplexity (log)"
+        )
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
@@ -83,8 +102,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for i, ((tag, label, _), pts) in enumerate(curves):
             pts.sort()
             dx = _dodge(i, len(curves), 0.004)
-            ax.errorbar([p[0] + dx for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
-                        capsize=3, color=colours.get(label), label=f"{label} ({tag})")
+            ax.errorbar(
+                [p[0] + dx for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] or 0 for p in pts],
+                marker="o",
+                capsize=3,
+                color=colours.get(label),
+                label=f"{label} ({tag})",
+            )
 
     _figure(path, "sparsity", draw)
 
@@ -98,8 +124,15 @@ def plot_nonzero(rows: list[dict[str, Any]], path: Path) -> None:
         for i, ((tag, label, dense), pts) in enumerate(curves):
             pts.sort()
             f = 1 + _dodge(i, len(curves), 0.01)  # multiplicative: the x axis is log
-            ax.errorbar([p[0] * f for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
-                        marker="*" if dense else "o", ls="none" if dense else "-", capsize=3,
-                        color="gray" if dense else colours.get(label), label=f"{label} ({tag})")
+            ax.errorbar(
+                [p[0] * f for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] or 0 for p in pts],
+                marker="*" if dense else "o",
+                ls="none" if dense else "-",
+                capsize=3,
+                color="gray" if dense else colours.get(label),
+                label=f"{label} ({tag})",
+            )
 
     _figure(path, "non-zero parameters (log)", draw, log_x=True)

@@ -29,6 +29,7 @@ Plots: report.png, perplexity against sparsity per method (log scale, error bars
 seeds were folded, dense as a horizontal line); report_nonzero.png, perplexity against
 the number of non-zero parameters (the Elsa paper's Figure 3 view), log-log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from .plots import plot, plot_nonzero
-from .rows import PPL, kernel_signature, label_kernel_environments, load_results, table, zeroshot_tasks  # noqa: F401
+from .rows import (
+    PPL,
+    kernel_signature,
+    label_kernel_environments,
+    load_results,
+    table,
+    zeroshot_tasks,
+)  # noqa: F401
+
 
 def _fmt(v, digits=2):
     if v is None:
@@ -63,31 +72,59 @@ def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list
     """(heading, cell function) of every column that says something for these rows: a column
     empty (or zero) for every row is left out (one-shot rows train nothing; their wall time
     is their prune time)."""
-    def has(key, zero_is_empty=True):
-        return any(r.get(key) not in (None, 0, 0.0) if zero_is_empty else r.get(key) is not None for r in rows)
 
-    cols = [("model", lambda r: r["model"]), ("method", lambda r: r["label"]),
-            ("sparsity", lambda r: _fmt(r["sparsity"])), ("actual", lambda r: _fmt(r["actual_sparsity"], 4)),
-            ("pattern", lambda r: r["pattern"]),
-            ("WikiText-2", lambda r: _ppl(r, "wikitext2")), ("C4", lambda r: _ppl(r, "c4")),
-            ("% dense (Wiki)", lambda r: _fmt(r["wikitext2_dense_retained_pct"], 1)),
-            ("% dense (C4)", lambda r: _fmt(r["c4_dense_retained_pct"], 1))]
+    def has(key, zero_is_empty=True):
+        return any(
+            r.get(key) not in (None, 0, 0.0) if zero_is_empty else r.get(key) is not None
+            for r in rows
+        )
+
+    cols = [
+        ("model", lambda r: r["model"]),
+        ("method", lambda r: r["label"]),
+        ("sparsity", lambda r: _fmt(r["sparsity"])),
+        ("actual", lambda r: _fmt(r["actual_sparsity"], 4)),
+        ("pattern", lambda r: r["pattern"]),
+        ("WikiText-2", lambda r: _ppl(r, "wikitext2")),
+        ("C4", lambda r: _ppl(r, "c4")),
+        ("% dense (Wiki)", lambda r: _fmt(r["wikitext2_dense_retained_pct"], 1)),
+        ("% dense (C4)", lambda r: _fmt(r["c4_dense_retained_pct"], 1)),
+    ]
     cols = [c for c in cols if c[0] not in ("C4", "% dense (C4)") or has("c4")]
     if tasks:
         cols += [(t, (lambda r, t=t: _fmt(r[t], 4))) for t in tasks]
-        cols += [("mean acc", lambda r: _fmt(r["mean_acc"], 4)),
-                 ("% dense (acc)", lambda r: _fmt(r["mean_acc_dense_retained_pct"], 1))]
+        cols += [
+            ("mean acc", lambda r: _fmt(r["mean_acc"], 4)),
+            ("% dense (acc)", lambda r: _fmt(r["mean_acc_dense_retained_pct"], 1)),
+        ]
     if has("train_tokens"):
-        cols += [("train tokens", lambda r: _tokens(r["train_tokens"])), ("steps", lambda r: _tokens(r["steps"]))]
+        cols += [
+            ("train tokens", lambda r: _tokens(r["train_tokens"])),
+            ("steps", lambda r: _tokens(r["steps"])),
+        ]
     cols.append(("prune s", lambda r: _fmt(r["prune_s"], 1)))
-    if any(r.get("wall_s") is not None and r.get("prune_s") is not None and abs(r["wall_s"] - r["prune_s"]) > 0.05
-           for r in rows):
+    if any(
+        r.get("wall_s") is not None
+        and r.get("prune_s") is not None
+        and abs(r["wall_s"] - r["prune_s"]) > 0.05
+        for r in rows
+    ):
         cols.append(("wall s", lambda r: _fmt(r["wall_s"], 1)))
-    cols += [("peak GiB", lambda r: _fmt(r["peak_gib"])),
-             ("status", lambda r: r["status"] if r["status"] == "complete" or not r.get("error")
-              else f"{r['status']}: {_cell(r['error'])}")]
+    cols += [
+        ("peak GiB", lambda r: _fmt(r["peak_gib"])),
+        (
+            "status",
+            lambda r: (
+                r["status"]
+                if r["status"] == "complete" or not r.get("error")
+                else f"{r['status']}: {_cell(r['error'])}"
+            ),
+        ),
+    ]
     if spread:
-        cols.append(("within spread of", lambda r: ", ".join(r.get("within_spread_of") or []) or "—"))
+        cols.append(
+            ("within spread of", lambda r: ", ".join(r.get("within_spread_of") or []) or "—")
+        )
     return cols
 
 
@@ -97,7 +134,7 @@ COLUMN_NOTES = {
     "WikiText-2": "perplexity, exp(mean window NLL) over the protocol's windows; lower is better; mean ± std (n) over seeds",
     "C4": "perplexity on the C4 eval stream, as WikiText-2",
     "% dense (Wiki)": "dense perplexity / row perplexity x 100, against the dense run of the row's own protocol: "
-                      "100 for dense, higher is better",
+    "100 for dense, higher is better",
     "% dense (C4)": "as % dense (Wiki), on C4",
     "mean acc": "mean of the zero-shot tasks' headline accuracies; % dense (acc): row / dense x 100",
     "train tokens": "tokens seen by optimizer steps over every stage (block-wise methods: summed over blocks)",
@@ -106,7 +143,7 @@ COLUMN_NOTES = {
     "wall s": "seconds of the training stages",
     "peak GiB": "peak memory of the run's process (GPU peak on CUDA)",
     "within spread of": "rows whose mean lies within the two rows' seed spread (same model, protocol, sparsity, "
-                        "pattern and kernel environment)",
+    "pattern and kernel environment)",
 }
 
 
@@ -124,17 +161,30 @@ def header(rows: list[dict[str, Any]], root: Path | None = None) -> list[str]:
     seen = {}
     for r in rows:
         if r["status"] == "complete" and r.get("seqlen"):
-            key = (r["model"], r.get("protocol_name"), r.get("seqlen"), r.get("calib_windows"), r.get("eval_windows"))
+            key = (
+                r["model"],
+                r.get("protocol_name"),
+                r.get("seqlen"),
+                r.get("calib_windows"),
+                r.get("eval_windows"),
+            )
             seen[key] = seen.get(key, 0) + 1
     for (model, name, seqlen, calib, evals), n in sorted(seen.items(), key=str):
-        lines.append(f"- {model}, protocol {name or '?'}: seqlen {seqlen}, {calib if calib else 'no'} calibration "
-                     f"windows, {evals if evals else '?'} evaluation windows per dataset ({n} rows)")
+        lines.append(
+            f"- {model}, protocol {name or '?'}: seqlen {seqlen}, {calib if calib else 'no'} calibration "
+            f"windows, {evals if evals else '?'} evaluation windows per dataset ({n} rows)"
+        )
     return lines + [""] if seen else lines
 
 
 def notes(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> str:
     heads = [h for h, _ in _columns(rows, tasks, spread)]
-    return "\n".join(["", "Columns:"] + [f"- {h}: {COLUMN_NOTES[h]}" for h in heads if h in COLUMN_NOTES]) + "\n"
+    return (
+        "\n".join(
+            ["", "Columns:"] + [f"- {h}: {COLUMN_NOTES[h]}" for h in heads if h in COLUMN_NOTES]
+        )
+        + "\n"
+    )
 
 
 def markdown(rows: list[dict[str, Any]], by_tokens: bool = False, root: Path | None = None) -> str:
@@ -150,7 +200,12 @@ def markdown(rows: list[dict[str, Any]], by_tokens: bool = False, root: Path | N
             group = [r for r in rows if (r["train_tokens"] or 0) == tokens]
             lines += ["", f"Training tokens: {tokens:,}", "", *_table_lines(group, tasks, spread)]
         lines = lines[1:]
-    return "\n".join(header(rows, root) + lines) + "\n" + notes(rows, tasks, spread) + versions_note(rows)
+    return (
+        "\n".join(header(rows, root) + lines)
+        + "\n"
+        + notes(rows, tasks, spread)
+        + versions_note(rows)
+    )
 
 
 def _cell(text: str, limit: int = 120) -> str:
@@ -170,17 +225,31 @@ def versions_note(rows: list[dict[str, Any]]) -> str:
             seen[sig] = seen.get(sig, 0) + 1
     lines = []
     if seen:
-        lines += ["", "Versions:" if len(seen) == 1 else "Versions (rows ran with different code or packages):"]
+        lines += [
+            "",
+            "Versions:"
+            if len(seen) == 1
+            else "Versions (rows ran with different code or packages):",
+        ]
         for sig, n in seen.items():
-            lines.append(f"- {', '.join(f'{k} {v}' for k, v in sig)}" + ("" if len(seen) == 1 else f" ({n} rows)"))
+            lines.append(
+                f"- {', '.join(f'{k} {v}' for k, v in sig)}"
+                + ("" if len(seen) == 1 else f" ({n} rows)")
+            )
     envs = sorted({r["kernels"] for r in rows if r.get("kernels")})
     if len(envs) == 1:
         lines += ["", f"Kernel environment: {envs[0]}."]
     elif envs:
-        lines += ["", "Kernel environments (rows are labelled [env N]; the last bits of every reduction differ between",
-                  "them, and a chaotic row, such as SparseGPT at 0.7 and above, can move by more than its seed spread;",
-                  "compare rows within one environment):"]
-        lines += [f"- env {i}: {e} ({sum(r.get('kernels') == e for r in rows)} rows)" for i, e in enumerate(envs, 1)]
+        lines += [
+            "",
+            "Kernel environments (rows are labelled [env N]; the last bits of every reduction differ between",
+            "them, and a chaotic row, such as SparseGPT at 0.7 and above, can move by more than its seed spread;",
+            "compare rows within one environment):",
+        ]
+        lines += [
+            f"- env {i}: {e} ({sum(r.get('kernels') == e for r in rows)} rows)"
+            for i, e in enumerate(envs, 1)
+        ]
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -190,30 +259,54 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
     if not rows:
         raise SystemExit(f"sparsebench-report: no results.json under {root}")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png",
-             "plot_nonzero": out / "report_nonzero.png"}
+    paths = {
+        "markdown": out / "report.md",
+        "csv": out / "report.csv",
+        "plot": out / "report.png",
+        "plot_nonzero": out / "report_nonzero.png",
+    }
     paths["markdown"].write_text(markdown(rows, by_tokens, root))
-    fields = list(dict.fromkeys(k for r in rows for k in r if k != "ident"))  # the label says what differs
+    fields = list(
+        dict.fromkeys(k for r in rows for k in r if k != "ident")
+    )  # the label says what differs
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "versions": json.dumps(r.get("versions") or {}, sort_keys=True),
-                             "seeds": " ".join(r.get("seeds") or []),
-                             "within_spread_of": " ".join(r.get("within_spread_of") or [])})
+            writer.writerow(
+                {
+                    **r,
+                    "versions": json.dumps(r.get("versions") or {}, sort_keys=True),
+                    "seeds": " ".join(r.get("seeds") or []),
+                    "within_spread_of": " ".join(r.get("within_spread_of") or []),
+                }
+            )
     plot(rows, paths["plot"])
     plot_nonzero(rows, paths["plot_nonzero"])
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sparsebench-report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", type=Path, help="a sweep folder (or any folder with results.json files below it)")
-    ap.add_argument("--out", type=Path, default=None, help="where report.md/.csv/.png go (default: root)")
-    ap.add_argument("--by-tokens", action="store_true", help="group the table's rows by training tokens")
-    ap.add_argument("--wandb", choices=["online", "offline"], default=None,
-                    help="also log the table and the plot to a wandb run (group: the sweep folder's name)")
+    ap = argparse.ArgumentParser(
+        prog="sparsebench-report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "root", type=Path, help="a sweep folder (or any folder with results.json files below it)"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="where report.md/.csv/.png go (default: root)"
+    )
+    ap.add_argument(
+        "--by-tokens", action="store_true", help="group the table's rows by training tokens"
+    )
+    ap.add_argument(
+        "--wandb",
+        choices=["online", "offline"],
+        default=None,
+        help="also log the table and the plot to a wandb run (group: the sweep folder's name)",
+    )
     ap.add_argument("--project", default="sparsebench")
     args = ap.parse_args(argv)
     if not args.root.is_dir():
@@ -231,11 +324,21 @@ def log_to_wandb(paths: dict[str, Path], root: Path, mode: str, project: str) ->
 
     with open(paths["csv"]) as f:
         rows = list(csv.reader(f))
-    run = wandb.init(mode=mode, project=project, group=Path(root).resolve().name, job_type="report",
-                     name=f"report-{Path(root).resolve().name}", dir=str(paths["csv"].parent))
-    run.log({"report/table": wandb.Table(columns=rows[0], data=rows[1:]),
-             "report/ppl_vs_sparsity": wandb.Image(str(paths["plot"])),
-             "report/ppl_vs_nonzero": wandb.Image(str(paths["plot_nonzero"]))})
+    run = wandb.init(
+        mode=mode,
+        project=project,
+        group=Path(root).resolve().name,
+        job_type="report",
+        name=f"report-{Path(root).resolve().name}",
+        dir=str(paths["csv"].parent),
+    )
+    run.log(
+        {
+            "report/table": wandb.Table(columns=rows[0], data=rows[1:]),
+            "report/ppl_vs_sparsity": wandb.Image(str(paths["plot"])),
+            "report/ppl_vs_nonzero": wandb.Image(str(paths["plot_nonzero"])),
+        }
+    )
     run.finish()
 
 

@@ -2,6 +2,7 @@
 that cannot be read is a row saying so), seeds folded within one config and one kernel
 environment, variants named by the keys that differ, rows marked within each other's spread,
 and the dense row of each protocol found for "% of dense" (records/report.py formats them)."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def kernel_signature(kernels: dict[str, Any] | None) -> str | None:
     signatures may differ in every last bit."""
     if not kernels:
         return None
-    return (f"{kernels.get('cpu', '?')} / ATen {kernels.get('aten_capability', '?')} / "
-            f"MKL_CBWR {kernels.get('mkl_cbwr', '?')} / {kernels.get('threads', '?')} threads")
+    return (
+        f"{kernels.get('cpu', '?')} / ATen {kernels.get('aten_capability', '?')} / "
+        f"MKL_CBWR {kernels.get('mkl_cbwr', '?')} / {kernels.get('threads', '?')} threads"
+    )
 
 
 def label_of(cfg: dict[str, Any]) -> str:
@@ -60,11 +63,33 @@ def label_of(cfg: dict[str, Any]) -> str:
 def load_row(path: Path) -> dict[str, Any]:
     """One report row from one results.json; a file that is not what sparsebench writes
     becomes a row with status 'unreadable' and the reason, never a crash."""
-    row: dict[str, Any] = {"path": str(path.parent), "status": "unreadable", "error": None, "model": "?", "method": "?",
-                           "label": "?", "sparsity": None, "pattern": "?", "actual_sparsity": None, "protocol_id": None, "protocol_ids": [],
-                           **{k: None for k in PPL}, "mean_acc": None, "prune_s": None, "peak_gib": None,
-                           "train_tokens": None, "steps": None, "wall_s": None, "nonzero_params": None,
-                           "seed": None, "fold_key": str(path), "ident": {}, "n": 1, "versions": {}, "kernels": None}
+    row: dict[str, Any] = {
+        "path": str(path.parent),
+        "status": "unreadable",
+        "error": None,
+        "model": "?",
+        "method": "?",
+        "label": "?",
+        "sparsity": None,
+        "pattern": "?",
+        "actual_sparsity": None,
+        "protocol_id": None,
+        "protocol_ids": [],
+        **{k: None for k in PPL},
+        "mean_acc": None,
+        "prune_s": None,
+        "peak_gib": None,
+        "train_tokens": None,
+        "steps": None,
+        "wall_s": None,
+        "nonzero_params": None,
+        "seed": None,
+        "fold_key": str(path),
+        "ident": {},
+        "n": 1,
+        "versions": {},
+        "kernels": None,
+    }
     try:
         rec = json.loads(path.read_text())
         if not isinstance(rec, dict):
@@ -73,48 +98,64 @@ def load_row(path: Path) -> dict[str, Any]:
         row["error"] = f"results.json unreadable: {str(err)[:80]}"
         return row
     cfg, sp = _dict(rec.get("config")), _dict(rec.get("sparsity"))
-    seedless = _seedless(cfg) if cfg else None  # runs equal in everything but the seed fold together
+    seedless = (
+        _seedless(cfg) if cfg else None
+    )  # runs equal in everything but the seed fold together
     method = _dict(cfg.get("method")).get("name", "?")
     tasks = _dict(_dict(rec.get("zeroshot")).get("tasks"))
     metrics, memory = _dict(rec.get("metrics")), _dict(rec.get("memory"))
     stages = [_dict(v) for v in _dict(rec.get("budget")).values()]
     status = rec.get("status")
-    row.update({
-        "status": status if isinstance(status, str) else "unknown",
-        "error": rec.get("error") if isinstance(rec.get("error"), str) else None,
-        "model": str(_dict(cfg.get("model")).get("name", "?")),
-        "method": str(method),
-        "label": label_of(cfg),
-        "sparsity": 0.0 if method == "dense" else _num(cfg.get("sparsity")),
-        "pattern": str(sp.get("pattern", cfg.get("pattern", "?"))),
-        "actual_sparsity": _num(sp.get("actual_sparsity")),
-        "protocol_id": rec.get("protocol_id") if isinstance(rec.get("protocol_id"), str) else None,
-        "protocol_ids": [rec["protocol_id"]] if isinstance(rec.get("protocol_id"), str) else [],
-        **{k: _num(metrics.get(k)) for k in PPL},
-        **{t: _num(_dict(v).get("headline")) for t, v in tasks.items()},
-        "mean_acc": _num(_dict(rec.get("zeroshot")).get("mean_acc")),
-        "prune_s": _num(_dict(rec.get("timings_s")).get("prune")),
-        "peak_gib": max((v for v in map(_num, memory.values()) if v is not None), default=None),
-        "train_tokens": int(sum(_num(s.get("train_tokens")) or 0 for s in stages)) if stages else None,
-        "steps": int(sum(_num(s.get("optimizer_steps")) or 0 for s in stages)) if stages else None,
-        "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
-        "nonzero_params": _num(sp.get("nonzero_params")),
-        "seed": cfg.get("seed"),
-        "ident": flatten(seedless) if cfg else {},
-        "versions": _dict(rec.get("versions")),
-        "kernels": kernel_signature(_dict(_dict(rec.get("versions")).get("kernels"))),
-        "protocol_name": cfg.get("protocol"),
-        "seqlen": _dict(cfg.get("model")).get("seqlen"),
-        "calib_windows": _dict(rec.get("calibration")).get("windows", _dict(cfg.get("data")).get("nsamples")),
-        "eval_windows": metrics.get("wikitext2_windows", metrics.get("c4_windows")),
-    })
+    row.update(
+        {
+            "status": status if isinstance(status, str) else "unknown",
+            "error": rec.get("error") if isinstance(rec.get("error"), str) else None,
+            "model": str(_dict(cfg.get("model")).get("name", "?")),
+            "method": str(method),
+            "label": label_of(cfg),
+            "sparsity": 0.0 if method == "dense" else _num(cfg.get("sparsity")),
+            "pattern": str(sp.get("pattern", cfg.get("pattern", "?"))),
+            "actual_sparsity": _num(sp.get("actual_sparsity")),
+            "protocol_id": rec.get("protocol_id")
+            if isinstance(rec.get("protocol_id"), str)
+            else None,
+            "protocol_ids": [rec["protocol_id"]] if isinstance(rec.get("protocol_id"), str) else [],
+            **{k: _num(metrics.get(k)) for k in PPL},
+            **{t: _num(_dict(v).get("headline")) for t, v in tasks.items()},
+            "mean_acc": _num(_dict(rec.get("zeroshot")).get("mean_acc")),
+            "prune_s": _num(_dict(rec.get("timings_s")).get("prune")),
+            "peak_gib": max((v for v in map(_num, memory.values()) if v is not None), default=None),
+            "train_tokens": int(sum(_num(s.get("train_tokens")) or 0 for s in stages))
+            if stages
+            else None,
+            "steps": int(sum(_num(s.get("optimizer_steps")) or 0 for s in stages))
+            if stages
+            else None,
+            "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
+            "nonzero_params": _num(sp.get("nonzero_params")),
+            "seed": cfg.get("seed"),
+            "ident": flatten(seedless) if cfg else {},
+            "versions": _dict(rec.get("versions")),
+            "kernels": kernel_signature(_dict(_dict(rec.get("versions")).get("kernels"))),
+            "protocol_name": cfg.get("protocol"),
+            "seqlen": _dict(cfg.get("model")).get("seqlen"),
+            "calib_windows": _dict(rec.get("calibration")).get(
+                "windows", _dict(cfg.get("data")).get("nsamples")
+            ),
+            "eval_windows": metrics.get("wikitext2_windows", metrics.get("c4_windows")),
+        }
+    )
     # seeds fold only within one kernel environment: another CPU kind or BLAS dispatch moves a
     # chaotic row by more than its seed spread, and that is not seed noise
-    row["fold_key"] = (digest(seedless) + (f"|{row['kernels']}" if row["kernels"] else "")) if cfg else str(path)
+    row["fold_key"] = (
+        (digest(seedless) + (f"|{row['kernels']}" if row["kernels"] else "")) if cfg else str(path)
+    )
     if _dict(rec.get("model")).get("random_weights"):  # a measurement run: never a quality result
         row["label"] += " [random weights]"
     if cfg.get("sparsity") is not None and row["sparsity"] is None and method != "dense":
-        row.update(status="unreadable", error=f"config.sparsity is not a number: {cfg.get('sparsity')!r}")
+        row.update(
+            status="unreadable", error=f"config.sparsity is not a number: {cfg.get('sparsity')!r}"
+        )
     return row
 
 
@@ -166,7 +207,9 @@ def name_variants(rows: list[dict[str, Any]]) -> None:
         if r["ident"]:  # an unreadable row already says what it is
             groups[(r["model"], r["label"], r["sparsity"], r["pattern"])].append(r)
     for members in groups.values():
-        configs = len({r["fold_key"].split("|")[0] for r in members})  # kernel environments are labelled apart
+        configs = len(
+            {r["fold_key"].split("|")[0] for r in members}
+        )  # kernel environments are labelled apart
         if configs < 2:
             continue
 
@@ -176,14 +219,22 @@ def name_variants(rows: list[dict[str, Any]]) -> None:
         def parts(keys):
             return len({tuple(value(r, k) for k in keys) for r in members})
 
-        candidates = sorted(k for k in {k for r in members for k in r["ident"]} if len({value(r, k) for r in members}) > 1)
+        candidates = sorted(
+            k
+            for k in {k for r in members for k in r["ident"]}
+            if len({value(r, k) for r in members}) > 1
+        )
         chosen: list[str] = []
         while candidates and parts(chosen) < configs:
-            best = max(candidates, key=lambda k: parts([*chosen, k]))  # max keeps the first (sorted) of ties
+            best = max(
+                candidates, key=lambda k: parts([*chosen, k])
+            )  # max keeps the first (sorted) of ties
             chosen.append(best)
             candidates.remove(best)
         for r in members:
-            r["label"] += " (" + ", ".join(f"{k}={r['ident'].get(k, '<unset>')}" for k in chosen) + ")"
+            r["label"] += (
+                " (" + ", ".join(f"{k}={r['ident'].get(k, '<unset>')}" for k in chosen) + ")"
+            )
 
 
 def _protocol(row: dict[str, Any]) -> str | None:
@@ -195,12 +246,25 @@ def mark_within_spread(rows: list[dict[str, Any]], metric: str = "wikitext2") ->
     is within the two rows' spread: their difference is not beyond the seeds' noise."""
     for r in rows:
         r["within_spread_of"] = []
-    folded = [r for r in rows if r.get("n", 1) > 1 and r.get(f"{metric}_std") is not None and r.get(metric) is not None]
+    folded = [
+        r
+        for r in rows
+        if r.get("n", 1) > 1 and r.get(f"{metric}_std") is not None and r.get(metric) is not None
+    ]
     for a in folded:
         for b in folded:
             same = (a["model"], _protocol(a), a["sparsity"], a["pattern"], a.get("kernels")) == (
-                b["model"], _protocol(b), b["sparsity"], b["pattern"], b.get("kernels"))
-            if a is not b and same and abs(a[metric] - b[metric]) <= a[f"{metric}_std"] + b[f"{metric}_std"]:
+                b["model"],
+                _protocol(b),
+                b["sparsity"],
+                b["pattern"],
+                b.get("kernels"),
+            )
+            if (
+                a is not b
+                and same
+                and abs(a[metric] - b[metric]) <= a[f"{metric}_std"] + b[f"{metric}_std"]
+            ):
                 a["within_spread_of"].append(b["label"])
 
 
@@ -236,8 +300,15 @@ def _dense_for(row: dict[str, Any], dense: list[dict[str, Any]]) -> dict[str, An
 
 
 def _key(row):
-    return (row["model"], row["method"] != "dense", row["label"], row["pattern"] != "unstructured",
-            row["sparsity"] if row["sparsity"] is not None else -1, row["pattern"], row["path"])
+    return (
+        row["model"],
+        row["method"] != "dense",
+        row["label"],
+        row["pattern"] != "unstructured",
+        row["sparsity"] if row["sparsity"] is not None else -1,
+        row["pattern"],
+        row["path"],
+    )
 
 
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -256,7 +327,9 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for t in tasks:
             r.setdefault(t, None)
         ok = d is not None and d.get("mean_acc") and r.get("mean_acc") is not None
-        r["mean_acc_dense_retained_pct"] = round(100.0 * r["mean_acc"] / d["mean_acc"], 2) if ok else None
+        r["mean_acc_dense_retained_pct"] = (
+            round(100.0 * r["mean_acc"] / d["mean_acc"], 2) if ok else None
+        )
         r.setdefault("seeds", [])
     label_kernel_environments(rows)
     mark_within_spread(rows)

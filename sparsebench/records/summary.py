@@ -1,5 +1,6 @@
 """What the console says at the end: one run's table (in the style of lm-eval's), and a
 sweep's counts. Plain text from results.json's fields; nothing here computes a number."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,22 @@ def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 
     def line(cells):
-        return "| " + " | ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                str(c).rjust(w) if i in right else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
+            )
+            + " |"
+        )
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)
+        )
+        + "|"
+    )
     return [line(head), sep, *(line(r) for r in rows)]
 
 
@@ -26,11 +39,18 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
         method += f" + {recover}"
     sp = res.get("sparsity") or {}
     model = (cfg.get("model") or {}).get("name", "?")
-    what = "dense" if method == "dense" else f"{method} at {sp.get('target', cfg.get('sparsity'))} ({sp.get('pattern', '?')})"
+    what = (
+        "dense"
+        if method == "dense"
+        else f"{method} at {sp.get('target', cfg.get('sparsity'))} ({sp.get('pattern', '?')})"
+    )
     lines = [f"sparsebench: {what} on {model}: {res.get('status', '?')}", ""]
     metrics = res.get("metrics") or {}
-    ppl = [[name, f"{metrics[name]:.4f}", str(metrics.get(f"{name}_windows", "?"))]
-           for name in ("wikitext2", "c4") if isinstance(metrics.get(name), (int, float))]
+    ppl = [
+        [name, f"{metrics[name]:.4f}", str(metrics.get(f"{name}_windows", "?"))]
+        for name in ("wikitext2", "c4")
+        if isinstance(metrics.get(name), (int, float))
+    ]
     if ppl:
         seqlen = (res.get("model") or {}).get("seqlen", "?")
         lines += _table(["dataset", "perplexity", f"windows of {seqlen}"], ppl, {1, 2}) + [""]
@@ -40,29 +60,57 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     if zs.get("tasks"):
         rows = []
         for task, v in zs["tasks"].items():
-            key = "acc_norm" if zs.get("headline") == "acc_norm" and v.get("acc_norm") is not None else "acc"
+            key = (
+                "acc_norm"
+                if zs.get("headline") == "acc_norm" and v.get("acc_norm") is not None
+                else "acc"
+            )
             err = v.get(f"{key}_stderr")
-            rows.append([task, key, f"{v['headline']:.4f}", "" if err is None else f"± {err:.4f}", str(v.get("n", "?"))])
+            rows.append(
+                [
+                    task,
+                    key,
+                    f"{v['headline']:.4f}",
+                    "" if err is None else f"± {err:.4f}",
+                    str(v.get("n", "?")),
+                ]
+            )
         rows.append(["mean", zs.get("headline", "acc"), f"{zs['mean_acc']:.4f}", "", ""])
         lines += _table(["task", "metric", "value", "stderr", "docs"], rows, {2, 4}) + [""]
     if sp:
-        lines.append(f"sparsity: target {sp.get('target')}, actual {sp.get('actual_sparsity', 0):.6f} over "
-                     f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} pruned)")
+        lines.append(
+            f"sparsity: target {sp.get('target')}, actual {sp.get('actual_sparsity', 0):.6f} over "
+            f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} pruned)"
+        )
     times = res.get("timings_s") or {}
     if times:
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     mem = res.get("memory") or {}
     if mem:
-        lines.append("peak memory: " + ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {v:.2f} GiB"
-                                                 for k, v in mem.items()))
+        lines.append(
+            "peak memory: "
+            + ", ".join(
+                f"{k.removeprefix('peak_').removesuffix('_gib')} {v:.2f} GiB"
+                for k, v in mem.items()
+            )
+        )
     lines += list(extra)
     lines.append(f"results: {results_path}")
     return "\n".join(lines)
 
 
-def sweep_summary(sweep_dir: Path, done: list[str], skipped: list[str], failed: list[str], baselines: dict[str, str]) -> str:
+def sweep_summary(
+    sweep_dir: Path,
+    done: list[str],
+    skipped: list[str],
+    failed: list[str],
+    baselines: dict[str, str],
+) -> str:
     """The end-of-sweep summary: counts, failed jobs, where it all is, the report command."""
-    lines = ["", f"sparsebench sweep: {len(done)} done, {len(skipped)} skipped (already complete), {len(failed)} failed"]
+    lines = [
+        "",
+        f"sparsebench sweep: {len(done)} done, {len(skipped)} skipped (already complete), {len(failed)} failed",
+    ]
     for folder, state in sorted(baselines.items()):
         lines.append(f"  dense baseline: {folder} ({state})")
     for line in failed:

@@ -1,4 +1,5 @@
 """results.json (written atomically after every stage) and the wandb logger."""
+
 from __future__ import annotations
 
 import json
@@ -32,11 +33,17 @@ def code_version() -> str | None:
     """The git commit of the sparsebench checkout (with '+dirty' for local changes), if any."""
     repo = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return commit.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -78,8 +85,14 @@ def _cpu_vector_flags() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in flags)
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return " ".join(
+        f
+        for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
+        if f in flags
+    )
 
 
 def kernel_environment() -> dict[str, Any]:
@@ -93,8 +106,17 @@ def kernel_environment() -> dict[str, Any]:
         if "Math Kernel Library" in line or "OpenBLAS" in line:
             blas = line.strip(" -")
             break
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                         "OPENBLAS_CORETYPE") if os.environ.get(k)}
+    env = {
+        k: os.environ[k]
+        for k in (
+            "ATEN_CPU_CAPABILITY",
+            "MKL_CBWR",
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "OPENBLAS_CORETYPE",
+        )
+        if os.environ.get(k)
+    }
     return {
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_vector_flags(),
@@ -111,7 +133,17 @@ def versions() -> dict[str, Any]:
     out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     if (code := code_version()) is not None:
         out["sparsebench_commit"] = code
-    for pkg in ("sparsebench", "torch", "transformers", "hydra-core", "datasets", "tokenizers", "gguf", "wandb", "lm-eval"):
+    for pkg in (
+        "sparsebench",
+        "torch",
+        "transformers",
+        "hydra-core",
+        "datasets",
+        "tokenizers",
+        "gguf",
+        "wandb",
+        "lm-eval",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -175,27 +207,49 @@ class Results:
 class WandbLogger:
     """One wandb run per job; mode 'disabled' imports nothing and logs nothing."""
 
-    def __init__(self, mode: str, project: str, entity: str | None, group: str | None, name: str, config: dict, directory: Path):
+    def __init__(
+        self,
+        mode: str,
+        project: str,
+        entity: str | None,
+        group: str | None,
+        name: str,
+        config: dict,
+        directory: Path,
+    ):
         if mode not in LOGGER_MODES:
-            raise SparsebenchError(f"unknown logger.mode '{mode}'; valid: {', '.join(LOGGER_MODES)}")
+            raise SparsebenchError(
+                f"unknown logger.mode '{mode}'; valid: {', '.join(LOGGER_MODES)}"
+            )
         self.run = None
         if mode == "disabled":
             return
         try:
             import wandb
         except ImportError:
-            raise SparsebenchError("wandb is not installed; pip install wandb, or use logger=disabled") from None
+            raise SparsebenchError(
+                "wandb is not installed; pip install wandb, or use logger=disabled"
+            ) from None
         directory.mkdir(parents=True, exist_ok=True)
         # wandb's banner, sync hints and run summary would be most of a run's console: silent,
         # and one line of our own says where the run went and how to upload it
         self.run = wandb.init(
-            mode=mode, project=project, entity=entity, group=group, name=name, config=config, dir=str(directory),
-            reinit="finish_previous", settings=wandb.Settings(silent=True),
+            mode=mode,
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            config=config,
+            dir=str(directory),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True),
         )
         self.mode = mode
         if mode == "offline":
-            self.where = f"wandb: offline run in {self.run.dir.removesuffix('/files')}; upload it with `wandb sync " \
-                         f"{self.run.dir.removesuffix('/files')}`"
+            self.where = (
+                f"wandb: offline run in {self.run.dir.removesuffix('/files')}; upload it with `wandb sync "
+                f"{self.run.dir.removesuffix('/files')}`"
+            )
         else:
             self.where = f"wandb: {getattr(self.run, 'url', None) or self.run.dir}"
 

@@ -13,6 +13,7 @@ trains, and leaves the masks as they were (the pipeline verifies them again afte
   reconstruct  block-wise reconstruction of the kept weights against the dense blocks,
                attention and MLP separately (the "free lunch" paper's best granularity)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..registry import Registry
 from ..engine.training import Budget
+from ..registry import Registry
 
 RECOVERIES = Registry("recovery")
 
@@ -47,7 +48,9 @@ class Recovery:
     """run(ctx) trains ctx.model in place, keeping every pruned weight at exactly zero."""
 
     name: ClassVar[str]
-    shardable: ClassVar[bool] = False  # runs on FSDP2: several ranks under torchrun, or offload=true in one
+    shardable: ClassVar[bool] = (
+        False  # runs on FSDP2: several ranks under torchrun, or offload=true in one
+    )
     needs_dense: ClassVar[bool] = False  # reads the dense model again (RecoverContext.load_dense)
 
     def run(self, ctx: RecoverContext) -> None:

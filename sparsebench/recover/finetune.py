@@ -8,6 +8,7 @@ control that makes an ADMM method's gain attributable (its warm start + this).
 Defaults are Elsa's published budget: 4096 steps x 8 windows, Adam (0.9, 0.95), lr 2e-4
 linear to 0 without warm-up, clipping 1.0; norms and embeddings train too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.shard import place_for_training, unshard
-from ..engine.training import MaskHook, Trainer, embedding_weights, float_master, linear_decay, mean_over_ranks, use_bf16
+from ..engine.training import (
+    MaskHook,
+    Trainer,
+    embedding_weights,
+    float_master,
+    linear_decay,
+    mean_over_ranks,
+    use_bf16,
+)
 from ..engine.windows import WindowTraining, ranks
 from ..models import prunable_linears
 from ..plan import Terms
@@ -31,22 +40,46 @@ class WindowRecovery(WindowTraining, Recovery):
     (engine/windows.py) with plain Adam, the linear decay and `trainable` as the only trained
     parameters."""
 
-    def train_recovery(self, ctx: RecoverContext, trainable: list[torch.nn.Parameter], hooks: list) -> Trainer:
+    def train_recovery(
+        self, ctx: RecoverContext, trainable: list[torch.nn.Parameter], hooks: list
+    ) -> Trainer:
         seqlen = self.seqlen or ctx.seqlen
         _, world = ranks()
-        opt = torch.optim.Adam(trainable, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
-        trainer = Trainer(trainable, opt, linear_decay(self.steps), clip=self.clip, hooks=hooks,
-                          name=f"recover={self.name}",
-                          reduce_loss=mean_over_ranks(ctx.device) if world > 1 else (lambda x: x))
+        opt = torch.optim.Adam(
+            trainable, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0
+        )
+        trainer = Trainer(
+            trainable,
+            opt,
+            linear_decay(self.steps),
+            clip=self.clip,
+            hooks=hooks,
+            name=f"recover={self.name}",
+            reduce_loss=mean_over_ranks(ctx.device) if world > 1 else (lambda x: x),
+        )
         sampler = self.windows(ctx.data, ctx.tokenizer, seqlen, ctx.model.config.vocab_size)
-        self.train_on_windows(ctx.model, trainer, sampler, ctx.device, seqlen, label=f"recover {self.name}",
-                              log=ctx.log, log_prefix="recover")
+        self.train_on_windows(
+            ctx.model,
+            trainer,
+            sampler,
+            ctx.device,
+            seqlen,
+            label=f"recover {self.name}",
+            log=ctx.log,
+            log_prefix="recover",
+        )
         self._budget = trainer.budget()
         return trainer
 
     def plan_terms(self, device):
-        return Terms("train", batch=self.batch_size, grad_accum=self.grad_accum, seqlen=self.seqlen,
-                     bf16=use_bf16(self.bf16, device), **self.trained_terms())
+        return Terms(
+            "train",
+            batch=self.batch_size,
+            grad_accum=self.grad_accum,
+            seqlen=self.seqlen,
+            bf16=use_bf16(self.bf16, device),
+            **self.trained_terms(),
+        )
 
     def trained_terms(self) -> dict:
         return {}
@@ -85,5 +118,9 @@ class Finetune(WindowRecovery):
             model = ctx.model = plain
         model.to(dtype)
         total = sum(p.numel() for p in model.parameters())
-        self._report = {"trainable_params": sum(p.numel() for p in trainable), "total_params": total,
-                        "steps_run": self.budget().optimizer_steps, "history": self.history}
+        self._report = {
+            "trainable_params": sum(p.numel() for p in trainable),
+            "total_params": total,
+            "steps_run": self.budget().optimizer_steps,
+            "history": self.history,
+        }

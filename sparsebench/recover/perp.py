@@ -18,6 +18,7 @@ linearly, AdamW without weight decay ((0.9, 0.999), eps 1e-8), gradient clipping
 not (lm_head is as large as the embeddings and PERP's point is the small set). Steps,
 batch and seqlen follow recover=finetune (the Elsa budget) so rows compare at equal tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine.training import float_master
 from ..errors import SparsebenchError
 from ..registry import option
 from . import RECOVERIES, RecoverContext, norm_and_bias_parameters
-from ..engine.training import float_master
 from .finetune import WindowRecovery
 
 
@@ -85,18 +86,30 @@ class Perp(WindowRecovery):
             for p in model.parameters():
                 p.requires_grad_(True)
         model.to(dtype)
-        self._report = {"variant": self.variant, "trainable_params": sum(p.numel() for p in trainable),
-                        "adapter_params": adapters, "total_params": total,
-                        "steps_run": self.budget().optimizer_steps, "history": self.history}
+        self._report = {
+            "variant": self.variant,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "adapter_params": adapters,
+            "total_params": total,
+            "steps_run": self.budget().optimizer_steps,
+            "history": self.history,
+        }
 
     def _masklora(self, ctx: RecoverContext):
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
-            raise SparsebenchError("recover=perp variant=masklora needs peft: pip install peft (make install has it)") from None
+            raise SparsebenchError(
+                "recover=perp variant=masklora needs peft: pip install peft (make install has it)"
+            ) from None
         model = ctx.model
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
-                            target_modules=sorted(ctx.masks))
+        config = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=sorted(ctx.masks),
+        )
         peft_model = get_peft_model(model, config)
         for name, mask in ctx.masks.items():
             _mask_lora_layer(peft_model.base_model.model.get_submodule(name), mask)

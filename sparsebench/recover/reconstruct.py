@@ -20,6 +20,7 @@ Released defaults (the paper's code, main.py): 1 epoch over 128 windows, batch 2
 linear to 0, Adam(W) without weight decay. The dense model is loaded a second time for the
 targets (one block of it on the device at a time).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,10 +32,10 @@ import torch
 from torch import nn
 
 from ..engine.driver import Sequential, block_out
+from ..engine.training import Budget, MaskHook, Trainer, linear_decay
 from ..models import find_blocks, find_linears
 from ..plan import Terms
 from ..registry import option
-from ..engine.training import Budget, MaskHook, Trainer, linear_decay
 from . import RECOVERIES, RecoverContext, Recovery
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ class UnitInputs:
 
     def call(self, unit: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         rest_args, rest_kwargs, by_name = self.rest
-        out = unit(hidden_states=hidden, **rest_kwargs) if by_name else unit(hidden, *rest_args, **rest_kwargs)
+        out = (
+            unit(hidden_states=hidden, **rest_kwargs)
+            if by_name
+            else unit(hidden, *rest_args, **rest_kwargs)
+        )
         return block_out(out)
 
 
@@ -107,7 +112,9 @@ class Reconstruct(Recovery):
     def _forward(self, block, inps, args, kwargs) -> torch.Tensor:
         out = torch.empty_like(inps)
         for j in range(0, inps.shape[0], self.batch_size):
-            out[j : j + self.batch_size] = block_out(block(inps[j : j + self.batch_size], *args, **kwargs))
+            out[j : j + self.batch_size] = block_out(
+                block(inps[j : j + self.batch_size], *args, **kwargs)
+            )
         return out
 
     def _unit_inputs(self, block, unit, inps, args, kwargs) -> tuple[torch.Tensor, UnitInputs]:
@@ -126,9 +133,13 @@ class Reconstruct(Recovery):
             total += float((out.float() - targets[j : j + self.batch_size].float()).pow(2).sum())
         return total / targets.numel()
 
-    def _train_unit(self, unit, rec, hidden, targets, masks: dict[str, torch.Tensor], gen, label) -> dict[str, Any]:
+    def _train_unit(
+        self, unit, rec, hidden, targets, masks: dict[str, torch.Tensor], gen, label
+    ) -> dict[str, Any]:
         linears = find_linears(unit)
-        params = [lin.weight for lin in linears.values()] + [lin.bias for lin in linears.values() if lin.bias is not None]
+        params = [lin.weight for lin in linears.values()] + [
+            lin.bias for lin in linears.values() if lin.bias is not None
+        ]
         for p in unit.parameters():
             p.requires_grad_(False)
         for p in params:
@@ -137,32 +148,49 @@ class Reconstruct(Recovery):
         total = self.epochs * math.ceil(n / self.batch_size)
         opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0.0)
         hook = MaskHook((lin.weight, masks[name]) for name, lin in linears.items())
-        trainer = Trainer(params, opt, linear_decay(total), hooks=[hook], name=f"recover=reconstruct {label}")
+        trainer = Trainer(
+            params, opt, linear_decay(total), hooks=[hook], name=f"recover=reconstruct {label}"
+        )
         before = self._mse(rec, unit, hidden, targets)
         for _epoch in range(self.epochs):
             order = torch.randperm(n, generator=gen)
             for j in range(0, n, self.batch_size):
                 idx = order[j : j + self.batch_size].to(hidden.device)
                 x, y = hidden[idx], targets[idx]
-                trainer.step([lambda: (rec.call(unit, x).float() - y.float()).pow(2).mean()],
-                             tokens=len(idx) * hidden.shape[1])
+                trainer.step(
+                    [lambda: (rec.call(unit, x).float() - y.float()).pow(2).mean()],
+                    tokens=len(idx) * hidden.shape[1],
+                )
         for p in unit.parameters():
             p.requires_grad_(True)
         after = self._mse(rec, unit, hidden, targets)
         self._budget = self.budget().add(trainer.budget())
-        return {"unit": label, "error_before": before, "error_after": after, "steps": trainer.steps_done}
+        return {
+            "unit": label,
+            "error_before": before,
+            "error_after": after,
+            "steps": trainer.steps_done,
+        }
 
     def run(self, ctx: RecoverContext) -> None:
         from ..data import calibration_windows
 
-        calib = calibration_windows(ctx.data, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size, self.nsamples)
+        calib = calibration_windows(
+            ctx.data, ctx.tokenizer, ctx.seqlen, ctx.model.config.vocab_size, self.nsamples
+        )
         self._budget = Budget(calib_tokens=int(calib.numel()))
         dense = ctx.load_dense()
         _, dense_blocks = find_blocks(dense)
         # blocks, inputs, rotary tables and additive masks in float32: the units train in it; the
         # driver runs each reconstructed block for the next one's inputs
-        driver = Sequential(ctx.model, calib, ctx.device, batch=self.batch_size, dtype=torch.float32,
-                            desc="recover reconstruct")
+        driver = Sequential(
+            ctx.model,
+            calib,
+            ctx.device,
+            batch=self.batch_size,
+            dtype=torch.float32,
+            desc="recover reconstruct",
+        )
         dense_inps = None
         gen = torch.Generator().manual_seed(self.seed)
         units_report = []
@@ -173,25 +201,44 @@ class Reconstruct(Recovery):
             dblock = dense_blocks[i].to(ctx.device, torch.float32)
             x = dense_inps if dense_inps is not None else step.inputs
             prefix = f"{driver.path}.{i}."
-            block_masks = {n.removeprefix(prefix): m for n, m in ctx.masks.items() if n.startswith(prefix)}
+            block_masks = {
+                n.removeprefix(prefix): m for n, m in ctx.masks.items() if n.startswith(prefix)
+            }
             for uname in units_of(block, self.granularity):
                 unit = block.get_submodule(uname) if uname else block
                 dunit = dblock.get_submodule(uname) if uname else dblock
                 hidden, rec = self._unit_inputs(block, unit, x, args, kwargs)
                 with torch.no_grad():
-                    targets = torch.cat([rec.call(dunit, hidden[j : j + self.batch_size])
-                                         for j in range(0, hidden.shape[0], self.batch_size)])
+                    targets = torch.cat(
+                        [
+                            rec.call(dunit, hidden[j : j + self.batch_size])
+                            for j in range(0, hidden.shape[0], self.batch_size)
+                        ]
+                    )
                 # the unit's masks by the names find_linears(unit) gives ("" for a bare linear)
-                masks = {n: block_masks[f"{uname}.{n}".strip(".") if uname else n] for n in find_linears(unit)}
-                entry = self._train_unit(unit, rec, hidden, targets, masks, gen, f"{i}.{uname or 'block'}")
+                masks = {
+                    n: block_masks[f"{uname}.{n}".strip(".") if uname else n]
+                    for n in find_linears(unit)
+                }
+                entry = self._train_unit(
+                    unit, rec, hidden, targets, masks, gen, f"{i}.{uname or 'block'}"
+                )
                 units_report.append({"block": i, **entry})
-                log.info("reconstruct block %d %s: error %.4g -> %.4g", i, uname or "(whole)",
-                         entry["error_before"], entry["error_after"])
+                log.info(
+                    "reconstruct block %d %s: error %.4g -> %.4g",
+                    i,
+                    uname or "(whole)",
+                    entry["error_before"],
+                    entry["error_after"],
+                )
                 del hidden, targets
             if dense_inps is not None:
                 dense_inps = self._forward(dblock, dense_inps, args, kwargs)
             dblock.to("cpu")
         del dense
-        self._report = {"units": units_report, "steps_run": self.budget().optimizer_steps,
-                        "error_sum_before": sum(u["error_before"] for u in units_report),
-                        "error_sum_after": sum(u["error_after"] for u in units_report)}
+        self._report = {
+            "units": units_report,
+            "steps_run": self.budget().optimizer_steps,
+            "error_sum_before": sum(u["error_before"] for u in units_report),
+            "error_sum_after": sum(u["error_after"] for u in units_report),
+        }
