@@ -21,11 +21,22 @@ install-slurm: ## Hydra's submitit launcher, for hydra/launcher=slurm (one SLURM
 run: ## the offline default job: SmolLM2-135M, Wanda, 50%, CPU protocol, ../shared/data
 	sparsebench
 
+lint: ## ruff: lint (pycodestyle, pyflakes, import order) and format check, lines of at most 100
+	$(PY) -m ruff check sparsebench scripts tests
+	$(PY) -m ruff format --check sparsebench scripts tests
+
+format: ## ruff format + import order (land it as a commit of its own)
+	$(PY) -m ruff format sparsebench scripts tests
+	$(PY) -m ruff check --select I --fix sparsebench scripts tests
+
 test: ## the test suite (tiny random models; under 10 minutes on 2 cores)
 	$(PY) -m pytest -q
 
 test-portable: ## the numerical tests under every ATen capability x MKL_CBWR x 1/2 threads this CPU has (~40 min)
 	$(PY) scripts/test_portable.py
+
+golden: ## compare every method, recovery, OWL, N:M and FSDP2 run on the tiny model with tests/golden.json
+	$(PY) scripts/golden.py
 
 test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M (minutes)
 	$(PY) -m pytest -q -m slow
@@ -39,4 +50,4 @@ bench-reference: ## Wanda and SparseGPT side by side with the official per-layer
 clean: ## remove run folders (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install install-slurm run test test-portable test-slow bench bench-reference clean
+.PHONY: help install install-slurm run lint format test test-portable golden test-slow bench bench-reference clean

@@ -1,5 +1,6 @@
 """8-bit Adam: sparsebench's (engine/adam8bit.py) against torchao's AdamW8bit and float32 Adam
-(docs/results.md (history: docs/notes/), "8-bit Adam"). Needs torchao: pip install --no-deps torchao==0.18.0
+(docs/results.md (history: docs/notes/), "8-bit Adam"). Needs torchao: pip install --no-deps
+torchao==0.18.0
 
     python scripts/bench_adam8bit.py
 """
@@ -11,9 +12,9 @@ import torch
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
-from torchao.optim import AdamW8bit
+from torchao.optim import AdamW8bit  # noqa: E402 (after the thread count)
 
-from sparsebench.engine.adam8bit import Adam8bit
+from sparsebench.engine.adam8bit import Adam8bit  # noqa: E402
 
 torch.manual_seed(0)
 shape = (2048, 1024)
@@ -55,6 +56,9 @@ for name, make in [
             nbytes += v.numel() * v.element_size()
     rel = float((w - ref).norm() / ref.norm())
     print(
-        f"{name}: first step {t[0]:.3f} s, later steps mean {sum(t[5:]) / len(t[5:]) * 1000:.1f} ms (fp32 Adam {sum(tr[5:]) / len(tr[5:]) * 1000:.1f} ms); state {nbytes / (shape[0] * shape[1]):.3f} B/param; rel. distance to fp32 Adam after 30 steps {rel:.2e}",
+        f"{name}: first step {t[0]:.3f} s, later steps mean {sum(t[5:]) / len(t[5:]) * 1000:.1f} "
+        f"ms (fp32 Adam {sum(tr[5:]) / len(tr[5:]) * 1000:.1f} ms); state "
+        f"{nbytes / (shape[0] * shape[1]):.3f} B/param; rel. distance to fp32 Adam after 30 steps "
+        f"{rel:.2e}",
         flush=True,
     )

@@ -51,7 +51,7 @@ def main() -> None:
     )
     model, _ = load_model(spec)
     model.train()
-    params = {n: l.weight for n, l in prunable_linears(model).items()}
+    params = {n: lin.weight for n, lin in prunable_linears(model).items()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
     admm = ADMM(
         params,

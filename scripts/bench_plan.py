@@ -8,7 +8,8 @@ results.json before loading anything.
 
     python scripts/bench_plan.py                      # all cases, a table on stdout
     python scripts/bench_plan.py sparsegpt elsa       # some of them
-    python scripts/bench_plan.py elsa_fsdp2 elsa_l_fsdp2   # FSDP2, 2 gloo ranks under torchrun, ~300M model
+    python scripts/bench_plan.py elsa_fsdp2 elsa_l_fsdp2   # FSDP2, 2 gloo ranks under torchrun,
+    ~300M model
     python scripts/bench_plan.py --glibc-default elsa      # glibc's default allocator (see below)
 
 The FSDP2 cases run the CLI's pipeline under `torchrun --nproc_per_node=2` (one thread per
@@ -97,7 +98,8 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[3:])
 res = runmod.run(cfg, Path(sys.argv[2]))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "baseline": base, "peak": peak, "plan": res.get("plan"),
+print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "baseline": base, "peak": peak, "plan":
+res.get("plan"),
                   "status": res.get("status")}))
 """
 

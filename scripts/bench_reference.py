@@ -232,7 +232,8 @@ def main() -> None:
             reference_prune(model, calib, method, sparsity, pattern, device)
             sync_cuda()
             took = time.perf_counter() - start
-        else:  # the library entry point; its prune stage is timed as the reference's loop (synchronised)
+        # the library entry point; its prune stage is timed as the reference's loop (synchronised)
+        else:
             took = prune_model(
                 model,
                 method=METHODS.build(method, options),

@@ -5,9 +5,12 @@ token ids), so nothing here is a quality number, except the `recipe` part (#16),
 the real SmolLM2-135M. Each part prints JSON lines: what ran,
 the plan's prediction and the measurement side by side.
 
-    python scripts/bench_scale_gpu.py            # the three parts below, in this order (each fits one 10-minute call)
-    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio | oneshot_13b | oneshot_batch | recipe)
-    python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no numbers)
+    python scripts/bench_scale_gpu.py            # the three parts below, in this order (each fits
+    one 10-minute call)
+    python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio |
+    oneshot_13b | oneshot_batch | recipe)
+    python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no
+    numbers)
 
   oneshot     #17: SparseGPT and Wanda at 0.5 on Llama-2-7B-shaped blocks (the first
               `--blocks` of 32, 128 x 2048 calibration windows), sparsebench against the
@@ -84,8 +87,10 @@ if cap and torch.cuda.is_available():
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[4:])
 res = runmod.run(cfg, Path(sys.argv[2]))
-print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "error", "engine", "offload", "plan", "budget", "metrics",
-                                                      "memory", "timings_s", "method_report")}, default=str))
+print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "error", "engine", "offload",
+"plan", "budget", "metrics",
+                                                      "memory", "timings_s", "method_report")},
+                                                      default=str))
 """
 
 

@@ -116,7 +116,8 @@ def run_case(name: str, folder: Path) -> dict:
 
 
 def _rank(rank: int, world: int, port: int, run_dir: str) -> None:
-    """One torchrun-like rank of the real command (RANK / WORLD_SIZE / MASTER_* as torchrun sets them)."""
+    """One torchrun-like rank of the real command (RANK / WORLD_SIZE / MASTER_* as torchrun sets
+    them)."""
     import torch
 
     torch.set_num_threads(1)

@@ -16,7 +16,8 @@ it cannot run here, and each such point is named:
   torch.cuda.synchronize made a no-op). Compared per linear: the reconstruction error
   ||X W'^T - X W^T||^2 / ||X W^T||^2 on the calibration inputs, mask agreement, time.
 
-    python scripts/parity_baselines.py --owl ../ref/OWL --alps ../ref/ALPS --ladmm ../ref/admm-pruning
+    python scripts/parity_baselines.py --owl ../ref/OWL --alps ../ref/ALPS --ladmm
+    ../ref/admm-pruning
 
 Prints one JSON line per compared item, then a summary line per method.
 """
@@ -94,7 +95,7 @@ def owl_parity(args, model, calib, dense) -> None:
         )
     )
     ours_s = time.perf_counter() - start
-    ours = {n: (l.weight == 0) for n, l in prunable_linears(model).items()}
+    ours = {n: (lin.weight == 0) for n, lin in prunable_linears(model).items()}
 
     # the authors' prune_wanda_outlier on the same windows
     model.load_state_dict(dense)
@@ -129,7 +130,7 @@ def owl_parity(args, model, calib, dense) -> None:
     for i in range(len(layers)):
         layers[i] = layers[i].block
     ref_ratios = next(a[1] for a in printed if a and a[0] == "before adjustment")
-    ref = {n: (l.weight == 0) for n, l in prunable_linears(model).items()}
+    ref = {n: (lin.weight == 0) for n, lin in prunable_linears(model).items()}
     agree = sum(int((ours[n] == ref[n]).sum()) for n in ours) / sum(
         m.numel() for m in ours.values()
     )

@@ -1,4 +1,5 @@
-"""The memory plan for every model config and method (docs/results.md (history: docs/notes/), "Scale").
+"""The memory plan for every model config and method (docs/results.md (history: docs/notes/),
+"Scale").
 
 Offline and in seconds: meta-device shapes of each architecture (conf/model/*.yaml `arch`),
 GPU placement (device=cuda), the configs' own seqlen (2048) and calibration size (128).
@@ -17,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from sparsebench.launch import Launch
 from sparsebench.models import meta_model
 from sparsebench.plan import build_plan, knobs_of, shapes_of
-from sparsebench.run import build_specs
+from sparsebench.specs import build_specs
 
 MODELS = [
     "opt-1.3b",

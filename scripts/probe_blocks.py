@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from sparsebench import data as datamod
 from sparsebench.models import find_blocks, load_model
 from sparsebench.pruners import PruneContext
-from sparsebench.run import build_specs
+from sparsebench.specs import build_specs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -44,7 +44,8 @@ def main() -> None:
     specs = build_specs(cfg)
     if not hasattr(specs.pruner, "blocks"):
         sys.exit(
-            f"probe_blocks: method '{specs.pruner.name}' does not report per-block errors (use safe, safe_plus)"
+            f"probe_blocks: method '{specs.pruner.name}' does not report per-block errors (use "
+            "safe, safe_plus)"
         )
     torch.manual_seed(specs.seed)
     model, tok = load_model(specs.model, specs.seed)

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         last = (out.stdout.strip().splitlines() or ["(no output)"])[-1]
         print(
-            f"{'ok  ' if out.returncode == 0 else 'FAIL'} {name}: {last} ({time.perf_counter() - t0:.0f} s)",
+            f"{'ok  ' if out.returncode == 0 else 'FAIL'} {name}: {last} "
+            f"({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
         if out.returncode != 0:
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     total = time.perf_counter() - start
     print(
-        f"{len(settings) - len(failed)} passed, {len(failed)} failed settings in {total / 60:.1f} min"
+        f"{len(settings) - len(failed)} passed, {len(failed)} failed settings in {total / 60:.1f} "
+        "min"
     )
     for name in failed:
         print(f"  failed: {name}")

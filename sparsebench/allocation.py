@@ -2,7 +2,8 @@
 
 OWL (Yin et al., ICML 2024, luuyin/OWL `prune_wanda_outlier`):
 1. One dense pass over the calibration windows, block by block (the sequential driver with
-   Wanda's statistics, nothing pruned: every block's inputs are the dense model's). For block i, the Wanda
+   Wanda's statistics, nothing pruned: every block's inputs are the dense model's). For block i,
+   the Wanda
    scores |W_jk| * ||X_k|| of all its linears, flattened together; its outlier ratio is
    the percentage of scores above m times their mean.
 2. The ratios are min-max scaled to [0, 2 lam], centred, and added to the target keep
@@ -52,7 +53,8 @@ def outlier_ratios(model, calib: torch.Tensor, device: torch.device, m: float) -
             wanda.add_batch,
             who="owl",
         )
-        # |W_jk| * ||X_k|| of every linear, flattened together in block order (the mean's summation order)
+        # |W_jk| * ||X_k|| of every linear, flattened together in block order (the mean's summation
+        # order)
         scores = torch.cat(
             [
                 (linears[n].weight.abs().float() * stats[leader].value.sqrt().unsqueeze(0))
@@ -77,7 +79,8 @@ def owl_targets(ratios: list[float], sparsity: float, lam: float) -> list[float]
     bad = [t for t in targets if not 0.0 <= t < 1.0]
     if bad:
         raise SparsebenchError(
-            f"schedule=owl with sparsity={sparsity} and schedule.owl.lam={lam} gives block sparsities from "
+            f"schedule=owl with sparsity={sparsity} and schedule.owl.lam={lam} gives block "
+            "sparsities from "
             f"{min(targets):.4f} to {max(targets):.4f}, outside [0, 1); lower schedule.owl.lam"
         )
     return targets
@@ -146,7 +149,7 @@ def allocate(
     ratios = outlier_ratios(model, calib, device, owl.m)
     raw = owl_targets(ratios, sparsity, owl.lam)
     _, blocks = find_blocks(model)
-    shapes = [[tuple(l.weight.shape) for l in find_linears(b).values()] for b in blocks]
+    shapes = [[tuple(lin.weight.shape) for lin in find_linears(b).values()] for b in blocks]
     targets = balance(raw, shapes, sparsity, pattern, group) if owl.balance else raw
     total = sum(r * c for block in shapes for r, c in block)
     realized = sum(_pruned(block, t, pattern, group) for block, t in zip(shapes, targets)) / total

@@ -114,7 +114,8 @@ def _task(cfg: DictConfig) -> float | None:
     extra = [WANDB_LINES[str(out)]] if str(out) in WANDB_LINES else []
     if OUTCOMES.get(str(out)) == "skipped":
         print(
-            f"sparsebench: {out} already holds this run's complete result (resume=false runs it again)"
+            f"sparsebench: {out} already holds this run's complete result (resume=false runs it "
+            "again)"
         )
     if multirun:  # one line a job; the sweep's summary and the report say the rest
         m = results.get("metrics") or {}
@@ -144,7 +145,8 @@ def help_text() -> str:
     }
     width = max(map(len, groups)) + 1
     lines = [
-        "sparsebench: prune a causal LM with one method at one sparsity, evaluate it, record results.json.",
+        "sparsebench: prune a causal LM with one method at one sparsity, evaluate it, record "
+        "results.json.",
         "",
         "usage: sparsebench [-m] [GROUP=OPTION ...] [KEY=VALUE ...]",
         "",
@@ -159,16 +161,20 @@ def help_text() -> str:
         "  model.seqlen=...  data.nsamples=...  data.root=...  eval.max_windows=...",
         "  save.enabled=true save.dir=<new or empty folder>   export the pruned model",
         "  resume=true             skip a folder holding this run's complete result",
-        "  dry_run=true world_size=4   print the memory plan and exit (model.source=random: no download)",
+        "  dry_run=true world_size=4   print the memory plan and exit (model.source=random: no "
+        "download)",
         "  hydra.run.dir=...  hydra.sweep.dir=...   where results go",
         "",
         "Examples:",
-        "  sparsebench                                            # SmolLM2-135M, Wanda, 50%, offline",
+        "  sparsebench                                            # SmolLM2-135M, Wanda, 50%, "
+        "offline",
         "  sparsebench method=sparsegpt sparsity=0.7",
         "  sparsebench method=wanda pattern=2:4 model=gemma3-270m",
-        "  sparsebench -m method=magnitude,wanda,sparsegpt sparsity=0.5,0.7 hydra.sweep.dir=sweeps/s",
+        "  sparsebench -m method=magnitude,wanda,sparsegpt sparsity=0.5,0.7 "
+        "hydra.sweep.dir=sweeps/s",
         "  sparsebench method=sparsegpt sparsity=0.9 recover=finetune_cpu   # elsa_cpu's control",
-        "  sparsebench model=llama2-7b model.source=random method=elsa dry_run=true world_size=4 device=cuda",
+        "  sparsebench model=llama2-7b model.source=random method=elsa dry_run=true world_size=4 "
+        "device=cuda",
         "  sparsebench-report sweeps/s --by-tokens                # table + plots of a sweep",
         "  sparsebench --cfg job method=sparsegpt                 # print the composed config",
         "",
@@ -177,7 +183,7 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the command line, checked once
+# ----------------------------------------------------------- the command line, checked once
 
 
 def _node_keys(cfg, dotted: str) -> list[str]:
@@ -206,7 +212,10 @@ def _explain(err: Exception, job: list[str], compose) -> str:
         except Exception:
             valid = []
         where = f"{parent}" if parent else "the config"
-        return f"unknown key '{key}'{did_you_mean(leaf, valid)}; valid keys of {where}: {', '.join(valid) or '(none)'}"
+        valid_keys = ", ".join(valid) or "(none)"
+        return (
+            f"unknown key '{key}'{did_you_mean(leaf, valid)}; valid keys of {where}: {valid_keys}"
+        )
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
     return f"{first} (see sparsebench --help)"
 
@@ -219,7 +228,8 @@ def _check_output_root(folder: str) -> None:
         path = path.parent
     if not path.is_dir():
         _fail(
-            f"output folder {folder}: {path} is a file; set hydra.run.dir (hydra.sweep.dir) to a folder"
+            f"output folder {folder}: {path} is a file; set hydra.run.dir (hydra.sweep.dir) to a "
+            "folder"
         )
     try:
         probe = path / f".sparsebench-probe-{os.getpid()}"
@@ -306,11 +316,13 @@ def check_habits(argv: list[str]) -> None:
             key = flag.lstrip("-").replace("-", "_")
             value = arg.split("=", 1)[1] if "=" in arg else (nxt or "...")
             _fail(
-                f"unknown option {flag}: sparsebench takes key=value, e.g. {key}={value} (see sparsebench --help)"
+                f"unknown option {flag}: sparsebench takes key=value, e.g. {key}={value} (see "
+                "sparsebench --help)"
             )
         if "=" not in arg and not arg.startswith("~"):
             _fail(
-                f"'{arg}' has no value: sparsebench takes key=value, e.g. {arg}={nxt or '...'} (see sparsebench --help)"
+                f"'{arg}' has no value: sparsebench takes key=value, e.g. {arg}={nxt or '...'} "
+                "(see sparsebench --help)"
             )
 
 
@@ -327,7 +339,8 @@ def check_appended_keys(overrides: list[str], base) -> None:
         if top == "hydra" or top in top_keys:
             continue
         _fail(
-            f"unknown key '{key}'{did_you_mean(top, top_keys)}: sparsebench reads no such key; valid top-level "
+            f"unknown key '{key}'{did_you_mean(top, top_keys)}: sparsebench reads no such key; "
+            "valid top-level "
             f"keys: {', '.join(top_keys)}"
         )
 

@@ -244,7 +244,8 @@ def eval_stream(spec: DataSpec, name: str, tok, seqlen: int) -> torch.Tensor:
         ids = tok(" ".join(c4_documents(spec, "validation")), return_tensors="pt").input_ids
         return ids[:, : C4_EVAL_WINDOWS * seqlen]
 
-    key = f"eval|{name}|{_source_key(spec, eval_file(name))}|{tokenizer_id(tok)}|{seqlen if name == 'c4' else ''}"
+    source = _source_key(spec, eval_file(name))
+    key = f"eval|{name}|{source}|{tokenizer_id(tok)}|{seqlen if name == 'c4' else ''}"
     return _cached(key, build) if spec.cache else build()
 
 
@@ -274,7 +275,8 @@ class WindowSampler:
                 break
         else:
             raise SparsebenchError(
-                f"no calibration document is longer than seqlen={self.seqlen} tokens; lower model.seqlen"
+                f"no calibration document is longer than seqlen={self.seqlen} tokens; lower "
+                "model.seqlen"
             )
         start = self.rng.randint(0, ids.shape[0] - self.seqlen - 1)
         return ids[start : start + self.seqlen]
@@ -335,8 +337,8 @@ def calibration(spec: DataSpec, tok, seqlen: int, vocab_size: int | None = None)
         return sample_windows(calibration_documents(spec), tok, spec.nsamples, seqlen, spec.seed)
 
     key = (
-        f"calib|{spec.calib_set}|{_source_key(spec, calibration_file(spec))}|{spec.calib_docs}|{tokenizer_id(tok)}|"
-        f"{seqlen}|{spec.nsamples}|{spec.seed}"
+        f"calib|{spec.calib_set}|{_source_key(spec, calibration_file(spec))}|{spec.calib_docs}|"
+        f"{tokenizer_id(tok)}|{seqlen}|{spec.nsamples}|{spec.seed}"
     )
     return _cached(key, build) if spec.cache else build()
 

@@ -64,7 +64,8 @@ def init_distributed(specs: Specs, launch: Launch) -> int:
     ):  # fsdp: a sharded recovery after it
         raise SparsebenchError(
             f"method '{specs.pruner.name}' runs in one process; launch it without torchrun "
-            f"(multi-process methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).distributed)})"
+            "(multi-process methods: "
+            f"{', '.join(n for n in METHODS.names() if METHODS.get(n).distributed)})"
         )
     if not dist.is_initialized():
         dist.init_process_group(backend(specs.device, specs.offload))
@@ -147,7 +148,8 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
             what = f"engine={engine}" if engine in ("ddp", "fsdp") else "offload=true"
             raise SparsebenchError(
                 f"{what} is for whole-model training (elsa, elsa_l; offload=true also for "
-                f"recover=finetune); method '{name}' runs in one process (valid for it: engine=auto "
+                f"recover=finetune); method '{name}' runs in one process (valid for it: "
+                "engine=auto "
                 f"or single, offload=false)"
             )
         return "single"
@@ -167,7 +169,8 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
         return "single"
     if engine == "single":
         raise SparsebenchError(
-            f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, fsdp"
+            f"engine=single but {world} processes were launched; valid with torchrun: auto, ddp, "
+            "fsdp"
         )
     if engine == "auto":
         ddp = (
@@ -185,7 +188,8 @@ def dry_run(specs: Specs) -> dict[str, Any]:
     plan, shapes, _ = memory_plan(specs, specs.world_size)
     if specs.world_size > 1 and plan.knobs.kind != "train":
         print(
-            f"{specs.pruner.name} runs in one process: planned for 1 rank (world_size={specs.world_size} ignored)"
+            f"{specs.pruner.name} runs in one process: planned for 1 rank "
+            f"(world_size={specs.world_size} ignored)"
         )
     print(plan.table())
     ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
@@ -195,7 +199,8 @@ def dry_run(specs: Specs) -> dict[str, Any]:
 
 def slurm_ranks() -> None:
     """Under SLURM with several tasks (hydra/launcher=slurm, tasks_per_node > 1) and no torchrun:
-    set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's variables (submitit's helper)."""
+    set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's variables (submitit's
+    helper)."""
     if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
     try:

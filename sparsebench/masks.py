@@ -66,7 +66,7 @@ def verify(
 
 
 def summarize(per_tensor: dict[str, float], linears: dict[str, nn.Linear]) -> dict[str, float]:
-    total = sum(l.weight.numel() for l in linears.values())
+    total = sum(lin.weight.numel() for lin in linears.values())
     pruned = sum(per_tensor[n] * linears[n].weight.numel() for n in linears)
     return {
         "actual_sparsity": pruned / total if total else 0.0,

@@ -269,7 +269,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                     best = (name, module)
     if best is None:
         raise SparsebenchError(
-            f"cannot find decoder blocks (a ModuleList of blocks with nn.Linear) in {type(model).__name__}"
+            "cannot find decoder blocks (a ModuleList of blocks with nn.Linear) in "
+            f"{type(model).__name__}"
         )
     return best
 
@@ -295,8 +296,10 @@ def check_block_coverage(model: nn.Module) -> None:
     if left:
         more = f" and {len(left) - 1} more" if len(left) > 1 else ""
         raise SparsebenchError(
-            f"{left[0]}{more} are block weights that are neither pruned nor declared kept: sparsebench prunes "
-            f"nn.Linear weights only, and does not yet prune mixture-of-experts experts, routers or non-Linear "
+            f"{left[0]}{more} are block weights that are neither pruned nor declared kept: "
+            "sparsebench prunes "
+            "nn.Linear weights only, and does not yet prune mixture-of-experts experts, routers "
+            "or non-Linear "
             f"projections of {type(model).__name__}; refusing rather than leaving them dense"
         )
 

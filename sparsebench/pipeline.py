@@ -47,7 +47,8 @@ def allocate_blocks(
     pruner: Pruner,
     device: torch.device,
 ) -> Allocation | None:
-    """Per-block targets of a non-uniform schedule (schedule=owl) from the dense model; None: uniform."""
+    """Per-block targets of a non-uniform schedule (schedule=owl) from the dense model; None:
+    uniform."""
     if not schedule.needs_calibration:
         return None
     return allocate(schedule, model, calib, sparsity, pattern, pruner.group, device)

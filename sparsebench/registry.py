@@ -152,7 +152,8 @@ def build_dataclass(cls: type[T], kwargs: dict[str, Any], what: str) -> T:
     for key, value in kwargs.items():
         if key not in fields:
             raise SparsebenchError(
-                f"{what} has no option '{key}'{did_you_mean(key, allowed)}; valid: {', '.join(allowed) or '(none)'}"
+                f"{what} has no option '{key}'{did_you_mean(key, allowed)}; valid: "
+                f"{', '.join(allowed) or '(none)'}"
             )
         check = dict(fields[key].metadata.get("check", {}))
         values[key] = check_value(value, hints.get(key, Any), f"{what} option '{key}'", **check)

@@ -103,7 +103,8 @@ def resolve_device(name: str, planning: bool = False) -> torch.device:
         and device.index >= torch.cuda.device_count()
     ):
         raise SparsebenchError(
-            f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; valid here: {valid}"
+            f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; valid here: "
+            f"{valid}"
         )
     return device
 
@@ -157,19 +158,22 @@ def build_specs(cfg: DictConfig) -> Specs:
     # Options that change nothing for this run: say so once, never silently ignore them.
     if ramp.kind != "constant" and not pruner.iterative:
         log.warning(
-            "schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target at once",
+            "schedule.ramp (%s) does nothing for the one-shot method '%s'; it prunes to the target "
+            "at once",
             ramp.kind,
             pruner.name,
         )
     if specs.schedule.allocation != "uniform":
         if pruner.name == "dense":
             raise SparsebenchError(
-                f"schedule={specs.schedule.allocation} allocates sparsity over blocks, but method=dense "
+                f"schedule={specs.schedule.allocation} allocates sparsity over blocks, but "
+                "method=dense "
                 f"prunes nothing; use schedule=uniform"
             )
         if pattern.is_nm:
             raise SparsebenchError(
-                f"schedule={specs.schedule.allocation} gives blocks different sparsities, but pattern "
+                f"schedule={specs.schedule.allocation} gives blocks different sparsities, but "
+                "pattern "
                 f"{pattern} fixes every block at 0.5; use pattern=unstructured or schedule=uniform"
             )
     if owl is not None and specs.schedule.allocation != "owl":
@@ -179,13 +183,15 @@ def build_specs(cfg: DictConfig) -> Specs:
         )
     if specs.checkpoint_every and not pruner.distributed:
         log.warning(
-            "checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) checkpoints",
+            "checkpoint_every=%d does nothing for '%s': only whole-model training (Elsa, Elsa-L) "
+            "checkpoints",
             specs.checkpoint_every,
             pruner.name,
         )
     if specs.calib_batch > 1 and not isinstance(pruner, LayerwisePruner):
         log.warning(
-            "calib_batch=%d does nothing for '%s': only the layer-by-layer one-shot methods batch windows",
+            "calib_batch=%d does nothing for '%s': only the layer-by-layer one-shot methods batch "
+            "windows",
             specs.calib_batch,
             pruner.name,
         )

@@ -1,7 +1,5 @@
 """The ADMM engine: a toy problem with a known sparse optimum, the update rules, FP8 state."""
 
-import math
-
 import pytest
 import torch
 from torch import nn

@@ -10,11 +10,11 @@ from sparsebench.models import find_blocks, find_linears, load_model, prunable_l
 from sparsebench.pruners.alps import ALPS, masked_cg
 from sparsebench.pruners.ladmm import LADMM
 from sparsebench.pruners.layerwise import RunningMean, scaled_gram
-from sparsebench.pruners.wanda import Wanda
 from sparsebench.records import report
 from sparsebench.records.export import load_saved
-from sparsebench.run import build_specs, run
+from sparsebench.run import run
 from sparsebench.sparsity import Pattern, expected_pruned
+from sparsebench.specs import build_specs
 
 from .conftest import compose, tiny_spec
 
@@ -55,9 +55,10 @@ def test_balance_makes_the_total_exact(group):
     shapes = [[(96, 64), (64, 64), (160, 64), (64, 160)]] * 6
     raw = owl_targets([1.0, 3.0, 2.0, 7.0, 4.0, 2.5], 0.7, 0.08)
     total = sum(r * c for b in shapes for r, c in b)
-    count = lambda ts: sum(
-        expected_pruned(s, t, Pattern(), group) for b, t in zip(shapes, ts) for s in b
-    )  # noqa: E731
+
+    def count(ts):
+        return sum(expected_pruned(s, t, Pattern(), group) for b, t in zip(shapes, ts) for s in b)
+
     tuned = balance(raw, shapes, 0.7, Pattern(), group)
     assert abs(count(tuned) - 0.7 * total) <= 160  # the last block's smallest step: one row of 160
     assert abs(count(tuned) - 0.7 * total) < abs(count(raw) - 0.7 * total)
@@ -84,7 +85,8 @@ def test_owl_runs_and_the_verifier_checks_each_block_target(tmp_path, method):
             name
         )  # per-row rounding of its block's target
     # the released targets (balance=false): each row or group rounds its count to whole weights, at
-    # most one weight in a 64-wide row away (SparseGPT's official count may prune one more per block)
+    # most one weight in a 64-wide row away (SparseGPT's official count may prune one more per
+    # block)
     assert abs(0.6 - res["sparsity"]["actual_sparsity"]) < 1 / 64
     assert res["sparsity"]["actual_sparsity"] == pytest.approx(alloc["expected_sparsity"], abs=2e-4)
     # the export remembers the per-block targets: its masks verify again on reload
@@ -199,8 +201,8 @@ def test_alps_and_ladmm_run_from_the_cli_in_a_sweep_and_appear_in_the_report(tmp
     assert res["status"] == "complete"
     assert res["sparsity"]["actual_sparsity"] == pytest.approx(
         sum(
-            int(l.weight.numel() * 0.7)
-            for l in prunable_linears(load_model(tiny_spec("llama"), 0)[0]).values()
+            int(lin.weight.numel() * 0.7)
+            for lin in prunable_linears(load_model(tiny_spec("llama"), 0)[0]).values()
         )
         / res["sparsity"]["prunable_params"]
     )

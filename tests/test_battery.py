@@ -136,7 +136,8 @@ CASES = [
         "unknown-method-key",
         lambda t: (
             TINY + ["method=sparsegpt", "method.blocksz=64"],
-            r"unknown key 'method.blocksz' \(did you mean 'blocksize'\?\); valid keys of method: blocksize",
+            r"unknown key 'method.blocksz' \(did you mean 'blocksize'\?\); valid keys of method: "
+            r"blocksize",
         ),
     ),
     (
@@ -310,7 +311,10 @@ def _setup(case, tmp: Path, export_folder: Path):
         shutil.copytree(export_folder, folder)
         if what == "no-masks":
             (folder / "sparsebench_masks.safetensors").unlink()
-            expected = r"is a sparsebench export without sparsebench_masks.safetensors; its masks cannot be verified"
+            expected = (
+                r"is a sparsebench export without sparsebench_masks.safetensors; "
+                r"its masks cannot be verified"
+            )
         elif what == "masks-truncated":
             _truncate(folder / "sparsebench_masks.safetensors", 50)
             expected = r"sparsebench_masks.safetensors is unreadable"

@@ -7,9 +7,10 @@ import sys
 import pytest
 
 from sparsebench.errors import SparsebenchError
-from sparsebench.run import build_specs, run
+from sparsebench.run import run
+from sparsebench.specs import build_specs
 
-from .conftest import REPO, compose
+from .conftest import compose
 
 TINY = ["model=tiny-llama", "logger=disabled"]
 
@@ -62,7 +63,8 @@ def test_pruning_hurts_in_order(tmp_path):
         (["pattern=2:4", "sparsity=0.7"], "fixes sparsity at 0.5"),
         (
             ["method.name=wandaa"],
-            "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, dense, elsa, elsa_l, ladmm, magnitude",
+            "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, dense, elsa, "
+            "elsa_l, ladmm, magnitude",
         ),
         (
             ["+method.blocksz=64", "method=sparsegpt"],
@@ -273,7 +275,7 @@ def test_eval_full_prints_the_zero_shot_table(tmp_path):
     for task, v in rec["zeroshot"]["tasks"].items():
         assert f"| {task}" in proc.stdout and f"{v['headline']:.4f}" in proc.stdout
     assert (
-        f"| mean" in proc.stdout and "lm_eval" not in proc.stdout + proc.stderr
+        "| mean" in proc.stdout and "lm_eval" not in proc.stdout + proc.stderr
     )  # its warnings: run.log
     assert "lm_eval" in (tmp_path / "run" / "run.log").read_text()
 

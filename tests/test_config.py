@@ -3,7 +3,7 @@
 import pytest
 
 from sparsebench.registry import METHODS
-from sparsebench.run import build_specs
+from sparsebench.specs import build_specs
 
 from .conftest import CONF, compose
 

@@ -9,11 +9,12 @@ import torch.multiprocessing as mp
 
 from sparsebench.data import DataSpec
 from sparsebench.errors import SparsebenchError
-from sparsebench.models import load_model, prunable_linears
+from sparsebench.models import load_model
 from sparsebench.pruners import PruneContext
 from sparsebench.pruners.elsa import Elsa
-from sparsebench.run import build_specs, run
+from sparsebench.run import run
 from sparsebench.sparsity import Pattern, Schedule
+from sparsebench.specs import build_specs
 
 from .conftest import compose, tiny_spec
 from .numerics import U32, assert_identical

@@ -15,11 +15,12 @@ import torch.multiprocessing as mp
 from sparsebench.data import DataSpec
 from sparsebench.engine.training import Trainer
 from sparsebench.errors import SparsebenchError
+from sparsebench.launch import memory_plan, resolve_engine
 from sparsebench.models import load_model
 from sparsebench.pruners import PruneContext
 from sparsebench.pruners.elsa import Elsa, ElsaL
-from sparsebench.run import build_specs, memory_plan, resolve_engine
 from sparsebench.sparsity import Pattern, Schedule
+from sparsebench.specs import build_specs
 
 from .conftest import REPO, compose, tiny_spec
 from .numerics import U32, assert_identical, close_within, norm_rel_bound

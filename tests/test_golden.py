@@ -7,7 +7,8 @@ capability, BLAS dispatch, threads): a refactor that moves code changes no float
 operation. Elsewhere a reduction may add in another order (docs/notes/2026-12-02-kernel-
 environment.md), so a calibration statistic may differ in its last bit and flip a tied mask
 entry; what no kernel changes is still exact there: a method's pruned count where it is the
-promised count per matrix (not SparseGPT's ties, not OWL's measured targets), and magnitude's masks, weights and the dense-side inputs they depend
+promised count per matrix (not SparseGPT's ties, not OWL's measured targets), and magnitude's
+masks, weights and the dense-side inputs they depend
 on (seeded weights, a sort of stored values).
 """
 

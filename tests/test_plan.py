@@ -8,9 +8,11 @@ import pytest
 
 from sparsebench import cli
 from sparsebench.errors import SparsebenchError
+from sparsebench.launch import memory_plan
 from sparsebench.models import load_model, meta_model, prunable_linears
 from sparsebench.plan import alternatives, shapes_of
-from sparsebench.run import build_specs, memory_plan, run
+from sparsebench.run import run
+from sparsebench.specs import build_specs
 
 from .conftest import compose, tiny_spec
 
@@ -205,7 +207,7 @@ def test_one_shot_plans_one_process(capsys):
             ]
         )
     )
-    from sparsebench.run import dry_run
+    from sparsebench.launch import dry_run
 
     res = dry_run(specs)
     assert res["plan"]["engine"] == "single" and res["plan"]["world_size"] == 1
@@ -213,7 +215,7 @@ def test_one_shot_plans_one_process(capsys):
 
 
 def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, monkeypatch):
-    import sparsebench.run as runmod
+    import sparsebench.record as runmod
 
     monkeypatch.setattr(
         runmod, "load_model", lambda *a, **k: pytest.fail("loaded a model that does not fit")

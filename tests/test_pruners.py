@@ -56,7 +56,7 @@ def test_wanda_norms_average_over_calls():
 
 def test_magnitude_on_model(tiny_model):
     model, _ = tiny_model
-    before = {n: l.weight.detach().clone() for n, l in prunable_linears(model).items()}
+    before = {n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()}
     masks = Magnitude().prune(PruneContext(model, 0.6, Pattern(), Schedule(), torch.device("cpu")))
     for name, lin in prunable_linears(model).items():
         keep, w0 = masks[name], before[name]
@@ -144,7 +144,8 @@ def test_sparsegpt_group_sweep_equals_one_sweep_per_linear(pattern, s):
 
 
 def test_sparsegpt_orthogonal_inputs_is_magnitude():
-    # H = 2 I: no cross-column correction, every d equal -> per-block magnitude, kept weights untouched.
+    # H = 2 I: no cross-column correction, every d equal -> per-block magnitude, kept weights
+    # untouched.
     w = torch.randn(4, 16)
     got, keep = _prune_one(SparseGPT(blocksize=8, percdamp=0.0 + 1e-9), w, torch.eye(16), 0.5)
     for c in (0, 8):

@@ -11,7 +11,8 @@ from sparsebench.errors import SparsebenchError
 from sparsebench.models import load_model, prunable_linears
 from sparsebench.records import report, rows
 from sparsebench.records.export import load_saved
-from sparsebench.run import build_specs, run
+from sparsebench.run import run
+from sparsebench.specs import build_specs
 
 from .conftest import compose, tiny_spec
 
@@ -20,7 +21,7 @@ TINY = ["model=tiny-llama", "logger=disabled"]
 
 def _run_and_model(tmp_path, overrides, monkeypatch):
     """Run the pipeline and keep the final model object for inspection."""
-    import sparsebench.run as runmod
+    import sparsebench.record as runmod
 
     seen = {}
     real = runmod.load_model
@@ -86,7 +87,8 @@ def test_masklora_merges_into_a_weight_that_keeps_the_mask(tmp_path, monkeypatch
         assert type(lin) is torch.nn.Linear
         assert (lin.weight[~masks[name]] == 0).all(), name
     rep = res["recover_report"]
-    # rank 16 x (in + out) per linear: q 64+64, k and v 64+32, o 64+64, gate and up 64+128, down 128+64
+    # rank 16 x (in + out) per linear: q 64+64, k and v 64+32, o 64+64, gate and up 64+128, down
+    # 128+64
     assert rep["variant"] == "masklora" and rep["adapter_params"] == 2 * 16 * (
         128 + 96 + 96 + 128 + 3 * 192
     )

@@ -21,7 +21,8 @@ from sparsebench import cli
 from sparsebench.data import DataSpec, eval_stream, resolve_root
 from sparsebench.errors import SparsebenchError
 from sparsebench.records import report
-from sparsebench.run import build_specs, run
+from sparsebench.run import run
+from sparsebench.specs import build_specs
 
 from .conftest import REPO, compose
 
@@ -78,7 +79,7 @@ def test_resume_only_on_an_equal_fingerprint(tmp_path, monkeypatch):
     assert (out / "results.json").read_bytes() == before
 
     # the same run is skipped, whatever the logger or a version says
-    import sparsebench.run as runmod
+    import sparsebench.record as runmod
 
     rec = json.loads(before)
     rec["versions"]["torch"] = "0.0.1"  # a package upgrade alone re-runs nothing
@@ -138,7 +139,7 @@ def test_refused_validation_writes_nothing_and_never_touches_a_complete_result(t
     assert (out / "results.json").read_bytes() == done
 
 
-# ----------------------------------------------------------------------------- baselines and the report
+# ----------------------------------------------------------------- baselines and the report
 
 
 def test_dense_baseline_per_protocol(tmp_path, capsys):
@@ -289,7 +290,7 @@ def test_noop_options_warn_once(caplog):
 
 
 def test_save_dir_never_deletes_what_is_not_ours(tmp_path, monkeypatch):
-    import sparsebench.run as runmod
+    import sparsebench.record as runmod
 
     mine = tmp_path / "mine"
     mine.mkdir()

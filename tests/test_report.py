@@ -42,15 +42,16 @@ def test_report_table_and_plot(tmp_path, capsys):
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + 5
     assert lines[0] == (
-        "| model | method | sparsity | actual | pattern | WikiText-2 | C4 | % dense (Wiki) | % dense (C4) "
+        "| model | method | sparsity | actual | pattern | WikiText-2 | C4 | % dense (Wiki) | % "
+        "dense (C4) "
         "| prune s | peak GiB | status |"
     )  # one-shot rows only: no training columns
     assert lines[2].startswith(
         "| m | dense | 0.00 | 0.5000 | unstructured | 10.00 | 20.00 | 100.0 | 100.0 |"
     )
     assert (
-        "| m | wanda | 0.70 | 0.7000 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | complete |"
-        in md
+        "| m | wanda | 0.70 | 0.7000 | unstructured | 50.00 | 80.00 | 20.0 | 25.0 | 1.5 | 2.00 | "
+        "complete |" in md
     )
     assert (
         "| sparsegpt | 0.70 | 0.7000 | unstructured | — | — | — | — | 1.5 | 2.00 | failed |" in md
@@ -74,7 +75,7 @@ def test_report_empty_folder(tmp_path):
 def test_resume_skips_complete_runs(tmp_path, monkeypatch):
     cfg = compose(["model=tiny-llama", "logger=disabled", "method=magnitude"])
     first = run(cfg, tmp_path)
-    import sparsebench.run as runmod
+    import sparsebench.record as runmod
 
     monkeypatch.setattr(runmod, "load_model", lambda *a, **k: pytest.fail("re-ran a complete job"))
     assert run(cfg, tmp_path) == first
@@ -87,7 +88,8 @@ def test_resume_skips_complete_runs(tmp_path, monkeypatch):
 
 
 def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
-    """A 3 x 3 sweep from one command; killed midway, the same command finishes only what is missing."""
+    """A 3 x 3 sweep from one command; killed midway, the same command finishes only what is
+    missing."""
     import subprocess
     import sys
     import time

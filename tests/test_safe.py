@@ -11,8 +11,9 @@ from sparsebench.engine.training import ADMMHook, Trainer
 from sparsebench.models import load_model, prunable_linears
 from sparsebench.pruners import PruneContext
 from sparsebench.pruners.safe import Safe, SafePlus
-from sparsebench.run import build_specs, run
+from sparsebench.run import run
 from sparsebench.sparsity import Pattern, Schedule, parse_pattern
+from sparsebench.specs import build_specs
 
 from .conftest import compose, tiny_spec
 
@@ -263,6 +264,7 @@ def test_safe_published_defaults_and_bad_options():
         build_specs(compose(["method=safe", "method.rho=-1"]))
     with pytest.raises(
         SparsebenchError,
-        match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: alps, ladmm, sparsegpt, wanda",
+        match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: alps, ladmm, "
+        "sparsegpt, wanda",
     ):
         build_specs(compose(["method=safe", "method.warm_start=magnitude"]))

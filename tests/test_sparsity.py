@@ -140,7 +140,8 @@ def test_cubic_ramp():
 
 
 def test_project_accepts_a_non_contiguous_score():
-    # a transposed view (weights set as `.data = x.T`, as some released code does) projects as its copy
+    # a transposed view (weights set as `.data = x.T`, as some released code does) projects as its
+    # copy
     import torch
 
     from sparsebench.sparsity import Pattern, project

@@ -1,4 +1,5 @@
-"""Offline zero-shot tasks: parsed from hand-made files, prompted and scored like the stock tasks."""
+"""Offline zero-shot tasks: parsed from hand-made files, prompted and scored like the stock
+tasks."""
 
 import json
 

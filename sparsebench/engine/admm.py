@@ -53,7 +53,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @dataclass(frozen=True)
 class LambdaSchedule:
-    """lam over the run: constant `end`, or from `start` to `end` (linear / cosine / exponential)."""
+    """lam over the run: constant `end`, or from `start` to `end` (linear / cosine /
+    exponential)."""
 
     kind: str = "constant"
     start: float = 0.0

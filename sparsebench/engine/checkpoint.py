@@ -104,7 +104,8 @@ class TrainingCheckpoint:
 
     @staticmethod
     def _int_steps(params, optimizer) -> dict[str, int]:
-        """Step counters kept as Python ints (8-bit Adam); torch's Adam keeps a tensor (saved above)."""
+        """Step counters kept as Python ints (8-bit Adam); torch's Adam keeps a tensor (saved
+        above)."""
         steps = {}
         for i, p in enumerate(params.values()):
             step = optimizer.state.get(p, {}).get("step")

@@ -56,7 +56,8 @@ class Stop(Exception):
 
 
 def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Tensors inside nested args/kwargs to `device`; floating ones also to `float_dtype` if given."""
+    """Tensors inside nested args/kwargs to `device`; floating ones also to `float_dtype` if
+    given."""
     if isinstance(obj, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else obj.dtype
         return obj.to(device, dtype)
@@ -399,8 +400,10 @@ def collect_statistics(
                         add_batch(stats[name], x[k : k + 1])
                 else:
                     raise SparsebenchError(
-                        f"calib_batch={batch}: linear '{name}' of {who}'s block reads an input of shape "
-                        f"{tuple(x.shape)}, not one row per window (a mixture of experts routes tokens), so its "
+                        f"calib_batch={batch}: linear '{name}' of {who}'s block reads an input of "
+                        "shape "
+                        f"{tuple(x.shape)}, not one row per window (a mixture of experts routes "
+                        "tokens), so its "
                         f"statistics cannot be added window by window; use calib_batch=1"
                     )
             calls.append(name)

@@ -58,7 +58,8 @@ def float_master(model: torch.nn.Module, who: str) -> torch.dtype:
 
 
 def embedding_weights(model: torch.nn.Module) -> set[int]:
-    """ids of the input embedding and lm_head weights (one when tied): what freeze_embeddings keeps."""
+    """ids of the input embedding and lm_head weights (one when tied): what freeze_embeddings
+    keeps."""
     ids = {id(model.get_input_embeddings().weight)}
     if model.get_output_embeddings() is not None:
         ids.add(id(model.get_output_embeddings().weight))
@@ -106,7 +107,8 @@ class Budget:
     calib_tokens: int = 0
     train_tokens: int = 0
     optimizer_steps: int = 0
-    train_s: float = 0.0  # seconds inside optimizer steps (forward, backward, update): train_tokens / train_s is tokens/s
+    # seconds inside optimizer steps (forward, backward, update): train_tokens / train_s is tokens/s
+    train_s: float = 0.0
 
     def add(self, other: "Budget") -> "Budget":
         return Budget(

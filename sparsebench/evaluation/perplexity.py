@@ -1,4 +1,5 @@
-"""Perplexity over non-overlapping seqlen windows (the protocol of every paper of docs/methods.md)."""
+"""Perplexity over non-overlapping seqlen windows (the protocol of every paper of
+docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def perplexity(
     mean_nll = total / windows
     if not math.isfinite(mean_nll):
         raise SparsebenchError(
-            f"{desc}: the loss is {mean_nll} (NaN/inf); the model output is broken, check dtype and sparsity"
+            f"{desc}: the loss is {mean_nll} (NaN/inf); the model output is broken, check dtype "
+            "and sparsity"
         )
     return math.exp(mean_nll), windows
 

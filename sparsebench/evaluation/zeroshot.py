@@ -200,7 +200,8 @@ class ZeroShotSpec:
                 from ..registry import did_you_mean
 
                 raise SparsebenchError(
-                    f"unknown zero-shot task '{t}'{did_you_mean(t, list(STOCK_TASKS))}; valid: {', '.join(STOCK_TASKS)}"
+                    f"unknown zero-shot task '{t}'{did_you_mean(t, list(STOCK_TASKS))}; valid: "
+                    f"{', '.join(STOCK_TASKS)}"
                 )
         if self.headline not in HEADLINES:
             raise SparsebenchError(
@@ -219,7 +220,8 @@ class ZeroShotSpec:
         if source == "local":
             if "hellaswag" in self.tasks:
                 raise SparsebenchError(
-                    "hellaswag has only 4 offline items; run it with data=hub or drop it from eval.zeroshot.tasks"
+                    "hellaswag has only 4 offline items; run it with data=hub or drop it from "
+                    "eval.zeroshot.tasks"
                 )
             for t in self.tasks:
                 path = Path(data_root) / "zeroshot" / OFFLINE[t]["file"]
@@ -239,7 +241,8 @@ def _number(value) -> float | None:
 def evaluate_zeroshot(
     model, tokenizer, spec: ZeroShotSpec, source: str, data_root: str | None, device, cache: Path
 ) -> dict[str, Any]:
-    """Runs lm-eval; returns {"tasks": {task: {acc, acc_norm?, stderr...}}, "mean_acc", versions}."""
+    """Runs lm-eval; returns {"tasks": {task: {acc, acc_norm?, stderr...}}, "mean_acc",
+    versions}."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

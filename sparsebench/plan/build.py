@@ -77,7 +77,9 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             side = s.max_in * s.max_in
             if (
                 k.stats == "gram_eig"
-            ):  # damped copy, normalised H, eigenvectors and a (H + rho I)^-1 in float64, one float32
+                # damped copy, normalised H, eigenvectors and a (H + rho I)^-1 in float64,
+                # one float32
+            ):
                 plan.add(
                     "prune copies: H, eigendecomposition, inverse", dev, side * (4 + 4 + 8 + 8 + 4)
                 )

@@ -129,7 +129,8 @@ def fit_verdict(
     advice = (
         f"options that fit: {'; '.join(ok)}"
         if ok
-        else "no single option or pair of options fits: combine more of them, or use a larger machine"
+        else "no single option or pair of options fits: combine more of them, or use a larger "
+        "machine"
     )
     if (
         not ok and dev_avail is not None
@@ -139,7 +140,8 @@ def fit_verdict(
         ]
         if dev_ok:
             advice = (
-                f"options that fit the device but not this host's {host_avail:.1f} GiB: {'; '.join(dev_ok[:4])} "
+                f"options that fit the device but not this host's {host_avail:.1f} GiB: "
+                f"{'; '.join(dev_ok[:4])} "
                 f"(plan.host_limit_gib=<GiB> plans for the host you will run on)"
             )
     return False, f"does not fit: the memory plan needs {need}; {advice}"

@@ -151,14 +151,16 @@ class Plan:
         k = self.knobs
         engine = f"{k.engine} + CPU offload" if k.offload else k.engine
         head = (
-            f"memory plan: {self.model}, {k.method}, engine {engine}, {k.world} rank(s), seqlen {k.seqlen}, "
+            f"memory plan: {self.model}, {k.method}, engine {engine}, {k.world} rank(s), seqlen "
+            f"{k.seqlen}, "
             f"micro-batch {k.micro_batch}, device {k.device} (GiB per rank)"
         )
         width = max(len(n) for n, *_ in self.terms) if self.terms else 10
         lines = [head, f"  {'component':<{width}}  where    GiB       held"]
         for name, where, gib, phase in self.terms:
             lines.append(
-                f"  {name:<{width}}  {where if k.device != 'cpu' else 'host':<7} {gib:8.3f}  {phase}"
+                f"  {name:<{width}}  {where if k.device != 'cpu' else 'host':<7} {gib:8.3f}  "
+                f"{phase}"
             )
         peak = (
             "  (always + the largest phase)" if any(ph != "always" for *_, ph in self.terms) else ""
@@ -173,7 +175,8 @@ class Plan:
         if self.eval and k.device != "cpu":
             e = self.eval
             lines.append(
-                f"  evaluation: {e['placement']} ({e['weights_gib']:.1f} GiB of weights, {e['gpus']} GPU(s) "
+                f"  evaluation: {e['placement']} ({e['weights_gib']:.1f} GiB of weights, "
+                f"{e['gpus']} GPU(s) "
                 f"visible, {e['window_gib']:.2f} GiB kept free on each for one batch)"
             )
         return "\n".join(lines)
@@ -239,7 +242,8 @@ def knobs_of(specs, launch) -> Knobs:
                 calib_batch=1,
             )
         return knobs
-    # whole-model training: the engine the run resolved (run.resolve_engine), else DDP on several ranks
+    # whole-model training: the engine the run resolved (run.resolve_engine), else DDP on several
+    # ranks
     engine = (
         launch.engine
         if launch.engine in ("ddp", "fsdp") and world > 1

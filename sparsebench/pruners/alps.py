@@ -4,7 +4,8 @@ Defaults of the released code (mazumder-lab/ALPS, alps.py `ALPS_admm`, called wi
 
 Per distinct input: H = X^T X damped by 0.01 * mean(diag), normalised by its diagonal
 (n_j = sqrt(H_jj) + 1e-8), eigendecomposed once (float64) so (H + rho I)^-1 costs one
-product for any rho. Per linear, in the normalised space (B = W * n, Y = B_dense H; the released code holds B^T):
+product for any rho. Per linear, in the normalised space (B = W * n, Y = B_dense H; the released
+code holds B^T):
   D = Proj(B); V = 0
   repeat (at most 300):  B = (Y - V + rho D) (H + rho I)^-1;  D = Proj(B + V / rho);
                          V += rho (B - D)

@@ -188,7 +188,8 @@ class Elsa(WindowTraining, Pruner):
         engine = ("fsdp" if ctx.engine == "fsdp" else "ddp") if distributed else "single"
         if engine == "fsdp" and ctx.fresh_model is None and rank == 0:
             raise SparsebenchError(
-                f"{self.name}: engine=fsdp needs PruneContext.fresh_model to hand back an unsharded model"
+                f"{self.name}: engine=fsdp needs PruneContext.fresh_model to hand back an "
+                "unsharded model"
             )
         self.micro_share()  # a micro-batch the ranks cannot split is refused before any work
         seqlen = self.seqlen or ctx.seqlen
@@ -211,7 +212,7 @@ class Elsa(WindowTraining, Pruner):
         else:
             opt = torch.optim.Adam(groups, betas=self.betas, eps=self.eps, weight_decay=0.0)
         admm = ADMM(
-            {n: l.weight for n, l in linears.items()},
+            {n: lin.weight for n, lin in linears.items()},
             opt,
             ctx.sparsity,
             ctx.pattern,

@@ -93,7 +93,8 @@ class Safe(Pruner):
             layerwise = [n for n in METHODS.names() if issubclass(METHODS.get(n), LayerwisePruner)]
             if self.warm_start not in layerwise:
                 raise SparsebenchError(
-                    f"{self.name}: warm_start '{self.warm_start}' is not a layer-wise one-shot method; "
+                    f"{self.name}: warm_start '{self.warm_start}' is not a layer-wise one-shot "
+                    "method; "
                     f"valid: {', '.join(layerwise)} (or null)"
                 )
             self._oneshot = METHODS.build(self.warm_start, {})
@@ -121,7 +122,8 @@ class Safe(Pruner):
         return total / targets.numel()
 
     def _targets(self, block, linears, inps, args, kwargs, targets):
-        """Dense outputs on the block's inputs (into `targets`), and ||X_j||_2 of every linear's input."""
+        """Dense outputs on the block's inputs (into `targets`), and ||X_j||_2 of every linear's
+        input."""
         norms = {
             name: RunningMean(torch.zeros(lin.in_features, device=inps.device))
             for name, lin in linears.items()
@@ -248,7 +250,8 @@ class Safe(Pruner):
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         if ctx.calib is None:
             raise SparsebenchError(f"{self.name} needs calibration windows")
-        # blocks, inputs, dense targets, rotary tables and additive masks in float32: the block trains in it
+        # blocks, inputs, dense targets, rotary tables and additive masks in float32: the block
+        # trains in it
         driver = Sequential(
             ctx.model,
             ctx.calib,
@@ -271,7 +274,8 @@ class Safe(Pruner):
             )
             bctx = ctx.for_block(i)  # this block's target (schedule=owl gives blocks their own)
             linears = find_linears(block)
-            # the dense outputs go into the driver's output buffer, which then receives the pruned block's
+            # the dense outputs go into the driver's output buffer, which then receives the pruned
+            # block's
             targets, norms = self._targets(block, linears, inps, args, kwargs, step.outputs)
             z_init = None
             if self._oneshot is not None:  # prune this block in place from the same inputs

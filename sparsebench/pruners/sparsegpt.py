@@ -17,7 +17,8 @@ How many weights a block prunes (`count`):
 - "exact": exactly k per block, so every tensor meets the target exactly.
 The two are the same algorithm, but one weight per block is enough to change later
 columns' updates, the next blocks' inputs and ~1% of the final mask; on SmolLM2-135M
-at 0.5 that moved WikiText-2 perplexity by 1.4% (docs/results.md (history: docs/notes/)). The official
+at 0.5 that moved WikiText-2 perplexity by 1.4% (docs/results.md (history: docs/notes/)). The
+official
 rule is the default so that numbers match the papers' code.
 """
 

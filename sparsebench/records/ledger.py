@@ -268,7 +268,8 @@ def legacy_job_folder(out_dir: Path) -> Path | None:
 
 
 def saved_setting(path: Any, key: str, default: Any = None) -> Any:
-    """${sb_saved:<export folder>,<key>,<default>} (conf/model/local.yaml, conf/protocol/saved.yaml):
+    """${sb_saved:<export folder>,<key>,<default>} (conf/model/local.yaml,
+    conf/protocol/saved.yaml):
     what a sparsebench export recorded of the run that wrote it (dtype, seqlen, evaluation
     protocol), so `model=local model.path=<export> method=dense` evaluates it as that run did;
     any explicit override on the command line replaces the interpolation and wins. A folder

@@ -1,4 +1,5 @@
-"""`sparsebench-report <sweep dir>`: every results.json below it -> Markdown + CSV table + PNG plots.
+"""`sparsebench-report <sweep dir>`: every results.json below it -> Markdown + CSV table + PNG
+plots.
 
 Rows: model x method(+recovery) x sparsity/pattern (dense first). A preset is named by
 its preset (`elsa_cpu`), never as the paper's method, and a recovery stage is appended
@@ -41,9 +42,6 @@ from typing import Any
 
 from .plots import plot, plot_nonzero
 from .rows import (
-    PPL,
-    kernel_signature,
-    label_kernel_environments,
     load_results,
     table,
     zeroshot_tasks,
@@ -130,19 +128,25 @@ def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list
 
 COLUMN_NOTES = {
     "sparsity": "the target sparsity (N:M: 0.50)",
-    "actual": "the measured fraction of zeros over every pruned linear (differs from the target by rounding only)",
-    "WikiText-2": "perplexity, exp(mean window NLL) over the protocol's windows; lower is better; mean ± std (n) over seeds",
+    "actual": "the measured fraction of zeros over every pruned linear (differs from the target by "
+    "rounding only)",
+    "WikiText-2": "perplexity, exp(mean window NLL) over the protocol's windows; lower is better; "
+    "mean ± std (n) over seeds",
     "C4": "perplexity on the C4 eval stream, as WikiText-2",
-    "% dense (Wiki)": "dense perplexity / row perplexity x 100, against the dense run of the row's own protocol: "
+    "% dense (Wiki)": "dense perplexity / row perplexity x 100, against the dense run of the row's "
+    "own protocol: "
     "100 for dense, higher is better",
     "% dense (C4)": "as % dense (Wiki), on C4",
-    "mean acc": "mean of the zero-shot tasks' headline accuracies; % dense (acc): row / dense x 100",
-    "train tokens": "tokens seen by optimizer steps over every stage (block-wise methods: summed over blocks)",
+    "mean acc": "mean of the zero-shot tasks' headline accuracies; % dense (acc): row / dense x "
+    "100",
+    "train tokens": "tokens seen by optimizer steps over every stage (block-wise methods: summed "
+    "over blocks)",
     "steps": "optimizer steps over every stage",
     "prune s": "seconds of calibration, allocation and pruning",
     "wall s": "seconds of the training stages",
     "peak GiB": "peak memory of the run's process (GPU peak on CUDA)",
-    "within spread of": "rows whose mean lies within the two rows' seed spread (same model, protocol, sparsity, "
+    "within spread of": "rows whose mean lies within the two rows' seed spread (same model, "
+    "protocol, sparsity, "
     "pattern and kernel environment)",
 }
 
@@ -171,7 +175,8 @@ def header(rows: list[dict[str, Any]], root: Path | None = None) -> list[str]:
             seen[key] = seen.get(key, 0) + 1
     for (model, name, seqlen, calib, evals), n in sorted(seen.items(), key=str):
         lines.append(
-            f"- {model}, protocol {name or '?'}: seqlen {seqlen}, {calib if calib else 'no'} calibration "
+            f"- {model}, protocol {name or '?'}: seqlen {seqlen}, {calib if calib else 'no'} "
+            "calibration "
             f"windows, {evals if evals else '?'} evaluation windows per dataset ({n} rows)"
         )
     return lines + [""] if seen else lines
@@ -242,8 +247,10 @@ def versions_note(rows: list[dict[str, Any]]) -> str:
     elif envs:
         lines += [
             "",
-            "Kernel environments (rows are labelled [env N]; the last bits of every reduction differ between",
-            "them, and a chaotic row, such as SparseGPT at 0.7 and above, can move by more than its seed spread;",
+            "Kernel environments (rows are labelled [env N]; the last bits of every reduction "
+            "differ between",
+            "them, and a chaotic row, such as SparseGPT at 0.7 and above, can move by more than "
+            "its seed spread;",
             "compare rows within one environment):",
         ]
         lines += [

@@ -80,7 +80,8 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     if sp:
         lines.append(
             f"sparsity: target {sp.get('target')}, actual {sp.get('actual_sparsity', 0):.6f} over "
-            f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} pruned)"
+            f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} "
+            "pruned)"
         )
     times = res.get("timings_s") or {}
     if times:
@@ -109,7 +110,8 @@ def sweep_summary(
     """The end-of-sweep summary: counts, failed jobs, where it all is, the report command."""
     lines = [
         "",
-        f"sparsebench sweep: {len(done)} done, {len(skipped)} skipped (already complete), {len(failed)} failed",
+        f"sparsebench sweep: {len(done)} done, {len(skipped)} skipped (already complete), "
+        f"{len(failed)} failed",
     ]
     for folder, state in sorted(baselines.items()):
         lines.append(f"  dense baseline: {folder} ({state})")

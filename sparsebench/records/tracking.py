@@ -247,7 +247,8 @@ class WandbLogger:
         self.mode = mode
         if mode == "offline":
             self.where = (
-                f"wandb: offline run in {self.run.dir.removesuffix('/files')}; upload it with `wandb sync "
+                f"wandb: offline run in {self.run.dir.removesuffix('/files')}; upload it with "
+                "`wandb sync "
                 f"{self.run.dir.removesuffix('/files')}`"
             )
         else:

@@ -3,7 +3,8 @@ pruned model again with its masks frozen (docs/recovery.md).
 
 Every recovery is one file, registered by name (this package imports each of its modules,
 so a new file is found without a list to edit), configured by `conf/recover/<name>.yaml`,
-declares its memory-plan terms (`plan_terms`) and is composable with every method and pattern: it takes the pruned model and its masks,
+declares its memory-plan terms (`plan_terms`) and is composable with every method and pattern: it
+takes the pruned model and its masks,
 trains, and leaves the masks as they were (the pipeline verifies them again after it).
 
   none         no recovery (default)

@@ -1,0 +1,334 @@
+"""The stages of pipeline.py as the command runs them: each one timed and its result written
+to results.json as it finishes (a run that fails keeps what it had), the model passed from
+stage to stage; and the work of the ranks > 0 under torchrun, which record nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import pipeline
+from .engine.shard import share_pruned
+from .engine.training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
+from .evaluation.perplexity import place_for_eval
+from .launch import (
+    Launch,
+)  # noqa: F401
+from .masks import summarize
+from .models import load_model, prunable_linears
+from .pruners import PruneContext
+from .records.export import save_pruned
+from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
+from .recover import RecoverContext
+from .sparsity import parse_pattern
+from .specs import Specs, build_specs, check_data_files, resolve_device, saved_targets  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(
+    specs: Specs, launch: Launch, workdir: Path | None = None, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """Ranks > 0 under torchrun: load, join the training, write nothing but their checkpoint
+    shards (rank 0 records)."""
+    model, tok = load_model(specs.model, specs.seed)
+    if not specs.pruner.distributed:  # a sharded recovery: rank 0 prunes, every rank fine-tunes
+        masks = share_pruned(model, None, str(fingerprint))
+        pipeline.recover(specs.recover, recover_context(specs, launch, model, masks, tok))
+        return {"metrics": {}}
+    ctx = PruneContext(
+        model,
+        specs.sparsity,
+        specs.pattern,
+        specs.schedule,
+        specs.device,
+        tokenizer=tok,
+        data=specs.data,
+        seqlen=specs.model.seqlen,
+        engine=launch.engine,
+        offload=launch.offload,
+        workdir=workdir,
+        fingerprint=fingerprint,
+        checkpoint_every=specs.checkpoint_every,
+    )
+    pipeline.prune(specs.pruner, ctx)
+    return {"metrics": {}}
+
+
+def recover_context(
+    specs: Specs, launch: Launch, model, masks, tok, log=lambda metrics: None
+) -> RecoverContext:
+    return RecoverContext(
+        model,
+        masks,
+        specs.device,
+        tok,
+        specs.data,
+        specs.model.seqlen,
+        load_dense=lambda: load_model(specs.model, specs.seed)[0],
+        log=log,
+        engine=launch.engine,
+        offload=launch.offload,
+    )
+
+
+@contextmanager
+def timed(results: Results, key: str):
+    sync_cuda()
+    start = time.perf_counter()
+    yield
+    sync_cuda()  # CUDA work is asynchronous: a phase ends when its kernels have finished
+    results.update(timings_s={key: round(time.perf_counter() - start, 3)})
+
+
+def record_stages(
+    specs: Specs,
+    launch: Launch,
+    results: Results,
+    logger: WandbLogger,
+    saved: tuple | None,
+    save_dir: Path | None,
+    fingerprint: str,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """The stages of pipeline.py for the command: each one timed and recorded in results.json."""
+    with timed(results, "load"):
+        model, tok = load_model(
+            specs.model, specs.seed
+        )  # checks seqlen on the config before the weights
+    results.update(
+        model={
+            "class": type(model).__name__,
+            "seqlen": specs.model.seqlen,
+            "params": sum(p.numel() for p in model.parameters()),
+            "random_weights": specs.model.random_weights,
+        }
+    )
+
+    calib = None
+    stage_peak(specs.device)  # the prune stage's peak starts here
+    if specs.needs_calibration:
+        with timed(results, "calibrate"):
+            calib = pipeline.calibrate(specs.data, tok, specs.model.seqlen, model.config.vocab_size)
+        results.update(calibration={"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])})
+    allocation = None
+    if specs.schedule.needs_calibration:  # schedule=owl: per-block targets from the dense model
+        with timed(results, "allocate"):
+            allocation = pipeline.allocate_blocks(
+                specs.schedule,
+                model,
+                calib,
+                specs.sparsity,
+                specs.pattern,
+                specs.pruner,
+                specs.device,
+            )
+        results.update(allocation=allocation.report)
+
+    ctx = PruneContext(
+        model,
+        specs.sparsity,
+        specs.pattern,
+        specs.schedule,
+        specs.device,
+        calib,
+        tokenizer=tok,
+        data=specs.data,
+        seqlen=specs.model.seqlen,
+        log=logger.log,
+        block_targets=allocation.targets if allocation else None,
+        engine=launch.engine,
+        offload=launch.offload,
+        inputs=launch.inputs,
+        calib_batch=launch.calib_batch,
+        fresh_model=lambda: load_model(specs.model, specs.seed)[0],
+        workdir=workdir,
+        fingerprint=fingerprint,
+        checkpoint_every=specs.checkpoint_every,
+    )
+    results.update(
+        engine=launch.engine,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        offload=launch.offload,
+    )
+    with timed(results, "prune"):
+        model, masks = pipeline.prune(specs.pruner, ctx)
+    if specs.pruner.report():
+        results.update(method_report=specs.pruner.report())
+    spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(
+        specs.pruner.budget()
+    )
+    wall = sum(results.data["timings_s"].get(k, 0.0) for k in ("calibrate", "allocate", "prune"))
+    results.update(
+        budget={
+            "prune": {
+                **spent.as_dict(),
+                "wall_s": round(wall, 3),
+                "peak_mem_gib": stage_peak(specs.device),
+            }
+        }
+    )
+
+    dense = specs.pruner.name == "dense"
+    if not dense:  # what each mask must prune, and the masks the recovery keeps
+        linears = prunable_linears(model)
+        frozen, pattern, group = masks, specs.pattern, specs.pruner.group
+        targets = pipeline.targets_of(model, specs.sparsity, allocation, linears)
+    elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
+        frozen, meta = saved
+        pattern, group = parse_pattern(meta["pattern"]), meta["group"]
+        targets = saved_targets(meta, model, prunable_linears(model))
+        results.update(loaded_pruned_model=meta)
+    if not dense or saved is not None:
+        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group)
+    else:
+        per_tensor = {
+            n: float((lin.weight == 0).float().mean()) for n, lin in prunable_linears(model).items()
+        }
+    if specs.recover is not None:  # the masks are frozen: trained around, then verified again
+        if (
+            launch.engine == "fsdp"
+            and not specs.pruner.distributed
+            and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        ):
+            share_pruned(model, frozen, fingerprint)  # the other ranks waited for this pruned model
+        with timed(results, "recover"):
+            model = pipeline.recover(
+                specs.recover, recover_context(specs, launch, model, frozen, tok, logger.log)
+            )
+        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group)
+        results.update(
+            recover_report=specs.recover.report(),
+            budget={
+                "recover": {
+                    **specs.recover.budget().as_dict(),
+                    "wall_s": results.data["timings_s"]["recover"],
+                    "peak_mem_gib": stage_peak(specs.device),
+                }
+            },
+        )
+    summary = summarize(per_tensor, prunable_linears(model))
+    nonzero = (
+        sum(p.numel() for p in model.parameters()) - summary["pruned_params"]
+    )  # Elsa's Figure 3 axis
+    results.update(
+        sparsity={
+            "target": specs.sparsity,
+            "pattern": str(specs.pattern),
+            **summary,
+            "nonzero_params": nonzero,
+        },
+        per_layer_sparsity=per_tensor,
+    )
+    logger.table(
+        "per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()]
+    )
+    sp = results.data["sparsity"]
+    if not dense or saved is not None:
+        log.info(
+            "sparsity: target %s, actual %.6f over %d prunable weights",
+            sp["target"],
+            sp["actual_sparsity"],
+            sp["prunable_params"],
+        )
+
+    if save_dir is not None:
+        with timed(results, "save"):
+            folder = save_pruned(
+                model, tok, masks, save_dir, export_meta(specs, allocation, fingerprint, results)
+            )
+        results.update(saved_model=str(folder))
+
+    if (
+        specs.model.random_weights
+    ):  # a measurement run: the perplexity of random weights is no result
+        log.info("random weights (model.source=random): no quality evaluation")
+        results.update(
+            memory=peak_memory(specs.device),
+            evaluation="skipped: random weights",
+            status="complete",
+        )
+        return results.data
+    placement = results.data["plan"]["eval"]
+    place_for_eval(
+        model, specs.device, placement, specs.plan.margin
+    )  # one GPU, or a device map over several
+    results.update(eval_placement=placement["placement"])
+    for name in specs.eval.datasets:
+        with timed(results, f"eval_{name}"):
+            ((ppl, windows),) = pipeline.evaluate_perplexity(
+                model,
+                tok,
+                specs.data,
+                [name],
+                specs.model.seqlen,
+                specs.device,
+                specs.eval.batch_size,
+                specs.eval.max_windows,
+            ).values()
+        results.update(metrics={name: ppl, f"{name}_windows": windows})
+        logger.log({f"ppl/{name}": ppl})
+        log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
+
+    zs = specs.eval.zeroshot
+    if zs.tasks:
+        from .evaluation.zeroshot import evaluate_zeroshot
+        from .models import cache_root
+
+        with timed(results, "eval_zeroshot"):
+            out = evaluate_zeroshot(
+                model, tok, zs, specs.data.source, specs.data.root, specs.device, cache_root()
+            )
+        results.update(
+            zeroshot=out,
+            metrics={
+                **{t: v["headline"] for t, v in out["tasks"].items()},
+                "mean_acc": out["mean_acc"],
+            },
+        )
+        logger.log(
+            {f"zeroshot/{t}": v["headline"] for t, v in out["tasks"].items()}
+            | {"zeroshot/mean_acc": out["mean_acc"]}
+        )
+        logger.table(
+            "zeroshot",
+            ["task", "acc", "acc_norm", "n"],
+            [[t, v.get("acc"), v.get("acc_norm"), v["n"]] for t, v in out["tasks"].items()],
+        )
+
+    results.update(memory=peak_memory(specs.device), status="complete")
+    return results.data
+
+
+def export_meta(specs: Specs, allocation, fingerprint: str, results: Results) -> dict[str, Any]:
+    """sparsebench.json of an export: what verifies its masks and re-evaluates it as this run
+    did."""
+    return {
+        "method": specs.pruner.name,
+        "sparsity": specs.sparsity,
+        "pattern": str(specs.pattern),
+        "block_targets": allocation.targets if allocation else None,
+        "group": specs.pruner.group,
+        "seed": specs.seed,
+        "model": specs.model.name,
+        "fingerprint": fingerprint,
+        "data": {
+            "source": specs.data.source,
+            "calib_set": specs.data.calib_set,
+            "nsamples": specs.data.nsamples,
+            "seqlen": specs.model.seqlen,
+        },
+        # what `model=local model.path=<export> method=dense` needs to evaluate it as this run did
+        "dtype": specs.model.dtype,
+        "evaluation": {
+            "protocol": results.data["config"].get("protocol"),
+            "nsamples": specs.data.nsamples,
+            "max_windows": specs.eval.max_windows,
+            "batch_size": specs.eval.batch_size,
+            "datasets": list(specs.eval.datasets),
+        },
+    }
