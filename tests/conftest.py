@@ -19,6 +19,15 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _same_threads():
+    # A test that runs a rank's body in this process sets one thread (tests/test_fsdp.py); the
+    # next test must not inherit it: the thread count decides a reduction's order.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _seeded():
     # Every test draws the same random numbers on every run: a failure reproduces, never flakes.
     torch.manual_seed(0)
