@@ -35,6 +35,9 @@ test: ## the test suite (tiny random models; under 10 minutes on 2 cores)
 test-portable: ## the numerical tests under every ATen capability x MKL_CBWR x 1/2 threads this CPU has (~40 min)
 	$(PY) scripts/test_portable.py
 
+test-models: ## every tiny-<family> x every method from the CLI, save and reload, MoE on FSDP2 (docs/models.md)
+	$(PY) -m pytest -q -m models
+
 golden: ## compare every method, recovery, OWL, N:M and FSDP2 run on the tiny model with tests/golden.json
 	$(PY) scripts/golden.py
 
@@ -50,4 +53,4 @@ bench-reference: ## Wanda and SparseGPT side by side with the official per-layer
 clean: ## remove run folders (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install install-slurm run lint format test test-portable golden test-slow bench bench-reference clean
+.PHONY: help install install-slurm run lint format test test-portable test-models golden test-slow bench bench-reference clean

@@ -30,6 +30,11 @@ MODELS = [
     "llama2-13b",
     "gemma2-27b",
     "llama2-70b",
+    "llama3.1-8b",
+    "qwen3-8b",
+    "qwen3-30b-a3b",
+    "mixtral-8x7b",
+    "llama3.1-70b",
 ]
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

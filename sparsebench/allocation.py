@@ -44,7 +44,7 @@ def outlier_ratios(model, calib: torch.Tensor, device: torch.device, m: float) -
     wanda = Wanda()
     ratios = []
     for step in Sequential(model, calib, device, desc="owl outlier ratios"):
-        linears, groups, stats = collect_statistics(
+        linears, groups, stats, _, _ = collect_statistics(
             step.block,
             step.inputs,
             step.args,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .engine.shard import backend
+from .families import map_lines, model_map
 from .errors import SparsebenchError
 from .plan import build_plan, eval_placement, fit_verdict, fits, knobs_of, shapes_of
 from .registry import METHODS
@@ -109,6 +110,7 @@ def memory_plan(specs: Specs, world: int):
             host, specs.plan, specs.device
         ):  # the inputs do not fit the GPU beside the block: keep them on the host
             launch.inputs, plan = "host", host
+    plan.model_map = model_map(meta)
     plan.eval = eval_placement(
         shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
     )
@@ -191,6 +193,7 @@ def dry_run(specs: Specs) -> dict[str, Any]:
             f"{specs.pruner.name} runs in one process: planned for 1 rank "
             f"(world_size={specs.world_size} ignored)"
         )
+    print("\n".join(map_lines(plan.model_map)))
     print(plan.table())
     ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
     print(f"verdict: {verdict}")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import SparsebenchError
+from .families import adapt
 from .registry import option
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def load_model(spec: ModelSpec, seed: int = 0):
             where, dtype=dtype, low_cpu_mem_usage=True, **extra
         )
     model.config.use_cache = False
+    adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes
     return model.eval(), tok
 
 
@@ -249,7 +251,7 @@ def meta_model(spec: ModelSpec):
     config = load_config(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
-    return model
+    return adapt(model)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -279,29 +281,55 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def kept_reason(owner: nn.Module, param_name: str, param: torch.Tensor) -> str | None:
+    """Why a block weight that is not a pruned linear's is kept (families.py's model map), or
+    None: norms, biases (one-dimensional) and mixture-of-experts routers."""
+    kind = type(owner).__name__
+    if "Router" in kind:
+        return "router"
+    if "Norm" in kind:
+        return "norm"
+    if param.dim() < 2:
+        return "bias" if param_name.endswith("bias") else "vector"
+    return None
+
+
 def check_block_coverage(model: nn.Module) -> None:
-    """Every weight of every decoder block is either pruned (an nn.Linear's weight) or kept on
-    purpose (one-dimensional: norms, biases). Anything else (mixture-of-experts expert tensors
-    and routers, fused or transposed projections) is refused before any work, never left
-    dense while the run reports the linears' sparsity as the model's."""
+    """Every weight of every decoder block is either pruned (an nn.Linear's weight, after
+    families.adapt) or kept on purpose (norms, biases, routers). Anything else is refused
+    before any work, never left dense while the run reports the linears' sparsity as the
+    model's."""
     path, blocks = find_blocks(model)
     left = []
     for i, block in enumerate(blocks):
         pruned = {id(lin.weight) for lin in find_linears(block).values()}
         modules = dict(block.named_modules())
         for name, param in block.named_parameters():
-            if id(param) not in pruned and param.dim() >= 2:
-                owner = type(modules.get(name.rpartition(".")[0], block)).__name__
-                left.append(f"{path}.{i}.{name} {tuple(param.shape)} ({owner})")
+            owner = modules.get(name.rpartition(".")[0], block)
+            if id(param) not in pruned and kept_reason(owner, name, param) is None:
+                left.append(f"{path}.{i}.{name} {tuple(param.shape)} ({type(owner).__name__})")
     if left:
         more = f" and {len(left) - 1} more" if len(left) > 1 else ""
         raise SparsebenchError(
             f"{left[0]}{more} are block weights that are neither pruned nor declared kept: "
             "sparsebench prunes "
-            "nn.Linear weights only, and does not yet prune mixture-of-experts experts, routers "
-            "or non-Linear "
-            f"projections of {type(model).__name__}; refusing rather than leaving them dense"
+            "the linears of its model map (docs/models.md) and knows no rule for these weights of "
+            f"{type(model).__name__}; refusing rather than leaving them dense"
         )
+
+
+def is_expert(linear_name: str) -> bool:
+    """A linear of one expert of a mixture of experts (families.LinearExperts: `...experts.3.up_proj`)."""
+    parts = linear_name.split(".")
+    return any(
+        p == "experts" and i + 1 < len(parts) and parts[i + 1].isdigit()
+        for i, p in enumerate(parts)
+    )
+
+
+def expert_of(linear_name: str) -> str:
+    """`mlp.experts.3.up_proj` -> `mlp.experts.3`."""
+    return linear_name.rpartition(".")[0]
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:

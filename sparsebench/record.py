@@ -19,7 +19,7 @@ from .launch import (
     Launch,
 )  # noqa: F401
 from .masks import summarize
-from .models import load_model, prunable_linears
+from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
 from .records.export import save_pruned
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
@@ -215,11 +215,18 @@ def record_stages(
     nonzero = (
         sum(p.numel() for p in model.parameters()) - summary["pruned_params"]
     )  # Elsa's Figure 3 axis
+    _, blocks = find_blocks(model)
+    block_params = sum(p.numel() for b in blocks for p in b.parameters())
     results.update(
         sparsity={
             "target": specs.sparsity,
             "pattern": str(specs.pattern),
             **summary,
+            # the denominator of actual_sparsity, and the total over every weight of the blocks
+            "denominator": "prunable_params: the weights of the pruned linears of the decoder "
+            "blocks (plan.model_map.pruned)",
+            "block_params": block_params,
+            "sparsity_of_block_params": summary["pruned_params"] / block_params,
             "nonzero_params": nonzero,
         },
         per_layer_sparsity=per_tensor,

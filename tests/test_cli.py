@@ -317,18 +317,17 @@ def test_a_saved_model_reloads_to_its_own_perplexity(tmp_path):
     assert again["config"]["model"]["dtype"] == "float32" and again["config"]["protocol"] == "tiny"
 
 
-def test_a_mixture_of_experts_is_refused_before_any_work_not_pruned_silently(tmp_path, capsys):
-    """Mixtral's experts are fused 3-D tensors and its router no nn.Linear: a run that pruned
-    only the attention linears would report their sparsity as the model's. It stops instead."""
+def test_a_block_weight_of_no_known_kind_is_refused_before_any_work(tmp_path, capsys):
+    """A family whose blocks hold weights that are neither linears of the model map nor kept on
+    purpose (Mamba's A_log and depthwise convolutions) stops with one line before anything
+    loads, instead of pruning the linears and reporting their sparsity as the model's."""
     from sparsebench import cli
 
     with pytest.raises(SystemExit) as err:
         cli.main(
             [
                 "model=tiny-llama",
-                "model.arch.model_type=mixtral",
-                "+model.arch.num_local_experts=4",
-                "+model.arch.num_experts_per_tok=2",
+                "model.arch.model_type=mamba",
                 "method=wanda",
                 f"hydra.run.dir={tmp_path / 'run'}",
             ]
@@ -336,7 +335,7 @@ def test_a_mixture_of_experts_is_refused_before_any_work_not_pruned_silently(tmp
     assert err.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(
-        "sparsebench: error: model.layers.0.mlp.gate.weight (4, 64) (MixtralTopKRouter) and 5 more"
+        "sparsebench: error: backbone.layers.0.mixer.A_log (128, 16) (MambaMixer) and 3 more"
     )
     assert "neither pruned nor declared kept" in line
     assert list(tmp_path.iterdir()) == []

@@ -27,6 +27,11 @@ HUB = [
     "gemma2-2b",
     "gemma2-27b",
     "opt-1.3b",
+    "llama3.1-8b",
+    "llama3.1-70b",
+    "qwen3-8b",
+    "qwen3-30b-a3b",
+    "mixtral-8x7b",
 ]
 METHODS = [
     ["method=magnitude"],

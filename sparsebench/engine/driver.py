@@ -372,15 +372,19 @@ def collect_statistics(
 ):
     """One statistics pass of `block` over `inps` (`batch` windows per forward).
 
-    Returns (linears, groups, stats): the block's linears by name, {leader: the linears that
-    read its input, in block order}, and {leader: its statistic}, built by `new_stats(columns,
-    device)` and `add_batch(stat, x)` with x one window's input (1, tokens, columns) at a time."""
+    Returns (linears, groups, stats, tokens, unused): the block's linears by name, {leader: the
+    linears that read its input, in block order}, {leader: its statistic}, built by
+    `new_stats(columns, device)` and `add_batch(stat, x)` with x one window's input (1, tokens,
+    columns) at a time (a mixture of experts' expert: the tokens routed to it, (tokens,
+    columns)), {linear: input rows it saw} and the linears that never ran (an expert no
+    calibration token was routed to): the caller decides what they get."""
     linears = find_linears(block)
     sharing = SharedInputs()
     stats: dict[str, Any] = {}  # one statistic per distinct input
     calls: list[str] = []  # the linears the current forward has run, in order
     skip_tail = False  # stop each forward once every linear's input is recorded (see below)
     windows = 0  # in the current forward
+    tokens: dict[str, int] = {}
     device = next(block.parameters()).device
 
     def record(name):
@@ -388,6 +392,7 @@ def collect_statistics(
             module, args
         ):  # a pre-hook (the input is all we need); returning None keeps the input
             x = args[0].detach()
+            tokens[name] = tokens.get(name, 0) + x.numel() // x.shape[-1]
             if sharing.observe(name, x) == name:
                 if name not in stats:
                     stats[name] = new_stats(linears[name].in_features, device)
@@ -431,13 +436,9 @@ def collect_statistics(
         for h in hooks:
             h.remove()
         sharing.release()
-    unused = sorted(set(linears) - set(sharing.leader))
-    if unused:
-        raise SparsebenchError(
-            f"{who}: linears {unused} never ran in the block's forward, "
-            f"so they have no input statistics to prune with"
-        )
+    unused = [name for name in linears if name not in sharing.leader]
     groups: dict[str, list[str]] = {}  # leader -> the linears reading its input, in block order
     for name in linears:
-        groups.setdefault(sharing.leader[name], []).append(name)
-    return linears, groups, stats
+        if name in sharing.leader:
+            groups.setdefault(sharing.leader[name], []).append(name)
+    return linears, groups, stats, tokens, unused

@@ -37,9 +37,13 @@ class Shapes:
     adam8_embeddings: int = 0
 
 
+# linears that read their parent's input: q/k/v, gate/up, and a fused projection's parts
+SHARED_INPUT = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q", "k", "v", "gate", "up"}
+
+
 def shapes_of(model: nn.Module) -> Shapes:
     from ..engine.adam8bit import state_bytes as adam8_bytes
-    from ..models import find_blocks, find_linears
+    from ..models import find_blocks, find_linears, is_expert
 
     _, blocks = find_blocks(model)
     params = sum(p.numel() for p in model.parameters())
@@ -48,24 +52,25 @@ def shapes_of(model: nn.Module) -> Shapes:
         emb[id(model.get_output_embeddings().weight)] = model.get_output_embeddings().weight.numel()
     best = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
     lins = find_linears(best)
-    hidden = model.config.hidden_size
-    # distinct inputs: linears reading the same tensor (q/k/v, gate/up) share one Hessian;
-    # in a block those are the linears with the same in_features fed from the same norm
-    # output, i.e. everything but o_proj and down_proj reads one of two inputs.
-    distinct: dict[str, int] = {}
-    group: dict[str, int] = {}
+    hidden = (
+        model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    )
+    # distinct inputs: linears reading the same tensor (q/k/v, gate/up, a fused projection's
+    # parts) share one Hessian; in a block those are the linears of one parent module (the
+    # attention, the MLP, one expert, one fused projection) that read its input, so everything
+    # but o_proj and down_proj reads one of them. Each expert of a mixture has its own.
+    distinct: dict[tuple[str, str], int] = {}
+    group: dict[tuple[str, str], int] = {}
     for name, lin in lins.items():
-        leaf = name.rsplit(".", 1)[-1]
-        key = {
-            "q_proj": "attn_in",
-            "k_proj": "attn_in",
-            "v_proj": "attn_in",
-            "gate_proj": "mlp_in",
-            "up_proj": "mlp_in",
-        }.get(leaf, name)
+        parent, _, leaf = name.rpartition(".")
+        key = (parent, "in") if leaf in SHARED_INPUT else (name, "")
         distinct[key] = lin.in_features
         group[key] = group.get(key, 0) + lin.weight.numel()
     mlp_mid = max(lin.in_features for lin in lins.values())
+    # saved activations per token: an expert's linears run only on the tokens routed to it
+    experts = sum(1 for n in lins if n.endswith("gate_proj") and is_expert(n))
+    share = min(1.0, getattr(model.config, "num_experts_per_tok", 1) / experts) if experts else 1.0
+    outs = sum(lin.out_features * (share if is_expert(n) else 1.0) for n, lin in lins.items())
     return Shapes(
         params=params,
         prunable=sum(lin.weight.numel() for b in blocks for lin in find_linears(b).values()),
@@ -75,7 +80,7 @@ def shapes_of(model: nn.Module) -> Shapes:
         embeddings=sum(emb.values()),
         block_params=sum(p.numel() for p in best.parameters()),
         block_linear_params=sum(lin.weight.numel() for lin in lins.values()),
-        act_per_token=sum(lin.out_features for lin in lins.values()) + 2 * hidden + mlp_mid,
+        act_per_token=int(outs) + 2 * hidden + mlp_mid,
         hessian_elems=sum(c * c for c in distinct.values()),
         max_in=max(distinct.values()),
         group_elems=max(group.values()),

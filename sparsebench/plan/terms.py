@@ -86,6 +86,7 @@ class Plan:
         default_factory=dict
     )  # eval_placement: where evaluation puts the model
     rank0: set[str] = field(default_factory=set)  # terms only rank 0 holds (the final gather)
+    model_map: dict[str, Any] = field(default_factory=dict)  # families.model_map: pruned and kept
 
     def add(
         self, name: str, where: str, nbytes: float, phase: str = "always", rank0: bool = False
@@ -112,6 +113,7 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         k = self.knobs
         return {
+            **({"model_map": self.model_map} if self.model_map else {}),
             "engine": k.engine,
             "offload": k.offload,
             "calib_inputs": k.inputs,

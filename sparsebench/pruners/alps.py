@@ -149,8 +149,9 @@ class ALPS(GramPruner):
 
     def report(self) -> dict[str, Any]:
         if not self._iters:
-            return {}
+            return super().report()
         return {
+            **super().report(),
             "admm_iters_mean": sum(self._iters) / len(self._iters),
             "admm_iters_max": max(self._iters),
             "linears": len(self._iters),

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 from ..engine.driver import Sequential, collect_statistics
+from ..errors import SparsebenchError
 from ..masks import apply_mask
+from ..models import expert_of, is_expert
+from ..sparsity import project
 from ..plan import Terms
 from ..sparsity import Pattern
 from .base import PruneContext, Pruner
@@ -104,7 +107,7 @@ class LayerwisePruner(Pruner):
     ) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
         official code); return {linear name inside the block: keep mask} on the block's device."""
-        linears, groups, stats = collect_statistics(
+        linears, groups, stats, tokens, unused = collect_statistics(
             block, inps, args, kwargs, self.new_stats, self.add_batch, batch, who=self.name
         )
         masks: dict[str, torch.Tensor] = {}
@@ -114,6 +117,20 @@ class LayerwisePruner(Pruner):
             for name, keep in zip(names, keeps):
                 apply_mask(linears[name], keep)  # hard zeros even if a method's update left residue
                 masks[name] = keep
+        not_expert = [n for n in unused if not is_expert(n)]
+        if not_expert:
+            raise SparsebenchError(
+                f"{self.name}: linears {not_expert} never ran in the block's forward, so they have "
+                "no input statistics to prune with"
+            )
+        # An expert no calibration token was routed to has no statistic: the documented rule
+        # (docs/models.md) prunes it by magnitude, in the method's comparison group, and the
+        # run counts it (results.json method_report.moe.magnitude_fallback).
+        for name in unused:
+            keep = project(linears[name].weight.detach().abs(), sparsity, pattern, self.group)
+            apply_mask(linears[name], keep)
+            masks[name] = keep
+        self.last_tokens, self.last_fallback = tokens, unused
         return masks
 
     @torch.no_grad()
@@ -127,6 +144,7 @@ class LayerwisePruner(Pruner):
             desc=f"{self.name} blocks",
         )
         masks: dict[str, torch.Tensor] = {}
+        self.moe: dict[str, Any] = {"routed_tokens": {}, "magnitude_fallback": []}
         for step in driver:
             block_masks = self.prune_block(
                 step.block,
@@ -143,7 +161,22 @@ class LayerwisePruner(Pruner):
                     for name, keep in block_masks.items()
                 }
             )
+            prefix = f"{driver.path}.{step.index}."
+            for name in block_masks:  # tokens routed to each expert (its linears all see them)
+                if is_expert(name):
+                    expert = prefix + expert_of(name)
+                    seen = self.last_tokens.get(name, 0)
+                    self.moe["routed_tokens"][expert] = max(
+                        self.moe["routed_tokens"].get(expert, 0), seen
+                    )
+            self.moe["magnitude_fallback"] += [prefix + n for n in self.last_fallback]
         return masks
+
+    def report(self) -> dict[str, Any]:
+        """A mixture of experts: the calibration tokens routed to each expert, and the experts
+        pruned by magnitude because none was (docs/models.md)."""
+        moe = getattr(self, "moe", None)
+        return {"moe": moe} if moe and moe["routed_tokens"] else {}
 
 
 class GramPruner(LayerwisePruner):

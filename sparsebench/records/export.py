@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import SparsebenchError
+from ..families import original_state_dict
 
 MASKS_FILE = "sparsebench_masks.safetensors"
 META_FILE = "sparsebench.json"
@@ -60,7 +61,9 @@ def save_pruned(
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # in the family's own layout (fused projections, Conv1D, fused experts), which transformers
+    # loads; loading it through sparsebench presents the same linears as the masks' names
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=original_state_dict(model))
     tokenizer.save_pretrained(tmp)
     if masks:
         save_file(

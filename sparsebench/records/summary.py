@@ -82,6 +82,11 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
             f"sparsity: target {sp.get('target')}, actual {sp.get('actual_sparsity', 0):.6f} over "
             f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} "
             "pruned)"
+            + (
+                f"; {sp['sparsity_of_block_params']:.6f} of all {sp['block_params']:,} block weights"
+                if sp.get("block_params")
+                else ""
+            )
         )
     times = res.get("timings_s") or {}
     if times:
