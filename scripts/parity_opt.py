@@ -4,8 +4,8 @@
 The authors' code is not part of sparsebench: pass the folder of a locuslab/wanda checkout.
 It runs unmodified except where it cannot run here, and each such point is named:
   - `get_loaders` (a Hub download) returns sparsebench's calibration windows instead;
-  - `torch.cuda.empty_cache` and `torch.cuda.synchronize` are no-ops (no GPU), `model.seqlen` and `model.hf_device_map`
-    are set as its main.py sets them.
+  - `torch.cuda.empty_cache` and `torch.cuda.synchronize` are no-ops (no GPU);
+  - `model.seqlen` and `model.hf_device_map` are set as its main.py sets them.
 OPT's decoder layers need nothing but the attention mask the released Catcher keeps, so
 the released loop runs on transformers 5 as published.
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from .engine.shard import backend
-from .families import map_lines, model_map
 from .errors import SparsebenchError
+from .families import map_lines, model_map
 from .plan import build_plan, eval_placement, fit_verdict, fits, knobs_of, shapes_of
 from .registry import METHODS
 from .specs import Specs

@@ -319,7 +319,8 @@ def check_block_coverage(model: nn.Module) -> None:
 
 
 def is_expert(linear_name: str) -> bool:
-    """A linear of one expert of a mixture of experts (families.LinearExperts: `...experts.3.up_proj`)."""
+    """A linear of one expert of a mixture of experts (families.LinearExperts:
+    `...experts.3.up_proj`)."""
     parts = linear_name.split(".")
     return any(
         p == "experts" and i + 1 < len(parts) and parts[i + 1].isdigit()

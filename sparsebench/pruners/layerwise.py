@@ -21,9 +21,8 @@ from ..engine.driver import Sequential, collect_statistics
 from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import expert_of, is_expert
-from ..sparsity import project
 from ..plan import Terms
-from ..sparsity import Pattern
+from ..sparsity import Pattern, project
 from .base import PruneContext, Pruner
 
 log = logging.getLogger(__name__)

@@ -83,7 +83,8 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
             f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} "
             "pruned)"
             + (
-                f"; {sp['sparsity_of_block_params']:.6f} of all {sp['block_params']:,} block weights"
+                f"; {sp['sparsity_of_block_params']:.6f} of all {sp['block_params']:,} block "
+                "weights"
                 if sp.get("block_params")
                 else ""
             )
