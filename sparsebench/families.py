@@ -288,6 +288,45 @@ def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def original_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keep masks by the family's own parameter names and layouts (`original_state_dict`'s):
+    a fused projection's assembled from its parts, Conv1D's transposed, experts' stacked."""
+    conv = _conv1d_names(model)
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for name, module in modules.items():
+        if isinstance(module, SplitLinear):
+            keep = torch.empty(
+                len(module.rows),
+                getattr(module, module.part_names[0]).in_features,
+                dtype=torch.bool,
+            )
+            keep[module.rows.cpu()] = torch.cat(
+                [masks[f"{name}.{p}"].cpu() for p in module.part_names]
+            )
+            out[f"{name}.weight"] = keep.t().contiguous() if name in conv else keep
+            done.update(f"{name}.{p}" for p in module.part_names)
+        elif isinstance(module, LinearExperts):
+            e = range(module.num_experts)
+            out[f"{name}.gate_up_proj"] = torch.stack(
+                [
+                    torch.cat(
+                        [masks[f"{name}.{i}.gate_proj"].cpu(), masks[f"{name}.{i}.up_proj"].cpu()]
+                    )
+                    for i in e
+                ]
+            )
+            out[f"{name}.down_proj"] = torch.stack(
+                [masks[f"{name}.{i}.down_proj"].cpu() for i in e]
+            )
+            done.update(f"{name}.{i}.{p}" for i in e for p in ("gate_proj", "up_proj", "down_proj"))
+    for name, keep in masks.items():
+        if name not in done:
+            out[f"{name}.weight"] = keep.t().contiguous() if name in conv else keep
+    return out
+
+
 def _conv1d_names(model: nn.Module) -> set[str]:
     """Modules that were Conv1D in the family's layout (GPT-2): recorded by `adapt`."""
     return set(getattr(model, "sparsebench_transposed", ()))

@@ -235,9 +235,28 @@ def load_model(spec: ModelSpec, seed: int = 0):
             else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         )
         tok = AutoTokenizer.from_pretrained(where, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, low_cpu_mem_usage=True, **extra
-        )
+        packed = Path(str(where)) / "sparsebench_bitmask.safetensors"
+        if (
+            spec.source == "local" and packed.is_file()
+        ):  # save.format=bitmask (sparsebench/formats.py)
+            from .formats import load_bitmask
+
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            missing, unexpected = model.load_state_dict(load_bitmask(packed), strict=False)
+            model.tie_weights()  # a tied weight is stored once
+            params = dict(model.named_parameters(remove_duplicate=False))
+            loaded = {params[k].data_ptr() for k in params if k not in missing}
+            if unexpected or any(
+                params[k].data_ptr() not in loaded for k in missing if k in params
+            ):
+                raise SparsebenchError(
+                    f"{packed} does not match the model's weights "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, low_cpu_mem_usage=True, **extra
+            )
     model.config.use_cache = False
     adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes
     return model.eval(), tok

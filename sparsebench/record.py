@@ -234,6 +234,7 @@ def record_stages(
     logger.table(
         "per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()]
     )
+    results.update(size=size_of(model))
     sp = results.data["sparsity"]
     if not dense or saved is not None:
         log.info(
@@ -246,7 +247,12 @@ def record_stages(
     if save_dir is not None:
         with timed(results, "save"):
             folder = save_pruned(
-                model, tok, masks, save_dir, export_meta(specs, allocation, fingerprint, results)
+                model,
+                tok,
+                masks,
+                save_dir,
+                export_meta(specs, allocation, fingerprint, results),
+                specs.save.format,
             )
         results.update(saved_model=str(folder))
 
@@ -280,6 +286,28 @@ def record_stages(
         results.update(metrics={name: ppl, f"{name}_windows": windows})
         logger.log({f"ppl/{name}": ppl})
         log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
+
+    if specs.eval.speed.enabled:  # dense and sparse kernels side by side (evaluation/speed.py)
+        from .evaluation.speed import measure
+
+        with timed(results, "eval_speed"):
+            speed = measure(
+                model,
+                list(prunable_linears(model)),
+                specs.model.seqlen,
+                specs.device,
+                str(specs.pattern),
+                specs.eval.speed,
+            )
+        results.update(speed=speed)
+        if "speedup" in speed:
+            log.info(
+                "speed (%s kernel): decode %s x, prefill %s x dense; floor %s x",
+                speed["kernel"],
+                speed["speedup"]["decode_b1"],
+                speed["speedup"]["prefill_b1"],
+                speed["speedup"]["floor"],
+            )
 
     zs = specs.eval.zeroshot
     if zs.tasks:
@@ -338,4 +366,24 @@ def export_meta(specs: Specs, allocation, fingerprint: str, results: Results) ->
             "batch_size": specs.eval.batch_size,
             "datasets": list(specs.eval.datasets),
         },
+    }
+
+
+def size_of(model) -> dict[str, Any]:
+    """Bytes of the pruned weights in each stored form, and of the whole model dense and with
+    the pruned weights as bitmask + values (formats.py; results.json `size`)."""
+    from .evaluation.speed import weight_bytes
+    from .formats import sizes
+
+    linears = prunable_linears(model)
+    dtype_bytes = next(iter(linears.values())).weight.element_size()
+    pruned = sizes({n: lin.weight.detach() for n, lin in linears.items()}, dtype_bytes)
+    whole = weight_bytes(model)
+    rest = whole - pruned["dense"]
+    return {
+        "pruned_weights": pruned,
+        "model_dense": whole,
+        "model_bitmask": rest + pruned["bitmask"],
+        "model_csr_int16": rest + pruned["csr_int16"],
+        "bitmask_over_dense": round((rest + pruned["bitmask"]) / whole, 4),
     }

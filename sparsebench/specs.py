@@ -20,6 +20,7 @@ from . import data as datamod
 from .engine.shard import ENGINES
 from .errors import SparsebenchError
 from .evaluation.perplexity import EvalSpec
+from .formats import FORMATS
 from .models import ModelSpec
 from .plan import PlanSpec
 from .pruners import Pruner
@@ -27,7 +28,7 @@ from .pruners.base import targets_by_linear
 from .pruners.layerwise import LayerwisePruner
 from .records.tracking import LoggerSpec
 from .recover import RECOVERIES
-from .registry import METHODS, build_dataclass, check_value
+from .registry import METHODS, build_dataclass, check_value, option
 from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 class SaveSpec:
     enabled: bool = False
     dir: str | None = None
+    format: str = option("dense", choices=FORMATS)  # records/formats.py
 
 
 @dataclass

@@ -90,7 +90,7 @@ FOUNDATIONS = {"errors", "registry", "sparsity", "masks", "models", "data"}
 ALLOWED = {
     "engine": FOUNDATIONS | {"engine"},
     "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan"},
-    "records": {"errors", "registry", "records", "evaluation", "families"},
+    "records": {"errors", "registry", "records", "evaluation", "families", "formats"},
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan"},
     "recover": FOUNDATIONS | {"engine", "recover", "plan"},
 }

@@ -25,6 +25,9 @@ class EvalSpec:
         None, ge=1
     )  # None: every full window (the papers); N: the first N
     zeroshot: Any = field(default_factory=dict)  # ZeroShotSpec fields; no tasks: no zero-shot
+    speed: Any = field(
+        default_factory=dict
+    )  # SpeedSpec fields (evaluation/speed.py); off by default
 
     def __post_init__(self):
         from ..registry import build_dataclass
@@ -32,6 +35,10 @@ class EvalSpec:
 
         if isinstance(self.zeroshot, dict):
             self.zeroshot = build_dataclass(ZeroShotSpec, self.zeroshot, "eval.zeroshot")
+        if isinstance(self.speed, dict):
+            from .speed import SpeedSpec
+
+            self.speed = build_dataclass(SpeedSpec, self.speed, "eval.speed")
         self.datasets = tuple(self.datasets)
         for name in self.datasets:
             if name not in EVAL_SETS:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import SparsebenchError
-from ..families import original_state_dict
+from ..families import original_masks, original_state_dict
+from ..formats import BITMASK_FILE, bitmask_state
 
 MASKS_FILE = "sparsebench_masks.safetensors"
 META_FILE = "sparsebench.json"
@@ -51,7 +52,12 @@ def check_save_dir(folder: Path, fingerprint: str) -> None:
 
 
 def save_pruned(
-    model, tokenizer, masks: dict[str, torch.Tensor], folder: Path, meta: dict[str, Any]
+    model,
+    tokenizer,
+    masks: dict[str, torch.Tensor],
+    folder: Path,
+    meta: dict[str, Any],
+    fmt: str = "dense",
 ) -> Path:
     """Write into a private temporary folder, then put it in place (check_save_dir has
     already said that whatever stands at `folder` may be replaced)."""
@@ -63,7 +69,16 @@ def save_pruned(
         shutil.rmtree(tmp)
     # in the family's own layout (fused projections, Conv1D, fused experts), which transformers
     # loads; loading it through sparsebench presents the same linears as the masks' names
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=original_state_dict(model))
+    state = original_state_dict(model)
+    if (
+        fmt == "bitmask"
+    ):  # kept values + 1-bit masks (sparsebench/formats.py); the config beside them
+        tmp.mkdir(parents=True)
+        model.config.save_pretrained(tmp)
+        save_file(bitmask_state(state, original_masks(model, masks)), str(tmp / BITMASK_FILE))
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    meta = {**meta, "format": fmt}
     tokenizer.save_pretrained(tmp)
     if masks:
         save_file(

@@ -136,3 +136,37 @@ def plot_nonzero(rows: list[dict[str, Any]], path: Path) -> None:
             )
 
     _figure(path, "non-zero parameters (log)", draw, log_x=True)
+
+
+def plot_speed(rows: list[dict[str, Any]], path: Path) -> None:
+    """Decode speed-up over the dense kernel (one sequence, KV cache) against sparsity, one line
+    per method and pattern; 1 (no gain) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = _colours(rows)
+    series = defaultdict(list)
+    for r in rows:
+        if r["status"] == "complete" and r.get("decode_speedup") and r["method"] != "dense":
+            series[(r["label"], r["pattern"])].append((r["sparsity"], r["decode_speedup"]))
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    ax.axhline(1.0, color="gray", ls="--", lw=1, label="dense kernel")
+    for (label, pattern), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o" if pattern == "unstructured" else "s",
+            ls="-" if pattern == "unstructured" else ":",
+            color=colours.get(label),
+            label=f"{label} ({pattern})",
+        )
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("decode speed-up over dense (x)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .plots import plot, plot_nonzero
+from .plots import plot, plot_nonzero, plot_speed
 from .rows import (
     load_results,
     table,
@@ -108,6 +108,13 @@ def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list
         for r in rows
     ):
         cols.append(("wall s", lambda r: _fmt(r["wall_s"], 1)))
+    if has("decode_speedup"):
+        cols += [
+            ("decode x", lambda r: _fmt(r["decode_speedup"])),
+            ("prefill x", lambda r: _fmt(r["prefill_speedup"])),
+        ]
+    if has("bitmask_mb"):
+        cols.append(("MB (bitmask)", lambda r: _fmt(r["bitmask_mb"], 1)))
     cols += [
         ("peak GiB", lambda r: _fmt(r["peak_gib"])),
         (
@@ -145,6 +152,11 @@ COLUMN_NOTES = {
     "prune s": "seconds of calibration, allocation and pruning",
     "wall s": "seconds of the training stages",
     "peak GiB": "peak memory of the run's process (GPU peak on CUDA)",
+    "decode x": "decode speed-up over the dense kernel, one sequence, KV cache, the same run "
+    "(eval.speed; the kernel and the bandwidth floor are in results.json speed)",
+    "prefill x": "prefill throughput of the sparse kernel over the dense one, batch 1",
+    "MB (bitmask)": "the model stored with its pruned weights as kept values + a 1-bit mask "
+    "(save.format=bitmask)",
     "within spread of": "rows whose mean lies within the two rows' seed spread (same model, "
     "protocol, sparsity, "
     "pattern and kernel environment)",
@@ -290,6 +302,9 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
             )
     plot(rows, paths["plot"])
     plot_nonzero(rows, paths["plot_nonzero"])
+    if any(r.get("decode_speedup") for r in rows):  # eval.speed ran for some rows
+        paths["plot_speed"] = out / "report_speed.png"
+        plot_speed(rows, paths["plot_speed"])
     return paths
 
 

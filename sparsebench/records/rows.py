@@ -83,6 +83,9 @@ def load_row(path: Path) -> dict[str, Any]:
         "steps": None,
         "wall_s": None,
         "nonzero_params": None,
+        "decode_speedup": None,
+        "prefill_speedup": None,
+        "bitmask_mb": None,
         "seed": None,
         "fold_key": str(path),
         "ident": {},
@@ -133,6 +136,12 @@ def load_row(path: Path) -> dict[str, Any]:
             else None,
             "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
             "nonzero_params": _num(sp.get("nonzero_params")),
+            # what sparsity buys (evaluation/speed.py, formats.py): side-by-side ratios of one run
+            "decode_speedup": _num(_dict(_dict(rec.get("speed")).get("speedup")).get("decode_b1")),
+            "prefill_speedup": _num(
+                _dict(_dict(rec.get("speed")).get("speedup")).get("prefill_b1")
+            ),
+            "bitmask_mb": (_num(_dict(rec.get("size")).get("model_bitmask")) or 0) / 1e6 or None,
             "seed": cfg.get("seed"),
             "ident": flatten(seedless) if cfg else {},
             "versions": _dict(rec.get("versions")),

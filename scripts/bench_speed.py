@@ -1,0 +1,83 @@
+"""What sparsity buys on SmolLM2-135M under the CPU protocol: decode and prefill speed with the
+dense kernel and the sparse kernel side by side in one run, beside the memory-bandwidth floor,
+and the bytes of each stored form (evaluation/speed.py, formats.py).
+
+    python scripts/bench_speed.py                      # Wanda at 0.5, 0.7, 0.9 and 2:4
+    python scripts/bench_speed.py magnitude:0.9 --threads 2
+
+Each config starts from the dense weights, is pruned through the library entry point
+(pipeline.prune_model, 64 calibration windows of 512 tokens) and measured by
+evaluation.speed.measure with the eval.speed defaults (batch 1 and 8, 16 decode tokens,
+median of 3 after one warm-up). Prints one JSON object per config, then a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from sparsebench import data as datamod
+from sparsebench.evaluation.speed import SpeedSpec, measure
+from sparsebench.models import ModelSpec, load_model, prunable_linears
+from sparsebench.pipeline import prune_model
+from sparsebench.record import size_of
+from sparsebench.records.tracking import kernel_environment
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+TABLE = ["wanda:0.5", "wanda:0.7", "wanda:0.9", "wanda:2:4"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=TABLE, help="method:sparsity or method:N:M")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"))
+    model, tok = load_model(ModelSpec(**{**cfg, "seqlen": args.seqlen}))
+    calib = datamod.calibration(datamod.DataSpec(nsamples=args.nsamples), tok, args.seqlen, model.config.vocab_size)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    print(json.dumps({"environment": kernel_environment()}), flush=True)
+    rows = []
+    for item in args.configs:
+        method, _, rest = item.partition(":")
+        pattern = rest if ":" in rest else "unstructured"
+        sparsity = 0.5 if ":" in rest else float(rest)
+        model.load_state_dict(dense)
+        prune_model(model, tok, method=method, sparsity=sparsity, pattern=pattern, calib=calib, seqlen=args.seqlen)
+        speed = measure(model, list(prunable_linears(model)), args.seqlen, torch.device("cpu"), pattern,
+                        SpeedSpec(enabled=True))
+        row = {"config": item, "speed": speed, "size": size_of(model)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(markdown(rows))
+    return 0
+
+
+def markdown(rows) -> str:
+    lines = ["| config | kernel | decode ms/token b1 dense / sparse (x) | b8 dense / sparse (x) | measured / floor b1 "
+             "dense, sparse | prefill tok/s b1 dense / sparse (x) | b8 (x) | pruned weights MB: dense, bitmask, "
+             "CSR int16, CSR int64 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, z = r["speed"], r["size"]["pruned_weights"]
+        d, p, x = s["dense"], s["sparse"], s["speedup"]
+        mb = [z[k] / 1e6 for k in ("dense", "bitmask", "csr_int16", "csr_int64")]
+        lines.append(
+            f"| {r['config']} | {s['kernel']} | {d['decode_ms_b1']:.1f} / {p['decode_ms_b1']:.1f} ({x['decode_b1']:.2f}) "
+            f"| {d['decode_ms_b8']:.1f} / {p['decode_ms_b8']:.1f} ({x['decode_b8']:.2f}) "
+            f"| {d['decode_over_floor_b1']:.1f}, {p['decode_over_floor_b1']:.1f} "
+            f"| {d['prefill_tps_b1']:.0f} / {p['prefill_tps_b1']:.0f} ({x['prefill_b1']:.2f}) "
+            f"| ({x['prefill_b8']:.2f}) | {mb[0]:.0f}, {mb[1]:.0f}, {mb[2]:.0f}, {mb[3]:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""How a pruned model is stored, and what each form costs in bytes.
+
+`save.format=dense` (default): transformers' model.safetensors, every weight dense.
+`save.format=bitmask`: every pruned weight as its kept values (row-major order, the model's
+dtype) plus a 1-bit mask (numpy.packbits, big-endian bit order: weight k is bit 7 - k % 8 of
+byte k // 8); everything else dense. The file `sparsebench_bitmask.safetensors` replaces
+model.safetensors and reloads to bit-identical weights (`load_bitmask`): at sparsity s a
+weight costs (1 - s) x dtype bytes + 1/8 byte instead of dtype bytes, so at 0.5 in float32
+the pruned weights take 2.125 / 4 = 0.53x. Tensors that are not pruned (embeddings, lm_head,
+norms) stay dense, so a folder's ratio also depends on their share of the model.
+
+`sizes` counts the pruned weights' bytes in every form from the tensors themselves: dense
+(the run's dtype), bitmask + kept values, and CSR (values + column indices + row pointers)
+with 64-bit indices (torch's) and with 16-bit column indices (any row of at most 65,536
+columns) and 32-bit row pointers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BITMASK_FILE = "sparsebench_bitmask.safetensors"
+FORMATS = ("dense", "bitmask")
+
+
+def pack(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept values in row-major order, packed mask bits as uint8)."""
+    keep = keep.to(torch.bool).reshape(-1).cpu()
+    values = weight.detach().reshape(-1).cpu()[keep].contiguous()
+    bits = torch.from_numpy(np.packbits(keep.numpy()))
+    return values, bits
+
+
+def unpack(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense weight: zeros outside the mask, the kept values in row-major order inside."""
+    n = int(np.prod(shape))
+    keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=n).astype(bool))
+    out = torch.zeros(n, dtype=values.dtype)
+    out[keep] = values
+    return out.reshape(shape)
+
+
+def bitmask_state(
+    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A state dict (the family's own layout) with every masked tensor as values + bits.
+
+    `masks` are keyed by the state dict's own names and layout (families.original_masks:
+    a fused projection's mask assembled from its parts, Conv1D's transposed, experts'
+    stacked); every other tensor is stored dense."""
+    out = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        if value.data_ptr() in seen and value.numel():  # a tied weight (lm_head = embeddings): once
+            continue
+        seen.add(value.data_ptr())
+        keep = masks.get(key)
+        if keep is not None:
+            assert tuple(keep.shape) == tuple(value.shape), key
+            values, bits = pack(value, keep)
+            out[f"{key}.__values"] = values
+            out[f"{key}.__bits"] = bits
+            out[f"{key}.__shape"] = torch.tensor(value.shape, dtype=torch.int64)
+        else:
+            out[key] = value.contiguous()
+    return out
+
+
+def load_bitmask(path) -> dict[str, torch.Tensor]:
+    """The dense state dict of a bitmask file, bit-identical to the one saved."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    out = {}
+    for key, value in raw.items():
+        if key.endswith(".__values"):
+            base = key.removesuffix(".__values")
+            shape = tuple(int(d) for d in raw[f"{base}.__shape"].tolist())
+            out[base] = unpack(value, raw[f"{base}.__bits"], shape)
+        elif not key.endswith((".__bits", ".__shape")):
+            out[key] = value
+    return out
+
+
+def sizes(weights: dict[str, torch.Tensor], dtype_bytes: int) -> dict[str, int]:
+    """Bytes of the pruned weights in each form (see the module's docstring)."""
+    numel = nonzero = rows = bits = 0
+    for w in weights.values():
+        numel += w.numel()
+        nonzero += int((w != 0).sum())
+        rows += w.shape[0]
+        bits += (w.numel() + 7) // 8
+    return {
+        "weights": numel,
+        "nonzero": nonzero,
+        "dense": numel * dtype_bytes,
+        "bitmask": nonzero * dtype_bytes + bits,
+        "csr_int64": nonzero * (dtype_bytes + 8) + (rows + len(weights)) * 8,
+        "csr_int16": nonzero * (dtype_bytes + 2) + (rows + len(weights)) * 4,
+    }

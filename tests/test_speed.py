@@ -1,0 +1,203 @@
+"""What sparsity buys (evaluation/speed.py, formats.py): the sparse kernels compute each pruned
+linear within the float32 bound of a dot product and really run (call counts), the bitmask
+export reloads to the same weights bit for bit, and the byte counts are the formats'
+arithmetic."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from sparsebench.data import DataSpec
+from sparsebench.evaluation.speed import KERNELS, SparseWeight, SpeedSpec, measure
+from sparsebench.formats import bitmask_state, load_bitmask, pack, sizes, unpack
+from sparsebench.models import ModelSpec, load_model, prunable_linears
+from sparsebench.pipeline import prune_model
+
+from .conftest import tiny_spec
+from .numerics import gamma
+
+FAST = SpeedSpec(enabled=True, batch_sizes=(1, 2), decode_tokens=2, repeats=1, warmup=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_each_sparse_kernel_computes_the_linear_within_the_dot_product_bound(kernel):
+    """y = x W^T over the kept weights, in any summation order:
+    |y - y_dense| <= 2 gamma(K) sum |x| |w|."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 80, generator=g)
+    w[torch.rand(48, 80, generator=g) < 0.8] = 0  # 80% zeros, rows of different counts
+    x = torch.randn(5, 80, generator=g)
+    got = SparseWeight(w, kernel)(x)
+    bound = 2 * gamma(80) * (x.abs() @ w.abs().t())
+    assert got.shape == (5, 48) and bool(((got - F.linear(x, w)).abs() <= bound).all())
+
+
+def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    prune_model(model, method="magnitude", sparsity=0.9, seqlen=64)
+    names = list(prunable_linears(model))
+    out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
+    assert out["kernel"] in KERNELS and set(out["kernels_one_token"]) == {"dense_ms"} | {
+        f"{k}_ms" for k in KERNELS
+    }
+    # every pruned linear ran sparse in every forward of the sparse measurements (none fell back)
+    assert out["sparse"]["sparse_calls"] > 0 and out["sparse"]["sparse_calls"] % len(names) == 0
+    # the logits agree to float32 rounding through two blocks (relative to their size)
+    assert out["sparse"]["logits_max_abs_diff"] <= 1e-5 * max(1.0, out["sparse"]["logits_max_abs"])
+    # the floor is bytes / bandwidth; the sparse form reads fewer bytes at 0.9
+    assert out["sparse"]["bytes_per_token"] < out["dense"]["bytes_per_token"]
+    assert out["speedup"]["floor"] == pytest.approx(
+        out["dense"]["bytes_per_token"] / out["sparse"]["bytes_per_token"], rel=0.01
+    )
+    assert all(
+        not any(type(m).__name__ == "SparseLinear" for m in model.modules()) for _ in [0]
+    )  # swapped back
+
+
+def test_pack_and_unpack_give_the_same_weight_bit_for_bit():
+    w = torch.randn(7, 13)
+    keep = torch.rand(7, 13) > 0.5
+    w = w * keep
+    values, bits = pack(w, keep)
+    assert values.numel() == int(keep.sum()) and bits.numel() == (7 * 13 + 7) // 8
+    assert torch.equal(unpack(values, bits, (7, 13)), w)
+
+
+def test_sizes_are_the_formats_arithmetic():
+    w = torch.zeros(4, 16)
+    w[0, :3] = 1.0  # 3 nonzeros in row 0
+    w[2, 5] = 2.0
+    s = sizes({"a": w}, 4)
+    assert s == {
+        "weights": 64,
+        "nonzero": 4,
+        "dense": 256,
+        "bitmask": 4 * 4 + 8,
+        "csr_int64": 4 * 12 + 5 * 8,
+        "csr_int16": 4 * 6 + 5 * 4,
+    }
+
+
+def test_a_bitmask_export_reloads_to_the_same_weights_and_perplexity(tmp_path):
+    from sparsebench import cli
+
+    def run(argv):
+        try:
+            cli.main(argv)
+        except SystemExit as err:
+            assert not err.code
+
+    base = ["model=tiny-llama", "logger=disabled"]
+    run(
+        base
+        + [
+            "method=wanda",
+            "save.enabled=true",
+            "save.format=bitmask",
+            f"hydra.run.dir={tmp_path / 'a'}",
+        ]
+    )
+    folder = tmp_path / "a" / "model"
+    assert (folder / "sparsebench_bitmask.safetensors").is_file() and not (
+        folder / "model.safetensors"
+    ).exists()
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    run(
+        [
+            "model=local",
+            f"model.path={folder}",
+            "method=dense",
+            "logger=disabled",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ]
+    )
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert again["metrics"]["wikitext2"] == saved["metrics"]["wikitext2"]
+    assert again["sparsity"]["pruned_params"] == saved["sparsity"]["pruned_params"]
+    # bit for bit: the reloaded weights against the run's pruning done again in this process
+    reloaded, _ = load_model(
+        ModelSpec(name="x", source="local", path=str(folder), dtype="float32", seqlen=64)
+    )
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    prune_model(model, tok, method="wanda", sparsity=0.5, seqlen=64, data=DataSpec(nsamples=8))
+    ref = dict(model.state_dict())
+    assert all(torch.equal(v, ref[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_a_bitmask_file_is_half_the_dense_one_at_half_sparsity_where_blocks_dominate(tmp_path):
+    """At 0.5 in float32 a pruned weight costs 0.5 x 4 + 1/8 bytes: 0.53x. A model whose blocks
+    hold nearly all its weights (4 blocks of hidden 256, a tied vocabulary of 256) stores at
+    most 0.55x."""
+    from safetensors.torch import save_file
+
+    from sparsebench.families import original_masks, original_state_dict
+
+    spec = ModelSpec(
+        name="wide",
+        source="tiny",
+        dtype="float32",
+        seqlen=64,
+        arch={
+            "model_type": "llama",
+            "vocab_size": 256,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": True,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+    )
+    model, _ = load_model(spec, seed=0)
+    masks = prune_model(model, method="magnitude", sparsity=0.5, seqlen=64).masks
+    state = original_state_dict(model)
+    save_file(
+        {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
+        str(tmp_path / "dense.st"),
+    )
+    save_file(bitmask_state(state, original_masks(model, masks)), str(tmp_path / "bitmask.st"))
+    ratio = (tmp_path / "bitmask.st").stat().st_size / (tmp_path / "dense.st").stat().st_size
+    assert ratio <= 0.55, ratio
+    loaded = load_bitmask(tmp_path / "bitmask.st")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+    assert np.isclose(ratio, 0.53, atol=0.02)
+
+
+def test_eval_speed_from_the_cli_reaches_results_and_the_report(tmp_path):
+    """eval.speed.enabled=true: results.json `speed` and `size`, the report's speed-up and
+    bytes columns and its decode speed-up plot."""
+    from sparsebench import cli
+    from sparsebench.records import report
+
+    fast = [
+        "eval.speed.enabled=true",
+        "eval.speed.repeats=1",
+        "eval.speed.warmup=0",
+        "eval.speed.decode_tokens=2",
+        "eval.speed.batch_sizes=[1]",
+        "eval.speed.kernels=[scipy_csr]",
+    ]
+    try:
+        cli.main(
+            [
+                "model=tiny-llama",
+                "logger=disabled",
+                "method=magnitude",
+                "sparsity=0.9",
+                *fast,
+                f"hydra.run.dir={tmp_path / 'sweep' / 'run'}",
+            ]
+        )
+    except SystemExit as err:
+        assert not err.code
+    res = json.loads((tmp_path / "sweep" / "run" / "results.json").read_text())
+    assert res["speed"]["kernel"] == "scipy_csr" and res["speed"]["sparse"]["sparse_calls"] > 0
+    assert res["size"]["pruned_weights"]["bitmask"] < res["size"]["pruned_weights"]["dense"]
+    paths = report.write_report(tmp_path / "sweep")
+    text = paths["markdown"].read_text()
+    assert "decode x" in text and "MB (bitmask)" in text and paths["plot_speed"].is_file()
