@@ -33,7 +33,9 @@ TABLE = ["wanda:0.5", "wanda:0.7", "wanda:0.9", "wanda:2:4"]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("configs", nargs="*", default=TABLE, help="method:sparsity or method:N:M")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=64)
@@ -43,7 +45,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"))
     model, tok = load_model(ModelSpec(**{**cfg, "seqlen": args.seqlen}))
-    calib = datamod.calibration(datamod.DataSpec(nsamples=args.nsamples), tok, args.seqlen, model.config.vocab_size)
+    calib = datamod.calibration(
+        datamod.DataSpec(nsamples=args.nsamples), tok, args.seqlen, model.config.vocab_size
+    )
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     print(json.dumps({"environment": kernel_environment()}), flush=True)
     rows = []
@@ -52,9 +56,23 @@ def main() -> int:
         pattern = rest if ":" in rest else "unstructured"
         sparsity = 0.5 if ":" in rest else float(rest)
         model.load_state_dict(dense)
-        prune_model(model, tok, method=method, sparsity=sparsity, pattern=pattern, calib=calib, seqlen=args.seqlen)
-        speed = measure(model, list(prunable_linears(model)), args.seqlen, torch.device("cpu"), pattern,
-                        SpeedSpec(enabled=True))
+        prune_model(
+            model,
+            tok,
+            method=method,
+            sparsity=sparsity,
+            pattern=pattern,
+            calib=calib,
+            seqlen=args.seqlen,
+        )
+        speed = measure(
+            model,
+            list(prunable_linears(model)),
+            args.seqlen,
+            torch.device("cpu"),
+            pattern,
+            SpeedSpec(enabled=True),
+        )
         row = {"config": item, "speed": speed, "size": size_of(model)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -63,19 +81,26 @@ def main() -> int:
 
 
 def markdown(rows) -> str:
-    lines = ["| config | kernel | decode ms/token b1 dense / sparse (x) | b8 dense / sparse (x) | measured / floor b1 "
-             "dense, sparse | prefill tok/s b1 dense / sparse (x) | b8 (x) | pruned weights MB: dense, bitmask, "
-             "CSR int16, CSR int64 |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | kernel | decode ms/token b1 dense / sparse (x) | b8 dense / sparse (x) | "
+        "measured / floor b1 "
+        "dense, sparse | prefill tok/s b1 dense / sparse (x) | b8 (x) | pruned weights MB: dense, "
+        "bitmask, "
+        "CSR int16, CSR int64 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         s, z = r["speed"], r["size"]["pruned_weights"]
         d, p, x = s["dense"], s["sparse"], s["speedup"]
         mb = [z[k] / 1e6 for k in ("dense", "bitmask", "csr_int16", "csr_int64")]
         lines.append(
-            f"| {r['config']} | {s['kernel']} | {d['decode_ms_b1']:.1f} / {p['decode_ms_b1']:.1f} ({x['decode_b1']:.2f}) "
+            f"| {r['config']} | {s['kernel']} | {d['decode_ms_b1']:.1f} / {p['decode_ms_b1']:.1f} "
+            f"({x['decode_b1']:.2f}) "
             f"| {d['decode_ms_b8']:.1f} / {p['decode_ms_b8']:.1f} ({x['decode_b8']:.2f}) "
             f"| {d['decode_over_floor_b1']:.1f}, {p['decode_over_floor_b1']:.1f} "
             f"| {d['prefill_tps_b1']:.0f} / {p['prefill_tps_b1']:.0f} ({x['prefill_b1']:.2f}) "
-            f"| ({x['prefill_b8']:.2f}) | {mb[0]:.0f}, {mb[1]:.0f}, {mb[2]:.0f}, {mb[3]:.0f} |")
+            f"| ({x['prefill_b8']:.2f}) | {mb[0]:.0f}, {mb[1]:.0f}, {mb[2]:.0f}, {mb[3]:.0f} |"
+        )
     return "\n".join(lines)
 
 
