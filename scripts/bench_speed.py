@@ -2,13 +2,15 @@
 dense kernel and the sparse kernel side by side in one run, beside the memory-bandwidth floor,
 and the bytes of each stored form (evaluation/speed.py, formats.py).
 
-    python scripts/bench_speed.py                      # Wanda at 0.5, 0.7, 0.9 and 2:4
-    python scripts/bench_speed.py magnitude:0.9 --threads 2
+    python scripts/bench_speed.py                      # magnitude at 0.5, 0.7, 0.9 and 2:4
+    python scripts/bench_speed.py wanda:0.9 --threads 2
 
+Speed depends on how many weights each matrix keeps and in which pattern, not on which method
+chose them, so the table uses magnitude pruning (no calibration pass; any method name works).
 Each config starts from the dense weights, is pruned through the library entry point
 (pipeline.prune_model, 64 calibration windows of 512 tokens) and measured by
 evaluation.speed.measure with the eval.speed defaults (batch 1 and 8, 16 decode tokens,
-median of 3 after one warm-up). Prints one JSON object per config, then a Markdown table.
+decode the median of 3 after one warm-up, prefill one forward). Prints one JSON object per config, then a Markdown table.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sparsebench.record import size_of
 from sparsebench.records.tracking import kernel_environment
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-TABLE = ["wanda:0.5", "wanda:0.7", "wanda:0.9", "wanda:2:4"]
+TABLE = ["magnitude:0.5", "magnitude:0.7", "magnitude:0.9", "magnitude:2:4"]
 
 
 def main() -> int:

@@ -40,23 +40,45 @@ def run_worker(
         masks = share_pruned(model, None, str(fingerprint))
         pipeline.recover(specs.recover, recover_context(specs, launch, model, masks, tok))
         return {"metrics": {}}
-    ctx = PruneContext(
+    pipeline.prune(
+        specs.pruner, prune_context(specs, launch, model, tok, None, None, workdir, fingerprint)
+    )
+    return {"metrics": {}}
+
+
+def prune_context(
+    specs: Specs,
+    launch: Launch,
+    model,
+    tok,
+    calib,
+    allocation,
+    workdir,
+    fingerprint,
+    log=lambda metrics: None,
+) -> PruneContext:
+    """What a method gets: the asked-for targets, the resolved launch and the run's folder."""
+    return PruneContext(
         model,
         specs.sparsity,
         specs.pattern,
         specs.schedule,
         specs.device,
+        calib,
         tokenizer=tok,
         data=specs.data,
         seqlen=specs.model.seqlen,
+        log=log,
+        block_targets=allocation.targets if allocation else None,
         engine=launch.engine,
         offload=launch.offload,
+        inputs=launch.inputs,
+        calib_batch=launch.calib_batch,
+        fresh_model=lambda: load_model(specs.model, specs.seed)[0],
         workdir=workdir,
         fingerprint=fingerprint,
         checkpoint_every=specs.checkpoint_every,
     )
-    pipeline.prune(specs.pruner, ctx)
-    return {"metrics": {}}
 
 
 def recover_context(
@@ -129,26 +151,8 @@ def record_stages(
             )
         results.update(allocation=allocation.report)
 
-    ctx = PruneContext(
-        model,
-        specs.sparsity,
-        specs.pattern,
-        specs.schedule,
-        specs.device,
-        calib,
-        tokenizer=tok,
-        data=specs.data,
-        seqlen=specs.model.seqlen,
-        log=logger.log,
-        block_targets=allocation.targets if allocation else None,
-        engine=launch.engine,
-        offload=launch.offload,
-        inputs=launch.inputs,
-        calib_batch=launch.calib_batch,
-        fresh_model=lambda: load_model(specs.model, specs.seed)[0],
-        workdir=workdir,
-        fingerprint=fingerprint,
-        checkpoint_every=specs.checkpoint_every,
+    ctx = prune_context(
+        specs, launch, model, tok, calib, allocation, workdir, fingerprint, logger.log
     )
     results.update(
         engine=launch.engine,

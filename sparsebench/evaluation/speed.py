@@ -23,6 +23,7 @@ torch's semi-structured sparse tensors; that path is not built or measured here 
 from __future__ import annotations
 
 import functools
+import inspect
 import statistics
 import time
 import warnings
@@ -44,7 +45,10 @@ class SpeedSpec:
     enabled: bool = False
     batch_sizes: tuple[int, ...] = (1, 8)
     decode_tokens: int = option(16, ge=1)  # generated tokens per decode measurement
-    repeats: int = option(3, ge=1)  # measurements per figure; the median is reported
+    repeats: int = option(3, ge=1)  # decode measurements per figure; the median is reported
+    prefill_repeats: int = option(
+        1, ge=1
+    )  # prefill forwards (a sparse one at 50% takes seconds on a CPU)
     warmup: int = option(1, ge=0)
     kernels: tuple[str, ...] = field(
         default=KERNELS
@@ -188,7 +192,7 @@ def prefill_tps(model: nn.Module, vocab: int, batch: int, seqlen: int, spec: Spe
     return (
         batch
         * seqlen
-        / _median_s(lambda: model(input_ids=x, use_cache=False), spec.repeats, spec.warmup)
+        / _median_s(lambda: model(input_ids=x, use_cache=False), spec.prefill_repeats, 0)
     )
 
 
@@ -198,14 +202,16 @@ def decode_ms(model: nn.Module, vocab: int, batch: int, spec: SpeedSpec) -> floa
     from transformers import DynamicCache
 
     prompt = torch.randint(vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
+    # transformers 5.24 names the KV cache `cache` (`past_key_values` is deprecated)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def generate():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt, use_cache=True, **{key: cache})
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(spec.decode_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{key: cache})
             token = out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - start) / spec.decode_tokens
 
@@ -214,10 +220,12 @@ def decode_ms(model: nn.Module, vocab: int, batch: int, spec: SpeedSpec) -> floa
     return 1000 * statistics.median(generate() for _ in range(spec.repeats))
 
 
-def pick_kernel(linears: dict[str, nn.Linear], spec: SpeedSpec) -> tuple[str, dict[str, float]]:
-    """The fastest candidate at one token over the model's own pruned weights (each kernel
-    timed on every pruned linear in turn, side by side, after a warm-up)."""
-    x = {n: torch.randn(1, lin.in_features) for n, lin in linears.items()}
+def pick_kernel(
+    linears: dict[str, nn.Linear], spec: SpeedSpec, tokens: int = 1
+) -> tuple[str, dict[str, float]]:
+    """The fastest candidate for `tokens` input rows over the model's own pruned weights (each
+    kernel timed on every pruned linear in turn, side by side, after a warm-up)."""
+    x = {n: torch.randn(tokens, lin.in_features) for n, lin in linears.items()}
     totals = {}
     for kernel in spec.kernels:
         forms = {n: SparseWeight(lin.weight, kernel) for n, lin in linears.items()}
@@ -267,12 +275,15 @@ def measure(
     vocab = model.config.vocab_size
     linears = {n: model.get_submodule(n) for n in names}
     bandwidth = bandwidth_gbs()
-    kernel, kernels = pick_kernel(linears, spec)
+    kernel, kernels = pick_kernel(linears, spec)  # decode: one token at a time
+    prefill_kernel, prefill_kernels = pick_kernel(linears, spec, tokens=64)  # prefill: many rows
     dense_bytes = weight_bytes(model)
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
     probe = torch.randint(vocab, (1, min(seqlen, 64)), generator=torch.Generator().manual_seed(1))
     out: dict[str, Any] = {
         "kernel": kernel,
+        "prefill_kernel": prefill_kernel,
+        "kernels_64_tokens": prefill_kernels,
         "kernels_one_token": kernels,
         "bandwidth_gbs": round(bandwidth, 2),
         "pattern": pattern,
