@@ -10,7 +10,8 @@ chose them, so the table uses magnitude pruning (no calibration pass; any method
 Each config starts from the dense weights, is pruned through the library entry point
 (pipeline.prune_model, 64 calibration windows of 512 tokens) and measured by
 evaluation.speed.measure with the eval.speed defaults (batch 1 and 8, 16 decode tokens,
-decode the median of 3 after one warm-up, prefill one forward). Prints one JSON object per config, then a Markdown table.
+decode the median of 3 after one warm-up, prefill one forward). Prints one JSON object per
+config, then a Markdown table.
 """
 
 from __future__ import annotations
