@@ -14,7 +14,15 @@ import torch
 from .engine.shard import backend
 from .errors import SparsebenchError
 from .families import map_lines, model_map
-from .plan import build_plan, eval_placement, fit_verdict, fits, knobs_of, shapes_of
+from .plan import (
+    build_plan,
+    eval_placement,
+    fit_verdict,
+    fits,
+    inference_bytes,
+    knobs_of,
+    shapes_of,
+)
 from .registry import METHODS
 from .specs import Specs
 
@@ -111,6 +119,7 @@ def memory_plan(specs: Specs, world: int):
         ):  # the inputs do not fit the GPU beside the block: keep them on the host
             launch.inputs, plan = "host", host
     plan.model_map = model_map(meta)
+    plan.inference = inference_bytes(shapes, specs.sparsity)
     plan.eval = eval_placement(
         shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
     )
@@ -194,6 +203,12 @@ def dry_run(specs: Specs) -> dict[str, Any]:
             f"(world_size={specs.world_size} ignored)"
         )
     print("\n".join(map_lines(plan.model_map)))
+    inf = plan.inference
+    print(
+        f"inference: one decoded token reads {inf['dense'] / 2**30:.2f} GiB dense, "
+        f"{inf['bitmask'] / 2**30:.2f} GiB with the pruned weights as bitmask + values, "
+        f"{inf['csr_int16'] / 2**30:.2f} GiB as 16-bit-index CSR (docs/speed.md)"
+    )
     print(plan.table())
     ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
     print(f"verdict: {verdict}")

@@ -201,3 +201,26 @@ def test_eval_speed_from_the_cli_reaches_results_and_the_report(tmp_path):
     paths = report.write_report(tmp_path / "sweep")
     text = paths["markdown"].read_text()
     assert "decode x" in text and "MB (bitmask)" in text and paths["plot_speed"].is_file()
+
+
+def test_the_plan_states_each_forms_inference_bytes_as_the_run_measures_them():
+    """dry_run's inference bytes (plan/build.py) against the pruned model's own byte counts
+    (record.size_of): equal up to one weight per matrix (the plan rounds the kept count once
+    for the model, a method once per matrix)."""
+    from sparsebench.launch import memory_plan
+    from sparsebench.record import size_of
+    from sparsebench.specs import build_specs
+
+    from .conftest import compose
+
+    specs = build_specs(
+        compose(["model=tiny-llama", "logger=disabled", "sparsity=0.7", "method=magnitude"])
+    )
+    plan, _, _ = memory_plan(specs, 1)
+    model, _ = load_model(tiny_spec("llama"), seed=0)
+    prune_model(model, method="magnitude", sparsity=0.7, seqlen=64)
+    size = size_of(model)
+    matrices = len(prunable_linears(model))
+    assert plan.inference["dense"] == size["model_dense"]
+    assert abs(plan.inference["bitmask"] - size["model_bitmask"]) <= 4 * matrices
+    assert abs(plan.inference["csr_int16"] - size["model_csr_int16"]) <= 6 * matrices

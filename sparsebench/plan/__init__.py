@@ -47,7 +47,7 @@ the totals with the visible memory before loading and stops with one line naming
 options that would fit (`plan.enforce=false` runs anyway).
 """
 
-from .build import build_plan, eval_placement
+from .build import build_plan, eval_placement, inference_bytes
 from .fit import alternatives, check_fits, fit_verdict, fits, mem_available_gib, visible_memory
 from .shapes import ADAM8_BLOCK, FORMAT_BYTES, GIB, PHASES, Shapes, shapes_of
 from .terms import Knobs, Plan, PlanSpec, Terms, declared, knobs_of, recover_knobs
@@ -69,6 +69,7 @@ __all__ = [
     "eval_placement",
     "fit_verdict",
     "fits",
+    "inference_bytes",
     "knobs_of",
     "mem_available_gib",
     "recover_knobs",

@@ -238,3 +238,18 @@ def eval_placement(
         "weights_gib": round(weights, 3),
         "window_gib": round(window, 3),
     }
+
+
+def inference_bytes(s: Shapes, sparsity: float) -> dict[str, int]:
+    """Bytes one decoded token reads (every weight once) with the pruned weights in each form
+    (formats.py): dense in the model's dtype; bitmask (kept values + 1 bit per weight); CSR
+    with 16-bit column indices and 32-bit row pointers (evaluation/speed.py's csr16). The
+    weights that are not pruned stay dense in every form."""
+    b = s.dtype_bytes
+    rest = (s.params - s.prunable) * b
+    kept = round(s.prunable * (1 - sparsity))
+    return {
+        "dense": s.params * b,
+        "bitmask": rest + kept * b + s.prunable // 8,
+        "csr_int16": rest + kept * (b + 2) + (s.prunable_rows + s.blocks) * 4,
+    }

@@ -35,6 +35,7 @@ class Shapes:
     adam8_all: int = 0
     adam8_linears: int = 0
     adam8_embeddings: int = 0
+    prunable_rows: int = 0  # output rows of every pruned linear (CSR row pointers)
 
 
 # linears that read their parent's input: q/k/v, gate/up, and a fused projection's parts
@@ -74,6 +75,7 @@ def shapes_of(model: nn.Module) -> Shapes:
     return Shapes(
         params=params,
         prunable=sum(lin.weight.numel() for b in blocks for lin in find_linears(b).values()),
+        prunable_rows=sum(lin.out_features for b in blocks for lin in find_linears(b).values()),
         blocks=len(blocks),
         hidden=hidden,
         vocab=model.config.vocab_size,

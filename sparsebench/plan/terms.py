@@ -87,6 +87,9 @@ class Plan:
     )  # eval_placement: where evaluation puts the model
     rank0: set[str] = field(default_factory=set)  # terms only rank 0 holds (the final gather)
     model_map: dict[str, Any] = field(default_factory=dict)  # families.model_map: pruned and kept
+    inference: dict[str, int] = field(
+        default_factory=dict
+    )  # build.inference_bytes: each stored form
 
     def add(
         self, name: str, where: str, nbytes: float, phase: str = "always", rank0: bool = False
@@ -114,6 +117,7 @@ class Plan:
         k = self.knobs
         return {
             **({"model_map": self.model_map} if self.model_map else {}),
+            **({"inference_bytes": self.inference} if self.inference else {}),
             "engine": k.engine,
             "offload": k.offload,
             "calib_inputs": k.inputs,
