@@ -41,7 +41,7 @@ test-models: ## every tiny-<family> x every method from the CLI, save and reload
 golden: ## compare every method, recovery, OWL, N:M and FSDP2 run on the tiny model with tests/golden.json
 	$(PY) scripts/golden.py
 
-test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M (minutes)
+test-slow: ## real-model checks on SmolLM2-135M and Gemma-3-270M, the GPU script's CPU plumbing (minutes)
 	$(PY) -m pytest -q -m slow
 
 bench: ## the one-shot table of docs/results.md (history: docs/notes/) (about an hour on 2 CPU cores)

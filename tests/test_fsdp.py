@@ -458,6 +458,7 @@ def test_masked_finetuning_on_two_fsdp_ranks_matches_one_process(tmp_path):
     )
 
 
+@pytest.mark.slow  # 40 s of subprocesses (the GPU script's plumbing): `make test-slow`
 def test_the_prepared_gpu_script_runs_its_plumbing_on_the_cpu(tmp_path):
     """scripts/bench_scale_gpu.py --smoke: the offloaded Elsa-L part, the host-input one-shot
     part and the reference comparison (one window per forward, then four) on a tiny random
