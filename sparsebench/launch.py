@@ -103,9 +103,11 @@ def memory_plan(specs: Specs, world: int):
     launch (engine, inputs placement) is resolved on the way, the specs are not touched."""
     from .models import check_block_coverage, meta_model
 
-    meta = meta_model(specs.model)
-    check_block_coverage(meta)  # nothing of a block silently left dense (MoE experts, routers)
-    shapes = shapes_of(meta)
+    meta = meta_model(specs.model)  # cached per model spec, and so is what is read from it here
+    if not hasattr(meta, "sparsebench_read"):
+        check_block_coverage(meta)  # nothing of a block silently left dense (MoE experts, routers)
+        meta.sparsebench_read = (shapes_of(meta), model_map(meta))
+    shapes, mapped = meta.sparsebench_read
     launch = asked_launch(specs, world, resolve_engine(specs, world, shapes))
     plan = build_plan(specs.model.name, shapes, knobs_of(specs, launch))
     if (
@@ -118,7 +120,7 @@ def memory_plan(specs: Specs, world: int):
             host, specs.plan, specs.device
         ):  # the inputs do not fit the GPU beside the block: keep them on the host
             launch.inputs, plan = "host", host
-    plan.model_map = model_map(meta)
+    plan.model_map = mapped
     plan.inference = inference_bytes(shapes, specs.sparsity)
     plan.eval = eval_placement(
         shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
@@ -205,7 +207,7 @@ def dry_run(specs: Specs) -> dict[str, Any]:
     print("\n".join(map_lines(plan.model_map)))
     inf = plan.inference
     print(
-        f"inference: one decoded token reads {inf['dense'] / 2**30:.2f} GiB dense, "
+        f"inference: one decoded token reads {inf['dense_form'] / 2**30:.2f} GiB dense, "
         f"{inf['bitmask'] / 2**30:.2f} GiB with the pruned weights as bitmask + values, "
         f"{inf['csr_int16'] / 2**30:.2f} GiB as 16-bit-index CSR (docs/speed.md)"
     )

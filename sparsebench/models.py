@@ -264,7 +264,22 @@ def load_model(spec: ModelSpec, seed: int = 0):
 
 def meta_model(spec: ModelSpec):
     """The model's modules with shapes and dtypes but no storage (the memory plan's input).
-    Hub and local models read only their config; random ones their `arch`."""
+    Hub and local models read only their config; random ones their `arch`. Cached per spec:
+    planning reads it and never changes it (a 128-expert model has 18,000 expert linears)."""
+    import dataclasses
+
+    key = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    if key not in _META:
+        if len(_META) >= 4:
+            _META.pop(next(iter(_META)))
+        _META[key] = _build_meta_model(spec)
+    return _META[key]
+
+
+_META: dict[str, nn.Module] = {}  # the last few meta models, by spec
+
+
+def _build_meta_model(spec: ModelSpec):
     from transformers import AutoModelForCausalLM
 
     config = load_config(spec)

@@ -221,6 +221,6 @@ def test_the_plan_states_each_forms_inference_bytes_as_the_run_measures_them():
     prune_model(model, method="magnitude", sparsity=0.7, seqlen=64)
     size = size_of(model)
     matrices = len(prunable_linears(model))
-    assert plan.inference["dense"] == size["model_dense"]
+    assert plan.inference["dense_form"] == size["model_dense"]
     assert abs(plan.inference["bitmask"] - size["model_bitmask"]) <= 4 * matrices
     assert abs(plan.inference["csr_int16"] - size["model_csr_int16"]) <= 6 * matrices

@@ -249,7 +249,7 @@ def inference_bytes(s: Shapes, sparsity: float) -> dict[str, int]:
     rest = (s.params - s.prunable) * b
     kept = round(s.prunable * (1 - sparsity))
     return {
-        "dense": s.params * b,
+        "dense_form": s.params * b,
         "bitmask": rest + kept * b + s.prunable // 8,
         "csr_int16": rest + kept * (b + 2) + (s.prunable_rows + s.blocks) * 4,
     }
