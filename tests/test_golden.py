@@ -6,10 +6,10 @@ Exact where the recorded kernel environment is this one (same torch and transfor
 capability, BLAS dispatch, threads): a refactor that moves code changes no floating-point
 operation. Elsewhere a reduction may add in another order (docs/notes/2026-12-02-kernel-
 environment.md), so a calibration statistic may differ in its last bit and flip a tied mask
-entry; what no kernel changes is still exact there: a method's pruned count where it is the
-promised count per matrix (not SparseGPT's ties, not OWL's measured targets), and magnitude's
-masks, weights and the dense-side inputs they depend
-on (seeded weights, a sort of stored values).
+entry. Even the seeded initial weights depend on the kernels (torch's normal_ has vectorized
+paths per ATen capability: under `default` the tiny model's weights differ in their last bits),
+so no digest is compared there; what no kernel changes is still exact: a method's pruned count
+where it is the promised count per matrix (not SparseGPT's ties, not OWL's measured targets).
 """
 
 import json
@@ -25,7 +25,6 @@ sys.path.insert(
 import golden  # noqa: E402
 
 WANT = json.loads(golden.GOLDEN.read_text())
-KERNEL_FREE = {"magnitude"}  # masks and weights that no reduction decides
 # Pruned counts that depend on computed values: SparseGPT prunes every score up to a column
 # block's threshold (ties count), OWL's block targets come from measured outlier ratios.
 COUNT_COMPUTED = {"sparsegpt", "owl_wanda"}
@@ -44,8 +43,6 @@ def _compare(name: str, got: dict) -> None:
     assert got["prunable_params"] == want["prunable_params"], name
     if name not in COUNT_COMPUTED:
         assert got["pruned_params"] == want["pruned_params"], name
-    if name in KERNEL_FREE:
-        assert (got["masks"], got["weights"]) == (want["masks"], want["weights"]), name
 
 
 @pytest.mark.parametrize("name", list(golden.CASES))
