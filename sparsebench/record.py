@@ -260,17 +260,20 @@ def record_stages(
             )
         results.update(saved_model=str(folder))
 
+    placement = results.data["plan"]["eval"]
     if (
         specs.model.random_weights
     ):  # a measurement run: the perplexity of random weights is no result
         log.info("random weights (model.source=random): no quality evaluation")
+        if specs.eval.speed.enabled:  # speed depends on the kept count and pattern, not the values
+            place_for_eval(model, specs.device, placement, specs.plan.margin)
+            measure_speed(model, specs, results)
         results.update(
             memory=peak_memory(specs.device),
             evaluation="skipped: random weights",
             status="complete",
         )
         return results.data
-    placement = results.data["plan"]["eval"]
     place_for_eval(
         model, specs.device, placement, specs.plan.margin
     )  # one GPU, or a device map over several
@@ -291,27 +294,8 @@ def record_stages(
         logger.log({f"ppl/{name}": ppl})
         log.info("%s perplexity %.4f over %d windows of %d", name, ppl, windows, specs.model.seqlen)
 
-    if specs.eval.speed.enabled:  # dense and sparse kernels side by side (evaluation/speed.py)
-        from .evaluation.speed import measure
-
-        with timed(results, "eval_speed"):
-            speed = measure(
-                model,
-                list(prunable_linears(model)),
-                specs.model.seqlen,
-                specs.device,
-                str(specs.pattern),
-                specs.eval.speed,
-            )
-        results.update(speed=speed)
-        if "speedup" in speed:
-            log.info(
-                "speed (%s kernel): decode %s x, prefill %s x dense; floor %s x",
-                speed["kernel"],
-                speed["speedup"]["decode_b1"],
-                speed["speedup"]["prefill_b1"],
-                speed["speedup"]["floor"],
-            )
+    if specs.eval.speed.enabled:
+        measure_speed(model, specs, results)
 
     zs = specs.eval.zeroshot
     if zs.tasks:
@@ -371,6 +355,32 @@ def export_meta(specs: Specs, allocation, fingerprint: str, results: Results) ->
             "datasets": list(specs.eval.datasets),
         },
     }
+
+
+def measure_speed(model, specs, results) -> None:
+    """eval.speed: dense and sparse kernels side by side (evaluation/speed.py)."""
+    from .evaluation.speed import measure
+
+    with timed(results, "eval_speed"):
+        speed = measure(
+            model,
+            list(prunable_linears(model)),
+            specs.model.seqlen,
+            specs.device,
+            str(specs.pattern),
+            specs.eval.speed,
+        )
+    results.update(speed=speed)
+    if "speedup" in speed:
+        log.info(
+            "speed (%s kernel): decode %s x, prefill %s x dense; floor %s x",
+            speed["kernel"],
+            speed["speedup"]["decode_b1"],
+            speed["speedup"]["prefill_b1"],
+            speed["speedup"]["floor"],
+        )
+    else:
+        log.info("speed: %s (%s)", speed["skipped"], speed.get("not_run"))
 
 
 def size_of(model) -> dict[str, Any]:

@@ -4,6 +4,7 @@ export reloads to the same weights bit for bit, and the byte counts are the form
 arithmetic."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,16 @@ import torch
 from torch.nn import functional as F
 
 from sparsebench.data import DataSpec
-from sparsebench.evaluation.speed import KERNELS, SparseWeight, SpeedSpec, measure
+from sparsebench.evaluation.kernels import (
+    CSR16_MANY_FROM,
+    KERNELS,
+    SparseLinear,
+    SparseWeight,
+    kernels_for,
+    nm_violations,
+    unavailable,
+)
+from sparsebench.evaluation.speed import SpeedSpec, measure
 from sparsebench.formats import bitmask_state, load_bitmask, pack, sizes, unpack
 from sparsebench.models import ModelSpec, load_model, prunable_linears
 from sparsebench.pipeline import prune_model
@@ -22,7 +32,10 @@ from .numerics import gamma
 FAST = SpeedSpec(enabled=True, batch_sizes=(1, 2), decode_tokens=2, repeats=1, warmup=0)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+CPU_KERNELS = kernels_for(torch.device("cpu"), "unstructured")
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 def test_each_sparse_kernel_computes_the_linear_within_the_dot_product_bound(kernel):
     """y = x W^T over the kept weights, in any summation order:
     |y - y_dense| <= 2 gamma(K) sum |x| |w|."""
@@ -40,9 +53,10 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
     prune_model(model, method="magnitude", sparsity=0.9, seqlen=64)
     names = list(prunable_linears(model))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
-    assert out["kernel"] in KERNELS and set(out["kernels_one_token"]) == {"dense_ms"} | {
-        f"{k}_ms" for k in KERNELS
+    assert out["kernel"] in CPU_KERNELS and set(out["kernels_one_token"]) == {"dense_ms"} | {
+        f"{k}_ms" for k in CPU_KERNELS
     }
+    assert out["prefill_kernel"] in CPU_KERNELS and "not_run" not in out
     # every pruned linear ran sparse in every forward of the sparse measurements (none fell back)
     assert out["sparse"]["sparse_calls"] > 0 and out["sparse"]["sparse_calls"] % len(names) == 0
     # the logits agree to float32 rounding through two blocks (relative to their size)
@@ -55,6 +69,119 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
     assert all(
         not any(type(m).__name__ == "SparseLinear" for m in model.modules()) for _ in [0]
     )  # swapped back
+
+
+def test_the_candidates_follow_the_device_and_the_pattern():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name needs no GPU
+    assert CPU_KERNELS == ("torch_csr", "scipy_csr", "csr16") == kernels_for(cpu, "2:4")
+    assert kernels_for(cuda, "unstructured") == ("torch_csr",) == kernels_for(cuda, "4:8")
+    assert kernels_for(cuda, "2:4") == ("torch_csr", "semi_structured")
+    assert set(KERNELS) == set(CPU_KERNELS) | {"semi_structured"}
+
+
+def test_nm_violations_counts_the_groups_that_keep_too_many():
+    w = torch.tensor(
+        [
+            [1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0],  # 2 + 1 nonzeros: valid
+            [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # 3 in the first group
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0],  # 4 and 3
+        ]
+    )
+    assert nm_violations(w, 2, 4) == 3 and nm_violations(w[:1], 2, 4) == 0
+    assert nm_violations(w, 4, 8) == 1  # only row 2 keeps more than 4 of its 8
+    assert nm_violations(torch.ones(2, 6), 2, 4) == 4  # 6 columns: groups of 4 do not fit
+
+
+def _two_four(rows, cols, dtype=torch.float32):
+    w = torch.randn(rows, cols).to(dtype)
+    w.view(rows, cols // 4, 4)[:, :, :2] = 0
+    return w
+
+
+def test_semi_structured_is_refused_with_the_reason_before_anything_is_converted():
+    """torch's 2:4 compression keeps two of every four without checking: a weight that is not
+    really 2:4 would be pruned further and timed as if it were the model. Each refusal names
+    the weight and the reason; the CPU never offers the kernel."""
+    cuda = torch.device("cuda")
+    good = {"a.q": _two_four(64, 128, torch.bfloat16)}
+    assert unavailable("semi_structured", cuda, "2:4", good) is None
+    assert "run 2:4 only, not 4:8" in unavailable("semi_structured", cuda, "4:8", good)
+    bad = _two_four(64, 128, torch.bfloat16)
+    bad[3, 0] = 1.0  # three nonzeros in one group of row 3
+    why = unavailable("semi_structured", cuda, "2:4", {**good, "a.k": bad})
+    assert why == "a.k has 1 groups of 4 with more than 2 nonzeros"
+    why = unavailable("semi_structured", cuda, "2:4", {"a.v": _two_four(48, 128, torch.float16)})
+    assert why == "a.v (48, 128) is not a multiple of (32, 64) for torch.float16"
+    why = unavailable("semi_structured", cuda, "2:4", {"a.o": _two_four(64, 64, torch.float64)})
+    assert why.startswith("a.o is torch.float64")
+    assert "runs on cuda" in unavailable("semi_structured", torch.device("cpu"), "2:4", good)
+    assert "runs on cpu" in unavailable("csr16", cuda, "2:4", good)
+    wide = {"lm": torch.zeros(2, 65537)}
+    assert "65536 columns" in unavailable("csr16", torch.device("cpu"), "unstructured", wide)
+
+
+def test_csr16s_two_kernels_give_the_same_bits():
+    """`few` (one pass per token) and `many` (indices read once for all tokens) sum each
+    output's kept products in the same column order: equal bit for bit, row by row."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 96, generator=g)
+    w[torch.rand(40, 96, generator=g) < 0.7] = 0
+    x = torch.randn(2 * CSR16_MANY_FROM + 1, 96, generator=g)
+    form = SparseWeight(w, "csr16")
+    together = form(x)  # the `many` kernel
+    alone = torch.cat([form(x[i : i + 1]) for i in range(x.shape[0])])  # the `few` kernel
+    assert torch.equal(together, alone)
+
+
+class _Spy:
+    """Stands for a SparseWeight and says which kernel ran."""
+
+    def __init__(self, form, used):
+        self.form, self.used, self.bytes = form, used, form.bytes
+
+    def __call__(self, x):
+        self.used.append(self.form.kernel)
+        return self.form(x)
+
+
+def test_a_sparse_linear_runs_its_prefill_form_from_rows_many_rows():
+    lin = torch.nn.Linear(32, 16, bias=True)
+    with torch.no_grad():
+        lin.weight[torch.rand(16, 32) < 0.5] = 0
+    sparse = SparseLinear(lin, "csr16", "torch_csr", rows_many=4)
+    assert sparse.bytes == sparse.decode.bytes  # a decoded token reads the decode form
+    used = []
+    sparse.decode, sparse.prefill = _Spy(sparse.decode, used), _Spy(sparse.prefill, used)
+    for rows in (3, 4):  # (1, rows, 32): rows x 1 tokens
+        x = torch.randn(1, rows, 32)
+        y = sparse(x)
+        assert y.shape == (1, rows, 16) and torch.allclose(y, lin(x), atol=1e-5)
+    assert used == ["csr16", "torch_csr"] and sparse.calls == 2
+
+
+def test_asked_kernels_that_cannot_run_are_named_and_none_is_timed_as_sparse():
+    model, _ = load_model(tiny_spec("llama"), seed=0)
+    prune_model(model, method="magnitude", sparsity=0.5, pattern="2:4", seqlen=64)
+    names = list(prunable_linears(model))
+    spec = SpeedSpec(enabled=True, kernels=("semi_structured",), batch_sizes=(1,), repeats=1)
+    out = measure(model, names, 32, torch.device("cpu"), "2:4", spec)
+    assert (
+        set(out) == {"skipped", "not_run"} and "runs on cuda" in out["not_run"]["semi_structured"]
+    )
+    out = measure(
+        model,
+        names,
+        32,
+        torch.device("cpu"),
+        "2:4",
+        replace(FAST, kernels=spec.kernels + ("scipy_csr",)),
+    )
+    assert out["kernel"] == out["prefill_kernel"] == "scipy_csr" and out["sparse"]["sparse_calls"]
+    assert list(out["not_run"]) == ["semi_structured"]
+    assert (
+        out["note"]
+        == "no 2:4 kernel on cpu: its masks run through the unstructured scipy_csr kernel"
+    )
 
 
 def test_pack_and_unpack_give_the_same_weight_bit_for_bit():
@@ -224,3 +351,35 @@ def test_the_plan_states_each_forms_inference_bytes_as_the_run_measures_them():
     assert plan.inference["dense_form"] == size["model_dense"]
     assert abs(plan.inference["bitmask"] - size["model_bitmask"]) <= 4 * matrices
     assert abs(plan.inference["csr_int16"] - size["model_csr_int16"]) <= 6 * matrices
+
+
+def test_a_7b_bitmask_export_at_half_sparsity_is_at_most_055x_dense():
+    """The export's bytes are the plan's (the test above: the plan counts what the run counts;
+    the file test: a file is those bytes plus its header). Llama-2-7B in float32 keeps its
+    embedding and lm_head (3.9% of its weights) dense: (0.039 + 0.961 x 0.53) = 0.549x."""
+    from sparsebench.launch import memory_plan
+    from sparsebench.specs import build_specs
+
+    from .conftest import compose
+
+    overrides = ["model=llama2-7b", "model.source=random", "model.dtype=float32", "sparsity=0.5"]
+    plan, _, _ = memory_plan(build_specs(compose(overrides + ["logger=disabled"])), 1)
+    ratio = plan.inference["bitmask"] / plan.inference["dense_form"]
+    assert 0.54 < ratio <= 0.55, ratio
+
+
+def test_random_weights_skip_quality_but_not_speed(tmp_path):
+    """model.source=random (a full-size architecture with no download: the GPU speed part of
+    scripts/bench_scale_gpu.py) has no perplexity, but its speed is a measurement."""
+    from sparsebench import cli
+
+    argv = ["model=tiny-llama", "model.source=random", "logger=disabled", "method=magnitude"]
+    argv += ["sparsity=0.5", "pattern=2:4", "eval.speed.enabled=true", "eval.speed.repeats=1"]
+    argv += ["eval.speed.batch_sizes=[1]", "eval.speed.decode_tokens=2", "eval.speed.warmup=0"]
+    try:
+        cli.main(argv + [f"hydra.run.dir={tmp_path}"])
+    except SystemExit as err:
+        assert not err.code
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["evaluation"] == "skipped: random weights" and "wikitext2" not in res["metrics"]
+    assert res["speed"]["sparse"]["sparse_calls"] > 0 and res["speed"]["pattern"] == "2:4"

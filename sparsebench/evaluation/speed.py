@@ -2,42 +2,46 @@
 every pruned linear run by the dense kernel and by a sparse kernel, side by side in one run,
 beside the floor that memory bandwidth sets (`eval.speed.enabled=true`; on in `eval=full`).
 
-Measurements (the model's own forward, `torch.no_grad`, after `warmup` runs, median of
-`repeats`):
+Measurements (the model's own forward on the run's device, `torch.no_grad`, after `warmup`
+runs, median of `repeats`; CUDA work is synchronized before each clock read):
   prefill  tokens/s of one forward of `batch` windows of the protocol's seqlen
   decode   ms per generated token with the KV cache (transformers' DynamicCache), `batch`
            sequences after a 16-token prompt, `decode_tokens` steps
   floor    for decode: the bytes one token reads (every weight once, in the form used) over the
-           machine's memory bandwidth, measured in the same run by a copy benchmark (bytes read
+           device's memory bandwidth, measured in the same run by a copy benchmark (bytes read
            + written / time); measured / floor says how much of the possible gain a kernel gets.
 
-Sparse kernels on the CPU (`kernels`, each timed at the model's own shapes for one token; the
-fastest is kept for the model and the table says why): torch's CSR (`torch.sparse.mm`, 64-bit
-indices), scipy.sparse CSR (int32 indices), and `csr16`, a numba kernel of this file over
-CSR with 16-bit column indices and 32-bit row pointers, rows in parallel. There is no 2:4
-kernel on the CPU: a 2:4 model's masks run through the same unstructured kernels, and the
-table says so; no dense fallback is ever timed as sparse. On CUDA, 2:4 would run through
-torch's semi-structured sparse tensors; that path is not built or measured here (no GPU run).
+The sparse kernels are kernels.py's. Every candidate that applies to the device and pattern
+is timed on the model's own pruned weights at one token and at 64 tokens; the fastest at one
+token runs inputs of fewer than `rows_many` (2) rows, i.e. decode of one sequence, the
+fastest at 64 every larger input (prefill, decode of several sequences); the timings are
+recorded. There is no 2:4 kernel on the CPU: a 2:4 model's masks run through the
+unstructured kernels there, and results.json says so; no dense fallback is ever timed as
+sparse. On CUDA, 2:4 runs through torch's semi-structured sparse tensors.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..registry import option
-
-KERNELS = ("torch_csr", "scipy_csr", "csr16")
+from .kernels import (
+    KERNELS,
+    SparseLinear,
+    SparseWeight,
+    kernels_for,
+    swap_in,
+    swap_out,
+    unavailable,
+)
 
 
 @dataclass
@@ -50,158 +54,75 @@ class SpeedSpec:
         1, ge=1
     )  # prefill forwards (a sparse one at 50% takes seconds on a CPU)
     warmup: int = option(1, ge=0)
-    kernels: tuple[str, ...] = field(
-        default=KERNELS
-    )  # candidates; the fastest at one token is kept
+    # candidates (empty: every kernel that applies to the device and pattern); the fastest
+    # at one token runs decode, the fastest at 64 tokens prefill
+    kernels: tuple[str, ...] = field(default=())
+    # inputs of this many rows and more (prefill, decode of several sequences) run the kernel
+    # picked at 64 tokens, fewer the one picked at one token
+    rows_many: int = option(2, ge=1)
 
     def __post_init__(self):
         from ..errors import SparsebenchError
 
         self.batch_sizes, self.kernels = tuple(self.batch_sizes), tuple(self.kernels)
         bad = [k for k in self.kernels if k not in KERNELS]
-        if bad or not self.kernels:
+        if bad:
             raise SparsebenchError(
-                f"eval.speed.kernels has {bad or 'nothing'}; valid: {', '.join(KERNELS)}"
+                f"eval.speed.kernels has {bad}; valid: {', '.join(KERNELS)} "
+                "(or [] for every one that applies)"
             )
-
-
-# ----------------------------------------------------------------------------- kernels
-
-
-@functools.lru_cache(maxsize=None)
-def _csr16_kernel():
-    """y[t, r] = sum_j values[j] * x[t, cols[j]] over row r's nonzeros (numba, rows in parallel)."""
-    import numba
-
-    @numba.njit(parallel=True, fastmath=False, cache=True)
-    def spmm(indptr, cols, values, x, y):
-        rows = indptr.shape[0] - 1
-        for r in numba.prange(rows):
-            start, end = indptr[r], indptr[r + 1]
-            for t in range(x.shape[0]):
-                acc = np.float32(0.0)
-                for j in range(start, end):
-                    acc += values[j] * x[t, cols[j]]
-                y[t, r] = acc
-
-    return spmm
-
-
-class SparseWeight:
-    """A pruned weight in one sparse form, applied to (tokens, in) float32 inputs on the CPU."""
-
-    def __init__(self, weight: torch.Tensor, kernel: str):
-        w = weight.detach().float().cpu()
-        self.kernel, self.out_features = kernel, w.shape[0]
-        if kernel == "torch_csr":
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": said once here
-                warnings.simplefilter("ignore")
-                self.csr = w.to_sparse_csr()
-            self.bytes = (
-                self.csr.values().numel() * 4
-                + (self.csr.col_indices().numel() + w.shape[0] + 1) * 8
-            )
-        else:
-            import scipy.sparse
-
-            sp = scipy.sparse.csr_matrix(w.numpy())
-            if kernel == "scipy_csr":
-                self.sp = sp
-                self.bytes = sp.data.nbytes + sp.indices.nbytes + sp.indptr.nbytes
-            else:
-                assert w.shape[1] <= 65536, "16-bit column indices"
-                self.indptr = sp.indptr.astype(np.int32)
-                self.cols = sp.indices.astype(np.uint16)
-                self.values = sp.data.astype(np.float32)
-                self.spmm = _csr16_kernel()
-                self.bytes = self.values.nbytes + self.cols.nbytes + self.indptr.nbytes
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch_csr":
-            return torch.sparse.mm(self.csr, x.t()).t()
-        xs = np.ascontiguousarray(x.numpy())
-        if self.kernel == "scipy_csr":
-            return torch.from_numpy(np.ascontiguousarray((self.sp @ xs.T).T))
-        y = np.empty((xs.shape[0], self.out_features), dtype=np.float32)
-        self.spmm(self.indptr, self.cols, self.values, xs, y)
-        return torch.from_numpy(y)
-
-
-class SparseLinear(nn.Module):
-    """A pruned nn.Linear whose product runs by a sparse kernel; counts its calls (a test can
-    assert the sparse kernel really ran)."""
-
-    def __init__(self, linear: nn.Linear, kernel: str):
-        super().__init__()
-        self.sparse = SparseWeight(linear.weight, kernel)
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        shape = x.shape
-        y = self.sparse(x.reshape(-1, shape[-1]).float()).reshape(*shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
-
-
-def swap_in(model: nn.Module, names: list[str], kernel: str) -> dict[str, nn.Linear]:
-    """Replace the named linears by SparseLinear in place; returns the originals (swap_out)."""
-    originals = {}
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        originals[name] = getattr(parent, attr)
-        setattr(parent, attr, SparseLinear(originals[name], kernel))
-    return originals
-
-
-def swap_out(model: nn.Module, originals: dict[str, nn.Linear]) -> None:
-    for name, linear in originals.items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, linear)
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def _median_s(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _median_s(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock(device)
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(_clock(device) - start)
     return statistics.median(times)
 
 
-def bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth of this machine now: a copy of `mib` MiB, bytes read + written / time."""
-    a = torch.ones(mib * 2**20 // 4)
+def bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
+    """Memory bandwidth of the device now: a copy (256 MiB on the CPU, 2 GiB on a GPU, well
+    beyond its caches), bytes read + written / time."""
+    mib = 2048 if device.type == "cuda" else 256
+    a = torch.ones(mib * 2**20 // 4, device=device)
     b = torch.empty_like(a)
-    t = _median_s(lambda: b.copy_(a), repeats, 1)
-    return 2 * a.numel() * 4 / t / 1e9
+    t = _median_s(lambda: b.copy_(a), repeats, 1, device)
+    return 2 * mib * 2**20 / t / 1e9
+
+
+def _tokens(vocab: int, shape: tuple[int, int], device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab, shape, generator=g).to(device)
 
 
 @torch.no_grad()
-def prefill_tps(model: nn.Module, vocab: int, batch: int, seqlen: int, spec: SpeedSpec) -> float:
-    x = torch.randint(vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
-    return (
-        batch
-        * seqlen
-        / _median_s(lambda: model(input_ids=x, use_cache=False), spec.prefill_repeats, 0)
-    )
+def prefill_tps(model: nn.Module, batch: int, seqlen: int, spec: SpeedSpec) -> float:
+    device = model.get_input_embeddings().weight.device
+    x = _tokens(model.config.vocab_size, (batch, seqlen), device, 0)
+    forward = lambda: model(input_ids=x, use_cache=False)  # noqa: E731
+    return batch * seqlen / _median_s(forward, spec.prefill_repeats, 0, device)
 
 
 @torch.no_grad()
-def decode_ms(model: nn.Module, vocab: int, batch: int, spec: SpeedSpec) -> float:
+def decode_ms(model: nn.Module, batch: int, spec: SpeedSpec) -> float:
     """Median ms per generated token (greedy, with the KV cache) after a 16-token prompt."""
     from transformers import DynamicCache
 
-    prompt = torch.randint(vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
+    device = model.get_input_embeddings().weight.device
+    prompt = _tokens(model.config.vocab_size, (batch, 16), device, 0)
     # transformers 5.24 names the KV cache `cache` (`past_key_values` is deprecated)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -209,11 +130,11 @@ def decode_ms(model: nn.Module, vocab: int, batch: int, spec: SpeedSpec) -> floa
         cache = DynamicCache(config=model.config)
         out = model(input_ids=prompt, use_cache=True, **{key: cache})
         token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
+        start = _clock(device)
         for _ in range(spec.decode_tokens):
             out = model(input_ids=token, use_cache=True, **{key: cache})
             token = out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - start) / spec.decode_tokens
+        return (_clock(device) - start) / spec.decode_tokens
 
     for _ in range(spec.warmup):
         generate()
@@ -221,22 +142,24 @@ def decode_ms(model: nn.Module, vocab: int, batch: int, spec: SpeedSpec) -> floa
 
 
 def pick_kernel(
-    linears: dict[str, nn.Linear], spec: SpeedSpec, tokens: int = 1
+    linears: dict[str, nn.Linear], kernels: tuple[str, ...], spec: SpeedSpec, tokens: int
 ) -> tuple[str, dict[str, float]]:
-    """The fastest candidate for `tokens` input rows over the model's own pruned weights (each
-    kernel timed on every pruned linear in turn, side by side, after a warm-up)."""
-    x = {n: torch.randn(tokens, lin.in_features) for n, lin in linears.items()}
-    totals = {}
-    for kernel in spec.kernels:
-        forms = {n: SparseWeight(lin.weight, kernel) for n, lin in linears.items()}
-        totals[kernel] = _median_s(
-            lambda: [forms[n](x[n]) for n in forms], spec.repeats, max(1, spec.warmup)
+    """The fastest of `kernels` for `tokens` input rows over the model's own pruned weights
+    (each kernel timed on every pruned linear in turn, side by side with the dense product,
+    after a warm-up)."""
+    device = next(iter(linears.values())).weight.device
+    x = {
+        n: torch.randn(tokens, lin.in_features, generator=torch.Generator().manual_seed(2)).to(
+            device, lin.weight.dtype
         )
-    dense_s = _median_s(
-        lambda: [F.linear(x[n], lin.weight.float()) for n, lin in linears.items()],
-        spec.repeats,
-        max(1, spec.warmup),
-    )
+        for n, lin in linears.items()
+    }
+    timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup), device)  # noqa: E731
+    totals = {}
+    for kernel in kernels:
+        forms = {n: SparseWeight(lin.weight, kernel) for n, lin in linears.items()}
+        totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
+    dense_s = timed(lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
     best = min(totals, key=totals.get)
     return best, {
         "dense_ms": round(1000 * dense_s, 3),
@@ -255,6 +178,16 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+def candidates(
+    linears: dict[str, nn.Linear], device: torch.device, pattern: str, spec: SpeedSpec
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The kernels to time (asked, or every one that applies) and why each other one is not."""
+    weights = {n: lin.weight.detach() for n, lin in linears.items()}
+    asked = spec.kernels or kernels_for(device, pattern)
+    reasons = {k: unavailable(k, device, pattern, weights) for k in asked}
+    return tuple(k for k in asked if reasons[k] is None), {k: r for k, r in reasons.items() if r}
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -267,46 +200,51 @@ def measure(
     """Dense and sparse prefill / decode of `model` with its pruned linears `names`, the
     bandwidth floor beside them, and the check that the sparse model computes the dense one's
     logits (results.json `speed`)."""
-    if device.type != "cpu":
-        return {
-            "skipped": "the sparse kernels here run on the CPU; CUDA (2:4 semi-structured) is not "
-            "built or measured yet"
-        }
-    vocab = model.config.vocab_size
     linears = {n: model.get_submodule(n) for n in names}
-    bandwidth = bandwidth_gbs()
-    kernel, kernels = pick_kernel(linears, spec)  # decode: one token at a time
-    prefill_kernel, prefill_kernels = pick_kernel(linears, spec, tokens=64)  # prefill: many rows
+    kernels, not_run = candidates(linears, device, pattern, spec)
+    if not kernels:
+        return {"skipped": "no sparse kernel can run this model here", "not_run": not_run}
+    bandwidth = bandwidth_gbs(device)
+    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1)
+    prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64)
     dense_bytes = weight_bytes(model)
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
-    probe = torch.randint(vocab, (1, min(seqlen, 64)), generator=torch.Generator().manual_seed(1))
+    probe = _tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)
     out: dict[str, Any] = {
+        "device": device.type,
         "kernel": kernel,
         "prefill_kernel": prefill_kernel,
-        "kernels_64_tokens": prefill_kernels,
-        "kernels_one_token": kernels,
+        "rows_many": spec.rows_many,
+        "kernels_one_token": kernels_one,
+        "kernels_64_tokens": kernels_many,
         "bandwidth_gbs": round(bandwidth, 2),
         "pattern": pattern,
         "threads": torch.get_num_threads(),
     }
-    if ":" in pattern:
+    if not_run:
+        out["not_run"] = not_run
+    if ":" in pattern and "semi_structured" not in kernels:
         out["note"] = (
-            f"no {pattern} kernel on the CPU: its masks run through the unstructured {kernel} "
-            "kernel"
+            f"no {pattern} kernel on {device.type}: its masks run through the unstructured "
+            f"{kernel} kernel"
         )
-    dense_logits = model(input_ids=probe, use_cache=False).logits
+    dense_logits = model(input_ids=probe, use_cache=False).logits.float()
     for mode in ("dense", "sparse"):
-        originals = swap_in(model, names, kernel) if mode == "sparse" else {}
+        originals = (
+            swap_in(model, names, kernel, prefill_kernel, spec.rows_many)
+            if mode == "sparse"
+            else {}
+        )
         try:
             stats: dict[str, Any] = {}
             for b in spec.batch_sizes:
-                stats[f"prefill_tps_b{b}"] = round(prefill_tps(model, vocab, b, seqlen, spec), 2)
-                stats[f"decode_ms_b{b}"] = round(decode_ms(model, vocab, b, spec), 3)
+                stats[f"prefill_tps_b{b}"] = round(prefill_tps(model, b, seqlen, spec), 2)
+                stats[f"decode_ms_b{b}"] = round(decode_ms(model, b, spec), 3)
             if mode == "sparse":
                 sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
                 stats["sparse_calls"] = sum(m.calls for m in sparse)
-                read = dense_bytes - pruned_dense + sum(m.sparse.bytes for m in sparse)
-                logits = model(input_ids=probe, use_cache=False).logits
+                read = dense_bytes - pruned_dense + sum(m.bytes for m in sparse)
+                logits = model(input_ids=probe, use_cache=False).logits.float()
                 stats["logits_max_abs_diff"] = float((logits - dense_logits).abs().max())
                 stats["logits_max_abs"] = float(dense_logits.abs().max())
             else:
