@@ -260,6 +260,7 @@ def test_a_run_ends_with_its_summary_and_one_wandb_line(tmp_path):
     table = "\n".join(lines)
     assert f"| wikitext2 | {rec['metrics']['wikitext2']:>10.4f} |" in table
     assert "sparsity: target 0.5, actual 0.500000" in table and "Traceback" not in proc.stderr
+    assert f"bitmask + values ({rec['size']['bitmask_over_dense']:.2f}x; save.format" in table
 
 
 def test_eval_full_prints_the_zero_shot_table(tmp_path):

@@ -383,3 +383,32 @@ def test_random_weights_skip_quality_but_not_speed(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["evaluation"] == "skipped: random weights" and "wikitext2" not in res["metrics"]
     assert res["speed"]["sparse"]["sparse_calls"] > 0 and res["speed"]["pattern"] == "2:4"
+
+
+def test_the_end_of_run_summary_says_what_the_sparsity_bought(tmp_path):
+    from sparsebench.records.summary import run_summary
+
+    speed = {
+        "device": "cpu",
+        "kernel": "csr16",
+        "prefill_kernel": "torch_csr",
+        "dense": {"decode_ms_b1": 34.94},
+        "sparse": {"decode_ms_b1": 27.21},
+        "speedup": {"decode_b1": 1.284, "prefill_b1": 0.848, "floor": 3.028},
+    }
+    size = {
+        "pruned_weights": {"weights": 10, "nonzero": 1},
+        "model_dense": 538_000_000,
+        "model_bitmask": 169_000_000,
+        "bitmask_over_dense": 0.3143,
+    }
+    text = run_summary({"speed": speed, "size": size}, tmp_path / "results.json")
+    assert (
+        "speed (cpu, csr16 / torch_csr): decode 34.9 -> 27.2 ms/token (1.28x dense; the "
+        "bandwidth floor allows 3.03x), prefill 0.85x dense" in text
+    )
+    assert "size: 538 MB dense, 169 MB with the pruned weights as bitmask + values (0.31x" in text
+    skipped = {"skipped": "no sparse kernel can run this model here", "not_run": {}}
+    dense = {**size, "pruned_weights": {"weights": 10, "nonzero": 10}}  # nothing pruned
+    text = run_summary({"speed": skipped, "size": dense}, tmp_path / "results.json")
+    assert "speed: no sparse kernel can run this model here" in text and "size:" not in text

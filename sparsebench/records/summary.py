@@ -89,6 +89,7 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
                 else ""
             )
         )
+    lines += _speed_lines(res.get("speed") or {}, res.get("size") or {})
     times = res.get("timings_s") or {}
     if times:
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
@@ -104,6 +105,29 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     lines += list(extra)
     lines.append(f"results: {results_path}")
     return "\n".join(lines)
+
+
+def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
+    """What the sparsity bought (eval.speed, results.json size), in two lines."""
+    lines = []
+    if "speedup" in speed:
+        d, s, x = speed["dense"], speed["sparse"], speed["speedup"]
+        lines.append(
+            f"speed ({speed['device']}, {speed['kernel']} / {speed['prefill_kernel']}): decode "
+            f"{d['decode_ms_b1']:.1f} -> {s['decode_ms_b1']:.1f} ms/token ({x['decode_b1']:.2f}x "
+            f"dense; the bandwidth floor allows {x['floor']:.2f}x), prefill "
+            f"{x['prefill_b1']:.2f}x dense"
+        )
+    elif "skipped" in speed:
+        lines.append(f"speed: {speed['skipped']}")
+    pruned = size.get("pruned_weights") or {}
+    if size.get("bitmask_over_dense") and pruned.get("nonzero", 0) < pruned.get("weights", 0):
+        dense_mb, bitmask_mb = size["model_dense"] / 1e6, size["model_bitmask"] / 1e6
+        lines.append(
+            f"size: {dense_mb:,.0f} MB dense, {bitmask_mb:,.0f} MB with the pruned weights as "
+            f"bitmask + values ({size['bitmask_over_dense']:.2f}x; save.format=bitmask)"
+        )
+    return lines
 
 
 def sweep_summary(
