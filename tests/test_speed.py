@@ -16,9 +16,9 @@ from sparsebench.evaluation.kernels import (
     CSR16_MANY_FROM,
     KERNELS,
     SparseLinear,
-    SparseWeight,
     kernels_for,
     nm_violations,
+    sparse_form,
     unavailable,
 )
 from sparsebench.evaluation.speed import SpeedSpec, measure
@@ -43,7 +43,7 @@ def test_each_sparse_kernel_computes_the_linear_within_the_dot_product_bound(ker
     w = torch.randn(48, 80, generator=g)
     w[torch.rand(48, 80, generator=g) < 0.8] = 0  # 80% zeros, rows of different counts
     x = torch.randn(5, 80, generator=g)
-    got = SparseWeight(w, kernel)(x)
+    got = sparse_form(w, kernel)(x)
     bound = 2 * gamma(80) * (x.abs() @ w.abs().t())
     assert got.shape == (5, 48) and bool(((got - F.linear(x, w)).abs() <= bound).all())
 
@@ -105,7 +105,7 @@ def test_semi_structured_is_refused_with_the_reason_before_anything_is_converted
     cuda = torch.device("cuda")
     good = {"a.q": _two_four(64, 128, torch.bfloat16)}
     assert unavailable("semi_structured", cuda, "2:4", good) is None
-    assert "run 2:4 only, not 4:8" in unavailable("semi_structured", cuda, "4:8", good)
+    assert "runs 2:4 only, not 4:8" in unavailable("semi_structured", cuda, "4:8", good)
     bad = _two_four(64, 128, torch.bfloat16)
     bad[3, 0] = 1.0  # three nonzeros in one group of row 3
     why = unavailable("semi_structured", cuda, "2:4", {**good, "a.k": bad})
@@ -127,20 +127,20 @@ def test_csr16s_two_kernels_give_the_same_bits():
     w = torch.randn(40, 96, generator=g)
     w[torch.rand(40, 96, generator=g) < 0.7] = 0
     x = torch.randn(2 * CSR16_MANY_FROM + 1, 96, generator=g)
-    form = SparseWeight(w, "csr16")
+    form = sparse_form(w, "csr16")
     together = form(x)  # the `many` kernel
     alone = torch.cat([form(x[i : i + 1]) for i in range(x.shape[0])])  # the `few` kernel
     assert torch.equal(together, alone)
 
 
 class _Spy:
-    """Stands for a SparseWeight and says which kernel ran."""
+    """Stands for a sparse form and says which kernel ran."""
 
     def __init__(self, form, used):
         self.form, self.used, self.bytes = form, used, form.bytes
 
     def __call__(self, x):
-        self.used.append(self.form.kernel)
+        self.used.append(self.form.name)
         return self.form(x)
 
 

@@ -21,19 +21,13 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEVICES = {
-    "torch_csr": ("cpu", "cuda"),
-    "scipy_csr": ("cpu",),
-    "csr16": ("cpu",),
-    "semi_structured": ("cuda",),
-}
-KERNELS = tuple(DEVICES)
 # The 2:4 tensor's rows and columns must be multiples of these, per dtype: the stricter of
 # torch 2.13's two backends (CUTLASS; cuSPARSELt asks 16 x 16 for half types and has no float32).
 SEMI_STRUCTURED_MULTIPLES = {
@@ -41,15 +35,6 @@ SEMI_STRUCTURED_MULTIPLES = {
     torch.bfloat16: (32, 64),
     torch.float32: (32, 32),
 }
-
-
-def kernels_for(device: torch.device, pattern: str) -> tuple[str, ...]:
-    """The candidates that apply to a device and pattern (the default of eval.speed.kernels)."""
-    return tuple(
-        k
-        for k in KERNELS
-        if device.type in DEVICES[k] and (k != "semi_structured" or pattern == "2:4")
-    )
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
@@ -61,31 +46,78 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     return int(((weight.reshape(rows, cols // m, m) != 0).sum(-1) > n).sum())
 
 
-def unavailable(
-    kernel: str, device: torch.device, pattern: str, weights: dict[str, torch.Tensor]
-) -> str | None:
-    """Why `kernel` cannot run these pruned weights on `device` (None: it can)."""
-    if device.type not in DEVICES[kernel]:
-        return f"{kernel} runs on {' and '.join(DEVICES[kernel])}, the model is on {device.type}"
-    if kernel == "csr16":
-        wide = [n for n, w in weights.items() if w.shape[1] > 65536]
-        if wide:
-            return f"{wide[0]} has more than 65536 columns (16-bit indices)"
-    if kernel == "semi_structured":
-        if pattern != "2:4":
-            return f"semi-structured sparse tensors run 2:4 only, not {pattern}"
-        for name, w in weights.items():
-            multiple = SEMI_STRUCTURED_MULTIPLES.get(w.dtype)
-            if multiple is None:
-                return (
-                    f"{name} is {w.dtype}; 2:4 runs {sorted(map(str, SEMI_STRUCTURED_MULTIPLES))}"
-                )
-            if w.shape[0] % multiple[0] or w.shape[1] % multiple[1]:
-                return f"{name} {tuple(w.shape)} is not a multiple of {multiple} for {w.dtype}"
-            bad = nm_violations(w, 2, 4)
-            if bad:
-                return f"{name} has {bad} groups of 4 with more than 2 nonzeros"
-    return None
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class SparseForm:
+    """A pruned weight in one sparse form: `self(x)` for x of shape (tokens, in) gives
+    (tokens, out); `bytes` is what the form stores. The CPU forms compute in float32 (the CPU
+    protocol's dtype; scipy and numba have no bfloat16), the CUDA forms in the weight's dtype.
+
+    A kernel says where it runs (`devices`), which patterns it runs (`patterns`, None: any) and
+    why it cannot hold a given weight (`refuses`), so nothing is converted that it would get
+    wrong."""
+
+    name: ClassVar[str]
+    devices: ClassVar[tuple[str, ...]]
+    patterns: ClassVar[tuple[str, ...] | None] = None
+    bytes: int
+
+    @classmethod
+    def refuses(cls, name: str, weight: torch.Tensor) -> str | None:
+        return None
+
+    def __init__(self, weight: torch.Tensor):
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+FORMS: dict[str, type[SparseForm]] = {}
+
+
+def register(cls: type[SparseForm]) -> type[SparseForm]:
+    FORMS[cls.name] = cls
+    return cls
+
+
+@register
+class TorchCSR(SparseForm):
+    """torch's CSR tensor and `torch.sparse.mm` (MKL on the CPU, cuSPARSE on CUDA); 64-bit
+    indices."""
+
+    name, devices = "torch_csr", ("cpu", "cuda")
+
+    def __init__(self, weight):
+        w = weight.detach()
+        w = w.float() if w.device.type == "cpu" else w  # CUDA: cuSPARSE in the weight's dtype
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": said once here
+            warnings.simplefilter("ignore")
+            self.csr = w.to_sparse_csr()
+        self.bytes = tensor_bytes(
+            self.csr.values(), self.csr.col_indices(), self.csr.crow_indices()
+        )
+
+    def __call__(self, x):
+        return torch.sparse.mm(self.csr, x.to(self.csr.dtype).t()).t()
+
+
+@register
+class ScipyCSR(SparseForm):
+    """scipy.sparse's CSR matrix times a dense one; int32 indices."""
+
+    name, devices = "scipy_csr", ("cpu",)
+
+    def __init__(self, weight):
+        import scipy.sparse
+
+        self.sp = scipy.sparse.csr_matrix(weight.detach().float().numpy())
+        self.bytes = self.sp.data.nbytes + self.sp.indices.nbytes + self.sp.indptr.nbytes
+
+    def __call__(self, x):
+        return torch.from_numpy(np.ascontiguousarray((self.sp @ x.float().numpy().T).T))
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,55 +160,37 @@ def csr16_kernels():
 CSR16_MANY_FROM = 4
 
 
-def tensor_bytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+# At this many input rows and more, csr16 switches to its `many` kernel: on SmolLM2's
+# 1536 x 576 MLP shape (2 threads, 0.5 and 0.9) `few` wins at 1 and 2 rows, `many` from 4
+# (7x faster at 64 rows; docs/notes/2026-12-02-cpu-sparse-kernels.md).
+CSR16_MANY_FROM = 4
 
 
-class SparseWeight:
-    """A pruned weight in one sparse form: `self(x)` for x of shape (tokens, in) gives
-    (tokens, out). The CPU forms compute in float32 (the CPU protocol's dtype; scipy and numba
-    have no bfloat16), the CUDA forms in the weight's dtype. `bytes`: what the form stores."""
+@register
+class CSR16(SparseForm):
+    """CSR with 16-bit column indices and 32-bit row pointers, the numba kernels above."""
 
-    def __init__(self, weight: torch.Tensor, kernel: str):
-        self.kernel, self.out_features = kernel, weight.shape[0]
-        if kernel == "semi_structured":
-            from torch.sparse import to_sparse_semi_structured
+    name, devices = "csr16", ("cpu",)
 
-            self.w = to_sparse_semi_structured(weight.detach().contiguous())
-            self.bytes = tensor_bytes(self.w.packed, self.w.meta)
-            return
-        w = weight.detach()
-        w = w.float() if w.device.type == "cpu" else w  # CUDA: cuSPARSE in the weight's dtype
-        if kernel == "torch_csr":
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": said once here
-                warnings.simplefilter("ignore")
-                self.csr = w.to_sparse_csr()
-            self.bytes = tensor_bytes(
-                self.csr.values(), self.csr.col_indices(), self.csr.crow_indices()
-            )
-            return
+    @classmethod
+    def refuses(cls, name, weight):
+        if weight.shape[1] > 65536:
+            return f"{name} has more than 65536 columns (16-bit indices)"
+        return None
+
+    def __init__(self, weight):
         import scipy.sparse
 
-        sp = scipy.sparse.csr_matrix(w.numpy())
-        if kernel == "scipy_csr":
-            self.sp = sp
-            self.bytes = sp.data.nbytes + sp.indices.nbytes + sp.indptr.nbytes
-            return
-        assert kernel == "csr16" and w.shape[1] <= 65536, (kernel, w.shape)
+        sp = scipy.sparse.csr_matrix(weight.detach().float().numpy())
+        self.out_features = weight.shape[0]
         self.indptr = sp.indptr.astype(np.int32)
         self.cols = sp.indices.astype(np.uint16)
         self.values = sp.data.astype(np.float32)
         self.few, self.many = csr16_kernels()
         self.bytes = self.values.nbytes + self.cols.nbytes + self.indptr.nbytes
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "semi_structured":
-            return F.linear(x, self.w)
-        if self.kernel == "torch_csr":
-            return torch.sparse.mm(self.csr, x.to(self.csr.dtype).t()).t()
+    def __call__(self, x):
         xs = x.float().numpy()
-        if self.kernel == "scipy_csr":
-            return torch.from_numpy(np.ascontiguousarray((self.sp @ xs.T).T))
         if xs.shape[0] < CSR16_MANY_FROM:
             y = np.empty((xs.shape[0], self.out_features), dtype=np.float32)
             self.few(self.indptr, self.cols, self.values, np.ascontiguousarray(xs), y)
@@ -184,6 +198,70 @@ class SparseWeight:
         yt = np.empty((self.out_features, xs.shape[0]), dtype=np.float32)
         self.many(self.indptr, self.cols, self.values, np.ascontiguousarray(xs.T), yt)
         return torch.from_numpy(yt).t()
+
+
+@register
+class SemiStructured(SparseForm):
+    """torch's semi-structured 2:4 tensor (cuSPARSELt, or CUTLASS where cuSPARSELt is absent):
+    the kept half of the values plus 2:4 metadata; `F.linear` runs the sparse tensor core
+    product."""
+
+    name, devices, patterns = "semi_structured", ("cuda",), ("2:4",)
+
+    @classmethod
+    def refuses(cls, name, weight):
+        multiple = SEMI_STRUCTURED_MULTIPLES.get(weight.dtype)
+        if multiple is None:
+            return (
+                f"{name} is {weight.dtype}; 2:4 runs {sorted(map(str, SEMI_STRUCTURED_MULTIPLES))}"
+            )
+        if weight.shape[0] % multiple[0] or weight.shape[1] % multiple[1]:
+            return (
+                f"{name} {tuple(weight.shape)} is not a multiple of {multiple} for {weight.dtype}"
+            )
+        bad = nm_violations(weight, 2, 4)  # torch would keep 2 of these silently
+        return f"{name} has {bad} groups of 4 with more than 2 nonzeros" if bad else None
+
+    def __init__(self, weight):
+        from torch.sparse import to_sparse_semi_structured
+
+        self.w = to_sparse_semi_structured(weight.detach().contiguous())
+        self.bytes = tensor_bytes(self.w.packed, self.w.meta)
+
+    def __call__(self, x):
+        return F.linear(x, self.w)
+
+
+KERNELS = tuple(FORMS)
+
+
+def kernels_for(device: torch.device, pattern: str) -> tuple[str, ...]:
+    """The candidates that apply to a device and pattern (the default of eval.speed.kernels)."""
+    return tuple(
+        k
+        for k, form in FORMS.items()
+        if device.type in form.devices and (form.patterns is None or pattern in form.patterns)
+    )
+
+
+def unavailable(
+    kernel: str, device: torch.device, pattern: str, weights: dict[str, torch.Tensor]
+) -> str | None:
+    """Why `kernel` cannot run these pruned weights on `device` (None: it can)."""
+    form = FORMS[kernel]
+    if device.type not in form.devices:
+        return f"{kernel} runs on {' and '.join(form.devices)}, the model is on {device.type}"
+    if form.patterns is not None and pattern not in form.patterns:
+        return f"{kernel} runs {', '.join(form.patterns)} only, not {pattern}"
+    for name, w in weights.items():
+        why = form.refuses(name, w)
+        if why:
+            return why
+    return None
+
+
+def sparse_form(weight: torch.Tensor, kernel: str) -> SparseForm:
+    return FORMS[kernel](weight)
 
 
 class SparseLinear(nn.Module):
@@ -194,8 +272,8 @@ class SparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, decode: str, prefill: str, rows_many: int = 2):
         super().__init__()
-        self.decode = SparseWeight(linear.weight, decode)
-        self.prefill = self.decode if prefill == decode else SparseWeight(linear.weight, prefill)
+        self.decode = sparse_form(linear.weight, decode)
+        self.prefill = self.decode if prefill == decode else sparse_form(linear.weight, prefill)
         self.rows_many, self.bias = rows_many, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.calls = 0

@@ -36,8 +36,8 @@ from ..registry import option
 from .kernels import (
     KERNELS,
     SparseLinear,
-    SparseWeight,
     kernels_for,
+    sparse_form,
     swap_in,
     swap_out,
     unavailable,
@@ -157,7 +157,7 @@ def pick_kernel(
     timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup), device)  # noqa: E731
     totals = {}
     for kernel in kernels:
-        forms = {n: SparseWeight(lin.weight, kernel) for n, lin in linears.items()}
+        forms = {n: sparse_form(lin.weight, kernel) for n, lin in linears.items()}
         totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
     dense_s = timed(lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
     best = min(totals, key=totals.get)
