@@ -8,7 +8,8 @@ The last bits of a float32 reduction depend on three things a user's machine cho
   portable SSE2 path);
 - the thread count (`OMP_NUM_THREADS`), which splits reductions.
 This runs the numerical test files (FSDP2, layer-wise, ADMM, 8-bit Adam, Elsa, SAFE,
-recovery, plan, pruners, OWL and baselines, perplexity) once per setting, each in a fresh
+recovery, plan, pruners, OWL and baselines, perplexity, the golden results, the model
+families, the sparse kernels) once per setting, each in a fresh
 process, prints one line per setting and a summary, and exits 1 if any setting fails.
 Every setting must pass: the tests compare exact results where the code promises
 exactness and use derived bounds elsewhere (tests/numerics.py).
@@ -41,6 +42,9 @@ NUMERICAL = [
     "tests/test_baselines.py",
     "tests/test_evaluate.py",
     "tests/test_sparsity.py",
+    "tests/test_golden.py",
+    "tests/test_models.py",
+    "tests/test_speed.py",
 ]
 # plumbing, not numbers (subprocess launches of the CLI and the GPU script): left to `make test`
 DESELECT = "not prepared_gpu_script and not cli_under_torchrun"
