@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import data as datamod
 from .engine.shard import ENGINES
 from .errors import SparsebenchError
+from .evaluation.kernels import kernels_for, unavailable
 from .evaluation.perplexity import EvalSpec
 from .formats import FORMATS
 from .models import ModelSpec
@@ -177,6 +178,16 @@ def build_specs(cfg: DictConfig) -> Specs:
                 f"schedule={specs.schedule.allocation} gives blocks different sparsities, but "
                 "pattern "
                 f"{pattern} fixes every block at 0.5; use pattern=unstructured or schedule=uniform"
+            )
+    speed = specs.eval.speed
+    if speed.enabled and speed.kernels:  # a kernel that cannot run here: before any work
+        where = (specs.device, str(specs.pattern))
+        refused = [why for k in speed.kernels if (why := unavailable(k, *where, {}))]
+        if refused:
+            fits = ", ".join(kernels_for(*where)) or "none"
+            raise SparsebenchError(
+                f"eval.speed.kernels: {refused[0]}; kernels for {specs.device.type} and "
+                f"{specs.pattern}: {fits} (or [] for all of them)"
             )
     if owl is not None and specs.schedule.allocation != "owl":
         log.warning(

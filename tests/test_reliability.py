@@ -258,6 +258,12 @@ def test_cache_is_keyed_by_content_and_rebuilds_a_corrupt_entry(tmp_path, data_r
         (["eval.max_windows=0"], r"eval option 'max_windows' must be >= 1"),
         (["eval=full", "eval.zeroshot.limit=-3"], r"eval.zeroshot option 'limit' must be >= 1"),
         (
+            ["eval.speed.enabled=true", "eval.speed.kernels=[semi_structured]", "pattern=2:4"],
+            r"eval.speed.kernels: semi_structured runs on cuda, the model is on cpu; kernels for "
+            r"cpu and 2:4: torch_csr, scipy_csr, csr16",
+        ),
+        (["eval.speed.kernels=[cusparse]"], r"eval.speed.kernels has \['cusparse'\]; valid: "),
+        (
             ["model.dtype=float8"],
             r"model option 'dtype' is 'float8'; valid: float32, float16, bfloat16",
         ),
