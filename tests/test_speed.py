@@ -412,3 +412,56 @@ def test_the_end_of_run_summary_says_what_the_sparsity_bought(tmp_path):
     dense = {**size, "pruned_weights": {"weights": 10, "nonzero": 10}}  # nothing pruned
     text = run_summary({"speed": skipped, "size": dense}, tmp_path / "results.json")
     assert "speed: no sparse kernel can run this model here" in text and "size:" not in text
+
+
+class _Broken:
+    """A kernel whose backend is missing from this build of torch."""
+
+    name, devices, patterns = "scipy_csr", ("cpu",), None
+
+    @classmethod
+    def refuses(cls, name, weight):
+        return None
+
+    def __init__(self, weight):
+        raise RuntimeError("no backend for this product\nsecond line")
+
+
+def test_a_kernel_that_raises_is_recorded_and_left_out(monkeypatch):
+    from sparsebench.evaluation import kernels
+
+    monkeypatch.setitem(kernels.FORMS, "scipy_csr", _Broken)
+    model, _ = load_model(tiny_spec("llama"), seed=0)
+    prune_model(model, method="magnitude", sparsity=0.9, seqlen=64)
+    names = list(prunable_linears(model))
+    out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
+    assert out["not_run"] == {"scipy_csr": "RuntimeError: no backend for this product"}
+    assert out["kernel"] in ("torch_csr", "csr16") and out["sparse"]["sparse_calls"] > 0
+    only = replace(FAST, kernels=("scipy_csr",))
+    out = measure(model, names, 32, torch.device("cpu"), "unstructured", only)
+    assert out == {
+        "skipped": "every sparse kernel failed here",
+        "not_run": {"scipy_csr": "RuntimeError: no backend for this product"},
+    }
+
+
+def test_a_failed_speed_measurement_never_loses_the_runs_result(tmp_path, monkeypatch):
+    from sparsebench import cli
+    from sparsebench.evaluation import speed
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(speed, "measure", out_of_memory)
+    try:
+        cli.main(
+            ["model=tiny-llama", "logger=disabled", "eval.speed.enabled=true"]
+            + [f"hydra.run.dir={tmp_path}"]
+        )
+    except SystemExit as err:
+        assert not err.code
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "complete" and res["metrics"]["wikitext2"] > 0
+    assert res["speed"] == {
+        "failed": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    }

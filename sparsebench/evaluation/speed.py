@@ -142,11 +142,16 @@ def decode_ms(model: nn.Module, batch: int, spec: SpeedSpec) -> float:
 
 
 def pick_kernel(
-    linears: dict[str, nn.Linear], kernels: tuple[str, ...], spec: SpeedSpec, tokens: int
-) -> tuple[str, dict[str, float]]:
+    linears: dict[str, nn.Linear],
+    kernels: tuple[str, ...],
+    spec: SpeedSpec,
+    tokens: int,
+    failed: dict[str, str],
+) -> tuple[str | None, dict[str, float]]:
     """The fastest of `kernels` for `tokens` input rows over the model's own pruned weights
     (each kernel timed on every pruned linear in turn, side by side with the dense product,
-    after a warm-up)."""
+    after a warm-up). A kernel that raises (a backend missing from this build of torch, say) is
+    recorded in `failed` with its error's first line and left out; None when none ran."""
     device = next(iter(linears.values())).weight.device
     x = {
         n: torch.randn(tokens, lin.in_features, generator=torch.Generator().manual_seed(2)).to(
@@ -156,11 +161,15 @@ def pick_kernel(
     }
     timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup), device)  # noqa: E731
     totals = {}
-    for kernel in kernels:
-        forms = {n: sparse_form(lin.weight, kernel) for n, lin in linears.items()}
-        totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
+    for kernel in (k for k in kernels if k not in failed):
+        try:
+            forms = {n: sparse_form(lin.weight, kernel) for n, lin in linears.items()}
+            totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            failed[kernel] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+        forms = None  # free the forms before the next kernel's
     dense_s = timed(lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
-    best = min(totals, key=totals.get)
+    best = min(totals, key=totals.get) if totals else None
     return best, {
         "dense_ms": round(1000 * dense_s, 3),
         **{f"{k}_ms": round(1000 * v, 3) for k, v in totals.items()},
@@ -205,8 +214,12 @@ def measure(
     if not kernels:
         return {"skipped": "no sparse kernel can run this model here", "not_run": not_run}
     bandwidth = bandwidth_gbs(device)
-    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1)
-    prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64)
+    failed: dict[str, str] = {}
+    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed)
+    prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64, failed)
+    not_run.update(failed)
+    if kernel is None or prefill_kernel is None:
+        return {"skipped": "every sparse kernel failed here", "not_run": not_run}
     dense_bytes = weight_bytes(model)
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
     probe = _tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)

@@ -118,8 +118,8 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
             f"dense; the bandwidth floor allows {x['floor']:.2f}x), prefill "
             f"{x['prefill_b1']:.2f}x dense"
         )
-    elif "skipped" in speed:
-        lines.append(f"speed: {speed['skipped']}")
+    elif "skipped" in speed or "failed" in speed:
+        lines.append(f"speed: {speed.get('skipped') or 'failed: ' + speed['failed']}")
     pruned = size.get("pruned_weights") or {}
     if size.get("bitmask_over_dense") and pruned.get("nonzero", 0) < pruned.get("weights", 0):
         dense_mb, bitmask_mb = size["model_dense"] / 1e6, size["model_bitmask"] / 1e6
