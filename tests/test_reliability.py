@@ -260,9 +260,12 @@ def test_cache_is_keyed_by_content_and_rebuilds_a_corrupt_entry(tmp_path, data_r
         (
             ["eval.speed.enabled=true", "eval.speed.kernels=[semi_structured]", "pattern=2:4"],
             r"eval.speed.kernels: semi_structured runs on cuda, the model is on cpu; kernels for "
-            r"cpu and 2:4: torch_csr, scipy_csr, csr16",
+            r"cpu and 2:4: csr16, scipy_csr, torch_csr",
         ),
-        (["eval.speed.kernels=[cusparse]"], r"eval.speed.kernels has \['cusparse'\]; valid: "),
+        (
+            ["eval.speed.kernels=[csr_16]"],
+            r"unknown eval.speed kernel 'csr_16' \(did you mean 'csr16'",
+        ),
         (
             ["model.dtype=float8"],
             r"model option 'dtype' is 'float8'; valid: float32, float16, bfloat16",

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import Registry
+
 # The 2:4 tensor's rows and columns must be multiples of these, per dtype: the stricter of
 # torch 2.13's two backends (CUTLASS; cuSPARSELt asks 16 x 16 for half types and has no float32).
 SEMI_STRUCTURED_MULTIPLES = {
@@ -59,7 +61,7 @@ class SparseForm:
     why it cannot hold a given weight (`refuses`), so nothing is converted that it would get
     wrong."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by FORMS.register
     devices: ClassVar[tuple[str, ...]]
     patterns: ClassVar[tuple[str, ...] | None] = None
     bytes: int
@@ -75,20 +77,15 @@ class SparseForm:
         raise NotImplementedError
 
 
-FORMS: dict[str, type[SparseForm]] = {}
+FORMS = Registry("eval.speed kernel")
 
 
-def register(cls: type[SparseForm]) -> type[SparseForm]:
-    FORMS[cls.name] = cls
-    return cls
-
-
-@register
+@FORMS.register("torch_csr")
 class TorchCSR(SparseForm):
     """torch's CSR tensor and `torch.sparse.mm` (MKL on the CPU, cuSPARSE on CUDA); 64-bit
     indices."""
 
-    name, devices = "torch_csr", ("cpu", "cuda")
+    devices = ("cpu", "cuda")
 
     def __init__(self, weight):
         w = weight.detach()
@@ -104,11 +101,11 @@ class TorchCSR(SparseForm):
         return torch.sparse.mm(self.csr, x.to(self.csr.dtype).t()).t()
 
 
-@register
+@FORMS.register("scipy_csr")
 class ScipyCSR(SparseForm):
     """scipy.sparse's CSR matrix times a dense one; int32 indices."""
 
-    name, devices = "scipy_csr", ("cpu",)
+    devices = ("cpu",)
 
     def __init__(self, weight):
         import scipy.sparse
@@ -166,11 +163,11 @@ CSR16_MANY_FROM = 4
 CSR16_MANY_FROM = 4
 
 
-@register
+@FORMS.register("csr16")
 class CSR16(SparseForm):
     """CSR with 16-bit column indices and 32-bit row pointers, the numba kernels above."""
 
-    name, devices = "csr16", ("cpu",)
+    devices = ("cpu",)
 
     @classmethod
     def refuses(cls, name, weight):
@@ -200,13 +197,13 @@ class CSR16(SparseForm):
         return torch.from_numpy(yt).t()
 
 
-@register
+@FORMS.register("semi_structured")
 class SemiStructured(SparseForm):
     """torch's semi-structured 2:4 tensor (cuSPARSELt, or CUTLASS where cuSPARSELt is absent):
     the kept half of the values plus 2:4 metadata; `F.linear` runs the sparse tensor core
     product."""
 
-    name, devices, patterns = "semi_structured", ("cuda",), ("2:4",)
+    devices, patterns = ("cuda",), ("2:4",)
 
     @classmethod
     def refuses(cls, name, weight):
@@ -232,14 +229,15 @@ class SemiStructured(SparseForm):
         return F.linear(x, self.w)
 
 
-KERNELS = tuple(FORMS)
+KERNELS = tuple(FORMS.names())
 
 
 def kernels_for(device: torch.device, pattern: str) -> tuple[str, ...]:
     """The candidates that apply to a device and pattern (the default of eval.speed.kernels)."""
+    forms = {k: FORMS.get(k) for k in KERNELS}
     return tuple(
         k
-        for k, form in FORMS.items()
+        for k, form in forms.items()
         if device.type in form.devices and (form.patterns is None or pattern in form.patterns)
     )
 
@@ -248,7 +246,7 @@ def unavailable(
     kernel: str, device: torch.device, pattern: str, weights: dict[str, torch.Tensor]
 ) -> str | None:
     """Why `kernel` cannot run these pruned weights on `device` (None: it can)."""
-    form = FORMS[kernel]
+    form = FORMS.get(kernel)
     if device.type not in form.devices:
         return f"{kernel} runs on {' and '.join(form.devices)}, the model is on {device.type}"
     if form.patterns is not None and pattern not in form.patterns:
@@ -261,7 +259,7 @@ def unavailable(
 
 
 def sparse_form(weight: torch.Tensor, kernel: str) -> SparseForm:
-    return FORMS[kernel](weight)
+    return FORMS.get(kernel)(weight)
 
 
 class SparseLinear(nn.Module):
