@@ -187,6 +187,10 @@ class CSR16(SparseForm):
         self.bytes = self.values.nbytes + self.cols.nbytes + self.indptr.nbytes
 
     def __call__(self, x):
+        import numba
+
+        # as many threads as torch's dense kernel has: the comparison is side by side
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         xs = x.float().numpy()
         if xs.shape[0] < CSR16_MANY_FROM:
             y = np.empty((xs.shape[0], self.out_features), dtype=np.float32)
