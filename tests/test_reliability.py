@@ -444,6 +444,35 @@ def test_two_concurrent_sweeps_run_each_job_once(tmp_path):
 # ----------------------------------------------------------------------------- interrupts
 
 
+FINALIZER = """
+import signal, sys
+from sparsebench import cli
+from sparsebench.errors import Interrupted
+sys.unraisablehook = cli._redeliver_interrupts  # as cli.main installs it
+signal.signal(signal.SIGTERM, cli._on_sigterm)
+class Finalized:
+    def __del__(self):
+        raise {exc}  # the signal's exception, raised while a finalizer runs
+try:
+    Finalized()
+    for _ in range(10**8):
+        pass
+    print("lost")
+except (KeyboardInterrupt, Interrupted) as err:
+    print("interrupted by", type(err).__name__)
+"""
+
+
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "Interrupted('SIGTERM')"])
+def test_a_signal_that_lands_in_a_finalizer_is_delivered_again(exc):
+    """Python drops an exception raised in `__del__` (the tokenizer's regex objects have one):
+    Ctrl-C there was once lost and the sweep ran on. The hook sends the signal again."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FINALIZER.format(exc=exc)], capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == f"interrupted by {exc.split('(')[0]}", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_ends_the_sweep_with_one_line(tmp_path, sig, code):
     sweep = tmp_path / "sweep"
