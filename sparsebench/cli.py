@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .errors import Interrupted, SparsebenchError
+from .errors import Interrupted, SparsebenchError, catch_interrupts
 from .records import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
 from .registry import did_you_mean
 
@@ -390,26 +390,6 @@ def precheck(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _on_sigterm(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def _redeliver_interrupts(unraisable) -> None:
-    """sys.unraisablehook: a signal's exception raised inside a finalizer (`__del__`, e.g. the
-    tokenizer's regex objects) is printed and dropped by Python, and the run would go on as if
-    Ctrl-C or kill had never come. Send the signal again, from a thread a moment later, so that
-    it lands after the finalizer (sent from here it would land in this hook, and be dropped)."""
-    import threading
-
-    if isinstance(unraisable.exc_value, (KeyboardInterrupt, Interrupted)):
-        signum = (
-            signal.SIGINT if isinstance(unraisable.exc_value, KeyboardInterrupt) else signal.SIGTERM
-        )
-        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
-    else:
-        sys.__unraisablehook__(unraisable)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -422,8 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     precheck(argv)
     # A killed job (SIGTERM from kill, SLURM, a launcher) unwinds like Ctrl-C: its
     # results.json says "failed" (interrupted) and keeps everything measured before.
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.unraisablehook = _redeliver_interrupts
+    catch_interrupts()
     FAILED.clear()
     SWEEP.clear()
     from .run import BASELINES, OUTCOMES, WANDB_LINES

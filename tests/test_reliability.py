@@ -445,11 +445,8 @@ def test_two_concurrent_sweeps_run_each_job_once(tmp_path):
 
 
 FINALIZER = """
-import signal, sys
-from sparsebench import cli
-from sparsebench.errors import Interrupted
-sys.unraisablehook = cli._redeliver_interrupts  # as cli.main installs it
-signal.signal(signal.SIGTERM, cli._on_sigterm)
+from sparsebench.errors import Interrupted, catch_interrupts
+catch_interrupts()  # as cli.main does
 class Finalized:
     def __del__(self):
         raise {exc}  # the signal's exception, raised while a finalizer runs
