@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .errors import Interrupted, SparsebenchError, catch_interrupts
+from .errors import Interrupted, SparsebenchError, catch_interrupts, one_line
 from .records import ledger  # noqa: F401  (registers the sb_job resolver that names sweep folders)
 from .registry import did_you_mean
 
@@ -86,11 +86,7 @@ def _task(cfg: DictConfig) -> float | None:
     except Exception as err:
         remove_if_left_empty(out)  # refused before any work: nothing was written there
         known = isinstance(err, SparsebenchError)
-        text = (
-            str(err)
-            if known
-            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        )
+        text = str(err) if known else one_line(err)
         where = "" if known else f" (traceback in {out / 'results.json'})"
         if not multirun:
             _fail(text + where, 2 if known else 1)

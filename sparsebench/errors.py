@@ -19,6 +19,12 @@ class Interrupted(BaseException):
     like KeyboardInterrupt, so that no `except Exception` swallows it and a sweep ends."""
 
 
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """An unexpected exception as one line: its type and the first line of its message."""
+    first = (str(err).splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:limit]}"
+
+
 def on_sigterm(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 

@@ -14,6 +14,7 @@ from typing import Any
 from . import pipeline
 from .engine.shard import share_pruned
 from .engine.training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
+from .errors import one_line
 from .evaluation.perplexity import place_for_eval
 from .launch import (
     Launch,
@@ -372,7 +373,7 @@ def measure_speed(model, specs, results) -> None:
                 specs.eval.speed,
             )
         except Exception as err:  # noqa: BLE001 - an optional measurement never loses the run's result
-            speed = {"failed": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"}
+            speed = {"failed": one_line(err, 300)}
             log.warning(
                 "speed measurement failed (the run's other results stand): %s", speed["failed"]
             )

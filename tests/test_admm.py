@@ -59,7 +59,7 @@ def _solve_toy(projection, fmt):
     if plain_fp8:
         # A plain FP8 z rounds each kept value by up to 2^-4 of it and pulls w onto that grid,
         # so an entry of w* below the grid's step at the largest weight (2^-4 max|w*|; this
-        # draw has one, 0.063 against 0.34) can trade places with an off-support entry by the
+        # draw has one, 0.063 against 0.235) can trade places with an off-support entry by the
         # CPU's last bits. Every entry above it is found, and the count is exact.
         resolvable = support & (wstar.abs() >= 2**-4 * wstar.abs().max())
         assert kept[resolvable].all() and kept.sum() == support.sum()

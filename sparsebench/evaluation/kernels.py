@@ -153,12 +153,6 @@ def csr16_kernels():
 
 # At this many input rows and more, csr16 switches to its `many` kernel: on SmolLM2's
 # 1536 x 576 MLP shape (2 threads, 0.5 and 0.9) `few` wins at 1 and 2 rows, `many` from 4
-# (7x faster at 64 rows; docs/speed.md).
-CSR16_MANY_FROM = 4
-
-
-# At this many input rows and more, csr16 switches to its `many` kernel: on SmolLM2's
-# 1536 x 576 MLP shape (2 threads, 0.5 and 0.9) `few` wins at 1 and 2 rows, `many` from 4
 # (7x faster at 64 rows; docs/notes/2026-12-02-cpu-sparse-kernels.md).
 CSR16_MANY_FROM = 4
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.training import sync_cuda
+from ..errors import one_line
 from ..registry import option
 from .kernels import (
     FORMS,
@@ -70,20 +72,19 @@ class SpeedSpec:
 # ----------------------------------------------------------------------------- timing
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _clock() -> float:
+    sync_cuda()  # queued CUDA work first
     return time.perf_counter()
 
 
-def _median_s(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+def _median_s(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = _clock(device)
+        start = _clock()
         fn()
-        times.append(_clock(device) - start)
+        times.append(_clock() - start)
     return statistics.median(times)
 
 
@@ -93,7 +94,7 @@ def bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
     mib = 2048 if device.type == "cuda" else 256
     a = torch.ones(mib * 2**20 // 4, device=device)
     b = torch.empty_like(a)
-    t = _median_s(lambda: b.copy_(a), repeats, 1, device)
+    t = _median_s(lambda: b.copy_(a), repeats, 1)
     return 2 * mib * 2**20 / t / 1e9
 
 
@@ -107,7 +108,7 @@ def prefill_tps(model: nn.Module, batch: int, seqlen: int, spec: SpeedSpec) -> f
     device = model.get_input_embeddings().weight.device
     x = _tokens(model.config.vocab_size, (batch, seqlen), device, 0)
     forward = lambda: model(input_ids=x, use_cache=False)  # noqa: E731
-    return batch * seqlen / _median_s(forward, spec.prefill_repeats, 0, device)
+    return batch * seqlen / _median_s(forward, spec.prefill_repeats, 0)
 
 
 @torch.no_grad()
@@ -124,11 +125,11 @@ def decode_ms(model: nn.Module, batch: int, spec: SpeedSpec) -> float:
         cache = DynamicCache(config=model.config)
         out = model(input_ids=prompt, use_cache=True, **{key: cache})
         token = out.logits[:, -1:].argmax(-1)
-        start = _clock(device)
+        start = _clock()
         for _ in range(spec.decode_tokens):
             out = model(input_ids=token, use_cache=True, **{key: cache})
             token = out.logits[:, -1:].argmax(-1)
-        return (_clock(device) - start) / spec.decode_tokens
+        return (_clock() - start) / spec.decode_tokens
 
     for _ in range(spec.warmup):
         generate()
@@ -153,14 +154,14 @@ def pick_kernel(
         )
         for n, lin in linears.items()
     }
-    timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup), device)  # noqa: E731
+    timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup))  # noqa: E731
     totals = {}
     for kernel in (k for k in kernels if k not in failed):
         try:
             forms = {n: sparse_form(lin.weight, kernel) for n, lin in linears.items()}
             totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
         except (RuntimeError, NotImplementedError, ValueError) as err:
-            failed[kernel] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+            failed[kernel] = one_line(err, 300)
         forms = None  # free the forms before the next kernel's
     dense_s = timed(lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
     best = min(totals, key=totals.get) if totals else None
