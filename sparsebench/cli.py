@@ -84,12 +84,15 @@ def _task(cfg: DictConfig) -> float | None:
         print(f"sparsebench: skipped: {err}", file=sys.stderr)
         return None
     except Exception as err:
-        remove_if_left_empty(out)  # refused before any work: nothing was written there
         known = isinstance(err, SparsebenchError)
         text = str(err) if known else one_line(err)
         where = "" if known else f" (traceback in {out / 'results.json'})"
         if not multirun:
+            remove_if_left_empty(out)  # refused before any work: nothing was written there
             _fail(text + where, 2 if known else 1)
+        if not (out / "results.json").exists():  # refused before any work: the sweep keeps it
+            ledger.record_refused(out, text, cfg, list(hc.overrides.task))
+            where = f" (recorded in {out / 'results.json'})"
         FAILED.append(f"{out.name}: {text}")
         OUTCOMES[str(out)] = "failed"
         print(
@@ -156,9 +159,12 @@ def help_text() -> str:
         "  method.<option>=...     a method's options (see conf/method/<name>.yaml)",
         "  model.seqlen=...  data.nsamples=...  data.root=...  eval.max_windows=...",
         "  save.enabled=true save.dir=<new or empty folder>   export the pruned model",
+        "  save.format=dense       dense | bitmask (kept values + 1-bit masks; docs/speed.md)",
+        "  eval.speed.enabled=true decode and prefill, dense and sparse kernels side by side",
+        "  eval.speed.kernels=[csr16] eval.speed.batch_sizes=[1,8] eval.speed.repeats=3",
         "  resume=true             skip a folder holding this run's complete result",
-        "  dry_run=true world_size=4   print the memory plan and exit (model.source=random: no "
-        "download)",
+        "  dry_run=true world_size=4   print the memory plan and exit (hub models plan from "
+        "model.arch: no download)",
         "  hydra.run.dir=...  hydra.sweep.dir=...   where results go",
         "",
         "Examples:",
@@ -169,8 +175,7 @@ def help_text() -> str:
         "  sparsebench -m method=magnitude,wanda,sparsegpt sparsity=0.5,0.7 "
         "hydra.sweep.dir=sweeps/s",
         "  sparsebench method=sparsegpt sparsity=0.9 recover=finetune_cpu   # elsa_cpu's control",
-        "  sparsebench model=llama2-7b model.source=random method=elsa dry_run=true world_size=4 "
-        "device=cuda",
+        "  sparsebench model=llama2-7b method=elsa dry_run=true world_size=4 device=cuda",
         "  sparsebench-report sweeps/s --by-tokens                # table + plots of a sweep",
         "  sparsebench --cfg job method=sparsegpt                 # print the composed config",
         "",

@@ -327,6 +327,33 @@ def original_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
+def masks_from_original(
+    model: nn.Module, original: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The inverse of `original_masks`: keep masks by the adapted model's linear names from
+    masks in the family's own layout (a bitmask export's bits, which hold the masks once)."""
+    conv = _conv1d_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SplitLinear) and f"{name}.weight" in original:
+            keep = original[f"{name}.weight"]
+            keep = (keep.t() if name in conv else keep)[module.rows.cpu()]
+            sizes = [getattr(module, p).out_features for p in module.part_names]
+            for part, rows in zip(module.part_names, keep.split(sizes)):
+                out[f"{name}.{part}"] = rows.contiguous()
+        elif isinstance(module, LinearExperts) and f"{name}.gate_up_proj" in original:
+            gate_up, down = original[f"{name}.gate_up_proj"], original[f"{name}.down_proj"]
+            inter = gate_up.shape[1] // 2
+            for e in range(module.num_experts):
+                out[f"{name}.{e}.gate_proj"] = gate_up[e, :inter].contiguous()
+                out[f"{name}.{e}.up_proj"] = gate_up[e, inter:].contiguous()
+                out[f"{name}.{e}.down_proj"] = down[e].contiguous()
+        elif isinstance(module, nn.Linear) and f"{name}.weight" in original:
+            keep = original[f"{name}.weight"]
+            out[name] = (keep.t() if name in conv else keep).contiguous()
+    return out
+
+
 def _conv1d_names(model: nn.Module) -> set[str]:
     """Modules that were Conv1D in the family's layout (GPT-2): recorded by `adapt`."""
     return set(getattr(model, "sparsebench_transposed", ()))

@@ -4,7 +4,8 @@
 `save.format=bitmask`: every pruned weight as its kept values (row-major order, the model's
 dtype) plus a 1-bit mask (numpy.packbits, big-endian bit order: weight k is bit 7 - k % 8 of
 byte k // 8); everything else dense. The file `sparsebench_bitmask.safetensors` replaces
-model.safetensors and reloads to bit-identical weights (`load_bitmask`): at sparsity s a
+model.safetensors and reloads to bit-identical weights (`load_bitmask`); its bits are the
+export's masks too, stored once (`load_bitmask_masks`): at sparsity s a
 weight costs (1 - s) x dtype bytes + 1/8 byte instead of dtype bytes, so at 0.5 in float32
 the pruned weights take 2.125 / 4 = 0.53x. Tensors that are not pruned (embeddings, lm_head,
 norms) stay dense, so a folder's ratio also depends on their share of the model.
@@ -80,6 +81,23 @@ def load_bitmask(path) -> dict[str, torch.Tensor]:
             out[base] = unpack(value, raw[f"{base}.__bits"], shape)
         elif not key.endswith((".__bits", ".__shape")):
             out[key] = value
+    return out
+
+
+def load_bitmask_masks(path) -> dict[str, torch.Tensor]:
+    """The keep masks a bitmask file holds (its bits; the values are not read), by the state
+    dict's names and layout."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(".__bits"):
+                base = key.removesuffix(".__bits")
+                shape = tuple(int(d) for d in f.get_tensor(f"{base}.__shape").tolist())
+                n = int(np.prod(shape))
+                bits = np.unpackbits(f.get_tensor(key).numpy(), count=n).astype(bool)
+                out[base] = torch.from_numpy(bits).reshape(shape)
     return out
 
 

@@ -197,7 +197,14 @@ def resolve_engine(specs: Specs, world: int, shapes=None) -> str:
 
 def dry_run(specs: Specs) -> dict[str, Any]:
     """Print the plan and its verdict and return them; nothing is loaded, claimed or written
-    (the model's config alone gives the shapes)."""
+    (the model's config alone gives the shapes: a hub model's from the architecture its config
+    file carries, model.arch, so a plan never waits on the network)."""
+    if specs.model.source == "hub" and specs.model.arch:
+        specs = replace(specs, model=replace(specs.model, source="random"))
+        print(
+            f"planned from the architecture in {specs.model.name}'s config (model.arch), "
+            "not from the hub: nothing is downloaded"
+        )
     plan, shapes, _ = memory_plan(specs, specs.world_size)
     if specs.world_size > 1 and plan.knobs.kind != "train":
         print(

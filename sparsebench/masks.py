@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import SparsebenchError
-from .sparsity import Pattern, pruned_bounds
+from .sparsity import Pattern, count_rule, pruned_bounds
 
 
 @torch.no_grad()
@@ -73,3 +73,17 @@ def summarize(per_tensor: dict[str, float], linears: dict[str, nn.Linear]) -> di
         "pruned_params": int(round(pruned)),
         "prunable_params": total,
     }
+
+
+def count_report(
+    linears: dict[str, nn.Linear], sparsity: float | dict[str, float], pattern: Pattern, group: str
+) -> dict[str, object]:
+    """How far the actual sparsity may lie from the target, and why: the method's count rule
+    in words and the range of actual sparsity its masks may have (what `verify` accepts),
+    summed over every pruned linear (results.json sparsity.count_rule, sparsity.allowed)."""
+    total = low = high = 0
+    for name, linear in linears.items():
+        target = sparsity[name] if isinstance(sparsity, dict) else sparsity
+        lo, hi = pruned_bounds(tuple(linear.weight.shape), target, pattern, group)
+        total, low, high = total + linear.weight.numel(), low + lo, high + hi
+    return {"count_rule": count_rule(group, pattern), "allowed": [low / total, high / total]}

@@ -185,6 +185,47 @@ def _check_seqlen(spec: ModelSpec, config) -> None:
         )
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (HF_HUB_OFFLINE set, or no
+    connection to its host within 5 s), None when it can: a load that would only retry for half
+    a minute and fail is one line instead."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as err:
+        return f"{url.hostname}: {err.strerror or err}"
+    return None
+
+
+def hub_error(spec: ModelSpec, why: str) -> SparsebenchError:
+    return SparsebenchError(
+        f"model '{spec.name}': cannot reach the Hugging Face hub ({why}) and {spec.path} is not "
+        "in the local Hugging Face cache; run where the hub is reachable (or warm the cache "
+        "there), or download it and use model=local model.path=<folder>; dry_run=true plans "
+        "from the config's model.arch, model.source=random measures memory and speed with "
+        "random weights"
+    )
+
+
+def _from_hub(spec: ModelSpec, load):
+    """`load(**kwargs)` of a hub model: from the local cache first (no network), then from
+    the hub if it can be reached; one line when neither has it."""
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        pass
+    why = hub_unreachable()
+    if why is not None:
+        raise hub_error(spec, why) from None
+    return load()
+
+
 def load_config(spec: ModelSpec):
     """Only the config: cheap, so bad input (seqlen) fails before weights load."""
     from transformers import AutoConfig
@@ -206,15 +247,24 @@ def load_config(spec: ModelSpec):
         if spec.source == "local" and not Path(spec.path).is_dir():
             raise SparsebenchError(f"model folder '{spec.path}' does not exist")
         try:
-            config = AutoConfig.from_pretrained(
-                spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-            )
+            config = _load_config_files(spec)
         except OSError as err:
             raise SparsebenchError(
                 f"cannot load model '{spec.path}': {str(err).splitlines()[0]}"
             ) from None
     _check_seqlen(spec, config)
     return config
+
+
+def _load_config_files(spec: ModelSpec):
+    from transformers import AutoConfig
+
+    def load(**kw):
+        return AutoConfig.from_pretrained(
+            spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kw
+        )
+
+    return _from_hub(spec, load) if spec.source == "hub" else load()
 
 
 def load_model(spec: ModelSpec, seed: int = 0):
@@ -234,7 +284,9 @@ def load_model(spec: ModelSpec, seed: int = 0):
             if spec.source == "gguf"
             else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         )
-        tok = AutoTokenizer.from_pretrained(where, **extra)
+        # a hub model from the local cache first; one line if neither it nor the hub has it
+        hub = (lambda load: _from_hub(spec, load)) if spec.source == "hub" else (lambda f: f())
+        tok = hub(lambda **kw: AutoTokenizer.from_pretrained(where, **extra, **kw))
         packed = Path(str(where)) / "sparsebench_bitmask.safetensors"
         if (
             spec.source == "local" and packed.is_file()
@@ -254,8 +306,10 @@ def load_model(spec: ModelSpec, seed: int = 0):
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=dtype, low_cpu_mem_usage=True, **extra
+            model = hub(
+                lambda **kw: AutoModelForCausalLM.from_pretrained(
+                    where, dtype=dtype, low_cpu_mem_usage=True, **extra, **kw
+                )
             )
     model.config.use_cache = False
     adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes

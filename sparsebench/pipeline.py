@@ -169,6 +169,8 @@ def prune_model(
     pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
     sparsity = 0.0 if pruner.name == "dense" else check_sparsity(sparsity, pattern)
     schedule = schedule or Schedule()
+    if tokenizer is None:  # nothing reads text without one: refused now, before any work
+        _needs_tokenizer(pruner, schedule, recovery, calib, evaluate)
     device = torch.device(device)
     if data is None and (calib is None or pruner.reads_data or recovery is not None or evaluate):
         data = datamod.DataSpec()  # the offline C4 documents of the data root
@@ -202,7 +204,7 @@ def prune_model(
     linears = prunable_linears(model)
     targets = targets_of(model, sparsity, allocation, linears)
     check = (
-        (lambda: verify_masks(model, masks, targets, pattern, pruner.group))
+        (lambda: verify_masks(model, masks, targets, pattern, pruner.masks_group))
         if pruner.name != "dense"
         else (
             lambda: {
@@ -246,6 +248,33 @@ def prune_model(
         allocation.report if allocation else None,
         timings,
     )
+
+
+def _needs_tokenizer(pruner: Pruner, schedule: Schedule, recovery, calib, evaluate) -> None:
+    """One line for what `prune_model` cannot do without a tokenizer (the command feeds a
+    random-weight model random token ids; a caller's model is never calibrated on noise)."""
+    from .errors import SparsebenchError
+
+    if calib is None and (pruner.needs_calibration or schedule.needs_calibration):
+        what = pruner.name if pruner.needs_calibration else "this schedule's allocation"
+        raise SparsebenchError(
+            f"prune_model: {what} calibrates on text and no tokenizer was given: pass "
+            "tokenizer=<the model's tokenizer>, or calib=<(windows, seqlen) token ids>"
+        )
+    reader = (
+        f"method {pruner.name}"
+        if pruner.reads_data
+        else f"recovery {recovery.name}"
+        if recovery is not None
+        else f"evaluate={tuple(evaluate)}"
+        if evaluate
+        else None
+    )
+    if reader:
+        raise SparsebenchError(
+            f"prune_model: {reader} reads text and no tokenizer was given: pass "
+            "tokenizer=<the model's tokenizer>"
+        )
 
 
 @contextmanager

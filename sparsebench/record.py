@@ -19,10 +19,11 @@ from .evaluation.perplexity import place_for_eval
 from .launch import (
     Launch,
 )  # noqa: F401
-from .masks import summarize
+from .masks import count_report, summarize
 from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
-from .records.export import save_pruned
+from .records.export import folder_bytes, save_pruned, saved_masks
+from .records.rows import label_of
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
 from .recover import RecoverContext
 from .sparsity import parse_pattern
@@ -79,6 +80,7 @@ def prune_context(
         workdir=workdir,
         fingerprint=fingerprint,
         checkpoint_every=specs.checkpoint_every,
+        refine=specs.refine,
     )
 
 
@@ -181,10 +183,10 @@ def record_stages(
     dense = specs.pruner.name == "dense"
     if not dense:  # what each mask must prune, and the masks the recovery keeps
         linears = prunable_linears(model)
-        frozen, pattern, group = masks, specs.pattern, specs.pruner.group
+        frozen, pattern, group = masks, specs.pattern, specs.pruner.masks_group
         targets = pipeline.targets_of(model, specs.sparsity, allocation, linears)
     elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
-        frozen, meta = saved
+        frozen, meta = saved_masks(model, saved), saved[1]
         pattern, group = parse_pattern(meta["pattern"]), meta["group"]
         targets = saved_targets(meta, model, prunable_linears(model))
         results.update(loaded_pruned_model=meta)
@@ -217,6 +219,8 @@ def record_stages(
             },
         )
     summary = summarize(per_tensor, prunable_linears(model))
+    if not dense or saved is not None:  # how far actual may lie from the target, and why
+        summary.update(count_report(prunable_linears(model), targets, pattern, group))
     nonzero = (
         sum(p.numel() for p in model.parameters()) - summary["pruned_params"]
     )  # Elsa's Figure 3 axis
@@ -224,7 +228,8 @@ def record_stages(
     block_params = sum(p.numel() for b in blocks for p in b.parameters())
     results.update(
         sparsity={
-            "target": specs.sparsity,
+            # a reloaded export is the pruned model it is: its own target, never 0
+            "target": saved[1]["sparsity"] if dense and saved is not None else specs.sparsity,
             "pattern": str(specs.pattern),
             **summary,
             # the denominator of actual_sparsity, and the total over every weight of the blocks
@@ -259,7 +264,7 @@ def record_stages(
                 export_meta(specs, allocation, fingerprint, results),
                 specs.save.format,
             )
-        results.update(saved_model=str(folder))
+        results.update(saved_model=str(folder), saved_model_bytes=folder_bytes(folder))
 
     placement = results.data["plan"]["eval"]
     if (
@@ -336,9 +341,13 @@ def export_meta(specs: Specs, allocation, fingerprint: str, results: Results) ->
         "sparsity": specs.sparsity,
         "pattern": str(specs.pattern),
         "block_targets": allocation.targets if allocation else None,
-        "group": specs.pruner.group,
+        "group": specs.pruner.masks_group,
         "seed": specs.seed,
         "model": specs.model.name,
+        # what a reload reports it came from (the report places it beside this run)
+        "label": label_of(results.data["config"]),  # the report's: preset, OWL, recovery
+        "run": str(results.path.parent),
+        "protocol_id": results.data.get("protocol_id"),
         "fingerprint": fingerprint,
         "data": {
             "source": specs.data.source,

@@ -8,6 +8,7 @@ Comparison groups (docs/methods.md): who competes with whom for survival.
   "tensor"      one threshold per weight tensor (magnitude, ADMM projection)
   "row"         each output row prunes int(in_features * s) (Wanda)
   "block:B"     each (rows x B) column block prunes int(rows * B * s) (SparseGPT, exact)
+  "tensor+1"    RIA's released rule: the whole tensor as one "block:B+1" block
   "block:B+1"   the official SparseGPT rule: each block prunes every score <= its k-th
                 smallest (0-based), k = int(rows * B * s): k+1 weights, more only when
                 scores tie at that value (quantized checkpoints have repeated weights);
@@ -76,7 +77,9 @@ def check_sparsity(sparsity: float, pattern: Pattern) -> float:
 
 
 def _block_group(group: str) -> tuple[int, int]:
-    """'block:B' -> (B, 0); 'block:B+1' -> (B, 1)."""
+    """'block:B' -> (B, 0); 'block:B+1' -> (B, 1); 'tensor+1' -> (one block of any width, 1)."""
+    if group == "tensor+1":
+        return WHOLE, 1
     match = re.fullmatch(r"block:(\d+)(\+1)?", group)
     if not match:
         raise ValueError(f"not a block group: {group}")
@@ -86,6 +89,8 @@ def _block_group(group: str) -> tuple[int, int]:
 def _block_count(rows: int, width: int, sparsity: float, extra: int) -> int:
     return min(int(rows * width * sparsity) + (extra if sparsity > 0 else 0), rows * width)
 
+
+WHOLE = 2**62  # a block width no tensor reaches: the whole tensor is one block
 
 # Ties at the k-th score are rare (a few weights per block in SmolLM2's Q4 weights); a
 # surplus beyond this fraction of a block means something other than ties.
@@ -104,6 +109,36 @@ def pruned_bounds(
     b, _ = _block_group(group)
     surplus = sum(max(1, int(rows * min(b, cols - c) * TIE_SURPLUS)) for c in range(0, cols, b))
     return want, min(want + surplus, rows * cols)
+
+
+def count_rule(group: str, pattern: Pattern) -> str:
+    """In words: how many weights each mask of a method prunes, so how the actual sparsity can
+    differ from the target (results.json sparsity.count_rule, the report's "actual" note)."""
+    if pattern.is_nm:
+        return f"{pattern.m - pattern.n} of every {pattern.m} along each row: exactly the target"
+    if group == "tensor":
+        return "int(weights x s) per linear: below the target by less than one weight per linear"
+    if group == "row":
+        return "int(columns x s) per row: below the target by less than one weight per row"
+    b, extra = _block_group(group)
+    if not extra:
+        return (
+            f"int(weights x s) per {b}-column block: below the target by less than one weight "
+            "per block"
+        )
+    if b == WHOLE:
+        return (
+            "the released threshold rule: every score <= the k-th smallest, k = int(weights x "
+            "s) per linear, i.e. one weight more than int(weights x s) per linear plus any "
+            f"weights tied at the threshold (at most {TIE_SURPLUS:g} of a linear): above the "
+            "target by about one weight per linear (method.per_row=true: int(columns x s) per row)"
+        )
+    return (
+        f"SparseGPT's official count: every score <= the k-th smallest, k = int(weights x s) per "
+        f"{b}-column block, i.e. one weight more than int(weights x s) per block plus any "
+        f"weights tied at the threshold (at most {TIE_SURPLUS:g} of a block): above the target "
+        "by about one weight per block (method.count=exact: below it by less than one)"
+    )
 
 
 def expected_pruned(shape: tuple[int, int], sparsity: float, pattern: Pattern, group: str) -> int:

@@ -56,6 +56,7 @@ class Specs:
     logger: LoggerSpec
     save: SaveSpec
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
+    refine: Any = None  # a Refinement (sparsebench/refine/), or None
     plan: Any = None  # PlanSpec
     world_size: int = 1  # ranks to plan for (dry runs)
     engine: str = (
@@ -112,6 +113,34 @@ def resolve_device(name: str, planning: bool = False) -> torch.device:
     return device
 
 
+def build_refinement(cfg: dict | None, pruner: Pruner):
+    """The refinement of `refine=<name>` (None for none), refused now for a method whose
+    masks it cannot refine: it runs in the one-shot methods' block walk (refine/)."""
+    from .pruners.layerwise import LayerwisePruner
+    from .refine import REFINEMENTS
+
+    refine = dict(cfg or {"name": "none"})
+    name = refine.pop("name", None)
+    if name == "none":
+        return None
+    refinement = REFINEMENTS.build(name, refine)
+    if not isinstance(pruner, LayerwisePruner):
+        layerwise = sorted(
+            n for n in METHODS.names() if issubclass(METHODS.get(n), LayerwisePruner)
+        )
+        what = "no masks to refine" if pruner.name == "dense" else "no block-by-block masks"
+        raise SparsebenchError(
+            f"refine={name} refines a one-shot method's masks block by block, and method "
+            f"{pruner.name} has {what}; methods it refines: {', '.join(layerwise)}"
+        )
+    if refinement.init == "score" and not pruner.scored:
+        raise SparsebenchError(
+            f"refine.init=score: method {pruner.name} has no score of the dense weight to start "
+            "from; use refine.init=auto (its masks) or refine.init=mask"
+        )
+    return refinement
+
+
 def build_specs(cfg: DictConfig) -> Specs:
     """Parse and validate every config group once, before any heavy work."""
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -123,6 +152,7 @@ def build_specs(cfg: DictConfig) -> Specs:
     recover.pop("preset", None)  # as for methods: a name for tables, not an option
     recover_name = recover.pop("name", None)
     recovery = None if recover_name == "none" else RECOVERIES.build(recover_name, recover)
+    refinement = build_refinement(c.get("refine"), pruner)
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
@@ -148,6 +178,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         logger=build_dataclass(LoggerSpec, c["logger"], "logger"),
         save=build_dataclass(SaveSpec, c["save"], "save"),
         recover=recovery,
+        refine=refinement,
         plan=build_dataclass(PlanSpec, c.get("plan") or {}, "plan"),
         world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
         engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),

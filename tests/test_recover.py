@@ -284,7 +284,7 @@ def test_seed_sweep_folds_into_mean_std_n(tmp_path, capsys):
         std = (sum((x - mean) ** 2 for x in runs) / 2) ** 0.5
         assert r["wikitext2"] == pytest.approx(mean) and r["wikitext2_std"] == pytest.approx(std)
     md = report.markdown(rows)
-    assert "(n=3)" in md and "within spread of" in md
+    assert "(n=3 seeds)" in md and "within spread of" in md
     report.main([str(sweep), "--by-tokens"])
     assert (sweep / "report_nonzero.png").stat().st_size > 5000
 

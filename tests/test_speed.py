@@ -328,6 +328,9 @@ def test_eval_speed_from_the_cli_reaches_results_and_the_report(tmp_path):
     paths = report.write_report(tmp_path / "sweep")
     text = paths["markdown"].read_text()
     assert "decode x" in text and "MB (bitmask)" in text and paths["plot_speed"].is_file()
+    # a tiny model's timings are flagged as such, in results.json and in the report
+    assert res["speed"]["suspect"][0].startswith("too small to time")
+    assert "(suspect)" in text and "Suspect speed measurements" in text
 
 
 def test_the_plan_states_each_forms_inference_bytes_as_the_run_measures_them():
@@ -408,6 +411,11 @@ def test_the_end_of_run_summary_says_what_the_sparsity_bought(tmp_path):
         "bandwidth floor allows 3.03x), prefill 0.85x dense" in text
     )
     assert "size: 538 MB dense, 169 MB with the pruned weights as bitmask + values (0.31x" in text
+    # a figure the run's own timings cannot explain is printed as suspect, with the reasons
+    suspect = {**speed, "suspect": ["too small to time: the weights (0.43 MB) fit in a cache"]}
+    text = run_summary({"speed": suspect, "size": size}, tmp_path / "results.json")
+    assert "3.03x), prefill 0.85x dense; SUSPECT, see below" in text
+    assert "\n  suspect: too small to time" in text
     skipped = {"skipped": "no sparse kernel can run this model here", "not_run": {}}
     dense = {**size, "pruned_weights": {"weights": 10, "nonzero": 10}}  # nothing pruned
     text = run_summary({"speed": skipped, "size": dense}, tmp_path / "results.json")

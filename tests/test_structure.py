@@ -93,6 +93,7 @@ ALLOWED = {
     "records": {"errors", "registry", "records", "evaluation", "families", "formats"},
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan"},
     "recover": FOUNDATIONS | {"engine", "recover", "plan"},
+    "refine": FOUNDATIONS | {"refine"},
 }
 
 

@@ -18,6 +18,13 @@ fastest at 64 every larger input (prefill, decode of several sequences); the tim
 recorded. There is no 2:4 kernel on the CPU: a 2:4 model's masks run through the
 unstructured kernels there, and results.json says so; no dense fallback is ever timed as
 sparse. On CUDA, 2:4 runs through torch's semi-structured sparse tensors.
+
+Every figure is checked against what the same run says is possible (`plausibility`): only the
+pruned linears change between the two runs, so a whole-model speed-up lies between 1 and the
+speed-up of its kernel alone, and decode cannot beat dense by more than the bandwidth floor's
+ratio of bytes read. A figure beyond either (by more than SUSPECT_MARGIN) is listed in
+`speed.suspect` with its likely cause and printed as suspect; a model whose weights fit in a
+cache (under TOO_SMALL_BYTES) is timed by per-call overhead, and says so.
 """
 
 from __future__ import annotations
@@ -171,6 +178,59 @@ def pick_kernel(
     }
 
 
+# ----------------------------------------------------------------------------- plausibility
+
+# A figure beyond what the run's own measurements allow by more than this factor is suspect:
+# medians of a few repeats move by some percent on an idle machine, by more on a busy one.
+SUSPECT_MARGIN = 1.2
+# Weights below this fit in the last-level cache of current CPUs (and read in microseconds on
+# any device): a token then costs per-call overhead, not memory traffic, and no ratio of such
+# timings says anything about a real model's speed.
+TOO_SMALL_BYTES = 64 * 2**20
+
+
+def plausibility(out: dict[str, Any], seqlen: int) -> list[str]:
+    """Why the measured speed-ups of `out` (measure's record) cannot all be what the kernels
+    do: one sentence per suspect figure, empty when every figure is possible."""
+    dense_bytes = out["dense"]["bytes_per_token"]
+    if dense_bytes < TOO_SMALL_BYTES:  # every other figure is then noise too: one reason
+        return [
+            f"too small to time: the model's weights ({dense_bytes / 1e6:.2g} MB) fit in a "
+            "cache, so a token costs per-call overhead, not memory traffic; no speed-up of "
+            "such a model says anything about a real one"
+        ]
+    reasons = []
+    one, many = out["kernels_one_token"], out["kernels_64_tokens"]
+    for key, x in out["speedup"].items():
+        if key == "floor":
+            continue
+        kind, b = key.rsplit("_b", 1)
+        rows = int(b) * (1 if kind == "decode" else seqlen)
+        table, kernel = (
+            (one, out["kernel"]) if rows < out["rows_many"] else (many, out["prefill_kernel"])
+        )
+        alone = table["dense_ms"] / table[f"{kernel}_ms"] if table.get(f"{kernel}_ms") else None
+        if alone is not None and x > max(1.0, alone) * SUSPECT_MARGIN:
+            reasons.append(
+                f"{kind} at batch {b}: {x:.2f}x dense for the whole model, while its kernel "
+                f"alone ({kernel}) is {alone:.2f}x dense; a whole model gains less than its "
+                "linears (the dense run was likely slowed by a busy machine)"
+            )
+        elif alone is not None and x < min(1.0, alone) / SUSPECT_MARGIN:
+            reasons.append(
+                f"{kind} at batch {b}: {x:.2f}x dense for the whole model, while its kernel "
+                f"alone ({kernel}) is {alone:.2f}x dense; a whole model loses less than its "
+                "linears (the sparse run was likely slowed by a busy machine)"
+            )
+        if kind == "decode" and x > out["speedup"]["floor"] * SUSPECT_MARGIN:
+            reasons.append(
+                f"decode at batch {b}: {x:.2f}x dense, beyond the {out['speedup']['floor']:.2f}x "
+                "that the bandwidth floor allows (bytes read dense over sparse); a busy machine "
+                "or a model too small to time"
+            )
+    return reasons
+
+
 # ----------------------------------------------------------------------------- the measurement
 
 
@@ -278,4 +338,7 @@ def measure(
         },
         "floor": round(d["bytes_per_token"] / s["bytes_per_token"], 3),
     }
+    suspect = plausibility(out, seqlen)
+    if suspect:
+        out["suspect"] = suspect
     return out

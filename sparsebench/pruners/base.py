@@ -47,6 +47,7 @@ class PruneContext:
     workdir: Any = None
     fingerprint: str | None = None
     checkpoint_every: int = 0  # steps between training checkpoints; 0: none
+    refine: Any = None  # a Refinement (refine/) run in the block walk of one-shot methods
 
     def block_sparsity(self, i: int) -> float:
         return self.sparsity if self.block_targets is None else self.block_targets[i]
@@ -84,6 +85,12 @@ class Pruner:
     reads_data: ClassVar[bool] = False
     # True if the method runs over steps, so that a ramp (schedule.ramp) changes what it does.
     iterative: ClassVar[bool] = False
+
+    @property
+    def masks_group(self) -> str:
+        """The comparison group the run's masks are verified against (`group`, unless a stage
+        changes how the masks are counted)."""
+        return self.group
 
     @property
     def reads_calibration(self) -> bool:

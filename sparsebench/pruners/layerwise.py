@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -86,6 +87,28 @@ class LayerwisePruner(Pruner):
         """Prune (and possibly update) linear.weight in place; return its keep mask."""
         raise NotImplementedError
 
+    # True for a method with a closed-form score of the dense weight (`score`)
+    scored: ClassVar[bool] = False
+
+    def score(self, linear: nn.Linear, prepared: Any) -> torch.Tensor | None:
+        """The method's saliency of the (dense) weight, higher kept: where a refinement starts
+        (refine/). None: the method has no closed-form score; its masks are the start."""
+        return None
+
+    def refine_start(self, refine) -> str:
+        """Where a refinement starts: "score" (the score's lowest int(cols x s) per row, as
+        the released DSnoT code starts) or "mask" (the method's own masks)."""
+        return "score" if refine.init != "mask" and self.scored else "mask"
+
+    @property
+    def masks_group(self) -> str:
+        """The comparison group of the masks this run makes (a refinement that starts from
+        the score counts per row)."""
+        refine = getattr(self, "refinement", None)
+        if refine is not None and self.refine_start(refine) == "score":
+            return "row"
+        return self.group
+
     def prune_group(
         self, linears: list[nn.Linear], prepared: Any, sparsity: float, pattern: Pattern
     ) -> list[torch.Tensor]:
@@ -106,13 +129,23 @@ class LayerwisePruner(Pruner):
     ) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
         official code); return {linear name inside the block: keep mask} on the block's device."""
+        refine = getattr(self, "refinement", None)
+        new_stats, add_batch = self.new_stats, self.add_batch
+        if refine is not None:  # the refinement's statistic, in the same pass
+            new_stats = lambda c, d: (self.new_stats(c, d), refine.new_stats(c, d))  # noqa: E731
+            add_batch = lambda st, x: (self.add_batch(st[0], x), refine.add_batch(st[1], x))  # noqa: E731
         linears, groups, stats, tokens, unused = collect_statistics(
-            block, inps, args, kwargs, self.new_stats, self.add_batch, batch, who=self.name
+            block, inps, args, kwargs, new_stats, add_batch, batch, who=self.name
         )
         masks: dict[str, torch.Tensor] = {}
         for leader, names in groups.items():
-            prepared = self.prepare(stats.pop(leader))
-            keeps = self.prune_group([linears[n] for n in names], prepared, sparsity, pattern)
+            own, moments = stats.pop(leader) if refine is not None else (stats.pop(leader), None)
+            prepared = self.prepare(own)
+            group = [linears[n] for n in names]
+            if refine is None:
+                keeps = self.prune_group(group, prepared, sparsity, pattern)
+            else:
+                keeps = self.refined(refine, names, group, prepared, moments, sparsity, pattern)
             for name, keep in zip(names, keeps):
                 apply_mask(linears[name], keep)  # hard zeros even if a method's update left residue
                 masks[name] = keep
@@ -126,14 +159,32 @@ class LayerwisePruner(Pruner):
         # (docs/models.md) prunes it by magnitude, in the method's comparison group, and the
         # run counts it (results.json method_report.moe.magnitude_fallback).
         for name in unused:
-            keep = project(linears[name].weight.detach().abs(), sparsity, pattern, self.group)
+            keep = project(linears[name].weight.detach().abs(), sparsity, pattern, self.masks_group)
             apply_mask(linears[name], keep)
             masks[name] = keep
         self.last_tokens, self.last_fallback = tokens, unused
         return masks
 
+    def refined(self, refine, names, group, prepared, moments, sparsity, pattern):
+        """The group's masks, started from the method's scores or masks and refined."""
+        from_score = self.refine_start(refine) == "score"
+        scores = [self.score(lin, prepared) if from_score else None for lin in group]
+        return refine_group(
+            refine,
+            names,
+            group,
+            moments,
+            scores,
+            lambda: self.prune_group(group, prepared, sparsity, pattern),
+            sparsity,
+            pattern,
+        )
+
     @torch.no_grad()
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        self.refinement = ctx.refine
+        if ctx.refine is not None:
+            ctx.refine.start()
         driver = Sequential(
             ctx.model,
             ctx.calib,
@@ -173,9 +224,58 @@ class LayerwisePruner(Pruner):
 
     def report(self) -> dict[str, Any]:
         """A mixture of experts: the calibration tokens routed to each expert, and the experts
-        pruned by magnitude because none was (docs/models.md)."""
+        pruned by magnitude because none was (docs/models.md); a refinement's counts."""
         moe = getattr(self, "moe", None)
-        return {"moe": moe} if moe and moe["routed_tokens"] else {}
+        out: dict[str, Any] = {"moe": moe} if moe and moe["routed_tokens"] else {}
+        refine = getattr(self, "refinement", None)
+        if refine is not None:
+            out["refine"] = {
+                "name": refine.name,
+                "start": self.refine_start(refine),
+                **refine.report(),
+            }
+        return out
+
+
+def refine_group(
+    refinement,  # a refine.Refinement (duck-typed: pruners never import refine)
+    names: list[str],
+    linears: list[nn.Linear],
+    stats: Any,
+    scores: list[torch.Tensor | None],
+    method_keeps,
+    sparsity: float,
+    pattern: Pattern,
+) -> list[torch.Tensor]:
+    """Refine the linears that read one input (their names inside the block): start from the
+    scores' masks (lowest int(cols x s) per row; N:M per group) or, where a score is None, from
+    `method_keeps()` (the method's own masks: it prunes, and may update, the weights); put the
+    dense weights back under the refined masks (a skipped linear keeps its start, with the
+    method's weights where the method pruned it). The time goes to the report."""
+    dense = [lin.weight.detach().clone() for lin in linears]
+    from_scores = all(s is not None for s in scores)
+    if from_scores:
+        keeps = [project(s, sparsity, pattern, "row") for s in scores]
+    else:
+        keeps = method_keeps()
+    start = time.perf_counter()
+    out = []
+    for name, linear, weight, keep, score in zip(names, linears, dense, keeps, scores):
+        if refinement.skips(name):
+            refinement._report["skipped"] += 1
+            if from_scores:
+                linear.weight.data.copy_(weight)
+            out.append(keep)
+            continue
+        refined = refinement.refine_linear(weight, keep, stats, score, pattern)
+        refinement._report["refined"] += 1
+        refinement._report["swaps"] += int((refined & ~keep).sum())
+        linear.weight.data.copy_(weight)  # no weight update: the dense values, refined mask
+        out.append(refined)
+    refinement._report["seconds"] = round(
+        refinement._report["seconds"] + time.perf_counter() - start, 3
+    )
+    return out
 
 
 class GramPruner(LayerwisePruner):

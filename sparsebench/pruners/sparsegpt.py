@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SparseGPT(GramPruner):
     statistic = "hessian"  # plus the prune-time copies of the largest one (plan.py)
+    scored = True  # the OBS saliency of the dense weight (a refinement's start)
     blocksize: int = option(128, ge=1)
     percdamp: float = option(0.01, gt=0, lt=1e3)
     damp_retries: int = option(6, ge=0)  # each retry multiplies the damping by 10
@@ -89,6 +90,14 @@ class SparseGPT(GramPruner):
             f"sparsegpt: Hessian not positive definite even with percdamp={damp / 10:g}; "
             f"raise method.percdamp or use more calibration samples"
         )
+
+    def score(self, linear, prepared):
+        """The OBS saliency of the dense weight, W^2 / [H^-1]_jj^2 (dead inputs' columns at
+        0), before any update: what the released DSnoT code starts from for SparseGPT."""
+        Hinv, dead = prepared
+        W = linear.weight.detach().float().clone()
+        W[:, dead] = 0
+        return W**2 / torch.diag(Hinv).reshape((1, -1)) ** 2
 
     def prune_linear(self, linear, prepared, sparsity, pattern):
         return self.prune_group([linear], prepared, sparsity, pattern)[0]

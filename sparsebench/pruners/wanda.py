@@ -15,6 +15,7 @@ from .layerwise import LayerwisePruner, RunningMean
 @dataclass
 class Wanda(LayerwisePruner):
     group = "row"
+    scored = True
     statistic = "norms"
 
     def new_stats(self, columns, device):
@@ -25,6 +26,8 @@ class Wanda(LayerwisePruner):
         # transposed input: no (tokens x columns) temporary, and the same bits)
         stats.add(x, lambda x2: torch.norm(x2.t(), p=2, dim=1) ** 2)
 
+    def score(self, linear, stats: RunningMean):
+        return linear.weight.abs().float() * stats.value.sqrt().unsqueeze(0)
+
     def prune_linear(self, linear, stats: RunningMean, sparsity, pattern):
-        score = linear.weight.abs().float() * stats.value.sqrt().unsqueeze(0)
-        return project(score, sparsity, pattern, self.group)
+        return project(self.score(linear, stats), sparsity, pattern, self.group)

@@ -1,5 +1,8 @@
 """Export a pruned model (safetensors via save_pretrained) with its masks and metadata.
 
+The masks are stored once: beside dense weights as sparsebench_masks.safetensors (one byte a
+weight), or, with save.format=bitmask, as the bitmask file's own bits (formats.py).
+
 The folder loads back with `model=local model.path=<folder>`; with `method=dense`
 that is the eval-only mode, and the masks saved beside the weights are verified
 again (hard zeros outside them) and their sparsity reported.
@@ -20,8 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import SparsebenchError
-from ..families import original_masks, original_state_dict
-from ..formats import BITMASK_FILE, bitmask_state
+from ..families import masks_from_original, original_masks, original_state_dict
+from ..formats import BITMASK_FILE, bitmask_state, load_bitmask_masks
 
 MASKS_FILE = "sparsebench_masks.safetensors"
 META_FILE = "sparsebench.json"
@@ -80,7 +83,7 @@ def save_pruned(
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     meta = {**meta, "format": fmt}
     tokenizer.save_pretrained(tmp)
-    if masks:
+    if masks and fmt != "bitmask":  # a bitmask file's bits are the masks: stored once
         save_file(
             {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE)
         )
@@ -94,13 +97,18 @@ def save_pruned(
 def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(masks, metadata) of a sparsebench export, None for a folder that is not one.
 
-    A folder with only one of the two files, or a file that cannot be read, is an error:
-    an export whose masks cannot be checked must not evaluate as a verified pruned model.
-    """
+    The masks come from sparsebench_masks.safetensors (save.format=dense) or from the bits of
+    the bitmask file (save.format=bitmask); those are in the family's own layout, and the
+    metadata then says `"masks_layout": "original"` (`saved_masks` turns them into the
+    loaded model's linears). A folder with metadata but no masks, or a file that cannot be
+    read, is an error: an export whose masks cannot be checked must not evaluate as a verified
+    pruned model."""
     folder = Path(folder)
-    masks_path, meta_path = folder / MASKS_FILE, folder / META_FILE
+    masks_path, meta_path, packed = folder / MASKS_FILE, folder / META_FILE, folder / BITMASK_FILE
     if not masks_path.exists() and not meta_path.exists():
         return None
+    if not masks_path.is_file() and meta_path.is_file() and packed.is_file():
+        masks_path = packed  # save.format=bitmask: the masks are the file's bits
     for path in (masks_path, meta_path):
         if not path.is_file():
             raise SparsebenchError(
@@ -118,9 +126,32 @@ def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     from safetensors.torch import load_file
 
     try:
-        masks = {k: v.bool() for k, v in load_file(str(masks_path)).items()}
+        if masks_path == packed:
+            masks = load_bitmask_masks(packed)
+            meta["masks_layout"] = "original"
+        else:
+            masks = {k: v.bool() for k, v in load_file(str(masks_path)).items()}
     except Exception as err:  # safetensors raises its own error types for cut-off files
         raise SparsebenchError(
             f"{masks_path} is unreadable ({str(err).splitlines()[0][:120]}); export the model again"
         ) from None
     return masks, meta
+
+
+def saved_masks(model, saved: tuple[dict[str, torch.Tensor], dict[str, Any]]):
+    """The export's masks by the loaded model's linear names."""
+    masks, meta = saved
+    if meta.get("masks_layout") == "original":
+        return masks_from_original(model, masks)
+    return masks
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    """What an export takes on disk: every file, and the weights' files alone."""
+    files = [f for f in Path(folder).rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix == ".safetensors" and f.name != MASKS_FILE]
+    return {
+        "folder": sum(f.stat().st_size for f in files),
+        "weights": sum(f.stat().st_size for f in weights),
+        "masks": sum(f.stat().st_size for f in files if f.name == MASKS_FILE),
+    }

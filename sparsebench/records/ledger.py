@@ -52,7 +52,7 @@ NOT_RESULTS = (
 # Data keys that only the calibration draw reads.
 CALIBRATION_KEYS = ("nsamples", "seed", "calib_set", "calib_docs")
 # Keys that only pruning reads: the dense model's numbers never depend on them.
-PRUNING_KEYS = ("method", "sparsity", "pattern", "schedule", "recover")
+PRUNING_KEYS = ("method", "sparsity", "pattern", "schedule", "recover", "refine")
 LOCK = ".sparsebench.lock"
 
 
@@ -66,6 +66,8 @@ def identity(
     """The part of a resolved config that moves a number of this run."""
     c = copy.deepcopy({k: v for k, v in config.items() if k not in NOT_RESULTS})
     c.pop("protocol", None)  # a label: its values are in data and eval
+    if (c.get("refine") or {}).get("name", "none") == "none":
+        c.pop("refine", None)  # no refinement: identities from before the key stay
     if c.get("calib_batch", 1) == 1:
         c.pop(
             "calib_batch", None
@@ -315,3 +317,23 @@ def _register_resolver() -> None:
 
 
 _register_resolver()
+
+
+def record_refused(out: Path, error: str, cfg, overrides: list[str]) -> None:
+    """A sweep job refused before any work: its folder gets a results.json saying so (status
+    "refused", the error, the job's overrides and config), so that the report lists it beside
+    the jobs that ran; running the sweep again runs it again, as any job that did not
+    complete."""
+    from omegaconf import OmegaConf
+
+    from .tracking import write_json
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # the refusal may be that it cannot be resolved
+        config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)
+    write_json(
+        Path(out) / "results.json",
+        {"status": "refused", "error": error, "overrides": overrides, "config": config},
+    )

@@ -1,6 +1,8 @@
 """The report's plots: perplexity against sparsity per method (report.png) and against the
 number of non-zero parameters (report_nonzero.png), WikiText-2 and C4 side by side, log-scale
-perplexity, one colour per method label in every plot, seed folds as dodged error bars."""
+perplexity, one colour per (model, method label) in every plot, N:M runs as square markers,
+seed folds as dodged error bars; the decode speed-up (report_speed.png) as the table shows it.
+Every row of the table is in the perplexity plots, or `not_plotted` says why not."""
 
 from __future__ import annotations
 
@@ -9,38 +11,73 @@ from pathlib import Path
 from typing import Any
 
 
-def _series(rows, x_key: str, metric: str):
+def _plotted(r: dict[str, Any], metric: str, x_key: str) -> bool:
+    return r["status"] == "complete" and bool(r.get(metric)) and r.get(x_key) is not None
+
+
+def not_plotted(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The rows of the table that neither perplexity plot shows, each with the reason (the
+    report lists them under the table)."""
+    out = []
+    for r in rows:
+        if any(_plotted(r, m, "sparsity") for m in ("wikitext2", "c4")):
+            continue
+        if r["status"] != "complete":
+            why = f"{r['status']}: it has no result to plot"
+        elif r.get("sparsity") is None:
+            why = "no sparsity in its results.json"
+        else:
+            why = "no perplexity was measured" + (
+                " (random weights: measurements only)" if "random weights" in r["label"] else ""
+            )
+        out.append((r, why))
+    return out
+
+
+def _tags(rows) -> dict[str, str]:
+    """A row's model name in the plots, with its protocol where a model has several (seqlen
+    512 and 2048 are different curves, never one)."""
     protocols = defaultdict(set)
     for r in rows:
         if r["status"] == "complete":
             protocols[r["model"]].add(r.get("protocol"))
+    return {
+        r["path"]: r["model"]
+        if len(protocols[r["model"]]) <= 1
+        else f"{r['model']}, protocol {str(r.get('protocol'))[:8]}"
+        for r in rows
+    }
+
+
+def _series(rows, x_key: str, metric: str):
+    """{(model tag, label, dense, pattern): [(x, y, yerr)]}: unstructured rows as curves,
+    each N:M pattern as points of its own."""
+    tags = _tags(rows)
     series = defaultdict(list)
     for r in rows:
-        if (
-            r["status"] == "complete"
-            and r[metric]
-            and r["pattern"] == "unstructured"
-            and r.get(x_key) is not None
-        ):
-            # one line per protocol: seqlen 512 and 2048 are different curves, never one
-            tag = (
-                r["model"]
-                if len(protocols[r["model"]]) == 1
-                else f"{r['model']}, protocol {str(r.get('protocol'))[:8]}"
-            )
-            series[(tag, r["label"], r["method"] == "dense")].append(
-                (r[x_key], r[metric], r.get(f"{metric}_std"))
-            )
+        if _plotted(r, metric, x_key):
+            key = (tags[r["path"]], r["label"], r["method"] == "dense", r["pattern"])
+            series[key].append((r[x_key], r[metric], r.get(f"{metric}_std")))
     return series
 
 
-def _colours(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One colour per method label, the same in every plot of the report."""
+def _colours(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+    """One colour per (model, method label), the same in every plot of the report; the dense
+    lines are grey, one dash style per model."""
     import matplotlib
 
-    labels = sorted({r["label"] for r in rows if r["method"] != "dense"})
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    tags = _tags(rows)
+    keys = sorted({(tags[r["path"]], r["label"]) for r in rows if r["method"] != "dense"})
+    cmap = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"]
+    return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
+
+
+DENSE_STYLES = ("--", "-.", ":", (0, (5, 1)))
+
+
+def _style(pattern: str) -> dict[str, Any]:
+    """Unstructured: a line with round markers; an N:M pattern: square markers, no line."""
+    return {"marker": "o"} if pattern == "unstructured" else {"marker": "s", "ls": "none"}
 
 
 def _plain_log_axis(axis) -> None:
@@ -89,27 +126,30 @@ def _dodge(index: int, count: int, width: float) -> float:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Perplexity against sparsity per method(+recovery), WikiText-2 and C4 side by side;
-    error bars (seed folds) dodged apart."""
+    """Perplexity against sparsity per model and method(+recovery), WikiText-2 and C4 side by
+    side; N:M runs as square markers at 0.5; error bars (seed folds) dodged apart."""
     colours = _colours(rows)
 
     def draw(ax, metric):
-        series = sorted(_series(rows, "sparsity", metric).items())
+        series = sorted(_series(rows, "sparsity", metric).items(), key=str)
         curves = [s for s in series if not s[0][2]]
-        for (tag, label, dense), pts in series:
+        models = sorted({tag for (tag, _, _, _), _ in series})
+        for (tag, label, dense, _), pts in series:
             if dense:
-                ax.axhline(sorted(pts)[0][1], color="gray", ls="--", lw=1, label=f"dense ({tag})")
-        for i, ((tag, label, _), pts) in enumerate(curves):
+                ls = DENSE_STYLES[models.index(tag) % len(DENSE_STYLES)]
+                ax.axhline(sorted(pts)[0][1], color="gray", ls=ls, lw=1, label=f"dense ({tag})")
+        for i, ((tag, label, _, pattern), pts) in enumerate(curves):
             pts.sort()
             dx = _dodge(i, len(curves), 0.004)
+            suffix = "" if pattern == "unstructured" else f", {pattern}"
             ax.errorbar(
                 [p[0] + dx for p in pts],
                 [p[1] for p in pts],
                 yerr=[p[2] or 0 for p in pts],
-                marker="o",
                 capsize=3,
-                color=colours.get(label),
-                label=f"{label} ({tag})",
+                color=colours.get((tag, label)),
+                label=f"{label} ({tag}{suffix})",
+                **_style(pattern),
             )
 
     _figure(path, "sparsity", draw)
@@ -120,49 +160,70 @@ def plot_nonzero(rows: list[dict[str, Any]], path: Path) -> None:
     colours = _colours(rows)
 
     def draw(ax, metric):
-        curves = sorted(_series(rows, "nonzero_params", metric).items())
-        for i, ((tag, label, dense), pts) in enumerate(curves):
+        curves = sorted(_series(rows, "nonzero_params", metric).items(), key=str)
+        for i, ((tag, label, dense, pattern), pts) in enumerate(curves):
             pts.sort()
             f = 1 + _dodge(i, len(curves), 0.01)  # multiplicative: the x axis is log
+            style = {"marker": "*", "ls": "none"} if dense else _style(pattern)
+            suffix = "" if pattern == "unstructured" or dense else f", {pattern}"
             ax.errorbar(
                 [p[0] * f for p in pts],
                 [p[1] for p in pts],
                 yerr=[p[2] or 0 for p in pts],
-                marker="*" if dense else "o",
-                ls="none" if dense else "-",
                 capsize=3,
-                color="gray" if dense else colours.get(label),
-                label=f"{label} ({tag})",
+                color="gray" if dense else colours.get((tag, label)),
+                label=f"{label} ({tag}{suffix})",
+                **style,
             )
 
     _figure(path, "non-zero parameters (log)", draw, log_x=True)
 
 
+def speed_series(rows: list[dict[str, Any]]) -> dict[tuple, list[tuple]]:
+    """{(model tag, label, pattern): [(sparsity, decode speed-up, its std, suspect)]}: the
+    table's "decode x" cells, as the speed plot draws them."""
+    tags = _tags(rows)
+    series = defaultdict(list)
+    for r in rows:
+        if r["status"] == "complete" and r.get("decode_speedup") and r["method"] != "dense":
+            key = (tags[r["path"]], r["label"], r["pattern"])
+            std = r.get("decode_speedup_std") or 0
+            series[key].append((r["sparsity"], r["decode_speedup"], std, bool(r["speed_suspect"])))
+    return series
+
+
 def plot_speed(rows: list[dict[str, Any]], path: Path) -> None:
-    """Decode speed-up over the dense kernel (one sequence, KV cache) against sparsity, one line
-    per method and pattern; 1 (no gain) as a dashed line."""
+    """Decode speed-up over the dense kernel (one sequence, KV cache) against sparsity, what
+    the table's "decode x" column shows: the mean over the runs folded with its std as an error
+    bar, one line per model, method and pattern; a suspect measurement as a hollow marker; 1
+    (no gain) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = _colours(rows)
-    series = defaultdict(list)
-    for r in rows:
-        if r["status"] == "complete" and r.get("decode_speedup") and r["method"] != "dense":
-            series[(r["label"], r["pattern"])].append((r["sparsity"], r["decode_speedup"]))
+    colours, series = _colours(rows), speed_series(rows)
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     ax.axhline(1.0, color="gray", ls="--", lw=1, label="dense kernel")
-    for (label, pattern), pts in sorted(series.items()):
+    for (tag, label, pattern), pts in sorted(series.items()):
         pts.sort()
-        ax.plot(
+        colour = colours.get((tag, label))
+        suspect = any(p[3] for p in pts)
+        ax.errorbar(
             [p[0] for p in pts],
             [p[1] for p in pts],
-            marker="o" if pattern == "unstructured" else "s",
-            ls="-" if pattern == "unstructured" else ":",
-            color=colours.get(label),
-            label=f"{label} ({pattern})",
+            yerr=[p[2] for p in pts],
+            capsize=3,
+            color=colour,
+            label=f"{label} ({tag}, {pattern})" + (" (suspect: hollow)" if suspect else ""),
+            **_style(pattern),
         )
+        hollow = [p for p in pts if p[3]]
+        if hollow:
+            ax.plot(
+                [p[0] for p in hollow], [p[1] for p in hollow], "o", ms=10, mfc="white",
+                mec=colour, ls="none",
+            )  # fmt: skip
     ax.set_xlabel("sparsity")
     ax.set_ylabel("decode speed-up over dense (x)")
     ax.grid(alpha=0.3)

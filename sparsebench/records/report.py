@@ -40,12 +40,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .plots import plot, plot_nonzero, plot_speed
-from .rows import (
-    load_results,
-    table,
-    zeroshot_tasks,
-)  # noqa: F401
+from .plots import not_plotted, plot, plot_nonzero, plot_speed
+from .rows import fold_text, load_results, table, zeroshot_tasks
 
 
 def _fmt(v, digits=2):
@@ -58,8 +54,21 @@ def _fmt(v, digits=2):
 
 def _ppl(r: dict[str, Any], k: str) -> str:
     if r.get("n", 1) > 1 and r.get(f"{k}_std") is not None:
-        return f"{r[k]:.2f} ± {r[f'{k}_std']:.2f} (n={r['n']})"
+        return f"{r[k]:.2f} ± {r[f'{k}_std']:.2f} ({fold_text(r)})"
     return _fmt(r[k])
+
+
+def _folded(r: dict[str, Any], k: str, digits: int = 2) -> str:
+    """A speed or size cell: mean ± std over the runs folded (their n is in the perplexity
+    cells), marked when any run's speed measurement was suspect."""
+    if r.get(k) is None:
+        return "—"
+    cell = _fmt(r[k], digits)
+    if r.get("n", 1) > 1 and r.get(f"{k}_std") is not None:
+        cell += f" ± {r[f'{k}_std']:.{digits}f}"
+    if k.endswith("_speedup") and r.get("speed_suspect"):
+        cell += " (suspect)"
+    return cell
 
 
 def _tokens(v) -> str:
@@ -110,11 +119,11 @@ def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list
         cols.append(("wall s", lambda r: _fmt(r["wall_s"], 1)))
     if has("decode_speedup"):
         cols += [
-            ("decode x", lambda r: _fmt(r["decode_speedup"])),
-            ("prefill x", lambda r: _fmt(r["prefill_speedup"])),
+            ("decode x", lambda r: _folded(r, "decode_speedup")),
+            ("prefill x", lambda r: _folded(r, "prefill_speedup")),
         ]
     if has("bitmask_mb"):
-        cols.append(("MB (bitmask)", lambda r: _fmt(r["bitmask_mb"], 1)))
+        cols.append(("MB (bitmask)", lambda r: _folded(r, "bitmask_mb", 1)))
     cols += [
         ("peak GiB", lambda r: _fmt(r["peak_gib"])),
         (
@@ -135,10 +144,11 @@ def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list
 
 COLUMN_NOTES = {
     "sparsity": "the target sparsity (N:M: 0.50)",
-    "actual": "the measured fraction of zeros over every pruned linear (differs from the target by "
-    "rounding only)",
+    "actual": "the measured fraction of zeros over every pruned linear; it differs from the "
+    "target only as each method's count rule says (listed below the columns)",
     "WikiText-2": "perplexity, exp(mean window NLL) over the protocol's windows; lower is better; "
-    "mean ± std (n) over seeds",
+    "mean ± std over the runs folded: n seeds (runs that differ only in the seed), or n "
+    "repeats of one seed (the same config run again: a timing's spread, not a seed's)",
     "C4": "perplexity on the C4 eval stream, as WikiText-2",
     "% dense (Wiki)": "dense perplexity / row perplexity x 100, against the dense run of the row's "
     "own protocol: "
@@ -153,8 +163,10 @@ COLUMN_NOTES = {
     "wall s": "seconds of the training stages",
     "peak GiB": "peak memory of the run's process (GPU peak on CUDA)",
     "decode x": "decode speed-up over the dense kernel, one sequence, KV cache, the same run "
-    "(eval.speed; the kernel and the bandwidth floor are in results.json speed)",
-    "prefill x": "prefill throughput of the sparse kernel over the dense one, batch 1",
+    "(eval.speed; the kernel and the bandwidth floor are in results.json speed); mean ± std "
+    "over the runs folded; (suspect): a run measured more than its kernel alone or the "
+    "bandwidth floor allows, or a model too small to time (listed below)",
+    "prefill x": "prefill throughput of the sparse kernel over the dense one, batch 1, as decode x",
     "MB (bitmask)": "the model stored with its pruned weights as kept values + a 1-bit mask "
     "(save.format=bitmask)",
     "within spread of": "rows whose mean lies within the two rows' seed spread (same model, "
@@ -196,12 +208,24 @@ def header(rows: list[dict[str, Any]], root: Path | None = None) -> list[str]:
 
 def notes(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> str:
     heads = [h for h, _ in _columns(rows, tasks, spread)]
-    return (
-        "\n".join(
-            ["", "Columns:"] + [f"- {h}: {COLUMN_NOTES[h]}" for h in heads if h in COLUMN_NOTES]
-        )
-        + "\n"
-    )
+    lines = ["", "Columns:"] + [f"- {h}: {COLUMN_NOTES[h]}" for h in heads if h in COLUMN_NOTES]
+    rules = {f"{r['label']}, {r['pattern']}": r["count_rule"] for r in rows if r.get("count_rule")}
+    if rules:
+        lines += ["", "Count rules (how actual sparsity may differ from the target):"]
+        lines += [f"- {what}: {rule}" for what, rule in rules.items()]
+    suspect = [r for r in rows if r.get("speed_suspect")]
+    if suspect:
+        lines += ["", "Suspect speed measurements (results.json speed.suspect):"]
+        for r in suspect:
+            runs = r.get("speed_suspect_runs", 1)
+            of = f" ({runs} of {r['n']} runs)" if r.get("n", 1) > 1 else ""
+            lines += [f"- {r['label']} at {_fmt(r['sparsity'])} {r['pattern']}{of}: "]
+            lines[-1] += "; ".join(r["speed_suspect"])
+    missing = not_plotted(rows)
+    if missing:
+        lines += ["", "Rows not in the perplexity plots:"]
+        lines += [f"- {r['label']} ({r['model']}, {r['path']}): {why}" for r, why in missing]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict[str, Any]], by_tokens: bool = False, root: Path | None = None) -> str:
@@ -298,6 +322,8 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
                     "versions": json.dumps(r.get("versions") or {}, sort_keys=True),
                     "seeds": " ".join(r.get("seeds") or []),
                     "within_spread_of": " ".join(r.get("within_spread_of") or []),
+                    "speed_suspect": "; ".join(r.get("speed_suspect") or []),
+                    "repeats": " ".join(f"{k}x{v}" for k, v in (r.get("repeats") or {}).items()),
                 }
             )
     plot(rows, paths["plot"])

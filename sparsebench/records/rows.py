@@ -54,9 +54,12 @@ def label_of(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
     recover = _dict(cfg.get("recover")).get("preset") or _dict(cfg.get("recover")).get("name")
+    refine = _dict(cfg.get("refine")).get("name")
     allocation = _dict(cfg.get("schedule")).get("allocation")
     if allocation and allocation != "uniform":  # OWL + Wanda is its own row
         label = f"{allocation}-{label}"
+    if refine and refine != "none":  # wanda + dsnot
+        label += f" + {refine}"
     return label + (f"+{recover}" if recover and recover != "none" else "")
 
 
@@ -86,6 +89,9 @@ def load_row(path: Path) -> dict[str, Any]:
         "decode_speedup": None,
         "prefill_speedup": None,
         "bitmask_mb": None,
+        "speed_suspect": [],
+        "count_rule": None,
+        "reloaded_from": None,
         "seed": None,
         "fold_key": str(path),
         "ident": {},
@@ -159,13 +165,50 @@ def load_row(path: Path) -> dict[str, Any]:
     row["fold_key"] = (
         (digest(seedless) + (f"|{row['kernels']}" if row["kernels"] else "")) if cfg else str(path)
     )
+    row["speed_suspect"] = [str(x) for x in _dict(rec.get("speed")).get("suspect") or []]
+    row["count_rule"] = sp.get("count_rule") if isinstance(sp.get("count_rule"), str) else None
+    row["sort_label"] = row["label"]
+    source = _dict(rec.get("loaded_pruned_model"))
+    if source:  # a reloaded export: the pruned model it is, beside the run it came from
+        reloaded(row, source, cfg)
     if _dict(rec.get("model")).get("random_weights"):  # a measurement run: never a quality result
         row["label"] += " [random weights]"
-    if cfg.get("sparsity") is not None and row["sparsity"] is None and method != "dense":
+    if (
+        cfg.get("sparsity") is not None
+        and row["sparsity"] is None
+        and method != "dense"
+        and row["status"] != "refused"  # a refused job says why itself
+    ):
         row.update(
             status="unreadable", error=f"config.sparsity is not a number: {cfg.get('sparsity')!r}"
         )
     return row
+
+
+def reloaded(row: dict[str, Any], source: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """A run of `model=local model.path=<export> method=dense` is the export's pruned model:
+    its method, sparsity and model from the export's sparsebench.json, labelled as reloaded,
+    sorted beside its source run, and compared with the source's dense run when it was
+    evaluated as the source was (same seqlen, windows and datasets)."""
+    label = str(source.get("label") or source.get("method", "?"))
+    again = label_of(cfg).removeprefix("dense")  # a recovery run on the reloaded masks
+    row.update(
+        method=str(source.get("method", "?")),
+        model=str(source.get("model", row["model"])),
+        label=f"{label} (reloaded){again}",
+        sort_label=label,
+        sparsity=_num(source.get("sparsity")),
+        reloaded_from=source.get("run") or _dict(cfg.get("model")).get("path"),
+    )
+    ev, data = _dict(source.get("evaluation")), _dict(source.get("data"))
+    same_eval = (
+        data.get("seqlen") == _dict(cfg.get("model")).get("seqlen")
+        and ev.get("max_windows") == _dict(cfg.get("eval")).get("max_windows")
+        and list(ev.get("datasets") or []) == list(_dict(cfg.get("eval")).get("datasets") or [])
+    )
+    if same_eval and isinstance(source.get("protocol_id"), str):
+        row["protocol_ids"] = [source["protocol_id"], *row["protocol_ids"]]
+        row["protocol_id"] = source["protocol_id"]
 
 
 def load_results(root: Path) -> list[dict[str, Any]]:
@@ -181,29 +224,56 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+# folded like perplexity: mean, and `<key>_std` over the runs folded
+FOLDED_WITH_STD = (*PPL, "mean_acc", "decode_speedup", "prefill_speedup", "bitmask_mb")
+
+
 def fold_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Complete rows equal in all but the seed become one row: mean of every number,
-    `<metric>_std` for the perplexities and mean accuracy, `n`, `seeds`. Other rows stay."""
+    `<metric>_std` for perplexity, accuracy, speed-ups and size, `n`, `seeds`. Runs of the
+    same seed (a measurement repeated) are repeats, not seeds: `fold` says which it is
+    ("seeds": every run its own seed; "repeats": one seed run n times; "runs": both), and
+    `repeats` counts the runs of each repeated seed. Other rows stay as they are."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     out = []
     for r in rows:
         (groups[r["fold_key"]] if r["status"] == "complete" else out).append(r)
-    numeric = [*PPL, "mean_acc", *STOCK_TASKS, "prune_s", "peak_gib", "wall_s", "actual_sparsity"]
+    numeric = [*FOLDED_WITH_STD, *STOCK_TASKS, "prune_s", "peak_gib", "wall_s", "actual_sparsity"]
     for members in groups.values():
         row = dict(members[0])
         row["n"] = len(members)
         row["protocol_ids"] = sorted({m["protocol_id"] for m in members if m["protocol_id"]})
         row["seeds"] = sorted(str(m["seed"]) for m in members)
+        counts = {seed: row["seeds"].count(seed) for seed in dict.fromkeys(row["seeds"])}
+        row["repeats"] = {seed: c for seed, c in counts.items() if c > 1}
+        row["fold"] = "seeds" if not row["repeats"] else "repeats" if len(counts) == 1 else "runs"
+        row["speed_suspect"] = list(
+            dict.fromkeys(x for m in members for x in m.get("speed_suspect") or [])
+        )
+        row["speed_suspect_runs"] = sum(bool(m.get("speed_suspect")) for m in members)
         if len(members) > 1:
             row["path"] = "; ".join(m["path"] for m in members)
         for k in numeric:
             vals = [m[k] for m in members if m.get(k) is not None]
             if len(vals) == len(members) and vals:
                 row[k], std = _mean_std(vals)
-                if k in (*PPL, "mean_acc"):
+                if k in FOLDED_WITH_STD:
                     row[f"{k}_std"] = std if len(vals) > 1 else None
         out.append(row)
     return out
+
+
+def fold_text(r: dict[str, Any]) -> str:
+    """What a folded row's n counts: "n=3 seeds", "n=3 repeats of seed 0", "n=4: seeds 0, 1;
+    seed 0 x3"."""
+    n = r.get("n", 1)
+    if r.get("fold") == "repeats":
+        return f"n={n} repeats of seed {r['seeds'][0]}"
+    if r.get("fold") == "runs":
+        distinct = ", ".join(dict.fromkeys(r["seeds"]))
+        again = "; ".join(f"seed {s} x{c}" for s, c in r["repeats"].items())
+        return f"n={n}: seeds {distinct}; {again}"
+    return f"n={n} seeds"
 
 
 def name_variants(rows: list[dict[str, Any]]) -> None:
@@ -309,13 +379,16 @@ def _dense_for(row: dict[str, Any], dense: list[dict[str, Any]]) -> dict[str, An
 
 
 def _key(row):
+    # a reloaded export stands right after the run it came from (same label, sparsity, pattern)
     return (
         row["model"],
         row["method"] != "dense",
-        row["label"],
+        row.get("sort_label") or row["label"],
         row["pattern"] != "unstructured",
         row["sparsity"] if row["sparsity"] is not None else -1,
         row["pattern"],
+        row.get("reloaded_from") is not None,
+        row["label"],
         row["path"],
     )
 

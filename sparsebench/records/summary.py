@@ -35,6 +35,9 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     cfg = res.get("config") or {}
     method = (cfg.get("method") or {}).get("preset") or (cfg.get("method") or {}).get("name", "?")
     recover = (cfg.get("recover") or {}).get("preset") or (cfg.get("recover") or {}).get("name")
+    refine = (cfg.get("refine") or {}).get("name")
+    if refine and refine != "none":
+        method += f" + {refine}"
     if recover and recover != "none":
         method += f" + {recover}"
     sp = res.get("sparsity") or {}
@@ -44,6 +47,13 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
         if method == "dense"
         else f"{method} at {sp.get('target', cfg.get('sparsity'))} ({sp.get('pattern', '?')})"
     )
+    source = res.get("loaded_pruned_model") or {}
+    if source:  # an export evaluated again: the pruned model it is, never "dense"
+        label = source.get("label") or source.get("method", "?")
+        label += f" + {recover}" if recover and recover != "none" else ""
+        what = f"{label} at {source.get('sparsity')} ({sp.get('pattern', '?')})"
+        where = (cfg.get("model") or {}).get("path")
+        model = f"{source.get('model', model)}, reloaded from {where}"
     lines = [f"sparsebench: {what} on {model}: {res.get('status', '?')}", ""]
     metrics = res.get("metrics") or {}
     ppl = [
@@ -89,7 +99,11 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
                 else ""
             )
         )
+        target, actual = sp.get("target"), sp.get("actual_sparsity")
+        if sp.get("count_rule") and isinstance(target, (int, float)) and actual != target:
+            lines.append(f"  actual vs target: {sp['count_rule']}")
     lines += _speed_lines(res.get("speed") or {}, res.get("size") or {})
+    lines += _saved_line(res)
     times = res.get("timings_s") or {}
     if times:
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
@@ -117,17 +131,43 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
             f"{d['decode_ms_b1']:.1f} -> {s['decode_ms_b1']:.1f} ms/token ({x['decode_b1']:.2f}x "
             f"dense; the bandwidth floor allows {x['floor']:.2f}x), prefill "
             f"{x['prefill_b1']:.2f}x dense"
+            + ("; SUSPECT, see below" if speed.get("suspect") else "")
         )
+        lines += [f"  suspect: {reason}" for reason in speed.get("suspect") or []]
     elif "skipped" in speed or "failed" in speed:
         lines.append(f"speed: {speed.get('skipped') or 'failed: ' + speed['failed']}")
     pruned = size.get("pruned_weights") or {}
     if size.get("bitmask_over_dense") and pruned.get("nonzero", 0) < pruned.get("weights", 0):
-        dense_mb, bitmask_mb = size["model_dense"] / 1e6, size["model_bitmask"] / 1e6
         lines.append(
-            f"size: {dense_mb:,.0f} MB dense, {bitmask_mb:,.0f} MB with the pruned weights as "
-            f"bitmask + values ({size['bitmask_over_dense']:.2f}x; save.format=bitmask)"
+            f"size: {human_bytes(size['model_dense'])} dense, "
+            f"{human_bytes(size['model_bitmask'])} with the pruned weights as bitmask + values "
+            f"({size['bitmask_over_dense']:.2f}x; save.format=bitmask)"
         )
     return lines
+
+
+def human_bytes(n: float) -> str:
+    """1,234 MB, 12.3 MB, 456 kB: three significant digits or more, never "0 MB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:,.0f} {unit}" if v >= 100 else f"{v:.{1 if v >= 10 else 2}f} {unit}"
+    return f"{int(n)} B"
+
+
+def _saved_line(res: dict[str, Any]) -> list[str]:
+    """Where the export went and what it takes on disk (results.json saved_model*)."""
+    if not res.get("saved_model"):
+        return []
+    disk = res.get("saved_model_bytes") or {}
+    fmt = (res.get("config") or {}).get("save", {}).get("format", "dense")
+    return [
+        f"saved: {res['saved_model']} (save.format={fmt}: "
+        f"{human_bytes(disk.get('weights', 0))} of weights, {human_bytes(disk.get('folder', 0))} "
+        "in all on disk)"
+        if disk
+        else f"saved: {res['saved_model']}"
+    ]
 
 
 def sweep_summary(
