@@ -6,6 +6,7 @@ first 64 windows of WikiText-2 test and of the C4 eval stream.
 
     python scripts/bench_oneshot.py                         # the whole table
     python scripts/bench_oneshot.py wanda:0.5 sparsegpt:2:4 # chosen configs (method:sparsity|N:M)
+    python scripts/bench_oneshot.py ria:0.5 wanda+dsnot:0.7 # RIA; Wanda refined by DSnoT
 
 Prints one JSON object per line: method, sparsity, pattern, wikitext2, c4,
 prune_seconds, actual_sparsity. The model loads once; each config starts from the
@@ -135,7 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     configs = [parse(c) for c in args.configs]
     for name, _, _ in configs:
-        METHODS.get(name)  # unknown names fail before the model loads
+        METHODS.get(name.partition("+")[0])  # unknown names fail before the model loads
 
     device = torch.device(args.device)
     model, calib, streams = load_protocol(args)
@@ -144,6 +145,7 @@ def main() -> None:
     for method, sparsity, pattern in configs:
         model.load_state_dict(dense)
         model.to("cpu")
+        method, _, refine = method.partition("+")  # wanda+dsnot: a refined one-shot method
         pruner = METHODS.build(method, {})
         # the library entry point: the command's prune and verify stages on this loaded model
         out = prune_model(
@@ -155,11 +157,12 @@ def main() -> None:
             device=device,
             calib=calib if pruner.needs_calibration else None,
             calib_batch=args.calib_batch,
+            refine=refine or None,
         )
         prune_s = out.timings_s["prune"]
         ppl = evaluate(model, streams, args)
         row = {
-            "method": method,
+            "method": method + (f" + {refine}" if refine else ""),
             "sparsity": sparsity,
             "pattern": str(pattern),
             "wikitext2": round(ppl["wikitext2"], 4),

@@ -138,10 +138,8 @@ def _options(group: str) -> list[str]:
 
 
 def help_text() -> str:
-    groups = {
-        g: _options(g)
-        for g in ("model", "method", "recover", "protocol", "data", "eval", "schedule", "logger")
-    }
+    names = "model method refine recover protocol data eval schedule logger".split()
+    groups = {g: _options(g) for g in names}
     width = max(map(len, groups)) + 1
     lines = [
         "sparsebench: prune a causal LM with one method at one sparsity, evaluate it, record "

@@ -136,6 +136,7 @@ def prune_model(
     pattern: str | Pattern = "unstructured",
     schedule: Schedule | None = None,
     recovery: str | Recovery | None = None,
+    refine: str | Any | None = None,
     data: datamod.DataSpec | None = None,
     calib: torch.Tensor | None = None,
     seqlen: int | None = None,
@@ -152,7 +153,8 @@ def prune_model(
     """Prune (and optionally recover and evaluate) a model object the caller loaded.
 
     `method` / `recovery`: a registered name (with `options` / `recover_options`) or a built
-    object. `data`: the calibration pool and draw (default: data.DataSpec(), the offline C4
+    object; `refine`: a refinement's name ("dsnot", its released defaults) or a built one.
+    `data`: the calibration pool and draw (default: data.DataSpec(), the offline C4
     documents of the data root); `calib` passes calibration windows directly instead. `evaluate`:
     perplexity datasets ("wikitext2", "c4"). `load_dense`: the dense model again, for a recovery
     that reconstructs against it (default: a host copy taken before pruning). The masks are
@@ -162,6 +164,10 @@ def prune_model(
     from .sparsity import check_sparsity, parse_pattern
 
     pruner = METHODS.build(method, dict(options or {})) if isinstance(method, str) else method
+    if isinstance(refine, str):  # a refinement of the method's masks (refine/), checked now
+        from .specs import build_refinement
+
+        refine = build_refinement({"name": refine}, pruner)
     if isinstance(recovery, str):
         recovery = (
             None if recovery == "none" else RECOVERIES.build(recovery, dict(recover_options or {}))
@@ -198,6 +204,7 @@ def prune_model(
         log=log,
         block_targets=allocation.targets if allocation else None,
         calib_batch=calib_batch,
+        refine=refine,
     )
     with _timed(timings, "prune"):
         model, masks = prune(pruner, ctx)

@@ -92,6 +92,14 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
                 dev,
                 rows * cols * (7 * 4 + 3),
             )
+        if k.refine:  # the refinement's input moments, and what refining one group holds
+            plan.add("statistics: a refinement's input moments (float32)", dev, s.norm_elems * 16)
+            rows, cols = s.largest_linear
+            plan.add(
+                "refine copies: a group's dense weights; one linear's metrics, orders, masks",
+                dev,
+                s.group_elems * b + rows * cols * (4 * 4 + 8 * 4 + 3),
+            )
         plan.add(
             f"one forward through a block ({k.calib_batch} window(s))",
             dev,

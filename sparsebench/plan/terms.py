@@ -71,6 +71,7 @@ class Knobs:
     checkpointing: bool = False
     act_bytes: int = 4  # 2 under bf16 autocast
     merged_copy: bool = False  # adapters keep each linear's merged weight for the backward
+    refine: bool = False  # one-shot: a mask refinement in the block walk (refine/)
     device: str = "cpu"
     lighter: tuple = ()  # Terms.lighter: the method's own lighter variants
 
@@ -220,6 +221,7 @@ def knobs_of(specs, launch) -> Knobs:
                 stats=t.stats,
                 inputs=launch.inputs,
                 calib_batch=launch.calib_batch,
+                refine=getattr(specs, "refine", None) is not None,
                 **common,
             )
         else:

@@ -62,27 +62,24 @@ class InputMoments:
         self.sum_row += torch.sum(inp, dim=1) / self.windows
 
 
-def _ends(order_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows of values in their walking order: how many negative values lead each row and
-    how many positive values close it (the candidates each end of the walk may take)."""
-    neg = (order_values < 0).int().cumprod(dim=1).sum(dim=1)
-    pos = (order_values.flip(1) > 0).int().cumprod(dim=1).sum(dim=1)
-    return neg, pos
-
-
-def _pick(order, ptr, side, neg, pos):
-    """The candidate of each row at its pointer on `side` (0: the negative end, 1: the
-    positive end), and whether one is left there."""
-    here = ptr.gather(1, side).squeeze(1)
-    cols = order.shape[1]
-    valid = torch.where(side.squeeze(1) == 0, here < neg, here >= cols - pos)
-    idx = order.gather(1, here.clamp(0, cols - 1).unsqueeze(1))
-    return idx, valid.unsqueeze(1)
+def _pick(order, ptr, side, length):
+    """The candidate of each row at its pointer on `side` (0: from the start of its order,
+    1: from the end), and whether the pointer is still inside the row's first `length`
+    entries."""
+    here = ptr.gather(1, side)
+    inside = (here >= 0) & (here < length)
+    idx = order.gather(1, here.clamp(0, order.shape[1] - 1))
+    return idx, inside
 
 
 def _advance(ptr, side):
     step = torch.where(side == 0, torch.ones_like(side), -torch.ones_like(side))
     ptr.scatter_(1, side, ptr.gather(1, side) + step)
+
+
+def _pointers(length: torch.Tensor) -> torch.Tensor:
+    """(rows, 2): each row's walk from the start (0) and from the end (length - 1)."""
+    return torch.stack([torch.zeros_like(length), length - 1], dim=1)
 
 
 def regrowing_order(metric: torch.Tensor, pruned: torch.Tensor, var: torch.Tensor, power: float):
@@ -111,40 +108,37 @@ def dsnot_unstructured(
     pruned = pruned.clone()
     error = torch.where(pruned, metric, torch.zeros_like(metric)).sum(dim=1, keepdim=True)
     sign0 = torch.sign(error)
-    grow_order, grow_values = regrowing_order(metric, pruned, moments.var, pow_of_var_regrowing)
-    # the kept weights by Wanda's score, then negatives first (ascending) and positives last
-    # (descending position): the released return_reorder_indice
+    grow_order, _ = regrowing_order(metric, pruned, moments.var, pow_of_var_regrowing)
+    # the kept weights by Wanda's score, negatives first (ascending score), then those of
+    # metric 0, then positives (descending score): the released return_reorder_indice
+    rows, cols = metric.shape
     kept_order = torch.sort(wanda.masked_fill(pruned, float("inf")), dim=1, stable=True)[1]
     kept_metric = metric.gather(1, kept_order)
-    position = torch.arange(metric.shape[1], device=metric.device).expand_as(kept_metric)
-    cols = metric.shape[1]
-    key = torch.where(
-        (kept_metric < 0) & ~pruned.gather(1, kept_order),
-        position,
-        torch.where(
-            (kept_metric > 0) & ~pruned.gather(1, kept_order), 3 * cols - position, 2 * cols
-        ),
-    )
+    still = ~pruned.gather(1, kept_order)
+    position = torch.arange(cols, device=metric.device).expand_as(kept_metric)
+    key = torch.where(kept_metric < 0, position, 3 * cols - position)
+    key = torch.where(kept_metric == 0, torch.full_like(key, 2 * cols), key)
+    key = torch.where(still, key, torch.full_like(key, 4 * cols))  # pruned ones: past the end
     prune_order = kept_order.gather(1, torch.sort(key, dim=1, stable=True)[1])
-    prune_values = torch.where(pruned.gather(1, prune_order), 0.0, metric.gather(1, prune_order))
-    g_neg, g_pos = _ends(grow_values)
-    p_neg, p_pos = _ends(prune_values)
-    rows = metric.shape[0]
-    g_ptr = torch.tensor([[0, cols - 1]], device=metric.device).repeat(rows, 1)
-    p_ptr = g_ptr.clone()
+    kept = (~pruned).sum(dim=1, keepdim=True)
+    everything = torch.full_like(kept, cols)
+    g_ptr, p_ptr = _pointers(everything.squeeze(1)), _pointers(kept.squeeze(1))
     update = torch.ones_like(error, dtype=torch.bool)
     for _ in range(max_cycle_time):
         if not bool(update.any()):
             break
         g_side = (error > 0).long()
-        grow, g_ok = _pick(grow_order, g_ptr, g_side, g_neg, g_pos)
+        grow, g_ok = _pick(grow_order, g_ptr, g_side, everything)
         _advance(g_ptr, g_side)
         p_side = (error < 0).long()
-        cut, p_ok = _pick(prune_order, p_ptr, p_side, p_neg, p_pos)
+        cut, p_ok = _pick(prune_order, p_ptr, p_side, kept)
         _advance(p_ptr, p_side)
         grow_metric, cut_metric = metric.gather(1, grow), metric.gather(1, cut)
         after = error + cut_metric - grow_metric
-        update = update & g_ok & p_ok & (error.abs() > update_threshold)
+        # only a pruned weight grows and only a kept one goes (where the released walk would
+        # take another, it would change the row's count: the row stops instead)
+        valid = g_ok & p_ok & pruned.gather(1, grow) & ~pruned.gather(1, cut)
+        update = update & valid & (error.abs() > update_threshold)
         if not without_same_sign:
             update = update & (sign0 == torch.sign(after))
         pruned.scatter_(1, cut, pruned.gather(1, cut) | update)
@@ -172,19 +166,19 @@ def dsnot_nm(
     pruned = pruned.clone()
     error = torch.where(pruned, metric, torch.zeros_like(metric)).sum(dim=1, keepdim=True)
     sign0 = torch.sign(error)
-    grow_order, grow_values = regrowing_order(metric, pruned, moments.var, pow_of_var_regrowing)
-    g_neg, g_pos = _ends(grow_values)
+    grow_order, _ = regrowing_order(metric, pruned, moments.var, pow_of_var_regrowing)
     # pruned weights, and each weight once chosen to go, score inf (the released code's "max
     # + 1" over a row that holds inf): a group chooses among its kept weights only
     score = initial_metric.float().masked_fill(pruned, float("inf"))
     rows, cols = metric.shape
-    g_ptr = torch.tensor([[0, cols - 1]], device=metric.device).repeat(rows, 1)
+    everything = torch.full((rows, 1), cols, device=metric.device)
+    g_ptr = _pointers(everything.squeeze(1))
     update = torch.ones_like(error, dtype=torch.bool)
     for _ in range(max_cycle_time):
         if not bool(update.any()):
             break
         g_side = (error > 0).long()
-        grow, g_ok = _pick(grow_order, g_ptr, g_side, g_neg, g_pos)
+        grow, g_ok = _pick(grow_order, g_ptr, g_side, everything)
         start = grow - grow % m
         group = torch.arange(m, device=metric.device).reshape(1, -1) + start
         low, at = torch.topk(score.gather(1, group), 1, dim=1, largest=False)
@@ -193,10 +187,8 @@ def dsnot_nm(
         after = error + cut_metric - grow_metric
         # a group whose kept weights were all chosen before has no candidate left
         still_kept = torch.isfinite(low)
-        update = (
-            update & g_ok & still_kept & (sign0 == torch.sign(after))
-            & (error.abs() > update_threshold)
-        )  # fmt: skip
+        valid = g_ok & still_kept & pruned.gather(1, grow)
+        update = update & valid & (sign0 == torch.sign(after)) & (error.abs() > update_threshold)
         score.scatter_(1, cut, float("inf"))
         pruned.scatter_(1, cut, pruned.gather(1, cut) | update)
         pruned.scatter_(1, grow, pruned.gather(1, grow) & ~update)
