@@ -8,7 +8,7 @@ each point named:
 - each decoder block is wrapped so that the (attention_mask, position_ids) call the released
   loops make also passes the rotary tables transformers 5 blocks require;
 - RIA's `torch.sort(W_metric.flatten().cuda())` runs on the CPU (`.cuda()` removed from the
-  text; the sort is the same);
+  text; the sort is the same), and so does its linear sum assignment (`permutation_device`);
 - `model.hf_device_map` is empty and `model.seqlen` the protocol's.
 
 For each config both prune the same dense model from the same windows; compared: the masks
@@ -18,7 +18,8 @@ process, and (without --no-eval) WikiText-2 / C4 perplexity of both pruned model
 sparsebench's evaluation.
 
     python scripts/parity_ria_dsnot.py --ria ../ref/RIA --dsnot ../ref/DSnoT \\
-        ria:0.5 ria:0.7 ria:2:4 wanda+dsnot:0.6 wanda+dsnot:0.7 sparsegpt+dsnot:0.6
+        ria:0.5 ria:0.7 ria:2:4 ria@reallocation:2:4 ria@reallocation,lsa:2:4 \\
+        wanda+dsnot:0.6 wanda+dsnot:0.7 sparsegpt+dsnot:0.6
 
 Prints one JSON line per config.
 """
@@ -54,7 +55,8 @@ def load_released(folder: str, alias: str) -> types.ModuleType:
     tmp = Path(tempfile.mkdtemp()) / alias
     shutil.copytree(Path(folder) / "lib", tmp)
     prune = tmp / "prune.py"
-    prune.write_text(prune.read_text().replace(".flatten().cuda()", ".flatten()"))
+    text = prune.read_text().replace(".flatten().cuda()", ".flatten()")
+    prune.write_text(text.replace('permutation_device = "cuda:7"', 'permutation_device = "cpu"'))
     spec = importlib.util.spec_from_file_location(
         alias, tmp / "__init__.py", submodule_search_locations=[str(tmp)]
     )
@@ -103,7 +105,9 @@ def released_run(module, fn: str, model, calib, ns) -> float:
     return seconds
 
 
-def ours_run(model, calib, method: str, refine: str | None, sparsity, pattern, dsnot) -> float:
+def ours_run(
+    model, calib, method: str, refine: str | None, sparsity, pattern, dsnot, options=None
+) -> float:
     ctx = PruneContext(
         model,
         sparsity,
@@ -114,7 +118,7 @@ def ours_run(model, calib, method: str, refine: str | None, sparsity, pattern, d
         refine=REFINEMENTS.build(refine, dict(dsnot)) if refine else None,
     )
     start = time.perf_counter()
-    METHODS.build(method, {}).prune(ctx)
+    METHODS.build(method, dict(options or {})).prune(ctx)
     return time.perf_counter() - start
 
 
@@ -140,7 +144,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("configs", nargs="+", help="ria:S, ria:N:M, wanda+dsnot:S, sparsegpt+dsnot:S")
+    ap.add_argument(
+        "configs",
+        nargs="+",
+        help="ria:S, ria:N:M, ria@reallocation[,lsa]:N:M, wanda+dsnot:S, sparsegpt+dsnot:S",
+    )
     ap.add_argument("--ria", help="a checkout of the released RIA code")
     ap.add_argument("--dsnot", help="a checkout of the released DSnoT code")
     ap.add_argument("--no-eval", action="store_true", help="masks and times only")
@@ -161,11 +169,15 @@ def main() -> None:
     )
     for config in args.configs:
         method, _, rest = config.partition(":")
+        method, _, flags = method.partition("@")  # ria@reallocation,lsa:2:4
         method, _, refine = method.partition("+")
+        options = {f: True for f in flags.split(",") if f}
         pattern = parse_pattern(rest if ":" in rest else "unstructured")
         sparsity = 0.5 if pattern.is_nm else float(rest)
         model.load_state_dict(dense)
-        ours_s = ours_run(model, calib, method, refine or None, sparsity, pattern, dsnot_args)
+        ours_s = ours_run(
+            model, calib, method, refine or None, sparsity, pattern, dsnot_args, options
+        )
         ours = zeros(model)
         ours_weights = {
             n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()
@@ -203,8 +215,8 @@ def main() -> None:
                 a=0.5,
                 gptq=False,
                 reconstruction=False,
-                reallocation=False,
-                lsa=False,
+                reallocation=options.get("reallocation", False),
+                lsa=options.get("lsa", False),
                 importance_score="sum",
                 per_outneuron=False,
                 semi_sparse_acc=False,

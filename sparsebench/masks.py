@@ -20,10 +20,13 @@ def verify(
     sparsity: float | dict[str, float],
     pattern: Pattern,
     group: str,
+    orders: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Check every mask: pruned count (exact; SparseGPT's official rule may add score ties),
     N:M validity, hard zeros in the weight. `sparsity` is one target, or each linear's
-    (a non-uniform allocation, schedule=owl).
+    (a non-uniform allocation, schedule=owl). `orders`: linears whose input columns a method
+    permuted before choosing N:M groups (RIA's channel reallocation): their N:M groups are
+    checked in that column order.
 
     Returns per-tensor sparsity (pruned / numel). Raises on any violation.
     """
@@ -53,7 +56,9 @@ def verify(
                 f"(sparsity {target}, {pattern}, group {group}){hint}"
             )
         if pattern.is_nm:
-            per_group = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)
+            order = (orders or {}).get(name)
+            grouped = keep if order is None else keep[:, order.to(keep.device)]
+            per_group = grouped.reshape(keep.shape[0], -1, pattern.m).sum(-1)
             if int(per_group.max()) > pattern.n:
                 raise SparsebenchError(
                     f"{name}: an N:M group keeps more than {pattern.n} of {pattern.m}"

@@ -74,10 +74,11 @@ def targets_of(
 
 
 def verify_masks(
-    model: nn.Module, masks, targets, pattern: Pattern, group: str
+    model: nn.Module, masks, targets, pattern: Pattern, group: str, orders=None
 ) -> dict[str, float]:
-    """Every pruned linear's sparsity, after checking its mask (count, N:M, hard zeros)."""
-    return verify(prunable_linears(model), masks, targets, pattern, group)
+    """Every pruned linear's sparsity, after checking its mask (count, N:M, hard zeros; N:M
+    in a permuted column order where `orders` has one)."""
+    return verify(prunable_linears(model), masks, targets, pattern, group, orders)
 
 
 def recover(recovery: Recovery, ctx: RecoverContext) -> nn.Module:
@@ -211,7 +212,11 @@ def prune_model(
     linears = prunable_linears(model)
     targets = targets_of(model, sparsity, allocation, linears)
     check = (
-        (lambda: verify_masks(model, masks, targets, pattern, pruner.masks_group))
+        (
+            lambda: verify_masks(
+                model, masks, targets, pattern, pruner.masks_group, pruner.column_orders
+            )
+        )
         if pruner.name != "dense"
         else (
             lambda: {

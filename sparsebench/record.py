@@ -22,7 +22,7 @@ from .launch import (
 from .masks import count_report, summarize
 from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
-from .records.export import folder_bytes, save_pruned, saved_masks
+from .records.export import folder_bytes, save_pruned, saved_masks, saved_orders
 from .records.rows import label_of
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
 from .recover import RecoverContext
@@ -185,13 +185,17 @@ def record_stages(
         linears = prunable_linears(model)
         frozen, pattern, group = masks, specs.pattern, specs.pruner.masks_group
         targets = pipeline.targets_of(model, specs.sparsity, allocation, linears)
+        orders = specs.pruner.column_orders  # N:M groups of permuted input columns (RIA)
     elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
         frozen, meta = saved_masks(model, saved), saved[1]
         pattern, group = parse_pattern(meta["pattern"]), meta["group"]
         targets = saved_targets(meta, model, prunable_linears(model))
-        results.update(loaded_pruned_model=meta)
+        orders = saved_orders(saved)
+        results.update(loaded_pruned_model={k: v for k, v in meta.items() if k != "orders"})
     if not dense or saved is not None:
-        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group)
+        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
+        if orders:
+            results.update(column_orders=sorted(orders))
     else:
         per_tensor = {
             n: float((lin.weight == 0).float().mean()) for n, lin in prunable_linears(model).items()
@@ -207,7 +211,7 @@ def record_stages(
             model = pipeline.recover(
                 specs.recover, recover_context(specs, launch, model, frozen, tok, logger.log)
             )
-        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group)
+        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
         results.update(
             recover_report=specs.recover.report(),
             budget={
@@ -230,7 +234,7 @@ def record_stages(
         sparsity={
             # a reloaded export is the pruned model it is: its own target, never 0
             "target": saved[1]["sparsity"] if dense and saved is not None else specs.sparsity,
-            "pattern": str(specs.pattern),
+            "pattern": str(pattern if saved is not None and dense else specs.pattern),
             **summary,
             # the denominator of actual_sparsity, and the total over every weight of the blocks
             "denominator": "prunable_params: the weights of the pruned linears of the decoder "
@@ -263,6 +267,7 @@ def record_stages(
                 save_dir,
                 export_meta(specs, allocation, fingerprint, results),
                 specs.save.format,
+                specs.pruner.column_orders,
             )
         results.update(saved_model=str(folder), saved_model_bytes=folder_bytes(folder))
 

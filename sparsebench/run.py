@@ -243,7 +243,7 @@ def _run_claimed(
             lg.project,
             lg.entity,
             lg.group or (sweep_dir.name if sweep_dir else None),
-            name=f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}",
+            name=run_name(specs, saved),
             config=config,
             directory=out_dir,
         )
@@ -273,6 +273,17 @@ def _run_claimed(
         file_log.close()
         for h in consoles:
             h.removeFilter(_quiet_harness)
+
+
+def run_name(specs: Specs, saved) -> str:
+    """The wandb run's name: method-sparsity-pattern-model; a reloaded export's are those of
+    the run that pruned it (never "dense")."""
+    if saved is not None and specs.pruner.name == "dense":
+        meta = saved[1]
+        return f"{meta.get('label', meta['method'])}-{meta['sparsity']}-{meta['pattern']}-" + (
+            f"{meta.get('model', specs.model.name)}-reloaded"
+        )
+    return f"{specs.pruner.name}-{specs.sparsity}-{specs.pattern}-{specs.model.name}"
 
 
 def _quiet_harness(record: logging.LogRecord) -> bool:

@@ -133,6 +133,11 @@ def build_refinement(cfg: dict | None, pruner: Pruner):
             f"refine={name} refines a one-shot method's masks block by block, and method "
             f"{pruner.name} has {what}; methods it refines: {', '.join(layerwise)}"
         )
+    if pruner.permutes_columns:
+        raise SparsebenchError(
+            f"refine={name} swaps weights within consecutive groups; method {pruner.name} "
+            "permutes input columns first (method.reallocation=true): use one or the other"
+        )
     if refinement.init == "score" and not pruner.scored:
         raise SparsebenchError(
             f"refine.init=score: method {pruner.name} has no score of the dense weight to start "

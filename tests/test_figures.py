@@ -370,3 +370,29 @@ def test_the_model_lists_name_every_model_config(doc):
     )
     options = {p.stem for p in (REPO / "conf" / "model").glob("*.yaml")}
     assert options - _model_names(row) == set()
+
+
+def test_a_reloaded_exports_wandb_run_is_named_by_its_source():
+    from types import SimpleNamespace
+
+    from sparsebench.run import run_name
+
+    specs = SimpleNamespace(
+        pruner=SimpleNamespace(name="dense"), sparsity=0.0, pattern="unstructured",
+        model=SimpleNamespace(name="local"),
+    )  # fmt: skip
+    meta = {"method": "wanda", "label": "owl-wanda", "sparsity": 0.7, "pattern": "unstructured"}
+    assert run_name(specs, ({}, meta)) == "owl-wanda-0.7-unstructured-local-reloaded"
+    assert run_name(specs, None) == "dense-0.0-unstructured-local"
+
+
+def test_a_speed_measurement_shares_the_dense_run_of_its_protocol():
+    """eval.speed moves no perplexity: a run measuring speed finds the dense row of a sweep
+    that did not (its "% of dense" is never blank for that reason)."""
+    from sparsebench.records.ledger import protocol_id
+
+    config = {"model": {"name": "m", "seqlen": 64}, "eval": {"max_windows": 4, "speed": {}}}
+    timed = {**config, "eval": {"max_windows": 4, "speed": {"enabled": True, "repeats": 1}}}
+    assert protocol_id(config, {}) == protocol_id(timed, {})
+    other = {**config, "eval": {"max_windows": 8, "speed": {}}}
+    assert protocol_id(config, {}) != protocol_id(other, {})

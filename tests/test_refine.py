@@ -245,3 +245,50 @@ def test_the_memory_plan_counts_a_refinement():
         "statistics: a refinement's input moments (float32)",
         "refine copies: a group's dense weights; one linear's metrics, orders, masks",
     }
+
+
+# ----------------------------------------------------------------------------- RIA's reallocation
+
+
+def test_the_snake_order_and_lexsort_by_hand():
+    from sparsebench.pruners.ria import lexsort, snake_order
+
+    assert snake_order(torch.arange(8), 4).tolist() == [0, 3, 4, 7, 1, 2, 5, 6]
+    first, last = torch.tensor([0, 1, 0, 1]), torch.tensor([2, 1, 1, 2])
+    assert lexsort([first, last]).tolist() == [2, 1, 0, 3]  # by the last key, ties by the first
+
+
+@pytest.mark.parametrize(
+    "flags", [["method.reallocation=true"], ["method.reallocation=true", "method.lsa=true"]]
+)
+def test_reallocated_masks_are_nm_in_their_order_and_survive_save_and_reload(flags, tmp_path):
+    from safetensors.torch import load_file
+
+    from sparsebench.evaluation.kernels import nm_violations
+
+    res = run_cli(TINY + ["method=ria", "pattern=2:4", "save.enabled=true", *flags], tmp_path / "a")
+    assert len(res["column_orders"]) == 14 and res["sparsity"]["actual_sparsity"] == 0.5
+    folder = tmp_path / "a" / "model"
+    orders = load_file(str(folder / "sparsebench_column_orders.safetensors"))
+    weights = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    w, order = weights[f"{name}.weight"], orders[name]
+    assert sorted(order.tolist()) == list(range(w.shape[1]))  # a permutation of the columns
+    assert nm_violations(w[:, order], 2, 4) == 0  # 2:4 in the permuted order
+    assert any(nm_violations(weights[f"{n}.weight"], 2, 4) for n in orders)  # not as stored
+    again = run_cli(
+        ["model=local", f"model.path={folder}", "method=dense", "logger=disabled"], tmp_path / "b"
+    )  # the verifier checked every group in its order; the model computes what was pruned
+    assert again["column_orders"] == res["column_orders"]
+    assert again["metrics"]["wikitext2"] == res["metrics"]["wikitext2"]
+
+
+def test_reallocation_with_a_refinement_or_lsa_alone_is_refused():
+    from sparsebench.specs import build_specs
+
+    from .conftest import compose
+
+    with pytest.raises(SparsebenchError, match="permutes input columns first"):
+        build_specs(compose(TINY + ["method=ria", "method.reallocation=true", "refine=dsnot"]))
+    with pytest.raises(SparsebenchError, match="set method.reallocation=true too"):
+        build_specs(compose(TINY + ["method=ria", "method.lsa=true"]))

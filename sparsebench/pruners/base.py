@@ -86,6 +86,15 @@ class Pruner:
     # True if the method runs over steps, so that a ramp (schedule.ramp) changes what it does.
     iterative: ClassVar[bool] = False
 
+    # True when the method may permute input columns before forming N:M groups
+    permutes_columns: ClassVar[bool] = False
+
+    @property
+    def column_orders(self) -> dict[str, torch.Tensor]:
+        """{linear: the input-column order its N:M groups were chosen in}, for the linears
+        whose columns the method permuted (RIA's channel reallocation); empty otherwise."""
+        return getattr(self, "_column_orders", {})
+
     @property
     def masks_group(self) -> str:
         """The comparison group the run's masks are verified against (`group`, unless a stage

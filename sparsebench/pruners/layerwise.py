@@ -87,6 +87,11 @@ class LayerwisePruner(Pruner):
         """Prune (and possibly update) linear.weight in place; return its keep mask."""
         raise NotImplementedError
 
+    def pop_column_order(self, linear: nn.Linear) -> torch.Tensor | None:
+        """The input-column order the method chose this linear's N:M groups in, if it
+        permuted them (RIA's channel reallocation); None: consecutive columns."""
+        return None
+
     # True for a method with a closed-form score of the dense weight (`score`)
     scored: ClassVar[bool] = False
 
@@ -129,6 +134,7 @@ class LayerwisePruner(Pruner):
     ) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
         official code); return {linear name inside the block: keep mask} on the block's device."""
+        self.block_orders: dict[str, torch.Tensor] = {}
         refine = getattr(self, "refinement", None)
         new_stats, add_batch = self.new_stats, self.add_batch
         if refine is not None:  # the refinement's statistic, in the same pass
@@ -149,6 +155,9 @@ class LayerwisePruner(Pruner):
             for name, keep in zip(names, keeps):
                 apply_mask(linears[name], keep)  # hard zeros even if a method's update left residue
                 masks[name] = keep
+                order = self.pop_column_order(linears[name])
+                if order is not None:
+                    self.block_orders[name] = order
         not_expert = [n for n in unused if not is_expert(n)]
         if not_expert:
             raise SparsebenchError(
@@ -194,6 +203,7 @@ class LayerwisePruner(Pruner):
             desc=f"{self.name} blocks",
         )
         masks: dict[str, torch.Tensor] = {}
+        self._column_orders: dict[str, torch.Tensor] = {}
         self.moe: dict[str, Any] = {"routed_tokens": {}, "magnitude_fallback": []}
         for step in driver:
             block_masks = self.prune_block(
@@ -210,6 +220,9 @@ class LayerwisePruner(Pruner):
                     f"{driver.path}.{step.index}.{name}": keep.cpu()
                     for name, keep in block_masks.items()
                 }
+            )
+            self._column_orders.update(
+                {f"{driver.path}.{step.index}.{n}": o.cpu() for n, o in self.block_orders.items()}
             )
             prefix = f"{driver.path}.{step.index}."
             for name in block_masks:  # tokens routed to each expert (its linears all see them)

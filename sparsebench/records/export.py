@@ -27,6 +27,7 @@ from ..families import masks_from_original, original_masks, original_state_dict
 from ..formats import BITMASK_FILE, bitmask_state, load_bitmask_masks
 
 MASKS_FILE = "sparsebench_masks.safetensors"
+ORDERS_FILE = "sparsebench_column_orders.safetensors"  # N:M groups of permuted columns (RIA)
 META_FILE = "sparsebench.json"
 
 
@@ -61,6 +62,7 @@ def save_pruned(
     folder: Path,
     meta: dict[str, Any],
     fmt: str = "dense",
+    orders: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write into a private temporary folder, then put it in place (check_save_dir has
     already said that whatever stands at `folder` may be replaced)."""
@@ -87,6 +89,11 @@ def save_pruned(
         save_file(
             {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE)
         )
+    if orders:  # the input-column order each permuted linear's N:M groups were chosen in
+        save_file(
+            {k: v.to(torch.int64).contiguous() for k, v in orders.items()}, str(tmp / ORDERS_FILE)
+        )
+        meta["column_orders"] = ORDERS_FILE
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     if folder.exists():
         shutil.rmtree(folder)
@@ -131,6 +138,8 @@ def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             meta["masks_layout"] = "original"
         else:
             masks = {k: v.bool() for k, v in load_file(str(masks_path)).items()}
+        if meta.get("column_orders"):
+            meta["orders"] = load_file(str(folder / ORDERS_FILE))
     except Exception as err:  # safetensors raises its own error types for cut-off files
         raise SparsebenchError(
             f"{masks_path} is unreadable ({str(err).splitlines()[0][:120]}); export the model again"
@@ -146,10 +155,17 @@ def saved_masks(model, saved: tuple[dict[str, torch.Tensor], dict[str, Any]]):
     return masks
 
 
+def saved_orders(saved) -> dict[str, torch.Tensor]:
+    """The export's column orders (RIA's channel reallocation), {} when it has none."""
+    return saved[1].get("orders") or {}
+
+
 def folder_bytes(folder: Path) -> dict[str, int]:
     """What an export takes on disk: every file, and the weights' files alone."""
     files = [f for f in Path(folder).rglob("*") if f.is_file()]
-    weights = [f for f in files if f.suffix == ".safetensors" and f.name != MASKS_FILE]
+    weights = [
+        f for f in files if f.suffix == ".safetensors" and f.name not in (MASKS_FILE, ORDERS_FILE)
+    ]
     return {
         "folder": sum(f.stat().st_size for f in files),
         "weights": sum(f.stat().st_size for f in weights),

@@ -101,7 +101,11 @@ def fingerprint(
 
 
 def protocol_id(config: dict[str, Any], eval_files: dict[str, str]) -> str:
-    """The dense model's fingerprint under this run's evaluation (what "% of dense" divides by)."""
+    """The dense model's fingerprint under this run's evaluation (what "% of dense" divides by).
+    The speed measurement's settings move no perplexity: runs with and without it share the
+    dense run of their protocol."""
+    config = copy.deepcopy(config)
+    (config.get("eval") or {}).pop("speed", None)
     return fingerprint(config, eval_files, needs_calibration=False, dense=True)["digest"]
 
 

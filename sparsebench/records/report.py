@@ -209,7 +209,11 @@ def header(rows: list[dict[str, Any]], root: Path | None = None) -> list[str]:
 def notes(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> str:
     heads = [h for h, _ in _columns(rows, tasks, spread)]
     lines = ["", "Columns:"] + [f"- {h}: {COLUMN_NOTES[h]}" for h in heads if h in COLUMN_NOTES]
-    rules = {f"{r['label']}, {r['pattern']}": r["count_rule"] for r in rows if r.get("count_rule")}
+    rules = {  # one line per method as configured (variants of one method share its rule)
+        f"{r.get('sort_label') or r['label']}, {r['pattern']}": r["count_rule"]
+        for r in rows
+        if r.get("count_rule")
+    }
     if rules:
         lines += ["", "Count rules (how actual sparsity may differ from the target):"]
         lines += [f"- {what}: {rule}" for what, rule in rules.items()]
