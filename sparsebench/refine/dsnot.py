@@ -82,6 +82,24 @@ def _pointers(length: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(length), length - 1], dim=1)
 
 
+def _start(weight, pruned, moments):
+    """(the released DSnoT_metric W_ij x E[sum_t x_tj], a copy of the prune mask, each row's
+    estimated reconstruction error: the pruned weights' metric summed)."""
+    metric = weight.float() * moments.sum_row.reshape((1, -1))
+    pruned = pruned.clone()
+    error = torch.where(pruned, metric, torch.zeros_like(metric)).sum(dim=1, keepdim=True)
+    return metric, pruned, error
+
+
+def _swap(pruned, error, cut, grow, cut_metric, grow_metric, update) -> None:
+    """Where `update`: prune `cut` (a kept weight), grow `grow` (a pruned one), and move the
+    row's error by their metrics; in place."""
+    pruned.scatter_(1, cut, pruned.gather(1, cut) | update)
+    pruned.scatter_(1, grow, pruned.gather(1, grow) & ~update)
+    error += torch.where(update, cut_metric, torch.zeros_like(cut_metric))
+    error -= torch.where(update, grow_metric, torch.zeros_like(grow_metric))
+
+
 def regrowing_order(metric: torch.Tensor, pruned: torch.Tensor, var: torch.Tensor, power: float):
     """The pruned weights' metric (kept weights at 0) over var^power, sorted (stable) as the
     released code sorts it; and that order's values, for the candidates' signs."""
@@ -102,12 +120,9 @@ def dsnot_unstructured(
     without_same_sign: bool = True,
 ) -> torch.Tensor:
     """The refined prune mask (True: pruned) of one linear, every row's count kept."""
-    weight = weight.float()
-    metric = weight * moments.sum_row.reshape((1, -1))  # the released DSnoT_metric
-    wanda = weight.abs() * torch.sqrt(moments.norms.reshape((1, -1)))
-    pruned = pruned.clone()
-    error = torch.where(pruned, metric, torch.zeros_like(metric)).sum(dim=1, keepdim=True)
+    metric, pruned, error = _start(weight, pruned, moments)
     sign0 = torch.sign(error)
+    wanda = weight.float().abs() * torch.sqrt(moments.norms.reshape((1, -1)))
     grow_order, _ = regrowing_order(metric, pruned, moments.var, pow_of_var_regrowing)
     # the kept weights by Wanda's score, negatives first (ascending score), then those of
     # metric 0, then positives (descending score): the released return_reorder_indice
@@ -141,10 +156,7 @@ def dsnot_unstructured(
         update = update & valid & (error.abs() > update_threshold)
         if not without_same_sign:
             update = update & (sign0 == torch.sign(after))
-        pruned.scatter_(1, cut, pruned.gather(1, cut) | update)
-        pruned.scatter_(1, grow, pruned.gather(1, grow) & ~update)
-        error += torch.where(update, cut_metric, torch.zeros_like(cut_metric))
-        error -= torch.where(update, grow_metric, torch.zeros_like(grow_metric))
+        _swap(pruned, error, cut, grow, cut_metric, grow_metric, update)
     return pruned
 
 
@@ -161,10 +173,7 @@ def dsnot_nm(
     """The refined N:M prune mask of one linear: a regrown weight's own group of M loses its
     lowest-scoring kept weight (`initial_metric`, the method's score), so every group keeps N.
     The released N:M loop always applies the sign rule."""
-    weight = weight.float()
-    metric = weight * moments.sum_row.reshape((1, -1))
-    pruned = pruned.clone()
-    error = torch.where(pruned, metric, torch.zeros_like(metric)).sum(dim=1, keepdim=True)
+    metric, pruned, error = _start(weight, pruned, moments)
     sign0 = torch.sign(error)
     grow_order, _ = regrowing_order(metric, pruned, moments.var, pow_of_var_regrowing)
     # pruned weights, and each weight once chosen to go, score inf (the released code's "max
@@ -190,10 +199,7 @@ def dsnot_nm(
         valid = g_ok & still_kept & pruned.gather(1, grow)
         update = update & valid & (sign0 == torch.sign(after)) & (error.abs() > update_threshold)
         score.scatter_(1, cut, float("inf"))
-        pruned.scatter_(1, cut, pruned.gather(1, cut) | update)
-        pruned.scatter_(1, grow, pruned.gather(1, grow) & ~update)
-        error += torch.where(update, cut_metric, torch.zeros_like(cut_metric))
-        error -= torch.where(update, grow_metric, torch.zeros_like(grow_metric))
+        _swap(pruned, error, cut, grow, cut_metric, grow_metric, update)
         _advance(g_ptr, g_side)
     return pruned
 
