@@ -110,7 +110,9 @@ def test_dsnot_keeps_every_rows_count_and_lowers_the_error_it_tracks(sparsity):
     after = (metric * out).sum(1).abs()
     # with the sign rule every swap moves the error towards 0 without crossing it, while the
     # walk finds kept weights of the sign that helps (here: each row has more than 50)
-    assert bool((after <= before + 1e-4).all()) and float(after.sum()) < float(before.sum())
+    # (a float32 sum of a row's 256 metrics rounds each swap's update by ~1e-7 of the error)
+    assert bool((after <= before * (1 + 1e-5)).all())
+    assert float(after.sum()) < float(before.sum())
 
 
 def test_dsnot_changes_nothing_when_told_to_stop():

@@ -275,19 +275,16 @@ def refine_group(
     out = []
     for name, linear, weight, keep, score in zip(names, linears, dense, keeps, scores):
         if refinement.skips(name):
-            refinement._report["skipped"] += 1
+            refinement.tally(skipped=1)
             if from_scores:
                 linear.weight.data.copy_(weight)
             out.append(keep)
             continue
         refined = refinement.refine_linear(weight, keep, stats, score, pattern)
-        refinement._report["refined"] += 1
-        refinement._report["swaps"] += int((refined & ~keep).sum())
+        refinement.tally(refined=1, swaps=int((refined & ~keep).sum()))
         linear.weight.data.copy_(weight)  # no weight update: the dense values, refined mask
         out.append(refined)
-    refinement._report["seconds"] = round(
-        refinement._report["seconds"] + time.perf_counter() - start, 3
-    )
+    refinement.tally(seconds=time.perf_counter() - start)
     return out
 
 

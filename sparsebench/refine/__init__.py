@@ -60,6 +60,11 @@ class Refinement:
         """Before a run's block walk: reset what the report counts."""
         self._report: dict[str, Any] = {"seconds": 0.0, "refined": 0, "skipped": 0, "swaps": 0}
 
+    def tally(self, **counts: float) -> None:
+        """Add to the report's counts (refined, skipped, swaps, seconds)."""
+        for key, value in counts.items():
+            self._report[key] = round(self._report[key] + value, 3)
+
     def report(self) -> dict[str, Any]:
         return getattr(self, "_report", {})
 
