@@ -7,6 +7,7 @@ first 64 windows of WikiText-2 test and of the C4 eval stream.
     python scripts/bench_oneshot.py                         # the whole table
     python scripts/bench_oneshot.py wanda:0.5 sparsegpt:2:4 # chosen configs (method:sparsity|N:M)
     python scripts/bench_oneshot.py ria:0.5 wanda+dsnot:0.7 # RIA; Wanda refined by DSnoT
+    python scripts/bench_oneshot.py --seed 1 wanda_pp:0.5   # Wanda++, calibration draw 1
 
 Prints one JSON object per line: method, sparsity, pattern, wikitext2, c4,
 prune_seconds, actual_sparsity. The model loads once; each config starts from the
@@ -48,6 +49,7 @@ def add_protocol_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=64, help="eval windows per dataset")
+    ap.add_argument("--seed", type=int, default=0, help="the calibration draw (the run's seed=)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -84,7 +86,7 @@ def load_protocol(args):
         seqlen=args.seqlen,
     )
     model, tok = load_model(spec)
-    data = datamod.DataSpec(nsamples=args.nsamples, seed=0)
+    data = datamod.DataSpec(nsamples=args.nsamples, seed=getattr(args, "seed", 0))
     calib = datamod.calibration(data, tok, args.seqlen)
     streams = {n: datamod.eval_stream(data, n, tok, args.seqlen) for n in ("wikitext2", "c4")}
     return model, calib, streams
@@ -155,7 +157,7 @@ def main() -> None:
             pattern=pattern,
             seqlen=args.seqlen,
             device=device,
-            calib=calib if pruner.needs_calibration else None,
+            calib=calib if pruner.needs_calibration or refine else None,
             calib_batch=args.calib_batch,
             refine=refine or None,
         )
@@ -163,6 +165,7 @@ def main() -> None:
         ppl = evaluate(model, streams, args)
         row = {
             "method": method + (f" + {refine}" if refine else ""),
+            "seed": args.seed,
             "sparsity": sparsity,
             "pattern": str(pattern),
             "wikitext2": round(ppl["wikitext2"], 4),

@@ -19,7 +19,7 @@ sparsebench's evaluation.
 
     python scripts/parity_ria_dsnot.py --ria ../ref/RIA --dsnot ../ref/DSnoT \\
         ria:0.5 ria:0.7 ria:2:4 ria@reallocation:2:4 ria@reallocation,lsa:2:4 \\
-        wanda+dsnot:0.6 wanda+dsnot:0.7 sparsegpt+dsnot:0.6
+        wanda+dsnot:0.6 wanda+dsnot:0.7 sparsegpt+dsnot:0.6 magnitude+dsnot:0.6
 
 Prints one JSON line per config.
 """
@@ -118,7 +118,8 @@ def ours_run(
         refine=REFINEMENTS.build(refine, dict(dsnot)) if refine else None,
     )
     start = time.perf_counter()
-    METHODS.build(method, dict(options or {})).prune(ctx)
+    pruner = METHODS.build(method, dict(options or {}))
+    (pruner.refinable() if refine else pruner).prune(ctx)
     return time.perf_counter() - start
 
 
@@ -147,7 +148,7 @@ def main() -> None:
     ap.add_argument(
         "configs",
         nargs="+",
-        help="ria:S, ria:N:M, ria@reallocation[,lsa]:N:M, wanda+dsnot:S, sparsegpt+dsnot:S",
+        help="ria:S, ria:N:M, ria@reallocation[,lsa]:N:M, wanda|sparsegpt|magnitude+dsnot:S",
     )
     ap.add_argument("--ria", help="a checkout of the released RIA code")
     ap.add_argument("--dsnot", help="a checkout of the released DSnoT code")

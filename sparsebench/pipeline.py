@@ -168,7 +168,7 @@ def prune_model(
     if isinstance(refine, str):  # a refinement of the method's masks (refine/), checked now
         from .specs import build_refinement
 
-        refine = build_refinement({"name": refine}, pruner)
+        pruner, refine = build_refinement({"name": refine}, pruner)
     if isinstance(recovery, str):
         recovery = (
             None if recovery == "none" else RECOVERIES.build(recovery, dict(recover_options or {}))

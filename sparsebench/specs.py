@@ -113,37 +113,38 @@ def resolve_device(name: str, planning: bool = False) -> torch.device:
     return device
 
 
-def build_refinement(cfg: dict | None, pruner: Pruner):
-    """The refinement of `refine=<name>` (None for none), refused now for a method whose
-    masks it cannot refine: it runs in the one-shot methods' block walk (refine/)."""
-    from .pruners.layerwise import LayerwisePruner
+def build_refinement(cfg: dict | None, pruner: Pruner) -> tuple[Pruner, Any]:
+    """(the pruner, the refinement of `refine=<name>`): None for none; the pruner that runs
+    it is the method's block-walk form (magnitude's twin walks the blocks for the inputs the
+    refinement needs). Refused now for a method whose masks it cannot refine (refine/)."""
     from .refine import REFINEMENTS
 
     refine = dict(cfg or {"name": "none"})
     name = refine.pop("name", None)
     if name == "none":
-        return None
+        return pruner, None
     refinement = REFINEMENTS.build(name, refine)
-    if not isinstance(pruner, LayerwisePruner):
-        layerwise = sorted(
-            n for n in METHODS.names() if issubclass(METHODS.get(n), LayerwisePruner)
+    walker = pruner.refinable()
+    if walker is None:
+        walkable = sorted(
+            n for n in METHODS.names() if METHODS.get(n).refinable is not Pruner.refinable
         )
         what = "no masks to refine" if pruner.name == "dense" else "no block-by-block masks"
         raise SparsebenchError(
             f"refine={name} refines a one-shot method's masks block by block, and method "
-            f"{pruner.name} has {what}; methods it refines: {', '.join(layerwise)}"
+            f"{pruner.name} has {what}; methods it refines: {', '.join(walkable)}"
         )
-    if pruner.permutes_columns:
+    if walker.permutes_columns:
         raise SparsebenchError(
             f"refine={name} swaps weights within consecutive groups; method {pruner.name} "
             "permutes input columns first (method.reallocation=true): use one or the other"
         )
-    if refinement.init == "score" and not pruner.scored:
+    if refinement.init == "score" and not walker.scored:
         raise SparsebenchError(
             f"refine.init=score: method {pruner.name} has no score of the dense weight to start "
             "from; use refine.init=auto (its masks) or refine.init=mask"
         )
-    return refinement
+    return walker, refinement
 
 
 def build_specs(cfg: DictConfig) -> Specs:
@@ -157,7 +158,7 @@ def build_specs(cfg: DictConfig) -> Specs:
     recover.pop("preset", None)  # as for methods: a name for tables, not an option
     recover_name = recover.pop("name", None)
     recovery = None if recover_name == "none" else RECOVERIES.build(recover_name, recover)
-    refinement = build_refinement(c.get("refine"), pruner)
+    pruner, refinement = build_refinement(c.get("refine"), pruner)
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")

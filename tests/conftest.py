@@ -56,3 +56,27 @@ def compose(overrides=()):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+TINY = ["model=tiny-llama", "logger=disabled"]
+
+
+def run_cli(argv, folder) -> dict:
+    """The command with `argv`, its results in `folder`; its results.json (a failure is a
+    non-zero exit: the test fails naming the arguments)."""
+    import json
+
+    from sparsebench import cli
+
+    try:
+        cli.main([*argv, f"hydra.run.dir={folder}"])
+    except SystemExit as err:
+        assert not err.code, argv
+    return json.loads((Path(folder) / "results.json").read_text())
+
+
+def run_reload(saved, folder) -> dict:
+    """The export a run saved in `saved` (save.enabled=true), loaded and evaluated by the
+    command (model=local, method=dense): its results.json."""
+    reload = ["model=local", f"model.path={Path(saved) / 'model'}", "method=dense"]
+    return run_cli([*reload, "logger=disabled"], folder)

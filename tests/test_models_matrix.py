@@ -1,5 +1,6 @@
 """The whole family x method matrix from the command line (`make test-models`, minutes): every
-tiny-<family> config with every one-shot method (and Wanda refined by DSnoT), Elsa (two
+tiny-<family> config with every one-shot method (Wanda and magnitude refined by DSnoT, Wanda++
+with one short round of regional optimization), Elsa (two
 steps), SAFE (one epoch), masked fine-tuning and OWL, each run verified (exact counts per
 matrix, hard zeros), and a saved export of each family reloaded to the same perplexity with
 its masks verified again; Elsa on a mixture of experts also on FSDP2 (offload=true: a
@@ -23,6 +24,8 @@ RUNS = {
     "ladmm": ["method=ladmm"],
     "ria": ["method=ria"],
     "wanda+dsnot": ["method=wanda", "refine=dsnot", "refine.skip=none"],
+    "magnitude+dsnot": ["method=magnitude", "refine=dsnot", "refine.skip=none"],
+    "wanda_pp": ["method=wanda_pp", "method.ro_iters=1", "method.ro_samples=2"],
     "elsa": ["method=elsa", "method.steps=2"],
     "safe": ["method=safe", "method.epochs=1"],
     "finetune": ["method=wanda", "recover=finetune", "recover.steps=2"],
@@ -49,7 +52,8 @@ def test_every_family_runs_every_method_from_the_cli(family, run, tmp_path):
     if run not in ("owl", "sparsegpt", "ria"):  # their official counts prune a weight more
         assert sp["actual_sparsity"] == 0.5  # every matrix at its count (the verifier checked each)
     assert sp["prunable_params"] == res["plan"]["model_map"]["prunable_params"]
-    if family in MOE and run in ("wanda", "sparsegpt", "alps", "ladmm", "ria", "wanda+dsnot"):
+    walks = ("wanda", "sparsegpt", "alps", "ladmm", "ria", "wanda+dsnot", "wanda_pp")
+    if family in MOE and run in walks:
         routed = res["method_report"]["moe"]["routed_tokens"]
         assert (
             sum(routed.values())

@@ -3,28 +3,17 @@ rules, DSnoT's promises (every row's and every N:M group's count kept, the error
 lowered, nothing when told to stop at once), its statistics, and both from the command line
 (labels, reports, refusals, save and reload, OWL, N:M, a mixture of experts)."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from sparsebench import cli
 from sparsebench.errors import SparsebenchError
 from sparsebench.pruners.ria import ria_score
 from sparsebench.refine.dsnot import InputMoments, dsnot_nm, dsnot_unstructured, is_attention
 from sparsebench.sparsity import Pattern, expected_pruned, project
 
-TINY = ["model=tiny-llama", "logger=disabled"]
-
-
-def run_cli(argv, folder) -> dict:
-    try:
-        cli.main([*argv, f"hydra.run.dir={folder}"])
-    except SystemExit as err:
-        assert not err.code, argv
-    return json.loads((folder / "results.json").read_text())
-
+from .conftest import TINY, run_cli, run_reload
 
 # ----------------------------------------------------------------------------- RIA
 
@@ -177,6 +166,8 @@ def test_wanda_with_dsnot_from_the_cli(tmp_path):
     [
         ["method=sparsegpt", "sparsity=0.7"],  # starts from its saliency, per row
         ["method=alps"],  # no score: its own masks (tensor group) are refined
+        ["method=magnitude"],  # in the block walk: |W|'s lowest per row, refined
+        ["method=magnitude", "refine.init=mask"],  # its own per-tensor masks, refined
         ["method=ria", "pattern=2:4"],
         ["method=wanda", "schedule=owl", "sparsity=0.7"],
         ["method=wanda", "model=tiny-mixtral"],
@@ -191,15 +182,7 @@ def test_dsnot_refines_every_one_shot_method(extra, tmp_path):
 
 def test_a_refined_export_reloads_verified(tmp_path):
     run_cli(TINY + ["method=wanda", "refine=dsnot", "save.enabled=true"], tmp_path / "a")
-    again = run_cli(
-        [
-            "model=local",
-            f"model.path={tmp_path / 'a' / 'model'}",
-            "method=dense",
-            "logger=disabled",
-        ],
-        tmp_path / "b",
-    )
+    again = run_reload(tmp_path / "a", tmp_path / "b")
     assert again["loaded_pruned_model"]["label"] == "wanda + dsnot"
 
 
@@ -207,7 +190,7 @@ def test_a_refined_export_reloads_verified(tmp_path):
     "extra,message",
     [
         (["method=dense"], r"refine=dsnot refines .* method dense has no masks to refine"),
-        (["method=magnitude"], r"method magnitude has no block-by-block masks; methods it"),
+        (["method=safe"], r"method safe has no block-by-block masks; methods it refines: alps, la"),
         (["method=alps", "refine.init=score"], r"refine.init=score: method alps has no score"),
         (["refine.skip=all"], r"skip"),
     ],

@@ -231,6 +231,7 @@ def knobs_of(specs, launch) -> Knobs:
                 micro_batch=t.batch,
                 z_bytes=t.z_bytes,
                 u_bytes=t.u_bytes,
+                refine=getattr(specs, "refine", None) is not None,
                 **common,
             )
         if r is None:

@@ -108,6 +108,12 @@ class Pruner:
     def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def refinable(self) -> "Pruner | None":
+        """The pruner that makes this method's masks inside the one-shot block walk, where a
+        refinement (refine/) runs: the one-shot methods themselves, magnitude's block-walk
+        twin; None for a method with no block-by-block masks (dense, the training methods)."""
+        return None
+
     def plan_terms(self, device: torch.device):
         """What the method holds, for the memory plan: a plan.Terms (None: undeclared, and the
         plan refuses the run rather than plan it without its terms)."""

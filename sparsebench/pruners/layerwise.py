@@ -70,6 +70,9 @@ class LayerwisePruner(Pruner):
     def plan_terms(self, device):
         return Terms("oneshot", stats=self.statistic) if self.statistic else None
 
+    def refinable(self) -> "LayerwisePruner":
+        return self
+
     def new_stats(self, columns: int, device: torch.device) -> Any:
         raise NotImplementedError
 
@@ -94,6 +97,9 @@ class LayerwisePruner(Pruner):
 
     # True for a method with a closed-form score of the dense weight (`score`)
     scored: ClassVar[bool] = False
+    # the dtype of the blocks, their inputs and arguments during the walk (None: the model's);
+    # a method that trains inside the walk (Wanda++'s regional optimization) asks for float32
+    walk_dtype: ClassVar[torch.dtype | None] = None
 
     def score(self, linear: nn.Linear, prepared: Any) -> torch.Tensor | None:
         """The method's saliency of the (dense) weight, higher kept: where a refinement starts
@@ -131,9 +137,12 @@ class LayerwisePruner(Pruner):
         sparsity: float,
         pattern: Pattern,
         batch: int = 1,
+        scratch: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Prune one block in place from its inputs (`batch` windows per forward; 1 as the
-        official code); return {linear name inside the block: keep mask} on the block's device."""
+        official code); return {linear name inside the block: keep mask} on the block's device.
+        `scratch`: a buffer shaped like the inputs the method may use (the driver's output
+        buffer, overwritten after the block's work)."""
         self.block_orders: dict[str, torch.Tensor] = {}
         refine = getattr(self, "refinement", None)
         new_stats, add_batch = self.new_stats, self.add_batch
@@ -200,6 +209,7 @@ class LayerwisePruner(Pruner):
             ctx.device,
             ctx.inputs,
             ctx.calib_batch,
+            dtype=self.walk_dtype,
             desc=f"{self.name} blocks",
         )
         masks: dict[str, torch.Tensor] = {}
@@ -214,6 +224,7 @@ class LayerwisePruner(Pruner):
                 ctx.block_sparsity(step.index),
                 ctx.pattern,
                 ctx.calib_batch,
+                scratch=step.outputs,
             )
             masks.update(
                 {
