@@ -127,7 +127,8 @@ def zeros(model) -> dict[str, torch.Tensor]:
     return {n: (lin.weight == 0).clone() for n, lin in prunable_linears(model).items()}
 
 
-def compare(ours, ref, model) -> dict:
+def compare(ours, ref, model, what: str = "masks") -> dict:
+    """Entries of `ours` and `ref` ({linear: tensor}) that differ, block by block."""
     path, blocks = find_blocks(model)
     per_block = []
     for i in range(len(blocks)):
@@ -137,8 +138,22 @@ def compare(ours, ref, model) -> dict:
         "blocks": len(blocks),
         "blocks_identical": sum(d == 0 for d in per_block),
         "differing_entries_per_block": per_block,
-        "masks_identical": all(d == 0 for d in per_block),
+        f"{what}_identical": all(d == 0 for d in per_block),
     }
+
+
+def print_line(config, found: dict, ours_ppl, ref_ppl, ours_s: float, ref_s: float) -> None:
+    """One JSON line: the config, what was compared, perplexities and seconds of both sides."""
+    line = {
+        "config": config,
+        **found,
+        "sparsebench_ppl": ours_ppl,
+        "released_ppl": ref_ppl,
+        "seconds_sparsebench": round(ours_s, 2),
+        "seconds_released": round(ref_s, 2),
+        "time_ratio": round(ours_s / ref_s, 3),
+    }
+    print(json.dumps(line), flush=True)
 
 
 def main() -> None:
@@ -229,21 +244,8 @@ def main() -> None:
             torch.equal(ours_weights[n], lin.weight) for n, lin in prunable_linears(model).items()
         )
         ref_ppl = {} if args.no_eval else evaluate(model, streams, args)
-        print(
-            json.dumps(
-                {
-                    "config": config,
-                    **compare(ours, ref, model),
-                    "weights_identical": weights_identical,
-                    "sparsebench_ppl": ours_ppl,
-                    "released_ppl": ref_ppl,
-                    "seconds_sparsebench": round(ours_s, 2),
-                    "seconds_released": round(ref_s, 2),
-                    "time_ratio": round(ours_s / ref_s, 3),
-                }
-            ),
-            flush=True,
-        )
+        found = {**compare(ours, ref, model), "weights_identical": weights_identical}
+        print_line(config, found, ours_ppl, ref_ppl, ours_s, ref_s)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ def memory_plan(specs: Specs, world: int):
         check_block_coverage(meta)  # nothing of a block silently left dense (MoE experts, routers)
         meta.sparsebench_read = (shapes_of(meta), model_map(meta))
     shapes, mapped = meta.sparsebench_read
+    if specs.quant is not None:  # a group size that splits a linear's width: refused now
+        from .models import prunable_linears
+
+        specs.quant.check_widths({n: m.in_features for n, m in prunable_linears(meta).items()})
     launch = asked_launch(specs, world, resolve_engine(specs, world, shapes))
     plan = build_plan(specs.model.name, shapes, knobs_of(specs, launch))
     if (

@@ -81,6 +81,12 @@ def verify_masks(
     return verify(prunable_linears(model), masks, targets, pattern, group, orders)
 
 
+def quantize(quant, ctx) -> None:
+    """The quantization stage (quant/): every pruned linear rounded to its grid in place,
+    pruned weights left at exactly zero (the caller verifies the masks after it)."""
+    quant.run(ctx)
+
+
 def recover(recovery: Recovery, ctx: RecoverContext) -> nn.Module:
     """The recovery stage: trains around the frozen masks; returns the model (a plain one
     gathered on rank 0 after FSDP2, left in ctx.model as for prune)."""

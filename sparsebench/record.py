@@ -22,6 +22,7 @@ from .launch import (
 from .masks import count_report, summarize
 from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
+from .quant import QuantContext
 from .records.export import folder_bytes, save_pruned, saved_masks, saved_orders
 from .records.rows import label_of
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
@@ -222,6 +223,22 @@ def record_stages(
                 }
             },
         )
+    if specs.quant is not None:  # rounded to the grid; every pruned weight still exactly 0
+        with timed(results, "quantize"):
+            pipeline.quantize(
+                specs.quant,
+                QuantContext(
+                    model,
+                    frozen if not dense or saved is not None else None,
+                    specs.device,
+                    calib,
+                    launch.inputs,
+                    launch.calib_batch,
+                ),
+            )
+        if not dense or saved is not None:
+            per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
+        results.update(quant=specs.quant.report())
     summary = summarize(per_tensor, prunable_linears(model))
     if not dense or saved is not None:  # how far actual may lie from the target, and why
         summary.update(count_report(prunable_linears(model), targets, pattern, group))
@@ -248,7 +265,9 @@ def record_stages(
     logger.table(
         "per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()]
     )
-    results.update(size=size_of(model))
+    results.update(
+        size=size_of(model, frozen if not dense or saved is not None else None, specs.quant)
+    )
     sp = results.data["sparsity"]
     if not dense or saved is not None:
         log.info(
@@ -404,21 +423,27 @@ def measure_speed(model, specs, results) -> None:
         log.info("speed: %s (%s)", speed["skipped"], speed.get("not_run"))
 
 
-def size_of(model) -> dict[str, Any]:
+def size_of(model, masks=None, quant=None) -> dict[str, Any]:
     """Bytes of the pruned weights in each stored form, and of the whole model dense and with
-    the pruned weights as bitmask + values (formats.py; results.json `size`)."""
+    the pruned weights as bitmask + values (formats.py); the bits per parameter a stored
+    model needs, with its masks and its quantization if any (quant.bits_of; results.json
+    `size`)."""
     from .evaluation.speed import weight_bytes
     from .formats import sizes
+    from .quant import bits_of
 
     linears = prunable_linears(model)
     dtype_bytes = next(iter(linears.values())).weight.element_size()
     pruned = sizes({n: lin.weight.detach() for n, lin in linears.items()}, dtype_bytes)
     whole = weight_bytes(model)
     rest = whole - pruned["dense"]
+    in_linears = {id(lin.weight) for lin in linears.values()}
+    rest_params = sum(p.numel() for p in model.parameters() if id(p) not in in_linears)
     return {
         "pruned_weights": pruned,
         "model_dense": whole,
         "model_bitmask": rest + pruned["bitmask"],
         "model_csr_int16": rest + pruned["csr_int16"],
         "bitmask_over_dense": round((rest + pruned["bitmask"]) / whole, 4),
+        "bits": bits_of(linears, masks, quant, rest_params, rest * 8),
     }

@@ -57,6 +57,7 @@ class Specs:
     save: SaveSpec
     recover: Any = None  # a Recovery (sparsebench/recover/), or None
     refine: Any = None  # a Refinement (sparsebench/refine/), or None
+    quant: Any = None  # a Quantization (sparsebench/quant/), or None
     plan: Any = None  # PlanSpec
     world_size: int = 1  # ranks to plan for (dry runs)
     engine: str = (
@@ -71,12 +72,14 @@ class Specs:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.pruner.needs_calibration or self.schedule.needs_calibration
+        quant = self.quant is not None and self.quant.needs_calibration
+        return self.pruner.needs_calibration or self.schedule.needs_calibration or quant
 
     @property
     def reads_calibration(self) -> bool:
         """The calibration pool's file is part of the run's identity."""
-        return self.pruner.reads_calibration or self.schedule.needs_calibration
+        quant = self.quant is not None and self.quant.needs_calibration
+        return self.pruner.reads_calibration or self.schedule.needs_calibration or quant
 
 
 def resolve_device(name: str, planning: bool = False) -> torch.device:
@@ -147,6 +150,32 @@ def build_refinement(cfg: dict | None, pruner: Pruner) -> tuple[Pruner, Any]:
     return walker, refinement
 
 
+def build_quant(cfg: dict | None, pruner: Pruner):
+    """The quantization stage of `quant=<name>` (None for none), refused now where it cannot
+    run: SparseGPT's joint mode with any other method, or with what its sweep does not do."""
+    from .quant import QUANTIZERS
+
+    quant = dict(cfg or {"name": "none"})
+    name = quant.pop("name", None)
+    if name == "none":
+        return None
+    stage = QUANTIZERS.build(name, quant)
+    if stage.joint:
+        if name != "gptq" or pruner.name != "sparsegpt":
+            raise SparsebenchError(
+                f"quant.joint=true rounds inside SparseGPT's sweep (quant=gptq, "
+                f"method=sparsegpt); got quant={name} method={pruner.name}: set quant.joint=false"
+            )
+        if stage.group_size != -1 or stage.act_order:
+            raise SparsebenchError(
+                "quant.joint=true: the released joint sweep takes one grid per row from the "
+                f"dense weight; got quant.group_size={stage.group_size} quant.act_order="
+                f"{str(stage.act_order).lower()}: use -1 and false, or quant.joint=false"
+            )
+        pruner.joint_quant = stage
+    return stage
+
+
 def build_specs(cfg: DictConfig) -> Specs:
     """Parse and validate every config group once, before any heavy work."""
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -159,6 +188,7 @@ def build_specs(cfg: DictConfig) -> Specs:
     recover_name = recover.pop("name", None)
     recovery = None if recover_name == "none" else RECOVERIES.build(recover_name, recover)
     pruner, refinement = build_refinement(c.get("refine"), pruner)
+    quant = build_quant(c.get("quant"), pruner)
     pattern = parse_pattern(check_value(c["pattern"], str, "pattern"))
     sched = dict(c["schedule"])
     ramp = build_dataclass(Ramp, sched.pop("ramp", {}) or {}, "schedule.ramp")
@@ -185,6 +215,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         save=build_dataclass(SaveSpec, c["save"], "save"),
         recover=recovery,
         refine=refinement,
+        quant=quant,
         plan=build_dataclass(PlanSpec, c.get("plan") or {}, "plan"),
         world_size=check_value(c.get("world_size", 1), int, "world_size", ge=1),
         engine=check_value(c.get("engine", "auto"), str, "engine", choices=ENGINES),

@@ -207,10 +207,17 @@ def knobs_of(specs, launch) -> Knobs:
     p, r = specs.pruner, specs.recover
     world = launch.world
     t = declared(p, specs.device, "method")
+    quant = getattr(specs, "quant", None)
+    if quant is not None and quant.stats == "hessian" and t.stats in ("none", "norms"):
+        # quant=gptq's walk holds a Hessian per distinct input after the method's own walk:
+        # the larger of the two stages is planned
+        t = replace(t, stats="hessian")
     common = dict(
         method=p.name,
         prunes=t.prunes,
-        nsamples=specs.data.nsamples if p.needs_calibration else 0,
+        nsamples=specs.data.nsamples
+        if p.needs_calibration or (quant is not None and quant.needs_calibration)
+        else 0,
         seqlen=specs.model.seqlen,
         device=specs.device.type,
     )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,6 +37,32 @@ from ..sparsity import project
 from .layerwise import GramPruner
 
 log = logging.getLogger(__name__)
+
+
+def inverse_factor(
+    H: torch.Tensor, percdamp: float, retries: int, who: str, knob: str = "method.percdamp"
+) -> torch.Tensor:
+    """The upper Cholesky factor of (H + percdamp x mean(diag H) I)^-1, as the released
+    SparseGPT and GPTQ code compute it; a failed factorization retries with 10x the damping
+    (`retries` times) instead of stopping. H's dead inputs are the caller's to fix first."""
+    mean_diag = torch.mean(torch.diag(H))
+    damp = percdamp
+    for attempt in range(retries + 1):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("%s: Cholesky succeeded with percdamp=%g", who, damp)
+                return U
+        damp *= 10
+    raise SparsebenchError(
+        f"{who}: Hessian not positive definite even with percdamp={damp / 10:g}; "
+        f"raise {knob} or use more calibration samples"
+    )
 
 
 @METHODS.register("sparsegpt")
@@ -52,6 +78,8 @@ class SparseGPT(GramPruner):
     )  # "official": score <= the k-th smallest, as the official code; "exact": k
 
     COUNTS: ClassVar[tuple[str, ...]] = ("official", "exact")
+    # quant=gptq quant.joint=true: the stage's grid, rounded inside this sweep (set by specs)
+    joint_quant: ClassVar[Any] = None
 
     def __post_init__(self):
         if self.count not in self.COUNTS:
@@ -72,24 +100,7 @@ class SparseGPT(GramPruner):
         H = stats.value
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
-        mean_diag = torch.mean(torch.diag(H))
-        damp = self.percdamp
-        for attempt in range(self.damp_retries + 1):
-            Hd = H.clone()
-            Hd.diagonal().add_(damp * mean_diag)
-            L, info = torch.linalg.cholesky_ex(Hd)
-            if info == 0:
-                Hinv = torch.cholesky_inverse(L)
-                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-                if info == 0:
-                    if attempt:
-                        log.warning("sparsegpt: Cholesky succeeded with percdamp=%g", damp)
-                    return U, dead
-            damp *= 10
-        raise SparsebenchError(
-            f"sparsegpt: Hessian not positive definite even with percdamp={damp / 10:g}; "
-            f"raise method.percdamp or use more calibration samples"
-        )
+        return inverse_factor(H, self.percdamp, self.damp_retries, "sparsegpt"), dead
 
     def score(self, linear, prepared):
         """The OBS saliency of the dense weight, W^2 / [H^-1]_jj^2 (dead inputs' columns at
@@ -115,6 +126,11 @@ class SparseGPT(GramPruner):
         """
         Hinv, dead = prepared
         W = torch.cat([lin.weight.data.float() for lin in linears])  # a fresh float copy
+        grid = self.joint_quant
+        if grid is not None:  # the released --wbits: one grid per row, from the dense weight
+            from ..quant import grid_params, quantize
+
+            scale, zero = grid_params(W, grid.bits, grid.sym)
         W[:, dead] = 0
         ends = list(itertools.accumulate(lin.out_features for lin in linears))
         spans = list(zip([0] + ends[:-1], ends))  # each linear's rows in the stack
@@ -140,6 +156,8 @@ class SparseGPT(GramPruner):
                     keep1[:, i : i + pattern.m] = project(score, sparsity, pattern)
                 w = W1[:, i]
                 q = w * keep1[:, i]
+                if grid is not None:
+                    q = quantize(q.unsqueeze(1), scale, zero, grid.bits).flatten()
                 Q1[:, i] = q
                 err = (w - q) / Hinv1[i, i]
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

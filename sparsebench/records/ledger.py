@@ -66,8 +66,9 @@ def identity(
     """The part of a resolved config that moves a number of this run."""
     c = copy.deepcopy({k: v for k, v in config.items() if k not in NOT_RESULTS})
     c.pop("protocol", None)  # a label: its values are in data and eval
-    if (c.get("refine") or {}).get("name", "none") == "none":
-        c.pop("refine", None)  # no refinement: identities from before the key stay
+    for key in ("refine", "quant"):  # none: identities from before the key stay
+        if (c.get(key) or {}).get("name", "none") == "none":
+            c.pop(key, None)
     if c.get("calib_batch", 1) == 1:
         c.pop(
             "calib_batch", None
@@ -106,6 +107,7 @@ def protocol_id(config: dict[str, Any], eval_files: dict[str, str]) -> str:
     dense run of their protocol."""
     config = copy.deepcopy(config)
     (config.get("eval") or {}).pop("speed", None)
+    config.pop("quant", None)  # the protocol's dense model is the unquantized one
     return fingerprint(config, eval_files, needs_calibration=False, dense=True)["digest"]
 
 

@@ -179,6 +179,56 @@ def plot_nonzero(rows: list[dict[str, Any]], path: Path) -> None:
     _figure(path, "non-zero parameters (log)", draw, log_x=True)
 
 
+def bits_series(rows: list[dict[str, Any]], metric: str) -> dict[tuple, list[tuple]]:
+    """{(model tag, method label without its quantization, quantizer, sparsity, pattern):
+    [(bits per weight, perplexity, std)]}: one line per method, sparsity and quantizer across
+    bit widths; an unquantized run is the float end of every line of its method and sparsity."""
+    tags = _tags(rows)
+    series = defaultdict(list)
+    floats = defaultdict(list)
+    for r in rows:
+        if not _plotted(r, metric, "bits_per_weight"):
+            continue
+        tag = r.get("quant")
+        base = r["label"][: -len(f" + {tag}")] if tag else r["label"]
+        where = (tags[r["path"]], base, r.get("sparsity"), r["pattern"])
+        point = (r["bits_per_weight"], r[metric], r.get(f"{metric}_std"))
+        if tag:
+            series[(*where[:2], tag.split(" ")[0], *where[2:])].append(point)
+        else:
+            floats[where].append(point)
+    for (tag, base, quantizer, sparsity, pattern), pts in series.items():
+        pts += floats.get((tag, base, sparsity, pattern), [])
+    return series
+
+
+def plot_bits(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against the bits a stored weight of the pruned linears needs
+    (report_bits.png): "50% + 4 bits or dense 3 bits" read off one figure; GPTQ lines solid,
+    round to nearest dashed, N:M with square markers."""
+    import matplotlib
+
+    def draw(ax, metric):
+        series = sorted(bits_series(rows, metric).items(), key=str)
+        bases = sorted({(tag, base) for (tag, base, *_), _ in series})
+        cmap = matplotlib.colormaps["tab10" if len(bases) <= 10 else "tab20"]
+        for (tag, base, quantizer, sparsity, pattern), pts in series:
+            pts.sort()
+            at = f" {sparsity:g}" if pattern == "unstructured" else f" {pattern}"
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] or 0 for p in pts],
+                capsize=3,
+                color=cmap(bases.index((tag, base)) % cmap.N),
+                ls="-" if quantizer == "gptq" else "--",
+                marker="o" if pattern == "unstructured" else "s",
+                label=f"{base}{'' if base == 'dense' else at}, {quantizer} ({tag})",
+            )
+
+    _figure(path, "bits per weight of the pruned linears (log)", draw, log_x=True)
+
+
 def speed_series(rows: list[dict[str, Any]]) -> dict[tuple, list[tuple]]:
     """{(model tag, label, pattern): [(sparsity, decode speed-up, its std, suspect)]}: the
     table's "decode x" cells, as the speed plot draws them."""

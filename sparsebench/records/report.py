@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .plots import not_plotted, plot, plot_nonzero, plot_speed
+from .plots import not_plotted, plot, plot_bits, plot_nonzero, plot_speed
 from .rows import fold_text, load_results, table, zeroshot_tasks
 
 
@@ -109,6 +109,8 @@ def _columns(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> list
             ("train tokens", lambda r: _tokens(r["train_tokens"])),
             ("steps", lambda r: _tokens(r["steps"])),
         ]
+    if any(r.get("quant") for r in rows):  # quantized rows: what a stored weight costs
+        cols.append(("bits / weight", lambda r: _fmt(r.get("bits_per_weight"), 2)))
     cols.append(("prune s", lambda r: _fmt(r["prune_s"], 1)))
     if any(
         r.get("wall_s") is not None
@@ -159,6 +161,9 @@ COLUMN_NOTES = {
     "train tokens": "tokens seen by optimizer steps over every stage (block-wise methods: summed "
     "over blocks)",
     "steps": "optimizer steps over every stage",
+    "bits / weight": "bits a stored weight of the pruned linears needs: kept values at the "
+    "quantized width (or the float width), the 1-bit mask, scales and zero points "
+    "(results.json size.bits)",
     "prune s": "seconds of calibration, allocation and pruning",
     "wall s": "seconds of the training stages",
     "peak GiB": "peak memory of the run's process (GPU peak on CUDA)",
@@ -332,6 +337,9 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
             )
     plot(rows, paths["plot"])
     plot_nonzero(rows, paths["plot_nonzero"])
+    if any(r.get("quant") for r in rows):  # the frontier: perplexity against bits per weight
+        paths["plot_bits"] = out / "report_bits.png"
+        plot_bits(rows, paths["plot_bits"])
     if any(r.get("decode_speedup") for r in rows):  # eval.speed ran for some rows
         paths["plot_speed"] = out / "report_speed.png"
         plot_speed(rows, paths["plot_speed"])

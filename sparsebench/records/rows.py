@@ -50,6 +50,22 @@ def kernel_signature(kernels: dict[str, Any] | None) -> str | None:
     )
 
 
+def quant_tag(cfg: dict[str, Any]) -> str | None:
+    """ "gptq w4", "rtn w3 g128", "gptq w4 joint": a quantized run's part of its label."""
+    quant = _dict(cfg.get("quant"))
+    name = quant.get("name")
+    if not name or name == "none":
+        return None
+    group = quant.get("group_size", -1)
+    return (
+        f"{name} w{quant.get('bits', '?')}"
+        + (f" g{group}" if group not in (-1, None) else "")
+        + (" sym" if quant.get("sym") else "")
+        + (" act_order" if quant.get("act_order") else "")
+        + (" joint" if quant.get("joint") else "")
+    )
+
+
 def label_of(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
@@ -60,7 +76,9 @@ def label_of(cfg: dict[str, Any]) -> str:
         label = f"{allocation}-{label}"
     if refine and refine != "none":  # wanda + dsnot
         label += f" + {refine}"
-    return label + (f"+{recover}" if recover and recover != "none" else "")
+    label += f"+{recover}" if recover and recover != "none" else ""
+    tag = quant_tag(cfg)
+    return label + (f" + {tag}" if tag else "")
 
 
 def load_row(path: Path) -> dict[str, Any]:
@@ -148,6 +166,11 @@ def load_row(path: Path) -> dict[str, Any]:
                 _dict(_dict(rec.get("speed")).get("speedup")).get("prefill_b1")
             ),
             "bitmask_mb": (_num(_dict(rec.get("size")).get("model_bitmask")) or 0) / 1e6 or None,
+            # the bits a stored model needs per weight of its pruned linears (quant.bits_of)
+            "bits_per_weight": _num(
+                _dict(_dict(rec.get("size")).get("bits")).get("bits_per_pruned_weight")
+            ),
+            "quant": quant_tag(cfg),
             "seed": cfg.get("seed"),
             "ident": flatten(seedless) if cfg else {},
             "versions": _dict(rec.get("versions")),

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .rows import quant_tag
+
 
 def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -40,6 +42,8 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
         method += f" + {refine}"
     if recover and recover != "none":
         method += f" + {recover}"
+    tag = quant_tag(cfg)
+    method += f" + {tag}" if tag else ""
     sp = res.get("sparsity") or {}
     model = (cfg.get("model") or {}).get("name", "?")
     what = (
@@ -142,6 +146,15 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
             f"size: {human_bytes(size['model_dense'])} dense, "
             f"{human_bytes(size['model_bitmask'])} with the pruned weights as bitmask + values "
             f"({size['bitmask_over_dense']:.2f}x; save.format=bitmask)"
+        )
+    bits = size.get("bits") or {}
+    if bits:
+        lines.append(
+            f"bits per parameter: {bits['bits_per_pruned_weight']:.3f} per weight of the pruned "
+            f"linears (values {human_bytes(bits['values_bits'] / 8)}, mask "
+            f"{human_bytes(bits['mask_bits'] / 8)}, scales and zero points "
+            f"{human_bytes(bits['grid_bits'] / 8)}), {bits['bits_per_model_param']:.3f} over "
+            f"the whole model ({human_bytes(bits['model_bits'] / 8)})"
         )
     return lines
 
