@@ -354,6 +354,14 @@ def masks_from_original(
     return out
 
 
+def relaid(model: nn.Module) -> list[str]:
+    """Modules sparsebench presents in another layout than the family stores (split fused
+    projections, unfused experts, Conv1D as Linear): empty when the saved layout is the
+    model's own linears."""
+    split = [n for n, m in model.named_modules() if isinstance(m, (SplitLinear, LinearExperts))]
+    return split + sorted(_conv1d_names(model))
+
+
 def _conv1d_names(model: nn.Module) -> set[str]:
     """Modules that were Conv1D in the family's layout (GPT-2): recorded by `adapt`."""
     return set(getattr(model, "sparsebench_transposed", ()))

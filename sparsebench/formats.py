@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 BITMASK_FILE = "sparsebench_bitmask.safetensors"
-FORMATS = ("dense", "bitmask")
+FORMATS = ("dense", "bitmask", "quantized")
 
 
 def pack(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

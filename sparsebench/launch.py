@@ -112,6 +112,16 @@ def memory_plan(specs: Specs, world: int):
         from .models import prunable_linears
 
         specs.quant.check_widths({n: m.in_features for n, m in prunable_linears(meta).items()})
+    if specs.save.enabled and specs.save.format == "quantized":
+        from .families import relaid
+
+        fused = relaid(meta)
+        if fused:
+            raise SparsebenchError(
+                f"save.format=quantized writes the model's own linears, and "
+                f"{specs.model.name} stores {fused[0]} (and {len(fused) - 1} more) fused or "
+                "transposed; use save.format=dense or bitmask"
+            )
     launch = asked_launch(specs, world, resolve_engine(specs, world, shapes))
     plan = build_plan(specs.model.name, shapes, knobs_of(specs, launch))
     if (

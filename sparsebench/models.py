@@ -306,6 +306,12 @@ def load_model(spec: ModelSpec, seed: int = 0):
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
         else:
+            if spec.source == "local" and _compressed_tensors(config):
+                # save.format=quantized: the codes dequantized on load (formats.py); the
+                # weights are the quantized run's, bit for bit
+                from transformers.utils.quantization_config import CompressedTensorsConfig
+
+                extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
             model = hub(
                 lambda **kw: AutoModelForCausalLM.from_pretrained(
                     where, dtype=dtype, low_cpu_mem_usage=True, **extra, **kw
@@ -314,6 +320,16 @@ def load_model(spec: ModelSpec, seed: int = 0):
     model.config.use_cache = False
     adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes
     return model.eval(), tok
+
+
+def _compressed_tensors(config) -> bool:
+    quant = getattr(config, "quantization_config", None)
+    method = (
+        quant.get("quant_method")
+        if isinstance(quant, dict)
+        else getattr(quant, "quant_method", None)
+    )
+    return str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")
 
 
 def meta_model(spec: ModelSpec):

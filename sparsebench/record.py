@@ -287,6 +287,7 @@ def record_stages(
                 export_meta(specs, allocation, fingerprint, results),
                 specs.save.format,
                 specs.pruner.column_orders,
+                specs.quant,
             )
         results.update(saved_model=str(folder), saved_model_bytes=folder_bytes(folder))
 

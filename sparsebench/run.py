@@ -85,6 +85,8 @@ def dense_baseline(cfg: DictConfig, sweep_dir: Path, protocol: str) -> None:
     OmegaConf.set_struct(dense_cfg, False)
     dense_cfg.method = {"name": "dense"}
     dense_cfg.recover = {"name": "none"}
+    dense_cfg.refine = {"name": "none"}  # nothing to refine or round: the unquantized dense model
+    dense_cfg.quant = {"name": "none"}
     dense_cfg.save.enabled = False
     dense_cfg.resume = True
     folder = sweep_dir / f"dense_{cfg.model.name}_{protocol[:8]}"

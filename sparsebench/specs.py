@@ -276,6 +276,19 @@ def build_specs(cfg: DictConfig) -> Specs:
             specs.calib_batch,
             pruner.name,
         )
+    if specs.save.format == "quantized" and specs.save.enabled:
+        q = specs.quant
+        if q is None:
+            raise SparsebenchError(
+                "save.format=quantized stores the codes of a quantized run: add quant=rtn or "
+                "quant=gptq, or use save.format=dense or bitmask"
+            )
+        if getattr(q, "act_order", False) and not getattr(q, "static_groups", False):
+            raise SparsebenchError(
+                "save.format=quantized: quant.act_order=true takes each group's grid in the "
+                "permuted column order, which the packed format cannot store; add "
+                "quant.static_groups=true"
+            )
     if specs.save.dir and not specs.save.enabled:
         log.warning("save.dir is set but save.enabled=false: nothing will be saved")
     return specs

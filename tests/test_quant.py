@@ -13,7 +13,7 @@ from sparsebench.quant.gptq import gptq_sweep
 from sparsebench.quant.rtn import rtn
 from sparsebench.sparsity import Pattern, project
 
-from .conftest import TINY, run_cli
+from .conftest import TINY, run_cli, run_reload
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -223,3 +223,91 @@ def test_the_report_draws_perplexity_against_bits(tmp_path):
     write_report(tmp_path)
     assert (tmp_path / "report_bits.png").exists()
     assert "bits / weight" in (tmp_path / "report.md").read_text()
+
+
+def test_a_quantized_sweep_keeps_its_dense_reference_unquantized(tmp_path):
+    from sparsebench import cli
+    from sparsebench.records.report import load_results
+    from sparsebench.records.rows import table
+
+    sweep = tmp_path / "s"
+    cli.main(
+        ["-m", *TINY, "method=dense,wanda", "quant=rtn", "quant.bits=4", f"hydra.sweep.dir={sweep}"]
+    )
+    rows = table(load_results(sweep))
+    dense = [r for r in rows if r["method"] == "dense" and not r["quant"]]
+    assert len(dense) == 1 and dense[0]["wikitext2_dense_retained_pct"] == 100.0
+    for r in rows:
+        if r["quant"]:  # the quantized dense model and wanda + rtn, each against the float one
+            assert r["wikitext2_dense_retained_pct"] == pytest.approx(
+                100.0 * dense[0]["wikitext2"] / r["wikitext2"], abs=0.01
+            )
+    assert sorted(r["label"] for r in rows) == ["dense", "dense + rtn w4", "wanda + rtn w4"]
+
+
+def test_a_refined_sweep_gets_its_dense_baseline(tmp_path):
+    from sparsebench import cli
+    from sparsebench.records.report import load_results
+    from sparsebench.records.rows import table
+
+    sweep = tmp_path / "s"
+    cli.main(["-m", *TINY, "method=wanda", "refine=dsnot", f"hydra.sweep.dir={sweep}"])
+    rows = table(load_results(sweep))
+    assert [r["label"] for r in rows] == ["dense", "wanda + dsnot"]
+    assert rows[1]["wikitext2_dense_retained_pct"] is not None
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_a_quantized_export_is_the_runs_model_for_plain_transformers(sym, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    run = TINY + ["method=sparsegpt", "quant=gptq", "quant.group_size=32", f"quant.sym={sym}"]
+    run += ["save.enabled=true"]
+    run_cli(run + ["save.format=dense"], tmp_path / "dense")
+    saved = run_cli(run + ["save.format=quantized"], tmp_path / "packed")
+    state = load_file(tmp_path / "dense" / "model" / "model.safetensors")
+    packed = load_file(tmp_path / "packed" / "model" / "model.safetensors")
+    assert any(k.endswith("weight_packed") for k in packed)  # the library's packed integers
+    # the asymmetric grid's packed zero points load only dequantized in transformers 5 (a
+    # shape check of its compressed modules refuses them); a symmetric one also runs packed
+    extra = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "packed" / "model", **extra)
+    run_model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense" / "model")
+    probe = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(probe).logits, run_model(probe).logits)
+    deq = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "packed" / "model",
+        quantization_config=CompressedTensorsConfig(dequantize=True),
+    ).state_dict()
+    for name, w in state.items():  # every weight, bit for bit
+        assert torch.equal(deq[name], w), name
+    again = run_reload(tmp_path / "packed", tmp_path / "again")  # verified masks, same numbers
+    assert again["metrics"]["wikitext2"] == saved["metrics"]["wikitext2"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["save.format=quantized"], r"save.format=quantized stores the codes of a quantized run"),
+        (
+            ["save.format=quantized", "quant=gptq", "quant.act_order=true"],
+            r"add quant.static_groups=true",
+        ),
+        (
+            ["save.format=quantized", "quant=rtn", "model=tiny-phi3"],
+            r"stores .* fused or transposed",
+        ),
+    ],
+)
+def test_a_quantized_export_that_cannot_be_written_is_refused(extra, message):
+    from sparsebench.launch import memory_plan
+    from sparsebench.specs import build_specs
+
+    from .conftest import compose
+
+    with pytest.raises(SparsebenchError, match=message):
+        argv = ["model=tiny-llama", "logger=disabled", "save.enabled=true", *extra]
+        memory_plan(build_specs(compose(argv)), 1)

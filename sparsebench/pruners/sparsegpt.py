@@ -172,4 +172,6 @@ class SparseGPT(GramPruner):
                 W[r1:r2, i2:] -= Err1[r1:r2] @ Hinv[i1:i2, i2:]
         for lin, (r1, r2) in zip(linears, spans):
             lin.weight.data.copy_(W[r1:r2].to(lin.weight.dtype))
+            if grid is not None:  # what an export stores beside the codes
+                grid.grids[lin] = (scale[r1:r2].cpu(), zero[r1:r2].cpu())
         return [keep[r1:r2].clone() for r1, r2 in spans]  # own storage: saved masks stay small

@@ -102,6 +102,7 @@ class Quantization:
     joint: bool = False  # gptq with method=sparsegpt: round inside the pruning sweep
 
     def __post_init__(self):
+        self.grids = {}
         if self.bits not in BITS:
             raise SparsebenchError(f"quant.bits={self.bits}: supported {list(BITS)}")
         if self.group_size == 0 or self.group_size < -1:
@@ -109,6 +110,15 @@ class Quantization:
                 f"quant.group_size={self.group_size}: -1 (one grid per output row) or a "
                 "positive number of input columns"
             )
+
+    @property
+    def grid(self) -> tuple[int, int, bool]:
+        return self.bits, self.group_size, self.sym
+
+    # {linear module: (scales, zero points)}, each (rows, groups) in input-column order, float:
+    # what an export stores beside the integer codes; a linear whose grids do not follow the
+    # column order (GPTQ's act_order without static groups) has none
+    grids: ClassVar[dict]  # set per instance (__post_init__)
 
     def check_widths(self, widths: dict[str, int]) -> None:
         """Refuse a group size that does not divide a pruned linear's input width (a

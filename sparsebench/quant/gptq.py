@@ -34,7 +34,7 @@ from ..pruners.layerwise import RunningMean, scaled_gram
 from ..pruners.sparsegpt import inverse_factor
 from ..registry import option
 from . import QUANTIZERS, QuantContext, Quantization, grid_params, quantize
-from .rtn import rtn
+from .rtn import rtn_grids
 
 
 def gptq_sweep(
@@ -49,10 +49,13 @@ def gptq_sweep(
     blocksize: int = 128,
     percdamp: float = 0.01,
     damp_retries: int = 0,
+    grids: list | None = None,
 ) -> tuple[torch.Tensor, float]:
     """(the rounded W (float32, dequantized), the sweep's loss sum (w - q)^2 / Hinv_jj^2 / 2)
     for one linear's weight W (rows, cols) and its input Hessian H (cols, cols; modified in
-    place). `keep`: the mask to keep (pruned weights end at exactly 0)."""
+    place). `keep`: the mask to keep (pruned weights end at exactly 0). `grids`, a list, gets
+    each group's (scale, zero) in column order (empty under act_order with dynamic groups:
+    those grids follow the permuted order)."""
     W = W.float().clone()
     cols = W.shape[1]
     if keep is not None:
@@ -61,10 +64,11 @@ def gptq_sweep(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    grids = []
+    static = []
     if static_groups and group_size != -1:
         for c in range(0, cols, group_size):
-            grids.append(grid_params(W[:, c : c + group_size], bits, sym))
+            static.append(grid_params(W[:, c : c + group_size], bits, sym))
+    dynamic = []  # the grids of dynamic groups as the sweep takes them (column order)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -89,8 +93,10 @@ def gptq_sweep(
                         if keep is not None:
                             span = span * keep[:, c : c + group_size]
                         scale, zero = grid_params(span, bits, sym)
+                        if not act_order:
+                            dynamic.append((scale, zero))
                 else:
-                    scale, zero = grids[int(perm[c] if perm is not None else c) // group_size]
+                    scale, zero = static[int(perm[c] if perm is not None else c) // group_size]
             w = W1[:, i]
             d = Hinv1[i, i]
             q = w if keep is None else w * keep[:, c]
@@ -105,6 +111,13 @@ def gptq_sweep(
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
+    if grids is not None:
+        if group_size == -1:
+            grids.append((scale, zero))
+        elif static_groups:
+            grids.extend(static)
+        elif not act_order:
+            grids.extend(dynamic)
     return Q, loss
 
 
@@ -132,6 +145,7 @@ class GPTQ(Quantization):
             ctx.model, ctx.calib, ctx.device, ctx.inputs, ctx.calib_batch, desc="gptq blocks"
         )
         done, nearest, loss = 0, [], 0.0
+        self.grids = {}
         for step in driver:
             prefix = f"{driver.path}.{step.index}."
             linears, groups, stats, _tokens, unused = collect_statistics(
@@ -151,7 +165,9 @@ class GPTQ(Quantization):
                     done += 1
             for name in unused:
                 w = linears[name].weight
-                w.data.copy_(rtn(w.data, self.bits, self.group_size, self.sym).to(w.dtype))
+                Q, scale, zero = rtn_grids(w.data, *self.grid)
+                w.data.copy_(Q.to(w.dtype))
+                self.grids[linears[name]] = (scale.cpu(), zero.cpu())
                 nearest.append(prefix + name)
         self._report = {
             "linears": done + len(nearest),
@@ -162,6 +178,7 @@ class GPTQ(Quantization):
 
     def _round(self, linear, H, masks, full_name) -> float:
         keep = None if masks is None else masks[full_name].to(linear.weight.device)
+        grids: list = []
         Q, loss = gptq_sweep(
             linear.weight.data,
             H,
@@ -174,8 +191,12 @@ class GPTQ(Quantization):
             self.blocksize,
             self.percdamp,
             self.damp_retries,
+            grids,
         )
         linear.weight.data.copy_(Q.to(linear.weight.dtype))
+        if grids:
+            scale = torch.cat([g[0] for g in grids], 1)
+            self.grids[linear] = (scale.cpu(), torch.cat([g[1] for g in grids], 1).cpu())
         return loss
 
     def report(self) -> dict[str, Any]:

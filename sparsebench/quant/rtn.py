@@ -15,12 +15,20 @@ from . import BITS, QUANTIZERS, QuantContext, Quantization, grid_params, groups_
 
 def rtn(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
     """W (rows, cols) rounded to nearest per row and group (float32); a zero stays zero."""
+    return rtn_grids(W, bits, group_size, sym)[0]
+
+
+def rtn_grids(W: torch.Tensor, bits: int, group_size: int, sym: bool):
+    """(W rounded to nearest, scales, zero points), the grids (rows, groups) in column order."""
     W = W.float()
     Q = torch.empty_like(W)
+    scales, zeros = [], []
     for c1, c2 in groups_of(W.shape[1], group_size):
         scale, zero = grid_params(W[:, c1:c2], bits, sym)
         Q[:, c1:c2] = quantize(W[:, c1:c2], scale, zero, bits)
-    return Q
+        scales.append(scale)
+        zeros.append(zero)
+    return Q, torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
 @QUANTIZERS.register("rtn")
@@ -31,9 +39,9 @@ class RTN(Quantization):
     @torch.no_grad()
     def run(self, ctx: QuantContext) -> None:
         linears = prunable_linears(ctx.model)
+        self.grids = {}
         for lin in linears.values():
-            w = lin.weight
-            lin.weight.data.copy_(
-                rtn(w.data.to(ctx.device), self.bits, self.group_size, self.sym).to(w.dtype)
-            )
+            Q, scale, zero = rtn_grids(lin.weight.data.to(ctx.device), *self.grid)
+            lin.weight.data.copy_(Q.to(lin.weight.dtype))
+            self.grids[lin] = (scale.cpu(), zero.cpu())
         self._report = {"linears": len(linears)}

@@ -10,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .rows import dense_row
+
 
 def _plotted(r: dict[str, Any], metric: str, x_key: str) -> bool:
     return r["status"] == "complete" and bool(r.get(metric)) and r.get(x_key) is not None
@@ -56,7 +58,7 @@ def _series(rows, x_key: str, metric: str):
     series = defaultdict(list)
     for r in rows:
         if _plotted(r, metric, x_key):
-            key = (tags[r["path"]], r["label"], r["method"] == "dense", r["pattern"])
+            key = (tags[r["path"]], r["label"], dense_row(r), r["pattern"])
             series[key].append((r[x_key], r[metric], r.get(f"{metric}_std")))
     return series
 
@@ -67,7 +69,7 @@ def _colours(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
     import matplotlib
 
     tags = _tags(rows)
-    keys = sorted({(tags[r["path"]], r["label"]) for r in rows if r["method"] != "dense"})
+    keys = sorted({(tags[r["path"]], r["label"]) for r in rows if not dense_row(r)})
     cmap = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"]
     return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
 

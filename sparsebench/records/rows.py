@@ -66,6 +66,12 @@ def quant_tag(cfg: dict[str, Any]) -> str | None:
     )
 
 
+def dense_row(r: dict[str, Any]) -> bool:
+    """The dense reference of its protocol: method=dense, unquantized (a quantized dense
+    model is a result of its own, not what "% of dense" divides by)."""
+    return r["method"] == "dense" and not r.get("quant")
+
+
 def label_of(cfg: dict[str, Any]) -> str:
     method = _dict(cfg.get("method"))
     label = str(method.get("preset") or method.get("name", "?"))
@@ -405,7 +411,7 @@ def _key(row):
     # a reloaded export stands right after the run it came from (same label, sparsity, pattern)
     return (
         row["model"],
-        row["method"] != "dense",
+        not dense_row(row),
         row.get("sort_label") or row["label"],
         row["pattern"] != "unstructured",
         row["sparsity"] if row["sparsity"] is not None else -1,
@@ -421,7 +427,7 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     name_variants(rows)
     rows = sorted(rows, key=_key)
     join_protocols(rows)
-    dense = [r for r in rows if r["method"] == "dense" and r["status"] == "complete"]
+    dense = [r for r in rows if dense_row(r) and r["status"] == "complete"]
     tasks = zeroshot_tasks(rows)
     for r in rows:
         d = _dense_for(r, dense)
