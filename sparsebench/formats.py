@@ -14,12 +14,17 @@ norms) stay dense, so a folder's ratio also depends on their share of the model.
 (the run's dtype), bitmask + kept values, and CSR (values + column indices + row pointers)
 with 64-bit indices (torch's) and with 16-bit column indices (any row of at most 65,536
 columns) and 32-bit row pointers.
+
+`save.format=quantized` (a run with quant=): the compressed-tensors library's pack-quantized
+checkpoint, which transformers and vLLM load (`save_quantized`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .errors import SparsebenchError
 
 BITMASK_FILE = "sparsebench_bitmask.safetensors"
 FORMATS = ("dense", "bitmask", "quantized")
@@ -117,3 +122,56 @@ def sizes(weights: dict[str, torch.Tensor], dtype_bytes: int) -> dict[str, int]:
         "csr_int64": nonzero * (dtype_bytes + 8) + (rows + len(weights)) * 8,
         "csr_int16": nonzero * (dtype_bytes + 2) + (rows + len(weights)) * 4,
     }
+
+
+def save_quantized(model, quant, folder) -> None:
+    """The quantized run in compressed-tensors' pack-quantized format (the library writes it):
+    every pruned linear's integer codes packed into int32 with its float32 scales (and, on an
+    asymmetric grid, zero points) per row and group; a pruned weight is stored as the code of 0.
+    The codes are sparsebench's shifted into the library's signed range (code - 2^(b-1), and the
+    zero point likewise), so scale x (code - zero) is the same number on both sides: the export
+    dequantizes to the run's weights bit for bit. Written from a copy of the model."""
+    import copy
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    from .models import prunable_linears
+
+    linears = prunable_linears(model)
+    missing = [n for n, lin in linears.items() if lin not in quant.grids]
+    if missing:
+        raise SparsebenchError(
+            f"save.format=quantized: no grid recorded for {missing[0]} "
+            f"({len(missing)} linears); the run's quantizer kept none"
+        )
+    args = QuantizationArgs(
+        num_bits=quant.bits,
+        type="int",
+        symmetric=quant.sym,
+        strategy="channel" if quant.group_size == -1 else "group",
+        group_size=None if quant.group_size == -1 else quant.group_size,
+        scale_dtype=torch.float32,
+    )
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=sorted(linears), weights=args)},
+        quantization_status="frozen",
+        format="pack-quantized",
+    )
+    twin = copy.deepcopy(model).cpu()
+    apply_quantization_config(twin, config)
+    half = 2 ** (quant.bits - 1)
+    for name, lin in prunable_linears(twin).items():
+        scale, zero = quant.grids[linears[name]]
+        lin.weight_scale.data.copy_(scale.reshape(lin.weight_scale.shape))
+        if not quant.sym:
+            lin.weight_zero_point.data.copy_((zero - half).reshape(lin.weight_zero_point.shape))
+    compressor = ModelCompressor(quantization_config=config)
+    compressor.compress_model(twin)
+    twin.save_pretrained(folder, safe_serialization=True)
+    compressor.update_config(folder)

@@ -24,7 +24,7 @@ from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
 from .quant import QuantContext
 from .records.export import folder_bytes, save_pruned, saved_masks, saved_orders
-from .records.rows import label_of
+from .records.labels import label_of
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
 from .recover import RecoverContext
 from .sparsity import parse_pattern

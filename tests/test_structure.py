@@ -94,6 +94,7 @@ ALLOWED = {
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan"},
     "recover": FOUNDATIONS | {"engine", "recover", "plan"},
     "refine": FOUNDATIONS | {"refine"},
+    "quant": FOUNDATIONS | {"engine", "quant"},
 }
 
 

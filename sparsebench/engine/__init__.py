@@ -6,6 +6,9 @@
               fine-tuning, PERP), float32 masters, the bf16 rule, budgets
   admm        the ADMM engine (z, u, projections, low-bit state)
   adam8bit    Adam with 8-bit moments
+  gram        the input statistics (running means of ||X_j||^2 and H = 2 X^T X / n) and the
+              damped inverse-Hessian factor of SparseGPT's and GPTQ's sweeps
+  grid        the b-bit quantization grid (quant/ and SparseGPT's joint sweep)
   shard       DDP / FSDP2 placement and the collectives around it
   checkpoint  resumable training checkpoints (torch.distributed.checkpoint)
 

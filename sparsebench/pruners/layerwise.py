@@ -11,7 +11,6 @@ SparseGPT code keep (running means of ||X_j||^2 and of H = 2 X^T X / n) are here
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, ClassVar
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..engine.driver import Sequential, collect_statistics
+from ..engine.gram import RunningMean, scaled_gram  # noqa: F401  (the methods' statistics)
 from ..errors import SparsebenchError
 from ..masks import apply_mask
 from ..models import expert_of, is_expert
@@ -27,36 +27,6 @@ from ..sparsity import Pattern, project
 from .base import PruneContext, Pruner
 
 log = logging.getLogger(__name__)
-
-
-class RunningMean:
-    """A statistic averaged over forward calls, weighted by their batch size.
-
-    This is how the official Wanda and SparseGPT code keep ||X_j||^2 and H: after n
-    calibration windows the value is sum(fn(X_window)) / n.
-    """
-
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-        self.nsamples = 0
-
-    def add(self, x: torch.Tensor, fn) -> None:
-        """value += fn(x) / n after rescaling, x flattened to (tokens, columns)."""
-        self.add_term(x, lambda x2, n: fn(x2) / n)
-
-    def add_term(self, x: torch.Tensor, term) -> None:
-        """value += term(x, n), n the new sample count: for statistics that fold 1/n in
-        themselves (SparseGPT scales X by sqrt(2/n) before the product)."""
-        batch = x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.value *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        self.value += term(x, self.nsamples)
-
-
-def scaled_gram(x: torch.Tensor, n: int) -> torch.Tensor:
-    y = math.sqrt(2.0 / n) * x.t()  # (columns, tokens), the layout the official code holds
-    return y @ y.t()
 
 
 class LayerwisePruner(Pruner):

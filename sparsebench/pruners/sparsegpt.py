@@ -31,38 +31,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..engine.gram import inverse_factor
+from ..engine.grid import grid_params, quantize
 from ..errors import SparsebenchError
 from ..registry import METHODS, option
 from ..sparsity import project
 from .layerwise import GramPruner
 
 log = logging.getLogger(__name__)
-
-
-def inverse_factor(
-    H: torch.Tensor, percdamp: float, retries: int, who: str, knob: str = "method.percdamp"
-) -> torch.Tensor:
-    """The upper Cholesky factor of (H + percdamp x mean(diag H) I)^-1, as the released
-    SparseGPT and GPTQ code compute it; a failed factorization retries with 10x the damping
-    (`retries` times) instead of stopping. H's dead inputs are the caller's to fix first."""
-    mean_diag = torch.mean(torch.diag(H))
-    damp = percdamp
-    for attempt in range(retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                if attempt:
-                    log.warning("%s: Cholesky succeeded with percdamp=%g", who, damp)
-                return U
-        damp *= 10
-    raise SparsebenchError(
-        f"{who}: Hessian not positive definite even with percdamp={damp / 10:g}; "
-        f"raise {knob} or use more calibration samples"
-    )
 
 
 @METHODS.register("sparsegpt")
@@ -128,8 +104,6 @@ class SparseGPT(GramPruner):
         W = torch.cat([lin.weight.data.float() for lin in linears])  # a fresh float copy
         grid = self.joint_quant
         if grid is not None:  # the released --wbits: one grid per row, from the dense weight
-            from ..quant import grid_params, quantize
-
             scale, zero = grid_params(W, grid.bits, grid.sym)
         W[:, dead] = 0
         ends = list(itertools.accumulate(lin.out_features for lin in linears))

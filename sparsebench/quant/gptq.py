@@ -30,10 +30,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..engine.driver import Sequential, collect_statistics
-from ..pruners.layerwise import RunningMean, scaled_gram
-from ..pruners.sparsegpt import inverse_factor
+from ..engine.gram import RunningMean, inverse_factor, scaled_gram
+from ..engine.grid import grid_params, quantize
 from ..registry import option
-from . import QUANTIZERS, QuantContext, Quantization, grid_params, quantize
+from . import QUANTIZERS, QuantContext, Quantization
 from .rtn import rtn_grids
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.grid import grid_params, groups_of, quantize
 from ..models import prunable_linears
 from ..registry import option
-from . import BITS, QUANTIZERS, QuantContext, Quantization, grid_params, groups_of, quantize
+from . import BITS, QUANTIZERS, QuantContext, Quantization
 
 
 def rtn(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

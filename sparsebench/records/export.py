@@ -24,7 +24,7 @@ import torch
 
 from ..errors import SparsebenchError
 from ..families import masks_from_original, original_masks, original_state_dict
-from ..formats import BITMASK_FILE, bitmask_state, load_bitmask_masks
+from ..formats import BITMASK_FILE, bitmask_state, load_bitmask_masks, save_quantized
 
 MASKS_FILE = "sparsebench_masks.safetensors"
 ORDERS_FILE = "sparsebench_column_orders.safetensors"  # N:M groups of permuted columns (RIA)
@@ -83,7 +83,7 @@ def save_pruned(
         model.config.save_pretrained(tmp)
         save_file(bitmask_state(state, original_masks(model, masks)), str(tmp / BITMASK_FILE))
     elif fmt == "quantized":  # compressed-tensors pack-quantized, what transformers and vLLM load
-        save_quantized(model, quant, tmp)
+        save_quantized(model, quant, tmp)  # formats.py
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     meta = {**meta, "format": fmt}
@@ -102,59 +102,6 @@ def save_pruned(
         shutil.rmtree(folder)
     tmp.replace(folder)
     return folder
-
-
-def save_quantized(model, quant, folder: Path) -> None:
-    """The quantized run in compressed-tensors' pack-quantized format (the library writes it):
-    every pruned linear's integer codes packed into int32 with its float32 scales (and, on an
-    asymmetric grid, zero points) per row and group; a pruned weight is stored as the code of 0.
-    The codes are sparsebench's shifted into the library's signed range (code - 2^(b-1), and the
-    zero point likewise), so scale x (code - zero) is the same number on both sides: the export
-    dequantizes to the run's weights bit for bit. Written from a copy of the model."""
-    import copy
-
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        apply_quantization_config,
-    )
-
-    from ..models import prunable_linears
-
-    linears = prunable_linears(model)
-    missing = [n for n, lin in linears.items() if lin not in quant.grids]
-    if missing:
-        raise SparsebenchError(
-            f"save.format=quantized: no grid recorded for {missing[0]} "
-            f"({len(missing)} linears); the run's quantizer kept none"
-        )
-    args = QuantizationArgs(
-        num_bits=quant.bits,
-        type="int",
-        symmetric=quant.sym,
-        strategy="channel" if quant.group_size == -1 else "group",
-        group_size=None if quant.group_size == -1 else quant.group_size,
-        scale_dtype=torch.float32,
-    )
-    config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=sorted(linears), weights=args)},
-        quantization_status="frozen",
-        format="pack-quantized",
-    )
-    twin = copy.deepcopy(model).cpu()
-    apply_quantization_config(twin, config)
-    half = 2 ** (quant.bits - 1)
-    for name, lin in prunable_linears(twin).items():
-        scale, zero = quant.grids[linears[name]]
-        lin.weight_scale.data.copy_(scale.reshape(lin.weight_scale.shape))
-        if not quant.sym:
-            lin.weight_zero_point.data.copy_((zero - half).reshape(lin.weight_zero_point.shape))
-    compressor = ModelCompressor(quantization_config=config)
-    compressor.compress_model(twin)
-    twin.save_pretrained(folder, safe_serialization=True)
-    compressor.update_config(folder)
 
 
 def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .rows import dense_row
+from .labels import dense_row
 
 
 def _plotted(r: dict[str, Any], metric: str, x_key: str) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .rows import quant_tag
+from .labels import quant_tag
 
 
 def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
