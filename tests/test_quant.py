@@ -126,7 +126,11 @@ def test_gptq_after_wanda_from_the_cli(tmp_path):
     from sparsebench.records.report import write_report
     from sparsebench.records.summary import run_summary
 
-    assert run_summary(res, tmp_path).startswith("sparsebench: wanda + gptq w4 g32 at 0.5")
+    text = run_summary(res, tmp_path)
+    assert text.startswith("sparsebench: wanda + gptq w4 g32 at 0.5")
+    assert "bits per parameter: " in text and "scales and zero points" in text
+    # unquantized: float32 kept values and the mask, 0.5 x 32 + 1 bits a weight
+    assert "bits per parameter: 17.000 per weight" in run_summary(plain, tmp_path)
     write_report(tmp_path)
     assert "| wanda + gptq w4 g32 |" in (tmp_path / "report.md").read_text()
 

@@ -7,8 +7,9 @@ inputs X_n (the outputs of the blocks already pruned):
   targets   the dense block's outputs f(X_n)
   RGS       regional gradients: G = sqrt(mean_n (d ||f(X_n)||_2 / dW)^2) per linear weight,
             one backward through this block alone per window; the score is
-            (alpha G_ij + ||X_j||_2) |W_ij| (alpha = 100), pruned per output row as Wanda
-            (N:M per group); alpha = 0 is Wanda's score, bit for bit
+            (alpha G_ij + ||X_j||_2) |W_ij| (alpha = 100) with ||X_j||_2 over all the
+            windows' tokens, pruned per output row as Wanda (N:M per group); alpha = 0 is
+            Wanda's score, bit for bit
   RO        regional optimization: `ro_iters` rounds, each over `ro_samples` windows drawn
             at random, one RMSprop step per window (lr 3e-7) on the summed squared error
             between the pruned block's output and the dense block's, the masks frozen (the
@@ -24,6 +25,7 @@ Wanda's. The blocks return to the model's dtype afterwards.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -131,7 +133,11 @@ class WandaPP(Wanda):
         norms = stats.value.sqrt().unsqueeze(0)
         if grad is None:  # not reached by the gradient pass: Wanda's score
             return linear.weight.abs().float() * norms
-        return (self.alpha * grad + norms) * linear.weight.abs().float()
+        # The paper's ||X_j||_2 is over all N calibration windows' tokens; Wanda's statistic
+        # keeps it divided by sqrt(N). Dividing the gradient term by sqrt(N) instead ranks
+        # as (alpha G + ||X_j||_2) |W| does, and alpha = 0 stays Wanda's score bit for bit.
+        scaled = self.alpha / math.sqrt(max(stats.nsamples, 1))
+        return (scaled * grad + norms) * linear.weight.abs().float()
 
     def prune_linear(self, linear, stats, sparsity, pattern):
         return project(self.score(linear, stats), sparsity, pattern, self.group)

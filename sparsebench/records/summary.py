@@ -149,12 +149,14 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
         )
     bits = size.get("bits") or {}
     if bits:
+        parts = [f"kept values {human_bytes(bits['values_bits'] / 8)}"]
+        parts += [f"mask {human_bytes(bits['mask_bits'] / 8)}"] if bits["mask_bits"] else []
+        grids = bits["grid_bits"]
+        parts += [f"scales and zero points {human_bytes(grids / 8)}"] if grids else []
         lines.append(
             f"bits per parameter: {bits['bits_per_pruned_weight']:.3f} per weight of the pruned "
-            f"linears (values {human_bytes(bits['values_bits'] / 8)}, mask "
-            f"{human_bytes(bits['mask_bits'] / 8)}, scales and zero points "
-            f"{human_bytes(bits['grid_bits'] / 8)}), {bits['bits_per_model_param']:.3f} over "
-            f"the whole model ({human_bytes(bits['model_bits'] / 8)})"
+            f"linears ({', '.join(parts)}), {bits['bits_per_model_param']:.3f} over the whole "
+            f"model ({human_bytes(bits['model_bits'] / 8)})"
         )
     return lines
 
