@@ -8,9 +8,15 @@ first 64 windows of WikiText-2 test and of the C4 eval stream.
     python scripts/bench_oneshot.py wanda:0.5 sparsegpt:2:4 # chosen configs (method:sparsity|N:M)
     python scripts/bench_oneshot.py ria:0.5 wanda+dsnot:0.7 # RIA; Wanda refined by DSnoT
     python scripts/bench_oneshot.py --seed 1 wanda_pp:0.5   # Wanda++, calibration draw 1
+    python scripts/bench_oneshot.py wanda_pp@alpha=0:0.5    # a method option (method.alpha=0)
+    python scripts/bench_oneshot.py wanda/gptq@bits=4:0.5   # Wanda's masks, then GPTQ at 4 bits
+    python scripts/bench_oneshot.py dense/rtn@bits=8 sparsegpt/gptq@bits=4,joint=true:2:4
 
-Prints one JSON object per line: method, sparsity, pattern, wikitext2, c4,
-prune_seconds, actual_sparsity. The model loads once; each config starts from the
+A config: METHOD[@OPT=V,...][+REFINE][/QUANT[@OPT=V,...]]:SPARSITY|N:M (`dense` takes none).
+
+Prints one JSON object per line: method (with its options), sparsity, pattern, wikitext2, c4,
+prune_seconds, actual_sparsity, and with a quantizer quant, quantize_seconds and bits per
+parameter (pruned linears; whole model). The model loads once; each config starts from the
 dense weights; calibration windows and eval streams are built once (cached on disk).
 """
 
@@ -26,8 +32,10 @@ from sparsebench import data as datamod
 from sparsebench.evaluation.perplexity import perplexity
 from sparsebench.models import ModelSpec, load_model
 from sparsebench.pipeline import prune_model
+from sparsebench.record import size_of
 from sparsebench.registry import METHODS
 from sparsebench.sparsity import check_sparsity, parse_pattern
+from sparsebench.specs import build_quant, build_refinement
 
 TABLE = ["dense", "magnitude:0.5"] + [
     f"{m}:{s}" for m in ("wanda", "sparsegpt") for s in ("0.5", "0.7", "0.9", "2:4")
@@ -35,14 +43,42 @@ TABLE = ["dense", "magnitude:0.5"] + [
 
 
 def parse(item: str):
+    """'wanda_pp@alpha=0+dsnot/gptq@bits=4:2:4' -> (method part, sparsity, pattern)."""
     method, _, rest = item.partition(":")
-    if method == "dense":
+    if method.partition("/")[0] == "dense":
         return method, 0.0, parse_pattern("unstructured")
     if ":" in rest:
         pattern = parse_pattern(rest)
         return method, 0.5, pattern
     pattern = parse_pattern("unstructured")
     return method, check_sparsity(float(rest), pattern), pattern
+
+
+def named_options(text: str) -> tuple[str, dict]:
+    """'gptq@bits=4,joint=true' -> ('gptq', {'bits': 4, 'joint': True}); values read as YAML."""
+    import yaml
+
+    name, _, opts = text.partition("@")
+    pairs = [kv.partition("=") for kv in opts.split(",") if kv]
+    return name, {k: yaml.safe_load(v) for k, _, v in pairs}
+
+
+def split_config(method: str):
+    """The method part -> (method, options, refine, quant, quant options)."""
+    head, _, quant = method.partition("/")
+    head, _, refine = head.partition("+")
+    name, options = named_options(head)
+    qname, qopts = named_options(quant) if quant else (None, {})
+    return name, options, refine or None, qname, qopts
+
+
+def label(name, options, refine, qname, qopts) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in options.items())
+    text = name + (f"@{opts}" if opts else "") + (f" + {refine}" if refine else "")
+    if qname:
+        qo = ",".join(f"{k}={v}" for k, v in qopts.items())
+        text += f" / {qname}" + (f"@{qo}" if qo else "")
+    return text
 
 
 def add_protocol_args(ap: argparse.ArgumentParser) -> None:
@@ -137,19 +173,25 @@ def main() -> None:
     add_protocol_args(ap)
     args = ap.parse_args()
     configs = [parse(c) for c in args.configs]
-    for name, _, _ in configs:
-        METHODS.get(name.partition("+")[0])  # unknown names fail before the model loads
+    for text, _, _ in configs:  # unknown names and options fail before the model loads
+        name, options, refine, qname, qopts = split_config(text)
+        pruner = METHODS.build(name, dict(options))
+        if refine:
+            build_refinement({"name": refine}, pruner)
+        if qname:
+            build_quant({"name": qname, **qopts}, pruner)
 
     device = torch.device(args.device)
     model, calib, streams = load_protocol(args)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
 
-    for method, sparsity, pattern in configs:
+    for text, sparsity, pattern in configs:
         model.load_state_dict(dense)
         model.to("cpu")
-        method, _, refine = method.partition("+")  # wanda+dsnot: a refined one-shot method
-        pruner = METHODS.build(method, {})
-        # the library entry point: the command's prune and verify stages on this loaded model
+        name, options, refine, qname, qopts = split_config(text)
+        pruner = METHODS.build(name, dict(options))
+        quant = build_quant({"name": qname, **qopts}, pruner) if qname else None
+        # the library entry point: the command's prune, verify and quantize stages on this model
         out = prune_model(
             model,
             method=pruner,
@@ -157,22 +199,30 @@ def main() -> None:
             pattern=pattern,
             seqlen=args.seqlen,
             device=device,
-            calib=calib if pruner.needs_calibration or refine else None,
+            calib=calib,
             calib_batch=args.calib_batch,
-            refine=refine or None,
+            refine=refine,
+            quant=quant,
         )
-        prune_s = out.timings_s["prune"]
         ppl = evaluate(model, streams, args)
         row = {
-            "method": method + (f" + {refine}" if refine else ""),
+            "method": label(name, options, refine, qname, qopts),
             "seed": args.seed,
             "sparsity": sparsity,
             "pattern": str(pattern),
             "wikitext2": round(ppl["wikitext2"], 4),
             "c4": round(ppl["c4"], 4),
-            "prune_seconds": round(prune_s, 2),
+            "prune_seconds": round(out.timings_s["prune"], 2),
             "actual_sparsity": round(out.sparsity["actual_sparsity"], 6),
         }
+        if qname:
+            masks = out.masks if name != "dense" else None
+            bits = size_of(model, masks, quant)["bits"]
+            row.update(
+                quantize_seconds=round(out.timings_s["quantize"], 2),
+                bits_per_pruned_weight=bits["bits_per_pruned_weight"],
+                bits_per_model_param=bits["bits_per_model_param"],
+            )
         print(json.dumps(row), flush=True)
 
 

@@ -108,6 +108,14 @@ def memory_plan(specs: Specs, world: int):
         check_block_coverage(meta)  # nothing of a block silently left dense (MoE experts, routers)
         meta.sparsebench_read = (shapes_of(meta), model_map(meta))
     shapes, mapped = meta.sparsebench_read
+    cut = None
+    if specs.pruner.structured == "blocks":  # a share that removes no block, or every one
+        from .cut import blocks_for_share
+        from .models import find_blocks
+
+        sizes = [sum(p.numel() for p in b.parameters()) for b in find_blocks(meta)[1]]
+        n = blocks_for_share(specs.sparsity, len(sizes))
+        cut = {"blocks": len(sizes), "removed": n, "params": round(n * sum(sizes) / len(sizes))}
     if specs.quant is not None:  # a group size that splits a linear's width: refused now
         from .models import prunable_linears
 
@@ -135,7 +143,10 @@ def memory_plan(specs: Specs, world: int):
         ):  # the inputs do not fit the GPU beside the block: keep them on the host
             launch.inputs, plan = "host", host
     plan.model_map = mapped
-    plan.inference = inference_bytes(shapes, specs.sparsity)
+    plan.inference = inference_bytes(shapes, 0.0 if cut else specs.sparsity)
+    if cut:  # the smaller dense model after the cut (blocks of equal size: the mean block)
+        plan.inference["cut"] = cut
+        plan.inference["after_cut"] = (shapes.params - cut["params"]) * shapes.dtype_bytes
     plan.eval = eval_placement(
         shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
     )
@@ -227,11 +238,20 @@ def dry_run(specs: Specs) -> dict[str, Any]:
         )
     print("\n".join(map_lines(plan.model_map)))
     inf = plan.inference
-    print(
-        f"inference: one decoded token reads {inf['dense_form'] / 2**30:.2f} GiB dense, "
-        f"{inf['bitmask'] / 2**30:.2f} GiB with the pruned weights as bitmask + values, "
-        f"{inf['csr_int16'] / 2**30:.2f} GiB as 16-bit-index CSR (docs/speed.md)"
-    )
+    if "cut" in inf:
+        c = inf["cut"]
+        print(
+            f"cut: {specs.pruner.name} removes {c['removed']} of {c['blocks']} decoder blocks "
+            f"(about {c['params']:,} weights); one decoded token then reads "
+            f"{inf['after_cut'] / 2**30:.2f} GiB against {inf['dense_form'] / 2**30:.2f} GiB "
+            "dense (a plain dense model)"
+        )
+    else:
+        print(
+            f"inference: one decoded token reads {inf['dense_form'] / 2**30:.2f} GiB dense, "
+            f"{inf['bitmask'] / 2**30:.2f} GiB with the pruned weights as bitmask + values, "
+            f"{inf['csr_int16'] / 2**30:.2f} GiB as 16-bit-index CSR (docs/speed.md)"
+        )
     print(plan.table())
     ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
     print(f"verdict: {verdict}")

@@ -27,6 +27,7 @@ from .evaluation.perplexity import perplexity
 from .masks import summarize, verify
 from .models import prunable_linears
 from .pruners import PruneContext, Pruner
+from .quant import QuantContext
 from .recover import RecoverContext, Recovery
 from .sparsity import Pattern, Schedule
 
@@ -81,6 +82,18 @@ def verify_masks(
     return verify(prunable_linears(model), masks, targets, pattern, group, orders)
 
 
+def structured_summary(report: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """A structured run's sparsity: actual = the share of the decoder blocks' weights removed
+    (pruners/removal.py's report), beside the zeros left in the kept weights (none)."""
+    return {
+        **summary,
+        "pattern": "blocks",  # what the report's pattern column says: whole blocks removed
+        "actual_sparsity": report["removed_share"],
+        "structure": {k: v for k, v in report.items() if k != "scores"},
+        "zeros_in_kept_linears": summary["actual_sparsity"],
+    }
+
+
 def quantize(quant, ctx) -> None:
     """The quantization stage (quant/): every pruned linear rounded to its grid in place,
     pruned weights left at exactly zero (the caller verifies the masks after it)."""
@@ -132,6 +145,7 @@ class Outcome:
     timings_s: dict[str, float] = field(
         default_factory=dict
     )  # each stage's wall time (CUDA synchronised)
+    quant_report: dict[str, Any] = field(default_factory=dict)  # the quantizer's grid, bits
 
 
 def prune_model(
@@ -144,6 +158,7 @@ def prune_model(
     schedule: Schedule | None = None,
     recovery: str | Recovery | None = None,
     refine: str | Any | None = None,
+    quant: str | Any | None = None,
     data: datamod.DataSpec | None = None,
     calib: torch.Tensor | None = None,
     seqlen: int | None = None,
@@ -151,6 +166,7 @@ def prune_model(
     calib_batch: int = 1,
     options: dict[str, Any] | None = None,
     recover_options: dict[str, Any] | None = None,
+    quant_options: dict[str, Any] | None = None,
     evaluate: tuple[str, ...] = (),
     eval_batch_size: int = 1,
     max_windows: int | None = None,
@@ -159,8 +175,10 @@ def prune_model(
 ) -> Outcome:
     """Prune (and optionally recover and evaluate) a model object the caller loaded.
 
-    `method` / `recovery`: a registered name (with `options` / `recover_options`) or a built
-    object; `refine`: a refinement's name ("dsnot", its released defaults) or a built one.
+    `method` / `recovery` / `quant`: a registered name (with `options` / `recover_options` /
+    `quant_options`) or a built object; `refine`: a refinement's name ("dsnot", its released
+    defaults) or a built one. `quant` rounds every pruned linear after pruning and recovery
+    (quant/; `quant_options={"joint": True}` with method sparsegpt rounds inside its sweep).
     `data`: the calibration pool and draw (default: data.DataSpec(), the offline C4
     documents of the data root); `calib` passes calibration windows directly instead. `evaluate`:
     perplexity datasets ("wikitext2", "c4"). `load_dense`: the dense model again, for a recovery
@@ -175,6 +193,10 @@ def prune_model(
         from .specs import build_refinement
 
         pruner, refine = build_refinement({"name": refine}, pruner)
+    if isinstance(quant, str):  # checked against the method now (joint: sparsegpt only)
+        from .specs import build_quant
+
+        quant = build_quant({"name": quant, **(quant_options or {})}, pruner)
     if isinstance(recovery, str):
         recovery = (
             None if recovery == "none" else RECOVERIES.build(recovery, dict(recover_options or {}))
@@ -182,15 +204,16 @@ def prune_model(
     pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
     sparsity = 0.0 if pruner.name == "dense" else check_sparsity(sparsity, pattern)
     schedule = schedule or Schedule()
+    quant_reads = quant is not None and quant.needs_calibration and not quant.joint
     if tokenizer is None:  # nothing reads text without one: refused now, before any work
-        _needs_tokenizer(pruner, schedule, recovery, calib, evaluate)
+        _needs_tokenizer(pruner, schedule, recovery, calib, evaluate, quant_reads)
     device = torch.device(device)
     if data is None and (calib is None or pruner.reads_data or recovery is not None or evaluate):
         data = datamod.DataSpec()  # the offline C4 documents of the data root
     seqlen = seqlen or int(getattr(model.config, "max_position_embeddings", 2048))
     vocab = model.config.vocab_size
     timings: dict[str, float] = {}
-    if calib is None and (pruner.needs_calibration or schedule.needs_calibration):
+    if calib is None and (pruner.needs_calibration or schedule.needs_calibration or quant_reads):
         with _timed(timings, "calibrate"):
             calib = calibrate(data, tokenizer, seqlen, vocab)
     if recovery is not None and recovery.needs_dense and load_dense is None:
@@ -223,7 +246,7 @@ def prune_model(
                 model, masks, targets, pattern, pruner.masks_group, pruner.column_orders
             )
         )
-        if pruner.name != "dense"
+        if pruner.makes_masks
         else (
             lambda: {
                 n: float((lin.weight == 0).float().mean())
@@ -245,7 +268,16 @@ def prune_model(
             model = recover(recovery, rctx)
         per_tensor = check()
         spent["recover"] = recovery.budget().as_dict()
+    if quant is not None:
+        qctx = QuantContext(
+            model, masks if pruner.makes_masks else None, device, calib, "device", calib_batch
+        )
+        with _timed(timings, "quantize"):
+            quantize(quant, qctx)
+        per_tensor = check()
     summary = summarize(per_tensor, prunable_linears(model))
+    if pruner.structured:  # the share of the blocks' weights removed, not zeros
+        summary = structured_summary(pruner.report(), summary)
     metrics = {}
     if evaluate:
         model.to(device)
@@ -265,16 +297,25 @@ def prune_model(
         recovery.report() if recovery is not None else {},
         allocation.report if allocation else None,
         timings,
+        quant.report() if quant is not None else {},
     )
 
 
-def _needs_tokenizer(pruner: Pruner, schedule: Schedule, recovery, calib, evaluate) -> None:
+def _needs_tokenizer(
+    pruner: Pruner, schedule: Schedule, recovery, calib, evaluate, quant_reads: bool = False
+) -> None:
     """One line for what `prune_model` cannot do without a tokenizer (the command feeds a
     random-weight model random token ids; a caller's model is never calibrated on noise)."""
     from .errors import SparsebenchError
 
-    if calib is None and (pruner.needs_calibration or schedule.needs_calibration):
-        what = pruner.name if pruner.needs_calibration else "this schedule's allocation"
+    if calib is None and (pruner.needs_calibration or schedule.needs_calibration or quant_reads):
+        what = (
+            pruner.name
+            if pruner.needs_calibration
+            else "this schedule's allocation"
+            if schedule.needs_calibration
+            else "the quantizer"
+        )
         raise SparsebenchError(
             f"prune_model: {what} calibrates on text and no tokenizer was given: pass "
             "tokenizer=<the model's tokenizer>, or calib=<(windows, seqlen) token ids>"

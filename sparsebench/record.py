@@ -23,8 +23,7 @@ from .masks import count_report, summarize
 from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
 from .quant import QuantContext
-from .records.export import folder_bytes, save_pruned, saved_masks, saved_orders
-from .records.labels import label_of
+from .records.export import export_meta, folder_bytes, save_pruned, saved_masks, saved_orders
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
 from .recover import RecoverContext
 from .sparsity import parse_pattern
@@ -181,19 +180,30 @@ def record_stages(
         }
     )
 
-    dense = specs.pruner.name == "dense"
+    dense = not specs.pruner.makes_masks  # dense, or structured: the kept weights are whole
+    # a structured run's cut (or a reloaded structured export's): blocks removed, no masks
+    structure = (
+        specs.pruner.report()
+        if specs.pruner.structured
+        else (saved[1].get("structure") if dense and saved is not None else None)
+    )
+    masked = not dense or (saved is not None and structure is None)  # masks to verify
+    frozen = {}  # nothing to hold at zero (a structured run's recovery heals every weight)
     if not dense:  # what each mask must prune, and the masks the recovery keeps
         linears = prunable_linears(model)
         frozen, pattern, group = masks, specs.pattern, specs.pruner.masks_group
         targets = pipeline.targets_of(model, specs.sparsity, allocation, linears)
         orders = specs.pruner.column_orders  # N:M groups of permuted input columns (RIA)
-    elif saved is not None:  # eval-only on an exported pruned model: its masks still hold
+    elif masked:  # eval-only on an exported pruned model: its masks still hold
         frozen, meta = saved_masks(model, saved), saved[1]
         pattern, group = parse_pattern(meta["pattern"]), meta["group"]
         targets = saved_targets(meta, model, prunable_linears(model))
         orders = saved_orders(saved)
         results.update(loaded_pruned_model={k: v for k, v in meta.items() if k != "orders"})
-    if not dense or saved is not None:
+    elif saved is not None and structure:  # a reloaded structured export: the cut it had
+        pattern = parse_pattern(saved[1]["pattern"])
+        results.update(loaded_pruned_model=saved[1])
+    if masked:
         per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
         if orders:
             results.update(column_orders=sorted(orders))
@@ -212,7 +222,8 @@ def record_stages(
             model = pipeline.recover(
                 specs.recover, recover_context(specs, launch, model, frozen, tok, logger.log)
             )
-        per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
+        if masked:
+            per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
         results.update(
             recover_report=specs.recover.report(),
             budget={
@@ -229,18 +240,28 @@ def record_stages(
                 specs.quant,
                 QuantContext(
                     model,
-                    frozen if not dense or saved is not None else None,
+                    frozen if masked else None,
                     specs.device,
                     calib,
                     launch.inputs,
                     launch.calib_batch,
                 ),
             )
-        if not dense or saved is not None:
+        if masked:
             per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)
         results.update(quant=specs.quant.report())
     summary = summarize(per_tensor, prunable_linears(model))
-    if not dense or saved is not None:  # how far actual may lie from the target, and why
+    if structure:  # the share of the blocks' weights removed, and which
+        summary = pipeline.structured_summary(structure, summary)
+        log.info(
+            "removed %d of %d decoder blocks %s: %.6f of the blocks' weights (target %s)",
+            len(summary["structure"]["removed_blocks"]),
+            summary["structure"]["blocks_before"],
+            summary["structure"]["removed_blocks"],
+            summary["actual_sparsity"],
+            saved[1]["sparsity"] if saved is not None else specs.sparsity,
+        )
+    if masked:  # how far actual may lie from the target, and why
         summary.update(count_report(prunable_linears(model), targets, pattern, group))
     nonzero = (
         sum(p.numel() for p in model.parameters()) - summary["pruned_params"]
@@ -259,17 +280,24 @@ def record_stages(
             "block_params": block_params,
             "sparsity_of_block_params": summary["pruned_params"] / block_params,
             "nonzero_params": nonzero,
+            **(
+                {
+                    "denominator": "structure.block_params_before: the decoder blocks' "
+                    "weights before the cut",
+                    "sparsity_of_block_params": summary["actual_sparsity"],
+                }
+                if structure
+                else {}
+            ),
         },
         per_layer_sparsity=per_tensor,
     )
     logger.table(
         "per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()]
     )
-    results.update(
-        size=size_of(model, frozen if not dense or saved is not None else None, specs.quant)
-    )
+    results.update(size=size_of(model, frozen if masked else None, specs.quant))
     sp = results.data["sparsity"]
-    if not dense or saved is not None:
+    if masked:
         log.info(
             "sparsity: target %s, actual %.6f over %d prunable weights",
             sp["target"],
@@ -356,40 +384,6 @@ def record_stages(
 
     results.update(memory=peak_memory(specs.device), status="complete")
     return results.data
-
-
-def export_meta(specs: Specs, allocation, fingerprint: str, results: Results) -> dict[str, Any]:
-    """sparsebench.json of an export: what verifies its masks and re-evaluates it as this run
-    did."""
-    return {
-        "method": specs.pruner.name,
-        "sparsity": specs.sparsity,
-        "pattern": str(specs.pattern),
-        "block_targets": allocation.targets if allocation else None,
-        "group": specs.pruner.masks_group,
-        "seed": specs.seed,
-        "model": specs.model.name,
-        # what a reload reports it came from (the report places it beside this run)
-        "label": label_of(results.data["config"]),  # the report's: preset, OWL, recovery
-        "run": str(results.path.parent),
-        "protocol_id": results.data.get("protocol_id"),
-        "fingerprint": fingerprint,
-        "data": {
-            "source": specs.data.source,
-            "calib_set": specs.data.calib_set,
-            "nsamples": specs.data.nsamples,
-            "seqlen": specs.model.seqlen,
-        },
-        # what `model=local model.path=<export> method=dense` needs to evaluate it as this run did
-        "dtype": specs.model.dtype,
-        "evaluation": {
-            "protocol": results.data["config"].get("protocol"),
-            "nsamples": specs.data.nsamples,
-            "max_windows": specs.eval.max_windows,
-            "batch_size": specs.eval.batch_size,
-            "datasets": list(specs.eval.datasets),
-        },
-    }
 
 
 def measure_speed(model, specs, results) -> None:

@@ -234,6 +234,17 @@ def build_specs(cfg: DictConfig) -> Specs:
             ramp.kind,
             pruner.name,
         )
+    if pruner.structured and (pattern.is_nm or specs.schedule.allocation != "uniform"):
+        raise SparsebenchError(
+            f"method={pruner.name} removes whole {pruner.structured}: its sparsity is the share "
+            f"of the blocks' weights removed; pattern={pattern} schedule="
+            f"{specs.schedule.allocation} do not apply: use pattern=unstructured schedule=uniform"
+        )
+    if pruner.structured and recovery is not None and recovery.needs_dense:
+        raise SparsebenchError(
+            f"recover={recovery.name} matches each pruned block to its dense twin, and "
+            f"method={pruner.name} removes blocks: use recover=finetune or recover=perp (healing)"
+        )
     if specs.schedule.allocation != "uniform":
         if pruner.name == "dense":
             raise SparsebenchError(

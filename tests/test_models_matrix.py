@@ -3,7 +3,8 @@ tiny-<family> config with every one-shot method (Wanda and magnitude refined by 
 with one short round of regional optimization, GPTQ and round to nearest after pruning), Elsa (two
 steps), SAFE (one epoch), masked fine-tuning and OWL, each run verified (exact counts per
 matrix, hard zeros), and a saved export of each family reloaded to the same perplexity with
-its masks verified again; Elsa on a mixture of experts also on FSDP2 (offload=true: a
+its masks verified again; block removal (ShortGPT, angular) exported as a one-layer model
+that plain transformers loads; Elsa on a mixture of experts also on FSDP2 (offload=true: a
 process group of one)."""
 
 import json
@@ -100,3 +101,36 @@ def test_elsa_trains_experts_on_fsdp2(family, tmp_path):
         ]
     )
     assert res["engine"] == "fsdp" and res["sparsity"]["actual_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "angular"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_removes_blocks_into_a_smaller_export(family, method, tmp_path):
+    """Block removal on every family: one of the two blocks goes, the export's config says one
+    layer, plain transformers loads it, and sparsebench reloads it to the same perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    cut = _run(
+        [
+            f"model=tiny-{family}",
+            "logger=disabled",
+            f"method={method}",
+            "save.enabled=true",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert cut["sparsity"]["actual_sparsity"] == 0.5
+    assert cut["sparsity"]["structure"]["blocks_after"] == 1
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert plain.config.num_hidden_layers == 1
+    assert sum(p.numel() for p in plain.parameters()) == cut["sparsity"]["nonzero_params"]
+    again = _run(
+        [
+            "model=local",
+            f"model.path={tmp_path / 'run' / 'model'}",
+            "method=dense",
+            "logger=disabled",
+            f"hydra.run.dir={tmp_path / 'again'}",
+        ]
+    )
+    assert again["metrics"]["wikitext2"] == cut["metrics"]["wikitext2"]

@@ -315,3 +315,36 @@ def test_a_quantized_export_that_cannot_be_written_is_refused(extra, message):
     with pytest.raises(SparsebenchError, match=message):
         argv = ["model=tiny-llama", "logger=disabled", "save.enabled=true", *extra]
         memory_plan(build_specs(compose(argv)), 1)
+
+
+def test_prune_model_quantizes_after_pruning_as_the_stage_does():
+    """The library entry point's quant= is the command's stage: Wanda's masks, then GPTQ at 3
+    bits, gives the weights of the stage run by hand; pruned weights exactly zero; a quantizer
+    that reads text without calibration windows or a tokenizer is refused before any work."""
+    from sparsebench.models import load_model, prunable_linears
+    from sparsebench.pipeline import prune_model, quantize
+    from sparsebench.quant import QuantContext
+    from sparsebench.specs import build_quant
+
+    from .conftest import tiny_spec
+
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    model, _ = load_model(tiny_spec("llama"), seed=0)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SparsebenchError, match="the quantizer calibrates on text"):
+        prune_model(model, method="magnitude", seqlen=64, quant="gptq")
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+    out = prune_model(
+        model, method="wanda", seqlen=64, calib=calib, quant="gptq", quant_options={"bits": 3}
+    )
+    assert out.quant_report["linears"] == len(out.masks) and "quantize" in out.timings_s
+    got = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    assert all(not w[~out.masks[n]].any() for n, w in got.items())
+    assert all(len(w.unique(dim=None)) <= 8 * w.shape[0] + 1 for w in got.values())
+
+    model.load_state_dict(dense)  # by hand: the same masks, then the stage
+    by_hand = prune_model(model, method="wanda", seqlen=64, calib=calib)
+    stage = build_quant({"name": "gptq", "bits": 3}, None)
+    quantize(stage, QuantContext(model, by_hand.masks, torch.device("cpu"), calib))
+    assert all(torch.equal(lin.weight, got[n]) for n, lin in prunable_linears(model).items())

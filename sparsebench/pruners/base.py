@@ -88,6 +88,14 @@ class Pruner:
 
     # True when the method may permute input columns before forming N:M groups
     permutes_columns: ClassVar[bool] = False
+    # A structured method removes whole parts of the model ("blocks") and returns no masks:
+    # the run's sparsity is the share of the blocks' weights removed (cut/); None: masks
+    structured: ClassVar[str | None] = None
+
+    @property
+    def makes_masks(self) -> bool:
+        """True when prune() returns a mask per pruned linear (not dense, not structured)."""
+        return self.name != "dense" and self.structured is None
 
     @property
     def column_orders(self) -> dict[str, torch.Tensor]:

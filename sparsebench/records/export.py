@@ -25,10 +25,51 @@ import torch
 from ..errors import SparsebenchError
 from ..families import masks_from_original, original_masks, original_state_dict
 from ..formats import BITMASK_FILE, bitmask_state, load_bitmask_masks, save_quantized
+from .labels import label_of
 
 MASKS_FILE = "sparsebench_masks.safetensors"
 ORDERS_FILE = "sparsebench_column_orders.safetensors"  # N:M groups of permuted columns (RIA)
 META_FILE = "sparsebench.json"
+
+
+def export_meta(specs, allocation, fingerprint: str, results) -> dict[str, Any]:
+    """sparsebench.json of an export: what verifies its masks and re-evaluates it as this run
+    did."""
+    return {
+        "method": specs.pruner.name,
+        "sparsity": specs.sparsity,
+        "pattern": str(specs.pattern),
+        "block_targets": allocation.targets if allocation else None,
+        "group": specs.pruner.masks_group,
+        "seed": specs.seed,
+        "model": specs.model.name,
+        # what a reload reports it came from (the report places it beside this run)
+        "label": label_of(results.data["config"]),  # the report's: preset, OWL, recovery
+        "run": str(results.path.parent),
+        "protocol_id": results.data.get("protocol_id"),
+        "fingerprint": fingerprint,
+        # a structured run's cut (what was removed); its export has no masks to verify
+        **(
+            {"structure": {k: v for k, v in specs.pruner.report().items() if k != "scores"}}
+            if specs.pruner.structured
+            else {}
+        ),
+        "data": {
+            "source": specs.data.source,
+            "calib_set": specs.data.calib_set,
+            "nsamples": specs.data.nsamples,
+            "seqlen": specs.model.seqlen,
+        },
+        # what `model=local model.path=<export> method=dense` needs to evaluate it as this run did
+        "dtype": specs.model.dtype,
+        "evaluation": {
+            "protocol": results.data["config"].get("protocol"),
+            "nsamples": specs.data.nsamples,
+            "max_windows": specs.eval.max_windows,
+            "batch_size": specs.eval.batch_size,
+            "datasets": list(specs.eval.datasets),
+        },
+    }
 
 
 def check_save_dir(folder: Path, fingerprint: str) -> None:
@@ -119,20 +160,17 @@ def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return None
     if not masks_path.is_file() and meta_path.is_file() and packed.is_file():
         masks_path = packed  # save.format=bitmask: the masks are the file's bits
+    if not masks_path.is_file() and meta_path.is_file():
+        meta = _read_meta(meta_path)
+        if meta.get("structure"):  # a structured export: a smaller dense model, no masks
+            return {}, meta
     for path in (masks_path, meta_path):
         if not path.is_file():
             raise SparsebenchError(
                 f"{folder} is a sparsebench export without {path.name}; its masks cannot be "
                 f"verified: export it again (save.enabled=true)"
             )
-    try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or not {"sparsity", "pattern", "group"} <= set(meta):
-            raise ValueError("it lacks sparsity, pattern or group")
-    except (OSError, ValueError) as err:
-        raise SparsebenchError(
-            f"{meta_path} is unreadable ({err}); export the model again"
-        ) from None
+    meta = _read_meta(meta_path)
     from safetensors.torch import load_file
 
     try:
@@ -148,6 +186,16 @@ def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             f"{masks_path} is unreadable ({str(err).splitlines()[0][:120]}); export the model again"
         ) from None
     return masks, meta
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not {"sparsity", "pattern", "group"} <= set(meta):
+            raise ValueError("it lacks sparsity, pattern or group")
+    except (OSError, ValueError) as err:
+        raise SparsebenchError(f"{path} is unreadable ({err}); export the model again") from None
+    return meta
 
 
 def saved_masks(model, saved: tuple[dict[str, torch.Tensor], dict[str, Any]]):

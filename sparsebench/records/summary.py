@@ -91,7 +91,16 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
             )
         rows.append(["mean", zs.get("headline", "acc"), f"{zs['mean_acc']:.4f}", "", ""])
         lines += _table(["task", "metric", "value", "stderr", "docs"], rows, {2, 4}) + [""]
-    if sp:
+    cut = (sp or {}).get("structure")
+    if cut:  # a structured run: what was removed, not zeros
+        lines.append(
+            f"sparsity: target {sp.get('target')}, actual {sp['actual_sparsity']:.6f} of the "
+            f"blocks' weights removed: {len(cut['removed_blocks'])} of {cut['blocks_before']} "
+            f"decoder blocks {cut['removed_blocks']} ({cut['block_params_removed']:,} of "
+            f"{cut['block_params_before']:,} weights); the kept model is dense "
+            f"({sp.get('nonzero_params', 0):,} parameters)"
+        )
+    elif sp:
         lines.append(
             f"sparsity: target {sp.get('target')}, actual {sp.get('actual_sparsity', 0):.6f} over "
             f"{sp.get('prunable_params', 0):,} prunable weights ({sp.get('pruned_params', 0):,} "
