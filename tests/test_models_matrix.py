@@ -47,6 +47,20 @@ def _run(argv) -> dict:
     return res
 
 
+def _reload(tmp_path) -> dict:
+    """The export in <tmp_path>/run/model evaluated again by the command (method=dense)."""
+    model = f"model.path={tmp_path / 'run' / 'model'}"
+    return _run(
+        [
+            "model=local",
+            model,
+            "method=dense",
+            "logger=disabled",
+            f"hydra.run.dir={tmp_path / 'again'}",
+        ]
+    )
+
+
 @pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_every_method_from_the_cli(family, run, tmp_path):
@@ -75,15 +89,7 @@ def test_every_family_saves_and_reloads(family, tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}",
         ]
     )
-    again = _run(
-        [
-            "model=local",
-            f"model.path={tmp_path / 'run' / 'model'}",
-            "method=dense",
-            "logger=disabled",
-            f"hydra.run.dir={tmp_path / 'again'}",
-        ]
-    )
+    again = _reload(tmp_path)
     assert again["metrics"]["wikitext2"] == saved["metrics"]["wikitext2"]
     assert again["sparsity"]["pruned_params"] == saved["sparsity"]["pruned_params"]
 
@@ -124,13 +130,5 @@ def test_every_family_removes_blocks_into_a_smaller_export(family, method, tmp_p
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert plain.config.num_hidden_layers == 1
     assert sum(p.numel() for p in plain.parameters()) == cut["sparsity"]["nonzero_params"]
-    again = _run(
-        [
-            "model=local",
-            f"model.path={tmp_path / 'run' / 'model'}",
-            "method=dense",
-            "logger=disabled",
-            f"hydra.run.dir={tmp_path / 'again'}",
-        ]
-    )
+    again = _reload(tmp_path)
     assert again["metrics"]["wikitext2"] == cut["metrics"]["wikitext2"]
