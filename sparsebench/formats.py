@@ -89,6 +89,36 @@ def load_bitmask(path) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_into(model, folder, packed=None) -> None:
+    """Load an export's weights into `model` (built from the export's config): the bitmask
+    file's when `packed` names it, else the folder's safetensors; a linear stored at another
+    shape (a width cut's block, cut/widths.py) is rebuilt at that shape first. Every
+    parameter must come from the file (a tied weight is stored once)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .cut.widths import reshape_to
+
+    if packed is not None:
+        state = load_bitmask(packed)
+    else:
+        state = {}
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            if not file.name.startswith("sparsebench_"):
+                state.update(load_file(str(file)))
+    reshape_to(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()  # a tied weight is stored once
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in params if k not in missing}
+    if unexpected or any(params[k].data_ptr() not in loaded for k in missing if k in params):
+        raise SparsebenchError(
+            f"{packed or folder} does not match the model's weights "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
 def load_bitmask_masks(path) -> dict[str, torch.Tensor]:
     """The keep masks a bitmask file holds (its bits; the values are not read), by the state
     dict's names and layout."""

@@ -108,14 +108,7 @@ def memory_plan(specs: Specs, world: int):
         check_block_coverage(meta)  # nothing of a block silently left dense (MoE experts, routers)
         meta.sparsebench_read = (shapes_of(meta), model_map(meta))
     shapes, mapped = meta.sparsebench_read
-    cut = None
-    if specs.pruner.structured == "blocks":  # a share that removes no block, or every one
-        from .cut import blocks_for_share
-        from .models import find_blocks
-
-        sizes = [sum(p.numel() for p in b.parameters()) for b in find_blocks(meta)[1]]
-        n = blocks_for_share(specs.sparsity, len(sizes))
-        cut = {"blocks": len(sizes), "removed": n, "params": round(n * sum(sizes) / len(sizes))}
+    cut = cut_plan(specs, meta) if specs.pruner.structured else None
     if specs.quant is not None:  # a group size that splits a linear's width: refused now
         from .models import prunable_linears
 
@@ -151,6 +144,26 @@ def memory_plan(specs: Specs, world: int):
         shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
     )
     return plan, shapes, launch
+
+
+def cut_plan(specs: Specs, meta) -> dict[str, Any]:
+    """A structured method's cut, checked on the model's shapes before any work (a share that
+    removes no block or every block; a family whose blocks a width cut cannot narrow) and
+    sized: about how many weights go."""
+    from .cut import blocks_for_share
+    from .cut.widths import parts_of
+    from .models import find_blocks
+
+    blocks = find_blocks(meta)[1]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    if specs.pruner.structured == "blocks":
+        n = blocks_for_share(specs.sparsity, len(sizes))
+        what = f"{n} of {len(sizes)} decoder blocks"
+        return {"what": what, "params": round(n * sum(sizes) / len(sizes))}
+    for block in blocks:
+        parts_of(block, meta.config)
+    what = "attention groups and MLP channels"
+    return {"what": what, "params": round(specs.sparsity * sum(sizes))}
 
 
 def visible_gpus(specs: Specs) -> list[float] | None:
@@ -241,8 +254,8 @@ def dry_run(specs: Specs) -> dict[str, Any]:
     if "cut" in inf:
         c = inf["cut"]
         print(
-            f"cut: {specs.pruner.name} removes {c['removed']} of {c['blocks']} decoder blocks "
-            f"(about {c['params']:,} weights); one decoded token then reads "
+            f"cut: {specs.pruner.name} removes {c['what']} (about {c['params']:,} weights); one "
+            "decoded token then reads "
             f"{inf['after_cut'] / 2**30:.2f} GiB against {inf['dense_form'] / 2**30:.2f} GiB "
             "dense (a plain dense model)"
         )

@@ -288,23 +288,14 @@ def load_model(spec: ModelSpec, seed: int = 0):
         hub = (lambda load: _from_hub(spec, load)) if spec.source == "hub" else (lambda f: f())
         tok = hub(lambda **kw: AutoTokenizer.from_pretrained(where, **extra, **kw))
         packed = Path(str(where)) / "sparsebench_bitmask.safetensors"
-        if (
-            spec.source == "local" and packed.is_file()
-        ):  # save.format=bitmask (sparsebench/formats.py)
-            from .formats import load_bitmask
+        narrowed = spec.source == "local" and _narrowed(Path(str(where)))
+        if spec.source == "local" and (packed.is_file() or narrowed):
+            # save.format=bitmask (formats.py), or a width cut's blocks of their own widths
+            # (cut/widths.py): the config's model rebuilt at the stored shapes, then loaded
+            from .formats import load_into
 
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            missing, unexpected = model.load_state_dict(load_bitmask(packed), strict=False)
-            model.tie_weights()  # a tied weight is stored once
-            params = dict(model.named_parameters(remove_duplicate=False))
-            loaded = {params[k].data_ptr() for k in params if k not in missing}
-            if unexpected or any(
-                params[k].data_ptr() not in loaded for k in missing if k in params
-            ):
-                raise SparsebenchError(
-                    f"{packed} does not match the model's weights "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
+            load_into(model, Path(str(where)), packed if packed.is_file() else None)
         else:
             if spec.source == "local" and _compressed_tensors(config):
                 # save.format=quantized: the codes dequantized on load (formats.py); the
@@ -320,6 +311,14 @@ def load_model(spec: ModelSpec, seed: int = 0):
     model.config.use_cache = False
     adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes
     return model.eval(), tok
+
+
+def _narrowed(folder: Path) -> bool:
+    """A width cut's export (sparsebench.json says its blocks' widths)."""
+    import json
+
+    meta = folder / "sparsebench.json"
+    return meta.is_file() and "widths" in (json.loads(meta.read_text()).get("structure") or {})
 
 
 def _compressed_tensors(config) -> bool:

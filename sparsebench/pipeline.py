@@ -89,7 +89,7 @@ def structured_summary(report: dict[str, Any], summary: dict[str, Any]) -> dict[
         **summary,
         "pattern": "blocks",  # what the report's pattern column says: whole blocks removed
         "actual_sparsity": report["removed_share"],
-        "structure": {k: v for k, v in report.items() if k != "scores"},
+        "structure": {k: v for k, v in report.items() if k != "scores"},  # what went
         "zeros_in_kept_linears": summary["actual_sparsity"],
     }
 

@@ -24,6 +24,7 @@ from .models import find_blocks, load_model, prunable_linears
 from .pruners import PruneContext
 from .quant import QuantContext
 from .records.export import export_meta, folder_bytes, save_pruned, saved_masks, saved_orders
+from .records.summary import describe_cut
 from .records.tracking import Results, WandbLogger, peak_memory, stage_peak
 from .recover import RecoverContext
 from .sparsity import parse_pattern
@@ -254,12 +255,9 @@ def record_stages(
     if structure:  # the share of the blocks' weights removed, and which
         summary = pipeline.structured_summary(structure, summary)
         log.info(
-            "removed %d of %d decoder blocks %s: %.6f of the blocks' weights (target %s)",
-            len(summary["structure"]["removed_blocks"]),
-            summary["structure"]["blocks_before"],
-            summary["structure"]["removed_blocks"],
+            "removed %s: %.6f of the blocks' weights",
+            describe_cut(summary["structure"]),
             summary["actual_sparsity"],
-            saved[1]["sparsity"] if saved is not None else specs.sparsity,
         )
     if masked:  # how far actual may lie from the target, and why
         summary.update(count_report(prunable_linears(model), targets, pattern, group))

@@ -25,7 +25,7 @@ from .formats import FORMATS
 from .models import ModelSpec
 from .plan import PlanSpec
 from .pruners import Pruner
-from .pruners.base import targets_by_linear
+from .pruners.base import STRUCTURES, targets_by_linear
 from .pruners.layerwise import LayerwisePruner
 from .records.tracking import LoggerSpec
 from .recover import RECOVERIES
@@ -236,8 +236,8 @@ def build_specs(cfg: DictConfig) -> Specs:
         )
     if pruner.structured and (pattern.is_nm or specs.schedule.allocation != "uniform"):
         raise SparsebenchError(
-            f"method={pruner.name} removes whole {pruner.structured}: its sparsity is the share "
-            f"of the blocks' weights removed; pattern={pattern} schedule="
+            f"method={pruner.name} removes {STRUCTURES[pruner.structured]}: its sparsity is the "
+            f"share of the blocks' weights removed; pattern={pattern} schedule="
             f"{specs.schedule.allocation} do not apply: use pattern=unstructured schedule=uniform"
         )
     if pruner.structured and recovery is not None and recovery.needs_dense:

@@ -175,8 +175,8 @@ def test_healing_after_the_cut_trains_the_smaller_model(tmp_path):
     [
         (["sparsity=0.1"], "removes no decoder block of 2"),
         (["sparsity=0.8"], "removes all 2 decoder blocks"),
-        (["pattern=2:4"], "removes whole blocks"),
-        (["schedule=owl"], "removes whole blocks"),
+        (["pattern=2:4"], "removes whole decoder blocks"),
+        (["schedule=owl"], "removes whole decoder blocks"),
         (["recover=reconstruct"], "matches each pruned block to its dense twin"),
         (["refine=dsnot"], "no block-by-block masks"),
     ],

@@ -132,3 +132,22 @@ def test_every_family_removes_blocks_into_a_smaller_export(family, method, tmp_p
     assert sum(p.numel() for p in plain.parameters()) == cut["sparsity"]["nonzero_params"]
     again = _reload(tmp_path)
     assert again["metrics"]["wikitext2"] == cut["metrics"]["wikitext2"]
+
+
+NARROWS = ["gemma2", "gemma3", "llama", "mistral", "opt", "qwen2", "qwen3"]  # separate q/k/v/o
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_narrowed_by_flap_or_refused(family, tmp_path, capsys):
+    """FLAP on every family with separate projections and a dense MLP, reloaded to the same
+    perplexity; the fused and mixture-of-experts families refused before any work."""
+    argv = [f"model=tiny-{family}", "logger=disabled", "method=flap", "sparsity=0.3"]
+    if family not in NARROWS:
+        with pytest.raises(SystemExit) as err:
+            cli.main([*argv, f"hydra.run.dir={tmp_path / 'run'}"])
+        assert err.value.code and "width cut" in capsys.readouterr().err
+        return
+    cut = _run([*argv, "save.enabled=true", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert 0.2 < cut["sparsity"]["actual_sparsity"] < 0.4
+    again = _reload(tmp_path)
+    assert again["metrics"]["wikitext2"] == cut["metrics"]["wikitext2"]

@@ -71,6 +71,10 @@ def targets_by_linear(model: nn.Module, block_targets: list[float], names) -> di
     return {n: block_targets[int(n[len(path) + 1 :].split(".", 1)[0])] for n in names}
 
 
+# what a structured method removes, in words (Pruner.structured)
+STRUCTURES = {"blocks": "whole decoder blocks", "widths": "attention groups and MLP channels"}
+
+
 class Pruner:
     """prune(ctx) edits the model in place and returns {linear name: keep mask (bool, CPU)}."""
 

@@ -1,7 +1,9 @@
-"""The shared base of the block-removal methods (ShortGPT, angular distance): score the decoder
-blocks on the calibration windows, remove as many as the run's share of the blocks' weights
-asks (cut/: the count, the removal and the config), report which went. A subclass holds its
-rule only: `choose(ctx, n)` -> the block indices to remove, and the scores it used."""
+"""The shared base of the structured methods (cut/): no masks, a smaller model. For block
+removal (ShortGPT, angular distance) it scores the decoder blocks on the calibration windows,
+removes as many as the run's share of the blocks' weights asks (the count, the removal and
+the config in cut/) and reports which went; a subclass holds its rule only: `choose(ctx, n)`
+-> the block indices to remove, and the scores it used. A width method (FLAP) overrides
+`prune` and shares the checks, the plan terms and the report."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ..cut import blocks_for_share, remove_blocks
 from ..errors import SparsebenchError
 from ..models import find_blocks
 from ..plan import Terms
-from .base import PruneContext, Pruner
+from .base import STRUCTURES, PruneContext, Pruner
 
 
 @dataclass
@@ -32,12 +34,15 @@ class BlockRemoval(Pruner):
     def choose(self, ctx: PruneContext, n: int) -> tuple[list[int], dict]:
         raise NotImplementedError
 
-    def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+    def check_context(self, ctx: PruneContext) -> None:
         if ctx.pattern.is_nm or ctx.block_targets is not None:
             raise SparsebenchError(
-                f"method={self.name} removes whole blocks: pattern and schedule allocation do "
-                "not apply (use pattern=unstructured, schedule=uniform)"
+                f"method={self.name} removes {STRUCTURES[self.structured]}: pattern and schedule "
+                "allocation do not apply (use pattern=unstructured, schedule=uniform)"
             )
+
+    def prune(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        self.check_context(ctx)
         _, blocks = find_blocks(ctx.model)
         sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
         n = blocks_for_share(ctx.sparsity, len(blocks))

@@ -32,6 +32,20 @@ def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]
     return [line(head), sep, *(line(r) for r in rows)]
 
 
+def describe_cut(cut: dict[str, Any]) -> str:
+    """What a structured run removed, in words (results.json sparsity.structure)."""
+    what = f"{cut['block_params_removed']:,} of {cut['block_params_before']:,} weights"
+    if "removed_blocks" in cut:
+        n = len(cut["removed_blocks"])
+        return f"{n} of {cut['blocks_before']} decoder blocks {cut['removed_blocks']} ({what})"
+    heads = [w["kv_heads"] for w in cut["widths"]]
+    ch = [w["channels"] for w in cut["widths"]]
+    return (
+        f"key/value groups kept per block {min(heads)}-{max(heads)} of {cut['kv_heads_before']}, "
+        f"MLP channels {min(ch)}-{max(ch)} of {cut['channels_before']} ({what})"
+    )
+
+
 def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) -> str:
     """The end-of-run summary of a results.json's content."""
     cfg = res.get("config") or {}
@@ -95,9 +109,7 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     if cut:  # a structured run: what was removed, not zeros
         lines.append(
             f"sparsity: target {sp.get('target')}, actual {sp['actual_sparsity']:.6f} of the "
-            f"blocks' weights removed: {len(cut['removed_blocks'])} of {cut['blocks_before']} "
-            f"decoder blocks {cut['removed_blocks']} ({cut['block_params_removed']:,} of "
-            f"{cut['block_params_before']:,} weights); the kept model is dense "
+            f"blocks' weights removed: {describe_cut(cut)}; the kept model is dense "
             f"({sp.get('nonzero_params', 0):,} parameters)"
         )
     elif sp:
@@ -185,6 +197,12 @@ def _saved_line(res: dict[str, Any]) -> list[str]:
         return []
     disk = res.get("saved_model_bytes") or {}
     fmt = (res.get("config") or {}).get("save", {}).get("format", "dense")
+    cut = (res.get("sparsity") or {}).get("structure") or {}
+    if "widths" in cut:  # no config says one width per block: sparsebench's loader reads it
+        fmt += (
+            "; blocks of their own widths, which no transformers config describes: "
+            "load it with model=local model.path=<export>"
+        )
     return [
         f"saved: {res['saved_model']} (save.format={fmt}: "
         f"{human_bytes(disk.get('weights', 0))} of weights, {human_bytes(disk.get('folder', 0))} "
