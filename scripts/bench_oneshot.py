@@ -30,9 +30,9 @@ import torch
 
 from sparsebench import data as datamod
 from sparsebench.evaluation.perplexity import perplexity
+from sparsebench.formats import size_of
 from sparsebench.models import ModelSpec, load_model
 from sparsebench.pipeline import prune_model
-from sparsebench.record import size_of
 from sparsebench.registry import METHODS
 from sparsebench.sparsity import check_sparsity, parse_pattern
 from sparsebench.specs import build_quant, build_refinement

@@ -26,9 +26,9 @@ from omegaconf import OmegaConf
 
 from sparsebench import data as datamod
 from sparsebench.evaluation.speed import SpeedSpec, measure
+from sparsebench.formats import size_of
 from sparsebench.models import ModelSpec, load_model, prunable_linears
 from sparsebench.pipeline import prune_model
-from sparsebench.record import size_of
 from sparsebench.records.tracking import kernel_environment
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -17,9 +17,14 @@ columns) and 32-bit row pointers.
 
 `save.format=quantized` (a run with quant=): the compressed-tensors library's pack-quantized
 checkpoint, which transformers and vLLM load (`save_quantized`).
+
+`size_of` is a run's results.json `size`: every form's bytes, the bits per parameter, and
+after a structured cut the model's bytes before it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,3 +210,37 @@ def save_quantized(model, quant, folder) -> None:
     compressor.compress_model(twin)
     twin.save_pretrained(folder, safe_serialization=True)
     compressor.update_config(folder)
+
+
+def size_of(model, masks=None, quant=None, removed: int = 0) -> dict[str, Any]:
+    """Bytes of the pruned weights in each stored form, and of the whole model dense and with
+    the pruned weights as bitmask + values (formats.py); the bits per parameter a stored
+    model needs, with its masks and its quantization if any (quant.bits_of; results.json
+    `size`); after a structured cut of `removed` weights, the model before it too."""
+    from .evaluation.speed import weight_bytes
+    from .models import prunable_linears
+    from .quant import bits_of
+
+    linears = prunable_linears(model)
+    dtype_bytes = next(iter(linears.values())).weight.element_size()
+    pruned = sizes({n: lin.weight.detach() for n, lin in linears.items()}, dtype_bytes)
+    whole = weight_bytes(model)
+    rest = whole - pruned["dense"]
+    in_linears = {id(lin.weight) for lin in linears.values()}
+    rest_params = sum(p.numel() for p in model.parameters() if id(p) not in in_linears)
+    return {
+        "pruned_weights": pruned,
+        "model_dense": whole,
+        "model_bitmask": rest + pruned["bitmask"],
+        "model_csr_int16": rest + pruned["csr_int16"],
+        "bitmask_over_dense": round((rest + pruned["bitmask"]) / whole, 4),
+        "bits": bits_of(linears, masks, quant, rest_params, rest * 8),
+        **(
+            {
+                "model_before_cut": whole + removed * dtype_bytes,
+                "cut_over_dense": round(whole / (whole + removed * dtype_bytes), 4),
+            }
+            if removed
+            else {}
+        ),
+    }

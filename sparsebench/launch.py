@@ -153,6 +153,7 @@ def cut_plan(specs: Specs, meta) -> dict[str, Any]:
     from .cut import blocks_for_share
     from .cut.widths import parts_of
     from .models import find_blocks
+    from .pruners.reap import experts_to_drop
 
     blocks = find_blocks(meta)[1]
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
@@ -160,6 +161,9 @@ def cut_plan(specs: Specs, meta) -> dict[str, Any]:
         n = blocks_for_share(specs.sparsity, len(sizes))
         what = f"{n} of {len(sizes)} decoder blocks"
         return {"what": what, "params": round(n * sum(sizes) / len(sizes))}
+    if specs.pruner.structured == "experts":
+        n, count, params = experts_to_drop(meta, specs.sparsity)
+        return {"what": f"{n} of {count} experts per MoE layer", "params": params}
     for block in blocks:
         parts_of(block, meta.config)
     what = "attention groups and MLP channels"

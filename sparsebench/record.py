@@ -16,6 +16,7 @@ from .engine.shard import share_pruned
 from .engine.training import Budget, sync_cuda  # noqa: F401 (scripts import sync_cuda from here)
 from .errors import one_line
 from .evaluation.perplexity import place_for_eval
+from .formats import size_of
 from .launch import (
     Launch,
 )  # noqa: F401
@@ -293,7 +294,8 @@ def record_stages(
     logger.table(
         "per_layer_sparsity", ["linear", "sparsity"], [[n, s] for n, s in per_tensor.items()]
     )
-    results.update(size=size_of(model, frozen if masked else None, specs.quant))
+    removed = (structure or {}).get("block_params_removed", 0)  # a cut's weights, gone
+    results.update(size=size_of(model, frozen if masked else None, specs.quant, removed))
     sp = results.data["sparsity"]
     if masked:
         log.info(
@@ -386,18 +388,17 @@ def record_stages(
 
 def measure_speed(model, specs, results) -> None:
     """eval.speed: dense and sparse kernels side by side (evaluation/speed.py)."""
-    from .evaluation.speed import measure
+    from .evaluation.speed import measure, measure_cut
 
     with timed(results, "eval_speed"):
         try:
-            speed = measure(
-                model,
-                list(prunable_linears(model)),
-                specs.model.seqlen,
-                specs.device,
-                str(specs.pattern),
-                specs.eval.speed,
-            )
+            args = (specs.model.seqlen, specs.device)
+            speed = (  # a structured run: the smaller model against the model before the cut
+                measure_cut(load_model(specs.model, specs.seed)[0], model, *args, specs.eval.speed)
+                if specs.pruner.structured
+                else measure(model, list(prunable_linears(model)), *args, str(specs.pattern),
+                             specs.eval.speed)
+            )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - an optional measurement never loses the run's result
             speed = {"failed": one_line(err, 300)}
             log.warning(
@@ -414,29 +415,3 @@ def measure_speed(model, specs, results) -> None:
         )
     elif "skipped" in speed:
         log.info("speed: %s (%s)", speed["skipped"], speed.get("not_run"))
-
-
-def size_of(model, masks=None, quant=None) -> dict[str, Any]:
-    """Bytes of the pruned weights in each stored form, and of the whole model dense and with
-    the pruned weights as bitmask + values (formats.py); the bits per parameter a stored
-    model needs, with its masks and its quantization if any (quant.bits_of; results.json
-    `size`)."""
-    from .evaluation.speed import weight_bytes
-    from .formats import sizes
-    from .quant import bits_of
-
-    linears = prunable_linears(model)
-    dtype_bytes = next(iter(linears.values())).weight.element_size()
-    pruned = sizes({n: lin.weight.detach() for n, lin in linears.items()}, dtype_bytes)
-    whole = weight_bytes(model)
-    rest = whole - pruned["dense"]
-    in_linears = {id(lin.weight) for lin in linears.values()}
-    rest_params = sum(p.numel() for p in model.parameters() if id(p) not in in_linears)
-    return {
-        "pruned_weights": pruned,
-        "model_dense": whole,
-        "model_bitmask": rest + pruned["bitmask"],
-        "model_csr_int16": rest + pruned["csr_int16"],
-        "bitmask_over_dense": round((rest + pruned["bitmask"]) / whole, 4),
-        "bits": bits_of(linears, masks, quant, rest_params, rest * 8),
-    }

@@ -198,3 +198,20 @@ def test_the_dry_run_says_what_the_cut_removes(capsys):
     assert "shortgpt removes 8 of 32 decoder blocks" in out
     blocks = 202_383_360 * 8  # Llama-2-7B's block: 4 x 4096^2 + 3 x 4096 x 11008 + 2 norms
     assert f"about {blocks:,} weights" in out
+
+
+def test_speed_and_size_compare_the_smaller_model_with_the_one_before_the_cut(tmp_path):
+    """eval.speed times the model before the cut (loaded again) and the smaller one, both
+    dense, side by side; size says both; the report draws perplexity against the speed-up."""
+    args = TINY + ["method=shortgpt", "sparsity=0.5", "eval.speed.enabled=true"]
+    res = run_cli(args + ["eval.speed.batch_sizes=[1]"], tmp_path / "cut")
+    speed, size = res["speed"], res["size"]
+    assert set(speed) >= {"dense", "cut", "speedup"} and "sparse" not in speed
+    assert speed["dense"]["bytes_per_token"] > speed["cut"]["bytes_per_token"]
+    removed = res["sparsity"]["structure"]["block_params_removed"]
+    assert size["model_before_cut"] - size["model_dense"] == removed * 4  # float32
+    assert speed["speedup"]["floor"] == round(size["model_before_cut"] / size["model_dense"], 3)
+    from sparsebench.records.report import write_report
+
+    paths = write_report(tmp_path)
+    assert paths["plot_tradeoff"].is_file()

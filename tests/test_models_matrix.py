@@ -151,3 +151,17 @@ def test_every_family_narrowed_by_flap_or_refused(family, tmp_path, capsys):
     assert 0.2 < cut["sparsity"]["actual_sparsity"] < 0.4
     again = _reload(tmp_path)
     assert again["metrics"]["wikitext2"] == cut["metrics"]["wikitext2"]
+
+
+@pytest.mark.parametrize("method", ["reap", "expert_frequency"])
+@pytest.mark.parametrize("family", MOE)
+def test_every_mixture_of_experts_loses_experts_into_a_plain_export(family, method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    argv = [f"model=tiny-{family}", "logger=disabled", f"method={method}", "sparsity=0.2"]
+    cut = _run([*argv, "save.enabled=true", f"hydra.run.dir={tmp_path / 'run'}"])
+    after = cut["sparsity"]["structure"]["experts_after"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert after < 4 and getattr(plain.config, "num_experts", None) in (after, None)
+    assert sum(p.numel() for p in plain.parameters()) == cut["sparsity"]["nonzero_params"]
+    assert _reload(tmp_path)["metrics"]["wikitext2"] == cut["metrics"]["wikitext2"]

@@ -335,10 +335,10 @@ def test_eval_speed_from_the_cli_reaches_results_and_the_report(tmp_path):
 
 def test_the_plan_states_each_forms_inference_bytes_as_the_run_measures_them():
     """dry_run's inference bytes (plan/build.py) against the pruned model's own byte counts
-    (record.size_of): equal up to one weight per matrix (the plan rounds the kept count once
+    (formats.size_of): equal up to one weight per matrix (the plan rounds the kept count once
     for the model, a method once per matrix)."""
+    from sparsebench.formats import size_of
     from sparsebench.launch import memory_plan
-    from sparsebench.record import size_of
     from sparsebench.specs import build_specs
 
     from .conftest import compose

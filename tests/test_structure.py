@@ -92,7 +92,7 @@ ALLOWED = {
     "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan"},
     "records": {"errors", "registry", "records", "evaluation", "families", "formats"},
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan", "cut"},
-    "cut": FOUNDATIONS | {"engine", "cut"},
+    "cut": FOUNDATIONS | {"engine", "cut", "families"},  # the model map: experts, fused parts
     "recover": FOUNDATIONS | {"engine", "recover", "plan"},
     "refine": FOUNDATIONS | {"refine"},
     "quant": FOUNDATIONS | {"engine", "quant"},

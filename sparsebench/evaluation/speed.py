@@ -252,6 +252,21 @@ def candidates(
     return tuple(k for k in asked if reasons[k] is None), {k: r for k, r in reasons.items() if r}
 
 
+def speedups(dense: dict[str, Any], other: dict[str, Any], batches) -> dict[str, float]:
+    """Decode and prefill of `other` over `dense` at each batch size, and the floor's ratio."""
+    return {
+        **{
+            f"decode_b{b}": round(dense[f"decode_ms_b{b}"] / other[f"decode_ms_b{b}"], 3)
+            for b in batches
+        },
+        **{
+            f"prefill_b{b}": round(other[f"prefill_tps_b{b}"] / dense[f"prefill_tps_b{b}"], 3)
+            for b in batches
+        },
+        "floor": round(dense["bytes_per_token"] / other["bytes_per_token"], 3),
+    }
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -326,19 +341,55 @@ def measure(
             out[mode] = stats
         finally:
             swap_out(model, originals)
-    d, s = out["dense"], out["sparse"]
-    out["speedup"] = {
-        **{
-            f"decode_b{b}": round(d[f"decode_ms_b{b}"] / s[f"decode_ms_b{b}"], 3)
-            for b in spec.batch_sizes
-        },
-        **{
-            f"prefill_b{b}": round(s[f"prefill_tps_b{b}"] / d[f"prefill_tps_b{b}"], 3)
-            for b in spec.batch_sizes
-        },
-        "floor": round(d["bytes_per_token"] / s["bytes_per_token"], 3),
-    }
+    out["speedup"] = speedups(out["dense"], out["sparse"], spec.batch_sizes)
     suspect = plausibility(out, seqlen)
+    if suspect:
+        out["suspect"] = suspect
+    return out
+
+
+@torch.no_grad()
+def measure_cut(
+    dense: nn.Module, cut: nn.Module, seqlen: int, device: torch.device, spec: SpeedSpec
+) -> dict[str, Any]:
+    """A structured run's speed: the model before the cut and the smaller one, both through the
+    dense kernel, side by side in this process; the floor is their bytes' ratio (results.json
+    `speed` with `dense` and `cut`, and the same `speedup` keys as the sparse kernels')."""
+    bandwidth = bandwidth_gbs(device)
+    out: dict[str, Any] = {
+        "device": device.type,
+        "kernel": "dense (the smaller model)",
+        "prefill_kernel": "dense",
+        "compared_with": "the dense model before the cut, loaded again",
+        "bandwidth_gbs": round(bandwidth, 2),
+        "threads": torch.get_num_threads(),
+    }
+    for mode, model in (("dense", dense), ("cut", cut)):
+        model.to(device)
+        stats: dict[str, Any] = {}
+        for b in spec.batch_sizes:
+            stats[f"prefill_tps_b{b}"] = round(prefill_tps(model, b, seqlen, spec), 2)
+            stats[f"decode_ms_b{b}"] = round(decode_ms(model, b, spec), 3)
+        stats["bytes_per_token"] = weight_bytes(model)
+        stats["floor_ms_per_token"] = round(1000 * stats["bytes_per_token"] / (bandwidth * 1e9), 4)
+        out[mode] = stats
+        if mode == "dense":
+            model.to("cpu")
+    d = out["dense"]
+    out["speedup"] = speedups(d, out["cut"], spec.batch_sizes)
+    suspect = []
+    if d["bytes_per_token"] < TOO_SMALL_BYTES:
+        suspect.append(
+            f"too small to time: the model's weights ({d['bytes_per_token'] / 1e6:.2g} MB) fit in "
+            "a cache, so a token costs per-call overhead, not memory traffic"
+        )
+    for b in spec.batch_sizes:
+        x = out["speedup"][f"decode_b{b}"]
+        if x > out["speedup"]["floor"] * SUSPECT_MARGIN:
+            suspect.append(
+                f"decode at batch {b}: {x:.2f}x the model before the cut, beyond the "
+                f"{out['speedup']['floor']:.2f}x its bytes allow; a busy machine"
+            )
     if suspect:
         out["suspect"] = suspect
     return out

@@ -72,7 +72,11 @@ def targets_by_linear(model: nn.Module, block_targets: list[float], names) -> di
 
 
 # what a structured method removes, in words (Pruner.structured)
-STRUCTURES = {"blocks": "whole decoder blocks", "widths": "attention groups and MLP channels"}
+STRUCTURES = {
+    "blocks": "whole decoder blocks",
+    "widths": "attention groups and MLP channels",
+    "experts": "whole experts of each mixture-of-experts layer",
+}
 
 
 class Pruner:

@@ -283,3 +283,38 @@ def plot_speed(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against the measured decode speed-up (report_tradeoff.png), one point per
+    row: structured runs (a smaller dense model against the model before the cut) as
+    triangles, unstructured and N:M runs (their best sparse kernel against the dense kernel) as
+    circles and squares; the trade-off between them read off one figure."""
+    colours = _colours(rows)
+    tags = _tags(rows)
+
+    def draw(ax, metric):
+        ax.axvline(1.0, color="gray", ls="--", lw=1)
+        seen = set()
+        for r in rows:
+            if r["status"] != "complete" or not r.get("decode_speedup") or r.get(metric) is None:
+                continue
+            shape = (
+                "^" if r["pattern"] == "blocks" else "o" if r["pattern"] == "unstructured" else "s"
+            )
+            label = f"{r['label']} ({tags[r['path']]}, {r['pattern']})"
+            ax.errorbar(
+                r["decode_speedup"],
+                r[metric],
+                xerr=r.get("decode_speedup_std") or 0,
+                yerr=r.get(f"{metric}_std") or 0,
+                marker=shape,
+                ls="none",
+                capsize=3,
+                color=colours.get((tags[r["path"]], r["label"])),
+                label=None if label in seen else label,
+            )
+            ax.annotate(f"{r['sparsity']:g}", (r["decode_speedup"], r[metric]), fontsize=6)
+            seen.add(label)
+
+    _figure(path, "decode speed-up over the dense model (x; one sequence, KV cache)", draw)

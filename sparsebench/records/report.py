@@ -28,7 +28,11 @@ spread, only within one environment; rows of different environments are labelled
 
 Plots: report.png, perplexity against sparsity per method (log scale, error bars where
 seeds were folded, dense as a horizontal line); report_nonzero.png, perplexity against
-the number of non-zero parameters (the Elsa paper's Figure 3 view), log-log.
+the number of non-zero parameters (the Elsa paper's Figure 3 view), log-log; with
+quantized rows report_bits.png (perplexity against bits per weight); with eval.speed rows
+report_speed.png (decode speed-up against sparsity) and report_tradeoff.png (perplexity
+against the measured decode speed-up, one point per row: structured runs as triangles beside
+the unstructured and N:M runs with their best sparse kernel).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .plots import not_plotted, plot, plot_bits, plot_nonzero, plot_speed
+from .plots import not_plotted, plot, plot_bits, plot_nonzero, plot_speed, plot_tradeoff
 from .rows import fold_text, load_results, table, zeroshot_tasks
 
 
@@ -343,6 +347,8 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
     if any(r.get("decode_speedup") for r in rows):  # eval.speed ran for some rows
         paths["plot_speed"] = out / "report_speed.png"
         plot_speed(rows, paths["plot_speed"])
+        paths["plot_tradeoff"] = out / "report_tradeoff.png"  # perplexity against speed-up
+        plot_tradeoff(rows, paths["plot_tradeoff"])
     return paths
 
 

@@ -38,6 +38,11 @@ def describe_cut(cut: dict[str, Any]) -> str:
     if "removed_blocks" in cut:
         n = len(cut["removed_blocks"])
         return f"{n} of {cut['blocks_before']} decoder blocks {cut['removed_blocks']} ({what})"
+    if "kept_experts" in cut:
+        return (
+            f"{cut['experts_before'] - cut['experts_after']} of {cut['experts_before']} experts "
+            f"of each of {len(cut['kept_experts'])} MoE layers ({what})"
+        )
     heads = [w["kv_heads"] for w in cut["widths"]]
     ch = [w["channels"] for w in cut["widths"]]
     return (
@@ -150,7 +155,7 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
     """What the sparsity bought (eval.speed, results.json size), in two lines."""
     lines = []
     if "speedup" in speed:
-        d, s, x = speed["dense"], speed["sparse"], speed["speedup"]
+        d, s, x = speed["dense"], speed.get("sparse") or speed["cut"], speed["speedup"]
         lines.append(
             f"speed ({speed['device']}, {speed['kernel']} / {speed['prefill_kernel']}): decode "
             f"{d['decode_ms_b1']:.1f} -> {s['decode_ms_b1']:.1f} ms/token ({x['decode_b1']:.2f}x "
@@ -167,6 +172,12 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
             f"size: {human_bytes(size['model_dense'])} dense, "
             f"{human_bytes(size['model_bitmask'])} with the pruned weights as bitmask + values "
             f"({size['bitmask_over_dense']:.2f}x; save.format=bitmask)"
+        )
+    if size.get("model_before_cut"):  # a structured run: a smaller dense model
+        lines.append(
+            f"size: {human_bytes(size['model_before_cut'])} before the cut, "
+            f"{human_bytes(size['model_dense'])} after ({size['cut_over_dense']:.2f}x; a plain "
+            "dense model, no sparse format needed)"
         )
     bits = size.get("bits") or {}
     if bits:
