@@ -7,7 +7,9 @@ byte k // 8); everything else dense. The file `sparsebench_bitmask.safetensors` 
 model.safetensors and reloads to bit-identical weights (`load_bitmask`); its bits are the
 export's masks too, stored once (`load_bitmask_masks`): at sparsity s a
 weight costs (1 - s) x dtype bytes + 1/8 byte instead of dtype bytes, so at 0.5 in float32
-the pruned weights take 2.125 / 4 = 0.53x. Tensors that are not pruned (embeddings, lm_head,
+the pruned weights take 2.125 / 4 = 0.53x. A quantized run's kept values are stored as b-bit
+codes with their grid (`__codes`, `__scale`, `__zero`, `__grid`) and dequantize to its weights
+bit for bit. Tensors that are not pruned (embeddings, lm_head,
 norms) stay dense, so a folder's ratio also depends on their share of the model.
 
 `sizes` counts the pruned weights' bytes in every form from the tensors themselves: dense
@@ -52,14 +54,71 @@ def unpack(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, ...]) -> 
     return out.reshape(shape)
 
 
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in [0, 2^bits) as a stream of `bits` bits each (numpy.packbits order)."""
+    planes = np.unpackbits(q.to(torch.uint8).numpy()[:, None], axis=1)[:, 8 - bits :]
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    planes = np.unpackbits(packed.numpy(), count=n * bits).reshape(n, bits)
+    full = np.zeros((n, 8), dtype=np.uint8)
+    full[:, 8 - bits :] = planes
+    return torch.from_numpy(np.packbits(full, axis=1).reshape(-1))
+
+
+def _quantized_values(value, keep, grid) -> dict[str, torch.Tensor]:
+    """A quantized weight's kept values as b-bit codes, with its grid (scale, zero point per
+    row and group of columns) to dequantize them: scale x (code - zero), the run's numbers."""
+    scale, zero, bits, group = grid
+    rows, cols = value.shape
+    span = cols if group == -1 else group
+    col_group = torch.arange(cols) // span
+    s, z = scale.float()[:, col_group], zero.float()[:, col_group]  # per weight
+    q = torch.clamp(torch.round(value.float() / s) + z, 0, 2**bits - 1)
+    if not torch.equal((s * (q - z)).to(value.dtype), value):  # never silently another weight
+        raise SparsebenchError("save.format=bitmask: a quantized weight is off its recorded grid")
+    flat = keep.to(torch.bool).reshape(-1).cpu()
+    return {
+        "__codes": pack_codes(q.reshape(-1)[flat], bits),
+        "__scale": scale.float().contiguous(),
+        "__zero": zero.to(torch.uint8).contiguous(),
+        "__grid": torch.tensor([bits, group], dtype=torch.int64),
+        "__dtype": torch.empty(0, dtype=value.dtype),  # the run's dtype, for the dequantized
+        "__bits": torch.from_numpy(np.packbits(flat.numpy())),
+        "__shape": torch.tensor(value.shape, dtype=torch.int64),
+    }
+
+
+def _dequantized(raw, base: str) -> torch.Tensor:
+    shape = tuple(int(d) for d in raw[f"{base}.__shape"].tolist())
+    bits, group = (int(v) for v in raw[f"{base}.__grid"].tolist())
+    n = int(np.prod(shape))
+    keep = torch.from_numpy(np.unpackbits(raw[f"{base}.__bits"].numpy(), count=n).astype(bool))
+    q = torch.zeros(n)
+    q[keep] = unpack_codes(raw[f"{base}.__codes"], bits, int(keep.sum())).float()
+    span = shape[1] if group == -1 else group
+    col_group = torch.arange(shape[1]) // span
+    s = raw[f"{base}.__scale"][:, col_group]
+    z = raw[f"{base}.__zero"].float()[:, col_group]
+    out = (s * (q.reshape(shape) - z)).to(raw[f"{base}.__dtype"].dtype)
+    out[~keep.reshape(shape)] = 0  # a pruned weight: exactly zero (the code of 0 is the zero)
+    return out
+
+
 def bitmask_state(
-    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    grids: dict[str, tuple] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A state dict (the family's own layout) with every masked tensor as values + bits.
 
     `masks` are keyed by the state dict's own names and layout (families.original_masks:
     a fused projection's mask assembled from its parts, Conv1D's transposed, experts'
-    stacked); every other tensor is stored dense."""
+    stacked); every other tensor is stored dense. `grids` ({key: (scale, zero, bits,
+    group_size)}, a quantized run's): those tensors' kept values are stored as b-bit codes
+    with their grid instead of floats (`__codes`, `__scale`, `__zero`, `__grid`), and reload
+    to the run's dequantized weights bit for bit."""
     out = {}
     seen: set[int] = set()
     for key, value in state.items():
@@ -67,7 +126,11 @@ def bitmask_state(
             continue
         seen.add(value.data_ptr())
         keep = masks.get(key)
-        if keep is not None:
+        if keep is not None and grids and key in grids:
+            out.update(
+                {f"{key}.{k}": v for k, v in _quantized_values(value, keep, grids[key]).items()}
+            )
+        elif keep is not None:
             assert tuple(keep.shape) == tuple(value.shape), key
             values, bits = pack(value, keep)
             out[f"{key}.__values"] = values
@@ -85,7 +148,11 @@ def load_bitmask(path) -> dict[str, torch.Tensor]:
     raw = load_file(str(path))
     out = {}
     for key, value in raw.items():
-        if key.endswith(".__values"):
+        if key.endswith(".__codes"):
+            out[key.removesuffix(".__codes")] = _dequantized(raw, key.removesuffix(".__codes"))
+        elif key.endswith((".__scale", ".__zero", ".__grid", ".__dtype")):
+            continue
+        elif key.endswith(".__values"):
             base = key.removesuffix(".__values")
             shape = tuple(int(d) for d in raw[f"{base}.__shape"].tolist())
             out[base] = unpack(value, raw[f"{base}.__bits"], shape)

@@ -348,3 +348,56 @@ def test_prune_model_quantizes_after_pruning_as_the_stage_does():
     stage = build_quant({"name": "gptq", "bits": 3}, None)
     quantize(stage, QuantContext(model, by_hand.masks, torch.device("cpu"), calib))
     assert all(torch.equal(lin.weight, got[n]) for n, lin in prunable_linears(model).items())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_pack_into_bits_and_back(bits):
+    from sparsebench.formats import pack_codes, unpack_codes
+
+    q = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(q, bits)
+    assert packed.numel() == -(-1001 * bits // 8)  # bits per code, rounded up to a byte
+    assert torch.equal(unpack_codes(packed, bits, 1001).long(), q)
+
+
+@pytest.mark.parametrize(
+    "method, quant",
+    [
+        ("wanda", {"name": "gptq", "bits": 3, "group_size": 32}),
+        ("magnitude", {"name": "rtn", "bits": 4}),
+        ("sparsegpt", {"name": "gptq", "bits": 4, "joint": True}),
+    ],
+)
+def test_the_bitmask_folder_stores_codes_and_reloads_the_runs_weights(method, quant, tmp_path):
+    """save.format=bitmask of a quantized run: the kept values as b-bit codes with their grid;
+    the file dequantizes to the run's weights bit for bit and is smaller than float values."""
+    from safetensors.torch import load_file
+
+    from sparsebench.families import original_state_dict
+    from sparsebench.formats import BITMASK_FILE, load_bitmask
+    from sparsebench.models import load_model
+    from sparsebench.pipeline import prune_model
+    from sparsebench.records.export import save_pruned
+    from sparsebench.registry import METHODS
+    from sparsebench.specs import build_quant
+
+    from .conftest import tiny_spec
+
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    model, tok = load_model(tiny_spec("llama"), seed=0)
+    pruner = METHODS.build(method, {})
+    stage = build_quant(dict(quant), pruner)
+    out = prune_model(model, method=pruner, sparsity=0.5, calib=calib, seqlen=64, quant=stage)
+    meta = {"sparsity": 0.5, "pattern": "unstructured", "group": "tensor"}
+    codes = save_pruned(model, tok, out.masks, tmp_path / "q", meta, "bitmask", quant=stage)
+    floats = save_pruned(model, tok, out.masks, tmp_path / "f", meta, "bitmask")
+    state = original_state_dict(model)
+    again = load_bitmask(codes / BITMASK_FILE)
+    assert all(torch.equal(again[k], v) for k, v in state.items() if k in again)
+    raw = load_file(str(codes / BITMASK_FILE))
+    assert sum(k.endswith(".__codes") for k in raw) == len(out.masks)
+    q_bytes = sum(v.numel() for k, v in raw.items() if k.endswith(".__codes"))
+    kept = sum(int(m.sum()) for m in out.masks.values())
+    assert q_bytes == sum(-(-int(m.sum()) * quant["bits"] // 8) for m in out.masks.values())
+    assert q_bytes < kept  # under a byte per kept value at <= 4 bits
+    assert (codes / BITMASK_FILE).stat().st_size < (floats / BITMASK_FILE).stat().st_size

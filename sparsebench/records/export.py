@@ -122,7 +122,12 @@ def save_pruned(
     ):  # kept values + 1-bit masks (sparsebench/formats.py); the config beside them
         tmp.mkdir(parents=True)
         model.config.save_pretrained(tmp)
-        save_file(bitmask_state(state, original_masks(model, masks)), str(tmp / BITMASK_FILE))
+        grids = _grids_by_key(model, quant, state, masks)  # quantized: b-bit codes, not floats
+        save_file(
+            bitmask_state(state, original_masks(model, masks), grids), str(tmp / BITMASK_FILE)
+        )
+        if quant is not None:
+            meta["bitmask_values"] = f"{quant.bits}-bit codes" if grids else "floats (fused layout)"
     elif fmt == "quantized":  # compressed-tensors pack-quantized, what transformers and vLLM load
         save_quantized(model, quant, tmp)  # formats.py
     else:
@@ -143,6 +148,23 @@ def save_pruned(
         shutil.rmtree(folder)
     tmp.replace(folder)
     return folder
+
+
+def _grids_by_key(model, quant, state, masks) -> dict[str, tuple]:
+    """{state key: (scale, zero, bits, group_size)} of a quantized run's linears stored under
+    their own names; {} without quantization or for a family stored fused or transposed (its
+    kept values are then stored as floats: the same weights, a larger file)."""
+    from ..families import relaid
+
+    if quant is None or not quant.grids or relaid(model):
+        return {}
+    out = {}
+    for name in masks:  # the pruned linears, by their own names
+        lin = model.get_submodule(name)
+        if lin in quant.grids and f"{name}.weight" in state:
+            scale, zero = quant.grids[lin]
+            out[f"{name}.weight"] = (scale, zero, quant.bits, quant.group_size)
+    return out
 
 
 def load_saved(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
