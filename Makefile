@@ -38,6 +38,9 @@ test-portable: ## the numerical tests under every ATen capability x MKL_CBWR x 1
 test-models: ## every tiny-<family> x every method from the CLI, save and reload, MoE on FSDP2 (docs/models.md)
 	$(PY) -m pytest -q -m models
 
+test-e2e: ## the long end-to-end checks: killed and resumed sweeps and runs, concurrent sweeps, interrupts, the zero-shot suite (minutes)
+	$(PY) -m pytest -q -m e2e
+
 golden: ## compare every method, recovery, OWL, N:M and FSDP2 run on the tiny model with tests/golden.json
 	$(PY) scripts/golden.py
 
@@ -53,4 +56,4 @@ bench-reference: ## Wanda and SparseGPT side by side with the official per-layer
 clean: ## remove run folders (outputs/, multirun/)
 	rm -rf outputs multirun
 
-.PHONY: help install install-slurm run lint format test test-portable test-models golden test-slow bench bench-reference clean
+.PHONY: help install install-slurm run lint format test test-portable test-models test-e2e golden test-slow bench bench-reference clean

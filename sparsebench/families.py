@@ -396,6 +396,7 @@ def _pattern(names: list[str]) -> list[str]:
 def model_map(model: nn.Module) -> dict:
     """What is pruned and what is kept in the model's first decoder block (every block of the
     supported families has the same parts), after `adapt`."""
+    from .cut import cuts_of
     from .models import find_blocks, find_linears, kept_reason
 
     path, blocks = find_blocks(model)
@@ -421,6 +422,7 @@ def model_map(model: nn.Module) -> dict:
         "never": ["embeddings", "lm_head", "final norm"],
         "prunable_params": pruned,
         "block_params": numel,
+        "cuts": cuts_of(model, block),
     }
 
 
@@ -434,5 +436,6 @@ def map_lines(m: dict) -> list[str]:
         f"model map ({m['family']}, blocks {m['blocks']}): prunes {', '.join(m['pruned'])}",
         f"  keeps {kept}; never pruned: {', '.join(m['never'])}",
         f"  {m['prunable_params']:,} of the blocks' {m['block_params']:,} weights are prunable "
-        f"({m['prunable_params'] / m['block_params']:.2%})",
+        f"({m['prunable_params'] / m['block_params']:.2%}); structured cuts: "
+        + ", ".join(m.get("cuts") or ["none"]),
     ]

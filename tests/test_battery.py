@@ -125,7 +125,7 @@ CASES = [
         "unknown-method",
         lambda t: (
             TINY + ["method=wandaa"],
-            r"unknown method 'wandaa' \(did you mean 'wanda'\?\); valid: alps, dense, ",
+            r"unknown method 'wandaa' \(did you mean 'wanda'\?\); valid: alps, angular, dense, ",
         ),
     ),
     (

@@ -63,8 +63,8 @@ def test_pruning_hurts_in_order(tmp_path):
         (["pattern=2:4", "sparsity=0.7"], "fixes sparsity at 0.5"),
         (
             ["method.name=wandaa"],
-            "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, dense, elsa, "
-            "elsa_l, ladmm, magnitude",
+            "unknown method 'wandaa' \\(did you mean 'wanda'\\?\\); valid: alps, angular, dense, "
+            "elsa, elsa_l, expert_frequency, flap, ladmm, magnitude",
         ),
         (
             ["+method.blocksz=64", "method=sparsegpt"],
@@ -263,6 +263,7 @@ def test_a_run_ends_with_its_summary_and_one_wandb_line(tmp_path):
     assert f"bitmask + values ({rec['size']['bitmask_over_dense']:.2f}x; save.format" in table
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 def test_eval_full_prints_the_zero_shot_table(tmp_path):
     proc = _cli(
         *TINY,

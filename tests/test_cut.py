@@ -113,7 +113,6 @@ def test_angular_distance_of_known_states():
         ("qwen3-moe", {"decoder_sparse_step": 2, "mlp_only_layers": [0]}),
         ("gpt2", {}),
         ("opt", {}),
-        ("mixtral", {}),
     ],
 )
 def test_the_cut_model_computes_the_full_model_with_identity_blocks(family, arch):
@@ -138,6 +137,7 @@ def test_the_cut_model_computes_the_full_model_with_identity_blocks(family, arch
         assert torch.equal(model.generate(ids[:, :8], max_new_tokens=6, do_sample=False), want_gen)
 
 
+@pytest.mark.models  # the CLI export of every family: make test-models
 def test_the_export_is_a_smaller_model_plain_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +198,7 @@ def test_the_dry_run_says_what_the_cut_removes(capsys):
     assert "shortgpt removes 8 of 32 decoder blocks" in out
     blocks = 202_383_360 * 8  # Llama-2-7B's block: 4 x 4096^2 + 3 x 4096 x 11008 + 2 norms
     assert f"about {blocks:,} weights" in out
+    assert "structured cuts: blocks (shortgpt, angular), widths (flap)" in out  # the model map
 
 
 def test_speed_and_size_compare_the_smaller_model_with_the_one_before_the_cut(tmp_path):

@@ -113,6 +113,7 @@ def test_the_bias_adds_back_a_constant_channel_exactly():
         assert torch.allclose(cut(x[:, keep]), lin(x), atol=1e-6)
 
 
+@pytest.mark.models  # every family's FLAP export: make test-models
 def test_flap_from_the_cli_exports_a_model_sparsebench_reloads(tmp_path):
     res = run_cli(TINY + ["method=flap", "sparsity=0.3", "save.enabled=true"], tmp_path / "run")
     cut = res["sparsity"]["structure"]

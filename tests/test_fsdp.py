@@ -336,6 +336,7 @@ def test_cli_under_torchrun_fsdp(tmp_path):
     assert res["method_report"]["steps_run"] == 4
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, world):
     engine = "fsdp" if world == 2 else "single"

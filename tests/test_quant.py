@@ -401,3 +401,26 @@ def test_the_bitmask_folder_stores_codes_and_reloads_the_runs_weights(method, qu
     assert q_bytes == sum(-(-int(m.sum()) * quant["bits"] // 8) for m in out.masks.values())
     assert q_bytes < kept  # under a byte per kept value at <= 4 bits
     assert (codes / BITMASK_FILE).stat().st_size < (floats / BITMASK_FILE).stat().st_size
+
+
+def test_the_frontier_keeps_joint_and_sequential_gptq_apart():
+    """One line per method, sparsity and quantizer across bit widths: SparseGPT's joint sweep
+    and GPTQ after SparseGPT are two lines, each ending at the unquantized run."""
+    from sparsebench.records.plots import bits_series
+
+    def row(i, label, quant, bits, ppl):
+        return {"status": "complete", "model": "m", "path": str(i), "label": label,
+                "quant": quant, "sparsity": 0.5, "pattern": "unstructured",
+                "bits_per_weight": bits, "wikitext2": ppl, "method": "sparsegpt"}  # fmt: skip
+
+    rows = [
+        row(0, "sparsegpt + gptq w4", "gptq w4", 3.0, 10.0),
+        row(1, "sparsegpt + gptq w3", "gptq w3", 2.5, 12.0),
+        row(2, "sparsegpt + gptq w4 joint", "gptq w4 joint", 3.0, 9.0),
+        row(3, "sparsegpt", None, 17.0, 8.0),
+    ]
+    series = bits_series(rows, "wikitext2")
+    assert sorted(k[2] for k in series) == ["gptq", "gptq joint"]
+    lines = {k[2]: sorted(v) for k, v in series.items()}
+    assert [p[0] for p in lines["gptq"]] == [2.5, 3.0, 17.0]
+    assert [p[0] for p in lines["gptq joint"]] == [3.0, 17.0]

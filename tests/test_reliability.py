@@ -416,6 +416,7 @@ def test_a_held_folder_is_never_run_twice(tmp_path, capsys, caplog):
     assert "no longer running" in caplog.text and not (out / LOCK).exists()
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 def test_two_concurrent_sweeps_run_each_job_once(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
@@ -471,6 +472,7 @@ def test_a_signal_that_lands_in_a_finalizer_is_delivered_again(exc):
     assert proc.stdout.strip() == f"interrupted by {exc.split('(')[0]}", proc.stderr[-2000:]
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_ends_the_sweep_with_one_line(tmp_path, sig, code):
     sweep = tmp_path / "sweep"
@@ -521,6 +523,7 @@ def test_interrupt_ends_the_sweep_with_one_line(tmp_path, sig, code):
 # ----------------------------------------------------------------------------- smoke budgets
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 def test_tiny_protocol_shrinks_training_budgets(tmp_path, capsys):
     """Every training method is a smoke run on the tiny protocol; an explicit value wins."""
     specs = build_specs(compose(TINY + ["method=elsa_l"]))

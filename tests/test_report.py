@@ -87,6 +87,7 @@ def test_resume_skips_complete_runs(tmp_path, monkeypatch):
         run(cfg, tmp_path)
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 def test_killed_sweep_resumes_missing_jobs_only(tmp_path):
     """A 3 x 3 sweep from one command; killed midway, the same command finishes only what is
     missing."""

@@ -115,6 +115,7 @@ def root(tmp_path):
     return tmp_path
 
 
+@pytest.mark.e2e  # long end to end: make test-e2e
 def test_offline_tasks_prompt_and_score_like_stock(root, tmp_path, monkeypatch):
     import lm_eval.models.huggingface as hf
 

@@ -111,3 +111,20 @@ def _moe_layers(config, n: int) -> list[bool] | None:
     step, only = config.decoder_sparse_step, set(config.mlp_only_layers or [])
     experts = getattr(config, "num_experts", 0) or 0
     return [i not in only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def cuts_of(model: nn.Module, block: nn.Module) -> list[str]:
+    """The structured cuts this family takes (cut/): blocks always; widths where the block
+    has separate q/k/v/o projections and a dense MLP; experts in a mixture of experts."""
+    from .experts import moe_layers
+    from .widths import parts_of
+
+    cuts = ["blocks (shortgpt, angular)"]
+    try:
+        parts_of(block, model.config)
+        cuts.append("widths (flap)")
+    except SparsebenchError:
+        pass
+    if moe_layers(block):
+        cuts.append("experts (reap, expert_frequency)")
+    return cuts

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from ..cut.experts import keep_experts, moe_layers, set_expert_count
-from ..engine.driver import Sequential
+from ..engine.driver import Sequential, Windows
 from ..errors import SparsebenchError
 from ..models import find_blocks
 from ..registry import METHODS
@@ -109,9 +109,9 @@ class REAP(BlockRemoval):
             stats = [Saliency(experts.num_experts, self.frequency) for _, experts, _ in layers]
             handles = [h for s, (_, ex, _) in zip(stats, layers) for h in s.hooks(ex)]
             try:
-                with torch.no_grad():
-                    for j in range(step.inputs.shape[0]):
-                        step.block(step.inputs[j : j + 1], *step.args, **step.kwargs)
+                with torch.no_grad():  # window by window (inputs may be pinned on the host)
+                    for window in Windows(step.inputs, ctx.device, 1):
+                        step.block(window, *step.args, **step.kwargs)
             finally:
                 for h in handles:
                     h.remove()

@@ -195,8 +195,9 @@ def bits_series(rows: list[dict[str, Any]], metric: str) -> dict[tuple, list[tup
         base = r["label"][: -len(f" + {tag}")] if tag else r["label"]
         where = (tags[r["path"]], base, r.get("sparsity"), r["pattern"])
         point = (r["bits_per_weight"], r[metric], r.get(f"{metric}_std"))
-        if tag:
-            series[(*where[:2], tag.split(" ")[0], *where[2:])].append(point)
+        if tag:  # one line across bit widths: the tag without its "w<bits>" (joint apart)
+            quantizer = " ".join(w for w in tag.split(" ") if not w[1:].isdigit() or w[0] != "w")
+            series[(*where[:2], quantizer, *where[2:])].append(point)
         else:
             floats[where].append(point)
     for (tag, base, quantizer, sparsity, pattern), pts in series.items():
@@ -223,7 +224,7 @@ def plot_bits(rows: list[dict[str, Any]], path: Path) -> None:
                 yerr=[p[2] or 0 for p in pts],
                 capsize=3,
                 color=cmap(bases.index((tag, base)) % cmap.N),
-                ls="-" if quantizer == "gptq" else "--",
+                ls="-" if quantizer.startswith("gptq") else "--",
                 marker="o" if pattern == "unstructured" else "s",
                 label=f"{base}{'' if base == 'dense' else at}, {quantizer} ({tag})",
             )
