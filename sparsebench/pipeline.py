@@ -94,6 +94,14 @@ def structured_summary(report: dict[str, Any], summary: dict[str, Any]) -> dict[
     }
 
 
+def whole_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All-ones masks of every prunable linear: what a recovery after a structured cut keeps
+    (nothing at zero), so the recoveries that adapt the masked linears (PERP's MaskLoRA) see
+    every linear of the smaller model."""
+    return {n: torch.ones_like(lin.weight, dtype=torch.bool, device="cpu")
+            for n, lin in prunable_linears(model).items()}  # fmt: skip
+
+
 def quantize(quant, ctx) -> None:
     """The quantization stage (quant/): every pruned linear rounded to its grid in place,
     pruned weights left at exactly zero (the caller verifies the masks after it)."""

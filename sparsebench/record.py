@@ -221,8 +221,9 @@ def record_stages(
         ):
             share_pruned(model, frozen, fingerprint)  # the other ranks waited for this pruned model
         with timed(results, "recover"):
+            keep = frozen or pipeline.whole_masks(model)  # after a cut: every weight trains
             model = pipeline.recover(
-                specs.recover, recover_context(specs, launch, model, frozen, tok, logger.log)
+                specs.recover, recover_context(specs, launch, model, keep, tok, logger.log)
             )
         if masked:
             per_tensor = pipeline.verify_masks(model, frozen, targets, pattern, group, orders)

@@ -159,11 +159,14 @@ def test_the_export_is_a_smaller_model_plain_transformers_loads(tmp_path):
     assert "1 of 4 decoder blocks" in text and "the kept model is dense" in text
 
 
-def test_healing_after_the_cut_trains_the_smaller_model(tmp_path):
-    args = TINY + ["method=angular", "sparsity=0.5", "model.arch.num_hidden_layers=4"]
+@pytest.mark.parametrize(
+    "method, recover", [("angular", "finetune_cpu"), ("flap", "perp_cpu")]
+)  # fine-tuning every weight; PERP's MaskLoRA on every linear of the smaller model
+def test_healing_after_the_cut_trains_the_smaller_model(method, recover, tmp_path):
+    args = TINY + [f"method={method}", "sparsity=0.5", "model.arch.num_hidden_layers=4"]
     cut = run_cli(args, tmp_path / "cut")
     healed = run_cli(
-        args + ["recover=finetune_cpu", "recover.steps=4", "recover.seqlen=64"], tmp_path / "h"
+        args + [f"recover={recover}", "recover.steps=4", "recover.seqlen=64"], tmp_path / "h"
     )
     assert healed["status"] == "complete" and "recover" in healed["timings_s"]
     assert healed["sparsity"]["structure"] == cut["sparsity"]["structure"]
