@@ -109,6 +109,7 @@ def _figure(
         _plain_log_axis(ax.yaxis)
         if log_x:
             ax.set_xscale("log")
+            _plain_log_axis(ax.xaxis)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(
             f"{ {'wikitext2': 'WikiText-2', 'c4': 'C4'}.get(metric, metric) } perplexity (log)"
