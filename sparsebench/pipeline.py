@@ -87,7 +87,7 @@ def structured_summary(report: dict[str, Any], summary: dict[str, Any]) -> dict[
     (pruners/removal.py's report), beside the zeros left in the kept weights (none)."""
     return {
         **summary,
-        "pattern": "blocks",  # what the report's pattern column says: whole blocks removed
+        "pattern": "structured",  # the report's pattern column: parts removed, not zeros
         "actual_sparsity": report["removed_share"],
         "structure": {k: v for k, v in report.items() if k != "scores"},  # what went
         "zeros_in_kept_linears": summary["actual_sparsity"],

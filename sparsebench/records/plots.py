@@ -302,7 +302,11 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             if r["status"] != "complete" or not r.get("decode_speedup") or r.get(metric) is None:
                 continue
             shape = (
-                "^" if r["pattern"] == "blocks" else "o" if r["pattern"] == "unstructured" else "s"
+                "^"
+                if r["pattern"] == "structured"
+                else "o"
+                if r["pattern"] == "unstructured"
+                else "s"
             )
             label = f"{r['label']} ({tags[r['path']]}, {r['pattern']})"
             ax.errorbar(
