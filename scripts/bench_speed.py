@@ -4,6 +4,13 @@ and the bytes of each stored form (evaluation/speed.py, formats.py).
 
     python scripts/bench_speed.py                      # magnitude at 0.5, 0.7, 0.9 and 2:4
     python scripts/bench_speed.py wanda:0.9 --threads 2
+    python scripts/bench_speed.py --llama7b-blocks 2   # Llama-2-7B's shapes, random weights
+    SPARSEBENCH_BITMASK_PATH=avx2 python scripts/bench_speed.py   # force a bitmask kernel path
+
+--llama7b-blocks N: a Llama with Llama-2-7B's block shapes (hidden 4096, MLP 11008, 32 heads)
+and N blocks of random weights, a 1024-token vocabulary so the linears are the model, timed the
+same way (magnitude masks of random weights are random masks; no calibration, no data):
+decode per block = decode per token / N.
 
 Speed depends on how many weights each matrix keeps and in which pattern, not on which method
 chose them, so the table uses magnitude pruning (no calibration pass; any method name works).
@@ -43,14 +50,20 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--llama7b-blocks", type=int, default=0, help="Llama-2-7B shapes, N blocks")
+    ap.add_argument("--kernels", default="", help="comma-separated eval.speed.kernels")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"))
-    model, tok = load_model(ModelSpec(**{**cfg, "seqlen": args.seqlen}))
-    calib = datamod.calibration(
-        datamod.DataSpec(nsamples=args.nsamples), tok, args.seqlen, model.config.vocab_size
-    )
+    if args.llama7b_blocks:
+        model, tok, calib = llama7b_shapes(args.llama7b_blocks), None, None
+    else:
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"))
+        model, tok = load_model(ModelSpec(**{**cfg, "seqlen": args.seqlen}))
+        calib = datamod.calibration(
+            datamod.DataSpec(nsamples=args.nsamples), tok, args.seqlen, model.config.vocab_size
+        )
+    kernels = tuple(k for k in args.kernels.split(",") if k)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     print(json.dumps({"environment": kernel_environment()}), flush=True)
     rows = []
@@ -74,13 +87,30 @@ def main() -> int:
             args.seqlen,
             torch.device("cpu"),
             pattern,
-            SpeedSpec(enabled=True),
+            SpeedSpec(enabled=True, kernels=kernels),
         )
         row = {"config": item, "speed": speed, "size": size_of(model)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(markdown(rows))
     return 0
+
+
+def llama7b_shapes(blocks: int):
+    """Random float32 weights in Llama-2-7B's block shapes (init std 0.02, as transformers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=blocks,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def markdown(rows) -> str:
@@ -90,23 +120,41 @@ def markdown(rows) -> str:
         "measured / floor b1 "
         "dense, sparse | prefill tok/s b1 dense / sparse (x) | b8 (x) | pruned weights MB: dense, "
         "bitmask, "
-        "CSR int16, CSR int64 |",
-        "|---|---|---|---|---|---|---|---|",
+        "CSR int16, CSR int64 | linears alone, 1 token: ms dense / each kernel "
+        "(measured / floor) | 64 tokens: ms dense / each kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, z = r["speed"], r["size"]["pruned_weights"]
         d, p, x = s["dense"], s["sparse"], s["speedup"]
         mb = [z[k] / 1e6 for k in ("dense", "bitmask", "csr_int16", "csr_int64")]
         lines.append(
-            f"| {r['config']} | {s['kernel']} / {s['prefill_kernel']} "
+            f"| {r['config']} | {_named(s, s['kernel'])} / {_named(s, s['prefill_kernel'])} "
             f"| {d['decode_ms_b1']:.1f} / {p['decode_ms_b1']:.1f} "
             f"({x['decode_b1']:.2f}) "
             f"| {d['decode_ms_b8']:.1f} / {p['decode_ms_b8']:.1f} ({x['decode_b8']:.2f}) "
             f"| {d['decode_over_floor_b1']:.1f}, {p['decode_over_floor_b1']:.1f} "
             f"| {d['prefill_tps_b1']:.0f} / {p['prefill_tps_b1']:.0f} ({x['prefill_b1']:.2f}) "
-            f"| ({x['prefill_b8']:.2f}) | {mb[0]:.0f}, {mb[1]:.0f}, {mb[2]:.0f}, {mb[3]:.0f} |"
+            f"| ({x['prefill_b8']:.2f}) | {mb[0]:.0f}, {mb[1]:.0f}, {mb[2]:.0f}, {mb[3]:.0f} "
+            f"| {_alone(s['kernels_one_token'], True)} | {_alone(s['kernels_64_tokens'], False)} |"
         )
     return "\n".join(lines)
+
+
+def _named(speed, kernel: str) -> str:
+    path = speed.get("bitmask_path")
+    return f"{kernel} ({path})" if kernel == "bitmask" and path else kernel
+
+
+def _alone(table, floors: bool) -> str:
+    """'dense 19.3 (1.6); bitmask 11.0 (1.1); csr16 ...': each kernel's ms (and over floor)."""
+    cells = []
+    for key, ms in table.items():
+        if key.endswith("_ms"):
+            k = key.removesuffix("_ms")
+            floor = table.get(f"{k}_over_floor")
+            cells.append(f"{k} {ms:.1f}" + (f" ({floor:.1f})" if floors and floor else ""))
+    return "; ".join(cells)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,33 @@ def test_flap_from_the_cli_exports_a_model_sparsebench_reloads(tmp_path):
     assert "MLP channels" in text and "which no transformers config describes" in text
 
 
+def test_uniform_widths_export_a_config_plain_transformers_loads(tmp_path):
+    """UL-UM cuts every block to the same widths: the export's config says them (and switches
+    on the biases the compensation needs, the others zero), so from_pretrained alone loads it
+    and computes the run's logits."""
+    from transformers import AutoModelForCausalLM
+
+    arch = ["model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=4"]
+    args = TINY + arch + ["method=flap", "method.structure=UL-UM", "sparsity=0.5"]
+    res = run_cli(args + ["save.enabled=true"], tmp_path / "run")
+    cut = res["sparsity"]["structure"]
+    assert cut["plain_config"] and {(w["kv_heads"], w["channels"]) for w in cut["widths"]} == {
+        (2, 64)
+    }
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    c = plain.config
+    assert (c.num_key_value_heads, c.num_attention_heads, c.head_dim) == (2, 4, 8)
+    assert c.intermediate_size == 64 and c.mlp_bias and c.attention_bias
+    assert sum(p.numel() for p in plain.parameters()) == res["sparsity"]["nonzero_params"]
+    mlp = plain.model.layers[0].mlp
+    assert bool((mlp.up_proj.bias == 0).all()) and bool(mlp.down_proj.bias.abs().sum() > 0)
+    again = run_reload(tmp_path / "run", tmp_path / "again")  # evaluated as the run was
+    assert again["metrics"]["wikitext2"] == res["metrics"]["wikitext2"]
+    from sparsebench.records.summary import run_summary
+
+    assert "which no transformers config describes" not in run_summary(res, tmp_path)
+
+
 def test_grouped_attention_loses_whole_groups_and_the_model_runs():
     model = tiny("mistral", num_key_value_heads=2, num_attention_heads=4)
     out = prune_model(model, method="flap", sparsity=0.6, calib=CALIB, seqlen=64)

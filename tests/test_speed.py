@@ -53,9 +53,15 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
     prune_model(model, method="magnitude", sparsity=0.9, seqlen=64)
     names = list(prunable_linears(model))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
-    assert out["kernel"] in CPU_KERNELS and set(out["kernels_one_token"]) == {"dense_ms"} | {
-        f"{k}_ms" for k in CPU_KERNELS
+    one = out["kernels_one_token"]
+    assert out["kernel"] in CPU_KERNELS and set(one) == {"dense_ms", "dense_over_floor"} | {
+        f"{k}_{what}" for k in CPU_KERNELS for what in ("ms", "over_floor")
     }
+    # each kernel's time over its own floor is its time over (its form's bytes / bandwidth)
+    forms = {n: sparse_form(model.get_submodule(n).weight, "csr16") for n in names}
+    floor_ms = sum(f.bytes for f in forms.values()) / (out["bandwidth_gbs"] * 1e9) * 1e3
+    assert one["csr16_over_floor"] == pytest.approx(one["csr16_ms"] / floor_ms, rel=0.02)
+    assert out["bitmask_path"] in ("avx512", "avx2", "portable")
     assert out["prefill_kernel"] in CPU_KERNELS and "not_run" not in out
     # every pruned linear ran sparse in every forward of the sparse measurements (none fell back)
     assert out["sparse"]["sparse_calls"] > 0 and out["sparse"]["sparse_calls"] % len(names) == 0
@@ -73,7 +79,7 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
 
 def test_the_candidates_follow_the_device_and_the_pattern():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name needs no GPU
-    assert CPU_KERNELS == ("csr16", "scipy_csr", "torch_csr") == kernels_for(cpu, "2:4")
+    assert CPU_KERNELS == ("bitmask", "csr16", "scipy_csr", "torch_csr") == kernels_for(cpu, "2:4")
     assert kernels_for(cuda, "unstructured") == ("torch_csr",) == kernels_for(cuda, "4:8")
     assert kernels_for(cuda, "2:4") == ("semi_structured", "torch_csr")
     assert set(KERNELS) == set(CPU_KERNELS) | {"semi_structured"}
@@ -434,7 +440,7 @@ def test_a_kernel_that_raises_is_recorded_and_left_out(monkeypatch):
     names = list(prunable_linears(model))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
     assert out["not_run"] == {"scipy_csr": "RuntimeError: no backend for this product"}
-    assert out["kernel"] in ("torch_csr", "csr16") and out["sparse"]["sparse_calls"] > 0
+    assert out["kernel"] in ("torch_csr", "csr16", "bitmask") and out["sparse"]["sparse_calls"] > 0
     only = replace(FAST, kernels=("scipy_csr",))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", only)
     assert out == {

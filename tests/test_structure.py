@@ -89,7 +89,8 @@ def test_one_shot_methods_run_through_the_shared_driver(spy):
 FOUNDATIONS = {"errors", "registry", "sparsity", "masks", "models", "data"}
 ALLOWED = {
     "engine": FOUNDATIONS | {"engine"},
-    "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan"},
+    "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan", "native"},
+    "native": {"errors", "native"},  # the compiled kernel: torch and the compiler only
     "records": {"errors", "registry", "records", "evaluation", "families", "formats"},
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan", "cut"},
     "cut": FOUNDATIONS | {"engine", "cut", "families"},  # the model map: experts, fused parts

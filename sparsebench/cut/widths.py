@@ -168,6 +168,52 @@ def widths_of(model: nn.Module, blocks) -> list[dict[str, int]]:
     return out
 
 
+# config keys that switch on the biases of a family's attention and MLP linears (Llama-style)
+BIAS_KEYS = ("attention_bias", "mlp_bias")
+
+
+def plain_config(model: nn.Module, blocks) -> bool:
+    """Where every block kept the same widths, say them in the model's config (head counts,
+    head_dim, intermediate size; the compensation biases through the family's bias switches,
+    the other projections then holding zero biases that add exactly nothing), so the export
+    loads with plain `from_pretrained`. Only when a model built from the new config has
+    exactly the cut model's parameter names and shapes; otherwise nothing changes (False) and
+    the export records the widths for sparsebench's loader (`reshape_to`)."""
+    widths = widths_of(model, blocks)
+    if len({(w["kv_heads"], w["channels"]) for w in widths}) != 1:
+        return False
+    from transformers import AutoModelForCausalLM
+
+    p = parts_of(blocks[0], model.config)
+    has = {n: t for n, t in model.named_parameters()}
+    new = {
+        "num_key_value_heads": p.kv_heads,
+        "num_attention_heads": p.kv_heads * p.group,
+        "head_dim": p.head_dim,
+        "intermediate_size": p.channels,
+    }
+    if any(n.endswith(".bias") for n in has):
+        new.update({k: True for k in BIAS_KEYS if hasattr(model.config, k)})
+    config = model.config.__class__.from_dict({**model.config.to_dict(), **new})
+    with torch.device("meta"):
+        probe = AutoModelForCausalLM.from_config(config)
+    want = {n: tuple(t.shape) for n, t in probe.named_parameters()}
+    extra = set(want) - set(has)  # only zero biases may be added
+    if any(not n.endswith(".bias") for n in extra) or set(has) - set(want):
+        return False
+    if any(want[n] != tuple(has[n].shape) for n in has):
+        return False
+    modules = dict(model.named_modules())
+    for name in sorted(extra):
+        linear = modules[name.removesuffix(".bias")]
+        linear.bias = nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        )
+    for key, value in new.items():  # the model's own config object (its modules share it)
+        setattr(model.config, key, value)
+    return True
+
+
 def reshape_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Rebuild every nn.Linear whose stored weight (or bias) in `state` has another shape at
     the stored one (a width cut's export into a full-size model of its config), and set the

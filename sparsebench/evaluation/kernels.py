@@ -7,6 +7,10 @@ times them against the dense kernel.
     scipy_csr        cpu     any              scipy.sparse.csr_matrix @ x (4: int32 index)
     csr16            cpu     any              CSR, 16-bit column indices, 32-bit row pointers,
                                               numba kernels of this file (2)
+    bitmask          cpu     any              the bitmask export's form: 1 bit per weight +
+                                              kept values (float32, or bfloat16 for a bfloat16
+                                              model), the compiled expand kernel of
+                                              sparsebench/native (1/8 per weight, not per kept)
     semi_structured  cuda    2:4              torch's SparseSemiStructuredTensor (cuSPARSELt,
                                               or CUTLASS where cuSPARSELt is absent; packed
                                               values + metadata)
@@ -193,6 +197,53 @@ class CSR16(SparseForm):
         yt = np.empty((self.out_features, xs.shape[0]), dtype=np.float32)
         self.many(self.indptr, self.cols, self.values, np.ascontiguousarray(xs.T), yt)
         return torch.from_numpy(yt).t()
+
+
+@FORMS.register("bitmask")
+class Bitmask(SparseForm):
+    """The form `save.format=bitmask` stores (a mask bit per weight, the kept values in row-major
+    order), multiplied by the compiled expand kernel (sparsebench/native/bitmask.cpp) on the
+    path this CPU has (avx512, avx2, portable; SPARSEBENCH_BITMASK_PATH forces one). Values stay
+    in bfloat16 for a bfloat16 weight (half the bytes), float32 otherwise; inputs and outputs
+    are float32 like the other CPU forms."""
+
+    devices = ("cpu",)
+
+    @classmethod
+    def refuses(cls, name, weight):
+        from .. import native
+
+        why = native.why_unavailable()
+        return f"the compiled bitmask kernel is unavailable: {why}" if why else None
+
+    def __init__(self, weight):
+        from .. import native
+
+        dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+        self._hold(native.layout_of_weight(weight, dtype), weight.shape[1])
+
+    @classmethod
+    def from_export(cls, values, bits, shape):
+        """The form read from a bitmask export's entry (`<name>.__values`, `.__bits`), with
+        no dense weight in between."""
+        from .. import native
+
+        dtype = torch.bfloat16 if values.dtype == torch.bfloat16 else torch.float32
+        form = cls.__new__(cls)
+        form._hold(native.layout_of_export(values, bits, shape, dtype), int(shape[1]))
+        return form
+
+    def _hold(self, layout, in_features):
+        from .. import native
+
+        self.bits, self.values, self.rowptr = layout
+        self.in_features, self.path, self.linear = in_features, native.chosen_path(), native.linear
+        nnz = int(self.rowptr[-1])
+        self.bytes = tensor_bytes(self.bits, self.rowptr) + nnz * self.values.element_size()
+
+    def __call__(self, x):
+        x = x.float().contiguous()
+        return self.linear(x, self.bits, self.values, self.rowptr, self.in_features, self.path)
 
 
 @FORMS.register("semi_structured")

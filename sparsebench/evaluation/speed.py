@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..engine.training import sync_cuda
 from ..errors import one_line
 from ..registry import option
@@ -74,6 +75,8 @@ class SpeedSpec:
         self.batch_sizes, self.kernels = tuple(self.batch_sizes), tuple(self.kernels)
         for kernel in self.kernels:  # unknown: one line with did-you-mean and the valid names
             FORMS.get(kernel)
+        if self.enabled and (not self.kernels or "bitmask" in self.kernels):
+            native.check_forced_path()  # a bad SPARSEBENCH_BITMASK_PATH: refused before any work
 
 
 # ----------------------------------------------------------------------------- timing
@@ -149,11 +152,15 @@ def pick_kernel(
     spec: SpeedSpec,
     tokens: int,
     failed: dict[str, str],
+    bandwidth: float | None = None,
 ) -> tuple[str | None, dict[str, float]]:
     """The fastest of `kernels` for `tokens` input rows over the model's own pruned weights
     (each kernel timed on every pruned linear in turn, side by side with the dense product,
     after a warm-up). A kernel that raises (a backend missing from this build of torch, say) is
-    recorded in `failed` with its error's first line and left out; None when none ran."""
+    recorded in `failed` with its error's first line and left out; None when none ran.
+    With `bandwidth` (GB/s), each kernel's time over its own floor (the bytes of its form over
+    the bandwidth) too, `<kernel>_over_floor`, the dense product's beside them: how far each
+    is from what memory allows, so a speed-up is never credited to a slow dense product."""
     device = next(iter(linears.values())).weight.device
     x = {
         n: torch.randn(tokens, lin.in_features, generator=torch.Generator().manual_seed(2)).to(
@@ -162,20 +169,28 @@ def pick_kernel(
         for n, lin in linears.items()
     }
     timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup))  # noqa: E731
-    totals = {}
+    totals, nbytes = {}, {}
     for kernel in (k for k in kernels if k not in failed):
         try:
             forms = {n: sparse_form(lin.weight, kernel) for n, lin in linears.items()}
             totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
+            nbytes[kernel] = sum(f.bytes for f in forms.values())
         except (RuntimeError, NotImplementedError, ValueError) as err:
             failed[kernel] = one_line(err, 300)
         forms = None  # free the forms before the next kernel's
     dense_s = timed(lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
     best = min(totals, key=totals.get) if totals else None
-    return best, {
+    out = {
         "dense_ms": round(1000 * dense_s, 3),
         **{f"{k}_ms": round(1000 * v, 3) for k, v in totals.items()},
     }
+    if bandwidth:
+        nbytes["dense"] = sum(
+            lin.weight.numel() * lin.weight.element_size() for lin in linears.values()
+        )
+        for k, t in {"dense": dense_s, **totals}.items():
+            out[f"{k}_over_floor"] = round(t / (nbytes[k] / (bandwidth * 1e9)), 2)
+    return best, out
 
 
 # ----------------------------------------------------------------------------- plausibility
@@ -285,7 +300,7 @@ def measure(
         return {"skipped": "no sparse kernel can run this model here", "not_run": not_run}
     bandwidth = bandwidth_gbs(device)
     failed: dict[str, str] = {}
-    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed)
+    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed, bandwidth)
     prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64, failed)
     not_run.update(failed)
     if kernel is None or prefill_kernel is None:
@@ -306,6 +321,8 @@ def measure(
     }
     if not_run:
         out["not_run"] = not_run
+    if "bitmask" in kernels and "bitmask" not in not_run:  # which compiled path it timed
+        out["bitmask_path"] = native.chosen_path()
     if ":" in pattern and "semi_structured" not in kernels:
         out["note"] = (
             f"no {pattern} kernel on {device.type}: its masks run through the unstructured "

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from ..cut.widths import parts_of, shrink, widths_of
+from ..cut.widths import parts_of, plain_config, shrink, widths_of
 from ..engine.driver import Sequential
 from ..models import find_blocks
 from ..registry import METHODS, option
@@ -132,9 +132,12 @@ class FLAP(BlockRemoval):
                 self._bias(sa, gone_a, o) if self.bias else None,
                 self._bias(sm, ~keep_m[i], down) if self.bias else None,
             )
+        widths = widths_of(model, blocks)
+        plain = plain_config(model, blocks)  # one width for all: a plain transformers config
         after = sum(p.numel() for b in blocks for p in b.parameters())
         self._report = {
-            "widths": widths_of(model, blocks),
+            "widths": widths,
+            "plain_config": plain,
             "kv_heads_before": int(keep_a.shape[1]),
             "channels_before": int(keep_m.shape[1]),
             "block_params_before": before,

@@ -151,6 +151,20 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     return "\n".join(lines)
 
 
+def _kernel_line(speed: dict[str, Any]) -> list[str]:
+    """The pruned linears alone at one token: the decode kernel over dense, and each one's
+    time over its own bandwidth floor (dense too: a slow dense product is said, not credited)."""
+    one, k = speed.get("kernels_one_token") or {}, speed.get("kernel")
+    if not one.get(f"{k}_ms") or "dense_over_floor" not in one:
+        return []
+    path = f" ({speed['bitmask_path']})" if k == "bitmask" and speed.get("bitmask_path") else ""
+    return [
+        f"  pruned linears alone, one token: {k}{path} {one['dense_ms'] / one[f'{k}_ms']:.2f}x "
+        f"dense; measured / floor {one[f'{k}_over_floor']:.2f} ({k}), "
+        f"{one['dense_over_floor']:.2f} (dense)"
+    ]
+
+
 def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
     """What the sparsity bought (eval.speed, results.json size), in two lines."""
     lines = []
@@ -163,6 +177,7 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
             f"{x['prefill_b1']:.2f}x dense"
             + ("; SUSPECT, see below" if speed.get("suspect") else "")
         )
+        lines += _kernel_line(speed)
         lines += [f"  suspect: {reason}" for reason in speed.get("suspect") or []]
     elif "skipped" in speed or "failed" in speed:
         lines.append(f"speed: {speed.get('skipped') or 'failed: ' + speed['failed']}")
@@ -209,7 +224,7 @@ def _saved_line(res: dict[str, Any]) -> list[str]:
     disk = res.get("saved_model_bytes") or {}
     fmt = (res.get("config") or {}).get("save", {}).get("format", "dense")
     cut = (res.get("sparsity") or {}).get("structure") or {}
-    if "widths" in cut:  # no config says one width per block: sparsebench's loader reads it
+    if "widths" in cut and not cut.get("plain_config"):  # sparsebench's loader reads it
         fmt += (
             "; blocks of their own widths, which no transformers config describes: "
             "load it with model=local model.path=<export>"

@@ -114,6 +114,7 @@ def kernel_environment() -> dict[str, Any]:
             "OMP_NUM_THREADS",
             "MKL_NUM_THREADS",
             "OPENBLAS_CORETYPE",
+            "SPARSEBENCH_BITMASK_PATH",  # forces a path of the compiled bitmask kernel
         )
         if os.environ.get(k)
     }

@@ -1,0 +1,221 @@
+"""The compiled CPU kernel for bitmask-stored weights (bitmask.cpp), built from source with the
+machine's C++ compiler against the installed torch, and loaded as torch operators
+(`torch.ops.sparsebench.*`).
+
+    python -m sparsebench.native           # build (make install runs it); one line either way
+
+The build is keyed by the source, torch's version and the compiler, so an edited source or a
+new torch is never served by a stale library: the first use rebuilds it (about 30 s). Where no
+compiler is found or the build fails, `why_unavailable()` says so in one line and the other
+kernels of evaluation/kernels.py remain.
+
+Paths (bitmask.cpp): `avx512`, `avx2`, `portable`, chosen from the CPU's flags; the environment
+variable SPARSEBENCH_BITMASK_PATH forces one (a path this CPU lacks is refused with the ones it
+has), so one machine tests every path it has.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SparsebenchError
+
+SOURCE = Path(__file__).with_name("bitmask.cpp")
+PATHS = {"portable": 1, "avx2": 2, "avx512": 3}
+PATH_NAMES = {v: k for k, v in PATHS.items()}
+ENV_PATH = "SPARSEBENCH_BITMASK_PATH"
+PAD = 16  # values past nnz that the kernel may read (bitmask.cpp PAD)
+
+
+def compiler() -> str | None:
+    """$CXX, else the first C++ compiler on PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_dir() -> Path:
+    here = SOURCE.parent / "_build"
+    try:
+        here.mkdir(exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here
+    except OSError:
+        pass
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsebench"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _library_path(cxx: str) -> Path:
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + torch.__version__.encode() + cxx.encode() + sys.version.encode()
+    ).hexdigest()[:16]
+    return _build_dir() / f"sparsebench_bitmask_{key}.so"
+
+
+def _command(cxx: str, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        cxx,
+        "-O3",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{sysconfig.get_paths()['include']}",
+        str(SOURCE),
+        "-o",
+        str(out),
+        *(f"-L{p}" for p in library_paths()),
+        *(f"-Wl,-rpath,{p}" for p in library_paths()),
+        "-lc10",
+        "-ltorch_cpu",
+    ]
+
+
+def build(force: bool = False) -> Path:
+    """Compile bitmask.cpp (once per source, torch and compiler); the library's path. Raises
+    SparsebenchError with the compiler's first error line when it cannot."""
+    cxx = compiler()
+    if cxx is None:
+        raise SparsebenchError("no C++ compiler found (set CXX or install g++)")
+    out = _library_path(cxx)
+    if out.exists() and not force:
+        return out
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # concurrent builds: each writes its own file
+    done = subprocess.run(_command(cxx, tmp), capture_output=True, text=True)
+    if done.returncode:
+        tmp.unlink(missing_ok=True)
+        errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or [done.stderr[-300:]]
+        raise SparsebenchError(f"building the bitmask kernel failed: {errors[0].strip()}")
+    tmp.replace(out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+    """Build if needed and load the operators; None, or why they are unavailable."""
+    if sys.platform != "linux":
+        return f"the bitmask kernel is built on Linux only, not {sys.platform}"
+    try:
+        path = build()
+        torch.ops.load_library(str(path))
+    except (SparsebenchError, OSError, RuntimeError) as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def why_unavailable() -> str | None:
+    """None when the kernel is loaded, else one line saying why it is not."""
+    return _load()
+
+
+def supported() -> list[str]:
+    """The paths this CPU runs, best first (empty when the kernel is unavailable)."""
+    if _load():
+        return []
+    ops = torch.ops.sparsebench
+    return [
+        name for name, p in sorted(PATHS.items(), key=lambda kv: -kv[1]) if ops.bitmask_supported(p)
+    ]
+
+
+def chosen_path() -> str:
+    """The path the kernel runs: SPARSEBENCH_BITMASK_PATH if set (and this CPU has it), else the
+    best this CPU has."""
+    have = supported()
+    asked = os.environ.get(ENV_PATH, "").strip().lower()
+    if asked in ("", "auto"):
+        return have[0]
+    if asked not in PATHS:
+        raise SparsebenchError(
+            f"{ENV_PATH}={asked!r} is not a path; allowed: auto, {', '.join(PATHS)}"
+        )
+    if asked not in have:
+        raise SparsebenchError(
+            f"{ENV_PATH}={asked}: this CPU lacks it; allowed here: auto, {', '.join(have)}"
+        )
+    return asked
+
+
+def check_forced_path() -> None:
+    """Refuse a bad SPARSEBENCH_BITMASK_PATH now (one line), not when the kernel first runs."""
+    asked = os.environ.get(ENV_PATH, "").strip().lower()
+    if asked in ("", "auto"):
+        return
+    if asked not in PATHS:
+        raise SparsebenchError(
+            f"{ENV_PATH}={asked!r} is not a path; allowed: auto, {', '.join(PATHS)}"
+        )
+    if why_unavailable() is None:
+        chosen_path()
+
+
+def calls(path: str) -> int:
+    """How many products the kernel has run on `path` in this process."""
+    return int(torch.ops.sparsebench.bitmask_calls(PATHS[path]))
+
+
+def linear(x, bits, values, rowptr, in_features: int, path: str) -> torch.Tensor:
+    """y = x @ W^T for W in the kernel's layout (bitmask.cpp), x float32 (tokens, in)."""
+    return torch.ops.sparsebench.bitmask_linear(x, bits, values, rowptr, in_features, PATHS[path])
+
+
+def main() -> int:
+    try:
+        path = build()
+    except SparsebenchError as err:
+        print(f"bitmask kernel: unavailable ({err}); the other eval.speed kernels remain")
+        return 0
+    why = why_unavailable()
+    if why:
+        print(f"bitmask kernel: built at {path} but does not load ({why})")
+        return 0
+    print(f"bitmask kernel: built ({path.name}); paths on this CPU: {', '.join(supported())}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+def layout(keep: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
+    """The kernel's form of a (out, in) weight from its mask `keep` and its kept values in
+    row-major order: (bits int64 (out, words), values `dtype` (nnz + PAD), rowptr int64 (out+1)).
+    The values are the export's values tensor as stored (formats.pack), padded."""
+    out, cols = keep.shape
+    words = -(-cols // 64)
+    padded = torch.zeros(out, words * 64, dtype=torch.bool)
+    padded[:, :cols] = keep
+    bits = np.packbits(padded.numpy(), axis=1, bitorder="little").view(np.int64)
+    rowptr = torch.zeros(out + 1, dtype=torch.int64)
+    rowptr[1:] = keep.sum(1).cumsum(0)
+    vals = torch.cat([values.reshape(-1).to(dtype), torch.zeros(PAD, dtype=dtype)])
+    return torch.from_numpy(bits.copy()), vals, rowptr
+
+
+def layout_of_weight(weight: torch.Tensor, dtype: torch.dtype):
+    keep = weight.detach().cpu() != 0
+    return layout(keep, weight.detach().cpu()[keep], dtype)
+
+
+def layout_of_export(values: torch.Tensor, bits: torch.Tensor, shape, dtype: torch.dtype):
+    """From a `save.format=bitmask` entry (formats.pack: numpy.packbits of the flattened mask,
+    big-endian bit order): the same bits, reordered within bytes and padded to 64 per row."""
+    n = int(np.prod(shape))
+    keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=n).astype(bool)).reshape(shape)
+    return layout(keep, values, dtype)

@@ -1,0 +1,407 @@
+// y = x @ W^T for a pruned weight W stored as its bitmask and its kept values: the form that
+// `save.format=bitmask` writes (sparsebench/formats.py), read by an expand-style kernel.
+//
+// Layout (built by sparsebench/native/__init__.py from a weight or an export):
+//   bits    int64 (out, words): row r's mask, little-endian, column c is bit c % 64 of word
+//           c / 64; words = ceil(in / 64); bits past `in` are zero.
+//   values  float32 or bfloat16 (nnz + PAD): the kept values in row-major order, then PAD
+//           zeros, so a vector load at any row's last kept value stays inside the tensor.
+//   rowptr  int64 (out + 1): where each row's values start.
+//   x       float32 (tokens, in); y float32 (tokens, out).
+//
+// Why expand: a 16-lane group of kept values is read with one load and spread to the lanes its
+// mask bits name (AVX-512 `vexpandps`; AVX2 has no expand, so a permutation per mask byte from a
+// 256-entry table, then the unset lanes zeroed), then one fused multiply-add with 16 contiguous
+// inputs: the arithmetic per weight of a dense product, while memory traffic is 1/8 byte of mask
+// plus the kept values. An index-gather form (csr16) pays a gather per kept weight instead.
+//
+// Paths: 1 portable (scalar, any CPU), 2 avx2 (+fma), 3 avx512 (f, bw, vl), chosen at run time
+// from the CPU's flags (0 = the best this CPU has); each is compiled with its own target
+// attribute, so one binary runs everywhere and a test can force every path its CPU has.
+//
+// Threads: rows split over torch's intra-op pool (at::parallel_for, torch's thread count). Every
+// output is computed by one thread in a fixed order (lanes, then the lanes' sum), so the result
+// does not depend on the thread count.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SB_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t PAD = 16;    // values past nnz (one vector of 16 floats)
+constexpr int64_t GRAIN = 16;  // rows per parallel task at least
+
+std::array<std::atomic<int64_t>, 4> calls{};  // per path: products run (tests read them)
+
+struct Problem {
+  const float* x;  // (tokens, xs): x padded to whole words
+  int64_t tokens, xs;
+  const uint64_t* bits;
+  int64_t words;
+  const void* values;
+  const int64_t* rowptr;
+  float* y;  // (tokens, out)
+  int64_t out;
+};
+
+inline float bf16(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float value(const float* v, int64_t i) { return v[i]; }
+inline float value(const uint16_t* v, int64_t i) { return bf16(v[i]); }
+
+// ----------------------------------------------------------------------------- portable
+
+template <typename V, int NT>
+void tile_portable(const Problem& P, int64_t r, int64_t t0) {
+  const V* vals = static_cast<const V*>(P.values);
+  const uint64_t* b = P.bits + r * P.words;
+  float acc[NT] = {};
+  int64_t p = P.rowptr[r];
+  for (int64_t w = 0; w < P.words; ++w) {
+    for (uint64_t m = b[w]; m; m &= m - 1) {
+      const int64_t c = w * 64 + __builtin_ctzll(m);
+      const float v = value(vals, p++);
+      for (int t = 0; t < NT; ++t) acc[t] += v * P.x[(t0 + t) * P.xs + c];
+    }
+  }
+  for (int t = 0; t < NT; ++t) P.y[(t0 + t) * P.out + r] = acc[t];
+}
+
+#if SB_X86
+// ----------------------------------------------------------------------------- avx512
+
+#define SB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
+
+// 16 kept values from p, spread to the lanes set in m (the others 0).
+SB_AVX512 inline __m512 expand16(const float* p, __mmask16 m) {
+  return _mm512_maskz_expand_ps(m, _mm512_loadu_ps(p));
+}
+SB_AVX512 inline __m512 expand16(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i f = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);  // bfloat16 -> float32
+  return _mm512_maskz_expand_ps(m, _mm512_castsi512_ps(f));
+}
+
+// One row, one token: four independent accumulators, one per 16-bit quarter of a mask word,
+// whose value offsets come from four popcounts at once.
+template <typename V>
+SB_AVX512 void row1_avx512(const Problem& P, int64_t r) {
+  const V* p = static_cast<const V*>(P.values) + P.rowptr[r];
+  const uint64_t* b = P.bits + r * P.words;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t w = 0; w < P.words; ++w) {
+    const uint64_t m = b[w];
+    const __mmask16 m0 = m, m1 = m >> 16, m2 = m >> 32, m3 = m >> 48;
+    const V* p1 = p + _mm_popcnt_u32(m0);
+    const V* p2 = p1 + _mm_popcnt_u32(m1);
+    const V* p3 = p2 + _mm_popcnt_u32(m2);
+    const float* x = P.x + w * 64;
+    a0 = _mm512_fmadd_ps(expand16(p, m0), _mm512_loadu_ps(x), a0);
+    a1 = _mm512_fmadd_ps(expand16(p1, m1), _mm512_loadu_ps(x + 16), a1);
+    a2 = _mm512_fmadd_ps(expand16(p2, m2), _mm512_loadu_ps(x + 32), a2);
+    a3 = _mm512_fmadd_ps(expand16(p3, m3), _mm512_loadu_ps(x + 48), a3);
+    p = p3 + _mm_popcnt_u32(m3);
+  }
+  P.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+// RB rows x NT tokens: each group of 16 kept values of a row is expanded once and multiplied
+// into NT accumulators, and each 16 inputs of a token are loaded once for RB rows; RB x NT
+// accumulators stay in registers (24 of AVX-512's 32), so the product is bound by the
+// multiply-adds, not by loads.
+template <typename V, int RB, int NT>
+SB_AVX512 void tile_avx512(const Problem& P, int64_t r, int64_t t0) {
+  const V* p[RB];
+  const uint64_t* b[RB];
+  for (int i = 0; i < RB; ++i) {
+    p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i];
+    b[i] = P.bits + (r + i) * P.words;
+  }
+  const float* x = P.x + t0 * P.xs;
+  __m512 acc[RB][NT];
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < P.words * 4; ++g) {
+    __m512 v[RB];
+    for (int i = 0; i < RB; ++i) {
+      const __mmask16 m = b[i][g >> 2] >> ((g & 3) * 16);
+      v[i] = expand16(p[i], m);
+      p[i] += _mm_popcnt_u32(m);
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + t * P.xs + g * 16);
+      for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_fmadd_ps(v[i], xv, acc[i][t]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NT; ++t) P.y[(t0 + t) * P.out + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+// ----------------------------------------------------------------------------- avx2
+
+// For a mask byte: the source lane of each of the 8 lanes (the k-th set bit takes value k),
+// and an all-ones lane where the bit is set (the others are zeroed after the permutation).
+struct Avx2Tables {
+  alignas(32) int32_t perm[256][8];
+  alignas(32) int32_t keep[256][8];
+  Avx2Tables() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool set = (m >> lane) & 1;
+        perm[m][lane] = set ? k++ : 0;
+        keep[m][lane] = set ? -1 : 0;
+      }
+    }
+  }
+};
+const Avx2Tables& avx2_tables() {
+  static const Avx2Tables t;
+  return t;
+}
+
+#define SB_AVX2 __attribute__((target("avx2,fma,popcnt")))
+
+SB_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+SB_AVX2 inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <typename V>
+SB_AVX2 inline __m256 expand8(const V* p, unsigned m, const Avx2Tables& T) {
+  const __m256 v = _mm256_permutevar8x32_ps(
+      load8(p), _mm256_load_si256(reinterpret_cast<const __m256i*>(T.perm[m])));
+  return _mm256_and_ps(v, _mm256_load_ps(reinterpret_cast<const float*>(T.keep[m])));
+}
+
+// Where each byte's values start within a mask word, all eight at once: the bytes' popcounts
+// (SWAR), their running sum by one multiply, shifted by a byte (exclusive sums; at most 56).
+SB_AVX2 inline uint64_t byte_offsets(uint64_t m) {
+  uint64_t c = m - ((m >> 1) & 0x5555555555555555ULL);
+  c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
+  c = (c + (c >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  return (c * 0x0101010101010101ULL) << 8;
+}
+
+template <typename V>
+SB_AVX2 void row1_avx2(const Problem& P, int64_t r) {
+  const Avx2Tables& T = avx2_tables();
+  const V* p = static_cast<const V*>(P.values) + P.rowptr[r];
+  const uint64_t* b = P.bits + r * P.words;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t w = 0; w < P.words; ++w) {
+    const uint64_t m = b[w];
+    const uint64_t off = byte_offsets(m);
+    const float* x = P.x + w * 64;
+#define SB_BYTE(k, acc)                                                                      \
+  acc = _mm256_fmadd_ps(expand8(p + ((off >> (8 * k)) & 0xFF), (m >> (8 * k)) & 0xFF, T), \
+                        _mm256_loadu_ps(x + 8 * k), acc)
+    SB_BYTE(0, a0); SB_BYTE(1, a1); SB_BYTE(2, a2); SB_BYTE(3, a3);
+    SB_BYTE(4, a0); SB_BYTE(5, a1); SB_BYTE(6, a2); SB_BYTE(7, a3);
+#undef SB_BYTE
+    p += _mm_popcnt_u64(m);
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  P.y[r] = _mm_cvtss_f32(h);
+}
+
+// RB rows x NT tokens, as tile_avx512 (8 of AVX2's 16 registers hold accumulators).
+template <typename V, int RB, int NT>
+SB_AVX2 void tile_avx2(const Problem& P, int64_t r, int64_t t0) {
+  const Avx2Tables& T = avx2_tables();
+  const V* p[RB];
+  const uint64_t* b[RB];
+  for (int i = 0; i < RB; ++i) {
+    p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i];
+    b[i] = P.bits + (r + i) * P.words;
+  }
+  const float* x = P.x + t0 * P.xs;
+  __m256 acc[RB][NT];
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < P.words * 8; ++g) {
+    __m256 v[RB];
+    for (int i = 0; i < RB; ++i) {
+      const unsigned m = (b[i][g >> 3] >> ((g & 7) * 8)) & 0xFF;
+      v[i] = expand8(p[i], m, T);
+      p[i] += _mm_popcnt_u32(m);
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * P.xs + g * 8);
+      for (int i = 0; i < RB; ++i) acc[i][t] = _mm256_fmadd_ps(v[i], xv, acc[i][t]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < NT; ++t) {
+      __m128 h =
+          _mm_add_ps(_mm256_castps256_ps128(acc[i][t]), _mm256_extractf128_ps(acc[i][t], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      P.y[(t0 + t) * P.out + r + i] = _mm_cvtss_f32(h);
+    }
+}
+#endif  // SB_X86
+
+// ----------------------------------------------------------------------------- dispatch
+
+bool supported(int64_t path) {
+  if (path == 1) return true;
+#if SB_X86
+  __builtin_cpu_init();
+  if (path == 2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("popcnt");
+  if (path == 3)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("popcnt");
+#endif
+  return false;
+}
+
+int64_t best_path() {
+  for (int64_t p = 3; p > 1; --p)
+    if (supported(p)) return p;
+  return 1;
+}
+
+// A tile function per (rows, tokens) count, so accumulators stay in registers: F<V, RB, NT>.
+template <typename V, int RB, template <typename, int, int> class F>
+void tile(const Problem& P, int64_t r, int64_t t0, int nt) {
+  switch (nt) {
+    case 1: F<V, RB, 1>::call(P, r, t0); break;
+    case 2: F<V, RB, 2>::call(P, r, t0); break;
+    case 3: F<V, RB, 3>::call(P, r, t0); break;
+    case 4: F<V, RB, 4>::call(P, r, t0); break;
+    case 5: F<V, RB, 5>::call(P, r, t0); break;
+    default: F<V, RB, 6>::call(P, r, t0); break;
+  }
+}
+
+// Rows [r0, r1) of y over all tokens: blocks of RB rows x `tile_tokens` tokens, then the rows
+// left over one at a time. The blocking is fixed by the shape and the path, never by the
+// thread count, so every output's summation order is too.
+template <typename V, int RB, template <typename, int, int> class F>
+void blocks(const Problem& P, int64_t r0, int64_t r1, int tile_tokens) {
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB)
+    for (int64_t t0 = 0; t0 < P.tokens; t0 += tile_tokens)
+      tile<V, RB, F>(P, r, t0, static_cast<int>(std::min<int64_t>(tile_tokens, P.tokens - t0)));
+  for (; r < r1; ++r)
+    for (int64_t t0 = 0; t0 < P.tokens; t0 += tile_tokens)
+      tile<V, 1, F>(P, r, t0, static_cast<int>(std::min<int64_t>(tile_tokens, P.tokens - t0)));
+}
+
+template <typename V, int RB, int NT>
+struct PortableTile {
+  static void call(const Problem& P, int64_t r, int64_t t0) {
+    for (int i = 0; i < RB; ++i) tile_portable<V, NT>(P, r + i, t0);
+  }
+};
+#if SB_X86
+template <typename V, int RB, int NT>
+struct Avx512Tile {
+  static void call(const Problem& P, int64_t r, int64_t t0) { tile_avx512<V, RB, NT>(P, r, t0); }
+};
+template <typename V, int RB, int NT>
+struct Avx2Tile {
+  static void call(const Problem& P, int64_t r, int64_t t0) { tile_avx2<V, RB, NT>(P, r, t0); }
+};
+#endif
+
+template <typename V>
+void rows(const Problem& P, int64_t path, int64_t r0, int64_t r1) {
+#if SB_X86
+  if (path == 3 && P.tokens == 1) {
+    for (int64_t r = r0; r < r1; ++r) row1_avx512<V>(P, r);
+  } else if (path == 2 && P.tokens == 1) {
+    for (int64_t r = r0; r < r1; ++r) row1_avx2<V>(P, r);
+  } else if (path == 3) {
+    blocks<V, 4, Avx512Tile>(P, r0, r1, 6);
+  } else if (path == 2) {
+    blocks<V, 2, Avx2Tile>(P, r0, r1, 4);
+  } else
+#endif
+    blocks<V, 1, PortableTile>(P, r0, r1, 6);
+}
+
+at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& values,
+                          const at::Tensor& rowptr, int64_t in_features, int64_t path) {
+  if (path == 0) path = best_path();
+  TORCH_CHECK(path >= 1 && path <= 3, "bitmask_linear: path ", path, " is not 0-3");
+  TORCH_CHECK(supported(path), "bitmask_linear: this CPU lacks path ", path);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "bitmask_linear: x must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "bitmask_linear: x has ", x.size(1), " columns, not ",
+              in_features);
+  TORCH_CHECK(bits.scalar_type() == at::kLong && bits.dim() == 2 && bits.is_contiguous(),
+              "bitmask_linear: bits must be a contiguous int64 (out, words) tensor");
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
+                  rowptr.numel() == bits.size(0) + 1,
+              "bitmask_linear: rowptr must be int64 of out + 1");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
+              "bitmask_linear: values must be float32 or bfloat16");
+  const int64_t words = bits.size(1), out = bits.size(0), tokens = x.size(0);
+  TORCH_CHECK(words == (in_features + 63) / 64, "bitmask_linear: ", words,
+              " mask words per row for ", in_features, " columns");
+  TORCH_CHECK(values.is_contiguous() && values.numel() >= rowptr.data_ptr<int64_t>()[out] + PAD,
+              "bitmask_linear: values must hold nnz + ", PAD, " entries");
+  // x padded with zeros to whole mask words: a vector load never leaves a row of x
+  at::Tensor xp = x.contiguous();
+  if (in_features % 64) {
+    xp = at::zeros({tokens, words * 64}, x.options());
+    xp.narrow(1, 0, in_features).copy_(x);
+  }
+  at::Tensor y = at::empty({tokens, out}, x.options());
+  const Problem P{xp.data_ptr<float>(), tokens, xp.size(1),
+                  reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()), words,
+                  values.data_ptr(), rowptr.data_ptr<int64_t>(), y.data_ptr<float>(), out};
+  const bool half = values.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, out, GRAIN, [&](int64_t r0, int64_t r1) {
+    if (half)
+      rows<uint16_t>(P, path, r0, r1);
+    else
+      rows<float>(P, path, r0, r1);
+  });
+  calls[path].fetch_add(1, std::memory_order_relaxed);
+  return y;
+}
+
+int64_t bitmask_calls(int64_t path) {
+  TORCH_CHECK(path >= 1 && path <= 3, "bitmask_calls: path ", path, " is not 1-3");
+  return calls[path].load();
+}
+
+bool bitmask_supported(int64_t path) { return supported(path); }
+
+}  // namespace
+
+TORCH_LIBRARY(sparsebench, m) {
+  m.def("bitmask_linear(Tensor x, Tensor bits, Tensor values, Tensor rowptr, int in_features, "
+        "int path) -> Tensor",
+        &bitmask_linear);
+  m.def("bitmask_calls(int path) -> int", &bitmask_calls);
+  m.def("bitmask_supported(int path) -> bool", &bitmask_supported);
+  m.def("bitmask_best_path() -> int", &best_path);
+}

@@ -1,0 +1,169 @@
+"""The compiled bitmask kernel (sparsebench/native): every path this CPU has, forced one at a
+time, computes y = x W^T within the float32 dot-product bound on random and adversarial masks,
+really runs (its own call counters), gives the same bits whatever the thread count, reads the
+bitmask export directly, and is refused with one line where it cannot be built or forced."""
+
+import os
+
+import pytest
+import torch
+
+from sparsebench import native
+from sparsebench.errors import SparsebenchError
+from sparsebench.evaluation.kernels import Bitmask, sparse_form, unavailable
+from sparsebench.formats import pack
+
+from .numerics import gamma
+
+if native.why_unavailable():  # CI and make install build it; only a machine without g++ skips
+    pytest.skip(f"bitmask kernel unavailable: {native.why_unavailable()}", allow_module_level=True)
+
+PATHS = native.supported()
+
+
+def _weight(rows, cols, sparsity, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[torch.rand(rows, cols, generator=g) < sparsity] = 0
+    return w.to(dtype)
+
+
+def _adversarial(rows, cols):
+    """Rows with nothing kept, everything kept, one weight kept at each end, alternating."""
+    w = _weight(rows, cols, 0.5, 1)
+    w[0] = 0
+    w[1] = torch.randn(cols)
+    w[2] = 0
+    w[2, 0] = 1.5
+    w[3] = 0
+    w[3, -1] = -2.0
+    w[4, ::2] = 0
+    return w
+
+
+def _check(w, x, path):
+    """|y - x W^T| <= gamma(in) sum |x| |w| against the exact (float64) product of the stored
+    values: each output sums at most `in` products, whatever the lanes' order."""
+    bits, values, rowptr = native.layout_of_weight(w, w.dtype)
+    y = native.linear(x, bits, values, rowptr, w.shape[1], path)
+    exact = x.double() @ w.double().t()
+    bound = gamma(w.shape[1]) * (x.double().abs() @ w.double().abs().t())
+    assert y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
+    assert bool(((y.double() - exact).abs() <= bound).all()), (path, w.shape, x.shape)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_path_computes_the_linear_within_the_dot_product_bound(path, dtype):
+    before = native.calls(path)
+    n = 0
+    # widths around the vector lengths (8, 16) and the mask word (64), and tokens around the
+    # tiles (4, 6), at sparsities from none to all
+    for cols in (1, 7, 16, 17, 63, 64, 65, 130):
+        for sparsity in (0.0, 0.5, 0.9, 1.0):
+            w = _weight(13, cols, sparsity, cols, dtype)
+            for tokens in (1, 2, 5, 6, 13, 64):
+                _check(w, torch.randn(tokens, cols), path)
+                n += 1
+        for tokens in (1, 7):
+            _check(_adversarial(9, cols).to(dtype), torch.randn(tokens, cols), path)
+            n += 1
+    assert native.calls(path) - before == n  # the compiled path itself ran every product
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_empty_row_gives_zero_and_a_full_row_the_dense_product(path):
+    w = torch.zeros(3, 40)
+    w[1] = 1.0
+    x = torch.arange(40, dtype=torch.float32)[None]
+    bits, values, rowptr = native.layout_of_weight(w, torch.float32)
+    y = native.linear(x, bits, values, rowptr, 40, path)
+    assert y.tolist() == [[0.0, 780.0, 0.0]]  # integers: exact in any order
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_same_bits_whatever_the_thread_count(path):
+    """Each output is summed by one thread in a fixed order (rows split, never a sum)."""
+    w, threads = _weight(203, 300, 0.6, 3), torch.get_num_threads()
+    layout = native.layout_of_weight(w, torch.float32)
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs += [
+                native.linear(
+                    torch.randn(t, 300, generator=torch.Generator().manual_seed(t)),
+                    *layout,
+                    300,
+                    path,
+                )
+                for t in (1, 9)
+            ]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:4]))
+    assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[4:6]))
+
+
+def test_the_forced_path_is_the_one_that_runs(monkeypatch):
+    w, x = _weight(32, 96, 0.5, 4), torch.randn(2, 96)
+    for path in PATHS:
+        monkeypatch.setenv(native.ENV_PATH, path)
+        form = sparse_form(w, "bitmask")
+        before = native.calls(path)
+        form(x)
+        assert form.path == path and native.calls(path) == before + 1
+
+
+def test_a_path_that_is_not_one_or_not_here_is_refused_in_one_line(monkeypatch):
+    from sparsebench.evaluation.speed import SpeedSpec
+
+    monkeypatch.setenv(native.ENV_PATH, "avx1024")
+    with pytest.raises(SparsebenchError, match=r"'avx1024' is not a path; allowed: auto, "):
+        SpeedSpec(enabled=True)  # refused when the run's options are read, before any work
+    SpeedSpec(enabled=True, kernels=("csr16",))  # a run that does not time the kernel is fine
+    missing = [p for p in native.PATHS if p not in PATHS]
+    if missing:  # e.g. avx512 on an AVX2-only CPU
+        monkeypatch.setenv(native.ENV_PATH, missing[0])
+        with pytest.raises(SparsebenchError, match="this CPU lacks it; allowed here"):
+            native.chosen_path()
+
+
+def test_the_export_is_the_inference_format():
+    """A bitmask export's entry becomes the kernel's form without a dense weight: the same
+    values tensor and the same bits (reordered within bytes), so the same product."""
+    w = _weight(24, 100, 0.7, 5)
+    values, bits = pack(w, w != 0)
+    a, b = Bitmask.from_export(values, bits, w.shape), sparse_form(w, "bitmask")
+    assert torch.equal(a.values[: values.numel()], values) and torch.equal(a.bits, b.bits)
+    x = torch.randn(3, 100)
+    assert torch.equal(a(x), b(x))
+    # bytes: 1 bit per weight (rows padded to 64) + 4 per kept value + the row pointers
+    assert a.bytes == 24 * 2 * 8 + 4 * int((w != 0).sum()) + 8 * 25
+
+
+def test_no_compiler_leaves_the_other_kernels_and_says_why_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    with pytest.raises(SparsebenchError, match="no C.. compiler found"):
+        native.build()
+    assert native.main() == 0  # make install goes on
+    line = capsys.readouterr().out.strip()
+    assert (
+        line.startswith("bitmask kernel: unavailable (no C++ compiler found") and "\n" not in line
+    )
+    monkeypatch.setattr(native, "why_unavailable", lambda: "no C++ compiler found (set CXX)")
+    why = unavailable("bitmask", torch.device("cpu"), "unstructured", {"w": torch.ones(2, 2)})
+    assert why == "the compiled bitmask kernel is unavailable: no C++ compiler found (set CXX)"
+    assert (
+        unavailable("csr16", torch.device("cpu"), "unstructured", {"w": torch.ones(2, 2)}) is None
+    )
+
+
+def test_an_edited_source_is_rebuilt_not_served_stale(tmp_path, monkeypatch):
+    src = tmp_path / "bitmask.cpp"
+    src.write_text(native.SOURCE.read_text())
+    monkeypatch.setattr(native, "SOURCE", src)
+    first = native._library_path(native.compiler())
+    src.write_text(native.SOURCE.read_text() + "\n// edited\n")
+    assert native._library_path(native.compiler()) != first
+    assert os.path.basename(first).startswith("sparsebench_bitmask_")
