@@ -4,8 +4,9 @@ machine's C++ compiler against the installed torch, and loaded as torch operator
 
     python -m sparsebench.native           # build (make install runs it); one line either way
 
-The build is keyed by the source, torch's version and the compiler, so an edited source or a
-new torch is never served by a stale library: the first use rebuilds it (about 30 s). Where no
+The build is keyed by the source, the compile line, torch's version and Python, so an edited
+source or a new torch is never served by a stale library: the first use rebuilds it (about 15 s).
+Where no
 compiler is found or the build fails, `why_unavailable()` says so in one line and the other
 kernels of evaluation/kernels.py remain.
 
@@ -59,19 +60,25 @@ def _build_dir() -> Path:
 
 
 def _library_path(cxx: str) -> Path:
+    """Keyed by the source, the compile line (flags, torch's headers), torch and Python."""
+    line = " ".join(_command(cxx, Path("out.so")))
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + cxx.encode() + sys.version.encode()
+        SOURCE.read_bytes() + line.encode() + torch.__version__.encode() + sys.version.encode()
     ).hexdigest()[:16]
     return _build_dir() / f"sparsebench_bitmask_{key}.so"
 
 
 def _command(cxx: str, out: Path) -> list[str]:
+    """The compile line. -fopenmp: at::parallel_for is a header template whose OpenMP loop is
+    compiled here (without it the kernel runs on one thread); the library then needs
+    libgomp.so.1, the soname torch has already loaded, so both share torch's one thread pool."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
         cxx,
         "-O3",
+        "-fopenmp",
         "-std=c++17",
         "-shared",
         "-fPIC",
@@ -166,13 +173,21 @@ def check_forced_path() -> None:
         chosen_path()
 
 
+def _require() -> None:
+    why = _load()
+    if why:
+        raise SparsebenchError(f"the compiled bitmask kernel is unavailable: {why}")
+
+
 def calls(path: str) -> int:
     """How many products the kernel has run on `path` in this process."""
+    _require()
     return int(torch.ops.sparsebench.bitmask_calls(PATHS[path]))
 
 
 def linear(x, bits, values, rowptr, in_features: int, path: str) -> torch.Tensor:
     """y = x @ W^T for W in the kernel's layout (bitmask.cpp), x float32 (tokens, in)."""
+    _require()
     return torch.ops.sparsebench.bitmask_linear(x, bits, values, rowptr, in_features, PATHS[path])
 
 
