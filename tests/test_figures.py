@@ -118,6 +118,22 @@ def test_an_impossible_speed_up_is_suspect_and_a_possible_one_is_not():
     # a tiny model: one reason, the timings say nothing
     (tiny,) = plausibility(_measured(17.1, 3.32, 0.37, 0.99, 400_000), seqlen=64)
     assert tiny.startswith("too small to time")
+    # decode at batch 8 is judged by the kernel picked (and timed) at 8 rows, not at 64: env
+    # C's bitmask run at 0.5 (1.23x whole; its kernel 2.7x at 8 rows, 0.85x at 64)
+    b8 = _measured(47.4, 43.3, 1.37, 1.58, big)
+    b8.update(
+        batch_kernel="bitmask",
+        rows_prefill=16,
+        kernels_8_tokens={"dense_ms": 2.7, "bitmask_ms": 1.0},
+        kernels_64_tokens={"dense_ms": 0.85, "bitmask_ms": 1.0},
+    )
+    b8["speedup"]["decode_b8"] = 1.23
+    assert plausibility(b8, seqlen=64) == []
+    b8["kernels_8_tokens"] = b8["kernels_64_tokens"]  # had it been timed at 64 only: suspect
+    assert "gains less than its linears" in plausibility(b8, seqlen=64)[0]
+    # prefill (seqlen x batch rows, never timed at that size) is not judged
+    b8["speedup"]["prefill_b1"] = 0.4
+    assert len(plausibility(b8, seqlen=64)) == 1
 
 
 # ----------------------------------------------------------------------------- 3. bitmask size

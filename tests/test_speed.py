@@ -150,19 +150,20 @@ class _Spy:
         return self.form(x)
 
 
-def test_a_sparse_linear_runs_its_prefill_form_from_rows_many_rows():
+def test_a_sparse_linear_runs_its_batch_and_prefill_forms_by_rows():
     lin = torch.nn.Linear(32, 16, bias=True)
     with torch.no_grad():
         lin.weight[torch.rand(16, 32) < 0.5] = 0
-    sparse = SparseLinear(lin, "csr16", "torch_csr", rows_many=4)
+    sparse = SparseLinear(lin, "csr16", "torch_csr", rows_many=4, batch="bitmask", rows_prefill=9)
     assert sparse.bytes == sparse.decode.bytes  # a decoded token reads the decode form
     used = []
-    sparse.decode, sparse.prefill = _Spy(sparse.decode, used), _Spy(sparse.prefill, used)
-    for rows in (3, 4):  # (1, rows, 32): rows x 1 tokens
+    for tier in ("decode", "batch", "prefill"):
+        setattr(sparse, tier, _Spy(getattr(sparse, tier), used))
+    for rows in (3, 4, 8, 9):  # (1, rows, 32): rows x 1 tokens
         x = torch.randn(1, rows, 32)
         y = sparse(x)
         assert y.shape == (1, rows, 16) and torch.allclose(y, lin(x), atol=1e-5)
-    assert used == ["csr16", "torch_csr"] and sparse.calls == 2
+    assert used == ["csr16", "bitmask", "bitmask", "torch_csr"] and sparse.calls == 4
 
 
 def test_asked_kernels_that_cannot_run_are_named_and_none_is_timed_as_sparse():

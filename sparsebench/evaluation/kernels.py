@@ -237,13 +237,15 @@ class Bitmask(SparseForm):
         from .. import native
 
         self.bits, self.values, self.rowptr = layout
-        self.in_features, self.path, self.linear = in_features, native.chosen_path(), native.linear
+        self.in_features, self.path = in_features, native.chosen_path()
+        # the operator and its arguments bound once: a decoded token makes 210 calls
+        self.op = native.operator()
+        self.args = (self.bits, self.values, self.rowptr, in_features, native.PATHS[self.path])
         nnz = int(self.rowptr[-1])
         self.bytes = tensor_bytes(self.bits, self.rowptr) + nnz * self.values.element_size()
 
     def __call__(self, x):
-        x = x.float().contiguous()
-        return self.linear(x, self.bits, self.values, self.rowptr, self.in_features, self.path)
+        return self.op(x.float().contiguous(), *self.args)
 
 
 @FORMS.register("semi_structured")
@@ -312,16 +314,26 @@ def sparse_form(weight: torch.Tensor, kernel: str) -> SparseForm:
 
 
 class SparseLinear(nn.Module):
-    """A pruned nn.Linear whose product runs by sparse kernels: `decode` for inputs of fewer
-    than `rows_many` rows (one token of one sequence), `prefill` for the rest (the same form
-    when the two are one kernel).
+    """A pruned nn.Linear whose product runs by sparse kernels chosen by the input's rows:
+    `decode` below `rows_many` (one token of one sequence), `batch` from `rows_many` to below
+    `rows_prefill` (decode of a few sequences), `prefill` from `rows_prefill` (one form per
+    kernel, shared where two tiers use the same kernel).
     Counts its calls, so a test can assert the sparse kernel really ran."""
 
-    def __init__(self, linear: nn.Linear, decode: str, prefill: str, rows_many: int = 2):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        decode: str,
+        prefill: str,
+        rows_many: int = 2,
+        batch: str | None = None,
+        rows_prefill: int = 16,
+    ):
         super().__init__()
-        self.decode = sparse_form(linear.weight, decode)
-        self.prefill = self.decode if prefill == decode else sparse_form(linear.weight, prefill)
-        self.rows_many, self.bias = rows_many, linear.bias
+        forms: dict[str, SparseForm] = {}
+        form = lambda k: forms.setdefault(k, sparse_form(linear.weight, k))  # noqa: E731
+        self.decode, self.batch, self.prefill = form(decode), form(batch or prefill), form(prefill)
+        self.rows_many, self.rows_prefill, self.bias = rows_many, rows_prefill, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.calls = 0
 
@@ -333,7 +345,14 @@ class SparseLinear(nn.Module):
         self.calls += 1
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        form = self.prefill if rows.shape[0] >= self.rows_many else self.decode
+        n = rows.shape[0]
+        form = (
+            self.decode
+            if n < self.rows_many
+            else self.batch
+            if n < self.rows_prefill
+            else self.prefill
+        )
         y = form(rows).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
@@ -341,7 +360,13 @@ class SparseLinear(nn.Module):
 
 
 def swap_in(
-    model: nn.Module, names: list[str], decode: str, prefill: str, rows_many: int = 2
+    model: nn.Module,
+    names: list[str],
+    decode: str,
+    prefill: str,
+    rows_many: int = 2,
+    batch: str | None = None,
+    rows_prefill: int = 16,
 ) -> dict[str, nn.Linear]:
     """Replace the named linears by SparseLinear in place; returns the originals (swap_out)."""
     originals = {}
@@ -349,7 +374,8 @@ def swap_in(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         originals[name] = getattr(parent, attr)
-        setattr(parent, attr, SparseLinear(originals[name], decode, prefill, rows_many))
+        sparse = SparseLinear(originals[name], decode, prefill, rows_many, batch, rows_prefill)
+        setattr(parent, attr, sparse)
     return originals
 
 

@@ -12,17 +12,21 @@ runs, median of `repeats`; CUDA work is synchronized before each clock read):
            + written / time); measured / floor says how much of the possible gain a kernel gets.
 
 The sparse kernels are kernels.py's. Every candidate that applies to the device and pattern
-is timed on the model's own pruned weights at one token and at 64 tokens; the fastest at one
-token runs inputs of fewer than `rows_many` (2) rows, i.e. decode of one sequence, the
-fastest at 64 every larger input (prefill, decode of several sequences); the timings are
-recorded. There is no 2:4 kernel on the CPU: a 2:4 model's masks run through the
-unstructured kernels there, and results.json says so; no dense fallback is ever timed as
-sparse. On CUDA, 2:4 runs through torch's semi-structured sparse tensors.
+is timed on the model's own pruned weights at 1, 8 and 64 tokens; the fastest at one token
+runs inputs of fewer than `rows_many` (2) rows (decode of one sequence), the fastest at 8
+inputs of fewer than `rows_prefill` (16; decode of a few sequences), the fastest at 64 every
+larger input (prefill); the timings are recorded. (An expand kernel gains most at a few rows
+and nothing at 64, while CSR's gains grow with the rows: one choice for every batched input
+would give one of them away.) There is no 2:4 kernel on the CPU: a 2:4 model's masks run
+through the unstructured kernels there, and results.json says so; no dense fallback is ever
+timed as sparse. On CUDA, 2:4 runs through torch's semi-structured sparse tensors.
 
-Every figure is checked against what the same run says is possible (`plausibility`): only the
-pruned linears change between the two runs, so a whole-model speed-up lies between 1 and the
-speed-up of its kernel alone, and decode cannot beat dense by more than the bandwidth floor's
-ratio of bytes read. A figure beyond either (by more than SUSPECT_MARGIN) is listed in
+Every decode figure is checked against what the same run says is possible (`plausibility`):
+only the pruned linears change between the two runs, so a whole-model speed-up lies between 1
+and the speed-up of its kernel alone at the same rows, and decode cannot beat dense by more
+than the bandwidth floor's ratio of bytes read. (Prefill runs seqlen x batch rows, where the
+kernels were not timed and a dense GEMM is more efficient than at 64: no bound is drawn.)
+A figure beyond either (by more than SUSPECT_MARGIN) is listed in
 `speed.suspect` with its likely cause and printed as suspect; a model whose weights fit in a
 cache (under TOO_SMALL_BYTES) is timed by per-call overhead, and says so.
 """
@@ -67,9 +71,11 @@ class SpeedSpec:
     # candidates (empty: every kernel that applies to the device and pattern); the fastest
     # at one token runs decode, the fastest at 64 tokens prefill
     kernels: tuple[str, ...] = field(default=())
-    # inputs of this many rows and more (prefill, decode of several sequences) run the kernel
-    # picked at 64 tokens, fewer the one picked at one token
+    # inputs of fewer rows than this (decode of one sequence) run the kernel picked at one
+    # token; from it to below rows_prefill (decode of a few sequences) the one picked at 8
+    # tokens; from rows_prefill (prefill) the one picked at 64 tokens
     rows_many: int = option(2, ge=1)
+    rows_prefill: int = option(16, ge=2)
 
     def __post_init__(self):
         self.batch_sizes, self.kernels = tuple(self.batch_sizes), tuple(self.kernels)
@@ -204,6 +210,15 @@ SUSPECT_MARGIN = 1.2
 TOO_SMALL_BYTES = 64 * 2**20
 
 
+def _kernel_at(out: dict[str, Any], rows: int) -> tuple[dict[str, float], str]:
+    """The kernel an input of `rows` rows ran and the timings it was picked by."""
+    if rows < out["rows_many"]:
+        return out["kernels_one_token"], out["kernel"]
+    if rows < out.get("rows_prefill", out["rows_many"]) and "kernels_8_tokens" in out:
+        return out["kernels_8_tokens"], out["batch_kernel"]
+    return out["kernels_64_tokens"], out["prefill_kernel"]
+
+
 def plausibility(out: dict[str, Any], seqlen: int) -> list[str]:
     """Why the measured speed-ups of `out` (measure's record) cannot all be what the kernels
     do: one sentence per suspect figure, empty when every figure is possible."""
@@ -215,15 +230,11 @@ def plausibility(out: dict[str, Any], seqlen: int) -> list[str]:
             "such a model says anything about a real one"
         ]
     reasons = []
-    one, many = out["kernels_one_token"], out["kernels_64_tokens"]
     for key, x in out["speedup"].items():
-        if key == "floor":
-            continue
-        kind, b = key.rsplit("_b", 1)
-        rows = int(b) * (1 if kind == "decode" else seqlen)
-        table, kernel = (
-            (one, out["kernel"]) if rows < out["rows_many"] else (many, out["prefill_kernel"])
-        )
+        kind, _, b = key.rpartition("_b")
+        if kind != "decode":  # prefill: seqlen x batch rows, far from the 64 the kernels were
+            continue  # timed at, where a dense GEMM's efficiency differs: no bound holds
+        table, kernel = _kernel_at(out, int(b))
         alone = table["dense_ms"] / table[f"{kernel}_ms"] if table.get(f"{kernel}_ms") else None
         if alone is not None and x > max(1.0, alone) * SUSPECT_MARGIN:
             reasons.append(
@@ -237,7 +248,7 @@ def plausibility(out: dict[str, Any], seqlen: int) -> list[str]:
                 f"alone ({kernel}) is {alone:.2f}x dense; a whole model loses less than its "
                 "linears (the sparse run was likely slowed by a busy machine)"
             )
-        if kind == "decode" and x > out["speedup"]["floor"] * SUSPECT_MARGIN:
+        if x > out["speedup"]["floor"] * SUSPECT_MARGIN:
             reasons.append(
                 f"decode at batch {b}: {x:.2f}x dense, beyond the {out['speedup']['floor']:.2f}x "
                 "that the bandwidth floor allows (bytes read dense over sparse); a busy machine "
@@ -301,9 +312,10 @@ def measure(
     bandwidth = bandwidth_gbs(device)
     failed: dict[str, str] = {}
     kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed, bandwidth)
+    batch_kernel, kernels_eight = pick_kernel(linears, kernels, spec, 8, failed)
     prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64, failed)
     not_run.update(failed)
-    if kernel is None or prefill_kernel is None:
+    if kernel is None or batch_kernel is None or prefill_kernel is None:
         return {"skipped": "every sparse kernel failed here", "not_run": not_run}
     dense_bytes = weight_bytes(model)
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
@@ -311,9 +323,12 @@ def measure(
     out: dict[str, Any] = {
         "device": device.type,
         "kernel": kernel,
+        "batch_kernel": batch_kernel,
         "prefill_kernel": prefill_kernel,
         "rows_many": spec.rows_many,
+        "rows_prefill": spec.rows_prefill,
         "kernels_one_token": kernels_one,
+        "kernels_8_tokens": kernels_eight,
         "kernels_64_tokens": kernels_many,
         "bandwidth_gbs": round(bandwidth, 2),
         "pattern": pattern,
@@ -331,7 +346,15 @@ def measure(
     dense_logits = model(input_ids=probe, use_cache=False).logits.float()
     for mode in ("dense", "sparse"):
         originals = (
-            swap_in(model, names, kernel, prefill_kernel, spec.rows_many)
+            swap_in(
+                model,
+                names,
+                kernel,
+                prefill_kernel,
+                spec.rows_many,
+                batch_kernel,
+                spec.rows_prefill,
+            )
             if mode == "sparse"
             else {}
         )

@@ -79,7 +79,7 @@ def _command(cxx: str, out: Path) -> list[str]:
         cxx,
         "-O3",
         "-fopenmp",
-        "-std=c++17",
+        "-std=c++20",  # torch 2.13's headers use C++20 bit-field initializers
         "-shared",
         "-fPIC",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
@@ -183,6 +183,12 @@ def calls(path: str) -> int:
     """How many products the kernel has run on `path` in this process."""
     _require()
     return int(torch.ops.sparsebench.bitmask_calls(PATHS[path]))
+
+
+def operator():
+    """torch.ops.sparsebench.bitmask_linear (x, bits, values, rowptr, in_features, path id)."""
+    _require()
+    return torch.ops.sparsebench.bitmask_linear
 
 
 def linear(x, bits, values, rowptr, in_features: int, path: str) -> torch.Tensor:

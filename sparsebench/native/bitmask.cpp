@@ -92,6 +92,8 @@ void tile_portable(const Problem& P, int64_t r, int64_t t0) {
 #define SB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
 
 // 16 kept values from p, spread to the lanes set in m (the others 0).
+// (A full load, then the expand from the register: the memory form, vexpandps zmm{k}, m512,
+// was no faster on env C: 1536 x 576 at 0.5, one thread, 110-115 us against 107.)
 SB_AVX512 inline __m512 expand16(const float* p, __mmask16 m) {
   return _mm512_maskz_expand_ps(m, _mm512_loadu_ps(p));
 }

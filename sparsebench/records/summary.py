@@ -151,15 +151,22 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
     return "\n".join(lines)
 
 
+def _kernels(speed: dict[str, Any]) -> str:
+    """'bitmask (avx512) / bitmask / torch_csr': the kernels at one token, a few, many."""
+    names = [speed["kernel"], speed.get("batch_kernel"), speed["prefill_kernel"]]
+    path = speed.get("bitmask_path")
+    names = [f"{k} ({path})" if k == "bitmask" and path else k for k in names if k]
+    return names[0] if len(set(names)) == 1 else " / ".join(names)
+
+
 def _kernel_line(speed: dict[str, Any]) -> list[str]:
     """The pruned linears alone at one token: the decode kernel over dense, and each one's
     time over its own bandwidth floor (dense too: a slow dense product is said, not credited)."""
     one, k = speed.get("kernels_one_token") or {}, speed.get("kernel")
     if not one.get(f"{k}_ms") or "dense_over_floor" not in one:
         return []
-    path = f" ({speed['bitmask_path']})" if k == "bitmask" and speed.get("bitmask_path") else ""
     return [
-        f"  pruned linears alone, one token: {k}{path} {one['dense_ms'] / one[f'{k}_ms']:.2f}x "
+        f"  pruned linears alone, one token: {k} {one['dense_ms'] / one[f'{k}_ms']:.2f}x "
         f"dense; measured / floor {one[f'{k}_over_floor']:.2f} ({k}), "
         f"{one['dense_over_floor']:.2f} (dense)"
     ]
@@ -171,7 +178,7 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
     if "speedup" in speed:
         d, s, x = speed["dense"], speed.get("sparse") or speed["cut"], speed["speedup"]
         lines.append(
-            f"speed ({speed['device']}, {speed['kernel']} / {speed['prefill_kernel']}): decode "
+            f"speed ({speed['device']}, {_kernels(speed)}): decode "
             f"{d['decode_ms_b1']:.1f} -> {s['decode_ms_b1']:.1f} ms/token ({x['decode_b1']:.2f}x "
             f"dense; the bandwidth floor allows {x['floor']:.2f}x), prefill "
             f"{x['prefill_b1']:.2f}x dense"
