@@ -260,7 +260,7 @@ def test_cache_is_keyed_by_content_and_rebuilds_a_corrupt_entry(tmp_path, data_r
         (
             ["eval.speed.enabled=true", "eval.speed.kernels=[semi_structured]", "pattern=2:4"],
             r"eval.speed.kernels: semi_structured runs on cuda, the model is on cpu; kernels for "
-            r"cpu and 2:4: csr16, scipy_csr, torch_csr",
+            r"cpu and 2:4: bitmask, csr16, scipy_csr, torch_csr",
         ),
         (
             ["eval.speed.kernels=[csr_16]"],
