@@ -66,6 +66,19 @@ inline float bf16(uint16_t v) {
   return f;
 }
 inline float value(const float* v, int64_t i) { return v[i]; }
+
+// Where each of RB consecutive rows starts: its kept values and its mask words.
+template <typename V, int RB>
+struct Cursor {
+  const V* p[RB];
+  const uint64_t* b[RB];
+  Cursor(const Problem& P, int64_t r) {
+    for (int i = 0; i < RB; ++i) {
+      p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i];
+      b[i] = P.bits + (r + i) * P.words;
+    }
+  }
+};
 inline float value(const uint16_t* v, int64_t i) { return bf16(v[i]); }
 
 // ----------------------------------------------------------------------------- portable
@@ -132,12 +145,9 @@ SB_AVX512 void row1_avx512(const Problem& P, int64_t r) {
 // multiply-adds, not by loads.
 template <typename V, int RB, int NT>
 SB_AVX512 void tile_avx512(const Problem& P, int64_t r, int64_t t0) {
-  const V* p[RB];
-  const uint64_t* b[RB];
-  for (int i = 0; i < RB; ++i) {
-    p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i];
-    b[i] = P.bits + (r + i) * P.words;
-  }
+  Cursor<V, RB> c(P, r);
+  const V** p = c.p;
+  const uint64_t** b = c.b;
   const float* x = P.x + t0 * P.xs;
   __m512 acc[RB][NT];
   for (int i = 0; i < RB; ++i)
@@ -233,12 +243,9 @@ SB_AVX2 void row1_avx2(const Problem& P, int64_t r) {
 template <typename V, int RB, int NT>
 SB_AVX2 void tile_avx2(const Problem& P, int64_t r, int64_t t0) {
   const Avx2Tables& T = avx2_tables();
-  const V* p[RB];
-  const uint64_t* b[RB];
-  for (int i = 0; i < RB; ++i) {
-    p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i];
-    b[i] = P.bits + (r + i) * P.words;
-  }
+  Cursor<V, RB> c(P, r);
+  const V** p = c.p;
+  const uint64_t** b = c.b;
   const float* x = P.x + t0 * P.xs;
   __m256 acc[RB][NT];
   for (int i = 0; i < RB; ++i)
