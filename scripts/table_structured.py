@@ -31,14 +31,11 @@ def runs(folders):
                 yield r
 
 
-def key(r) -> tuple[str, str, float]:
+def key(r) -> tuple[str, str, float, str]:
     cfg = r["config"]
     recover = (cfg.get("recover") or {}).get("preset") or (cfg.get("recover") or {}).get("name")
-    return (
-        cfg["method"]["name"],
-        "" if recover in (None, "none") else recover,
-        float(cfg["sparsity"]),
-    )
+    recover = "" if recover in (None, "none") else recover
+    return cfg["method"]["name"], recover, float(cfg["sparsity"]), cfg["model"]["name"]
 
 
 def main() -> int:
@@ -48,16 +45,16 @@ def main() -> int:
     ap.add_argument("--plot", default=None, help="perplexity against decode speed-up (PNG)")
     args = ap.parse_args()
     points = []
-    rows, speeds, dense = {}, {}, None
+    rows, speeds, dense = {}, {}, {}
     for r in runs(args.runs):
         k = key(r)
         if k[0] == "dense":
-            dense = r
+            dense[k[3]] = r
             continue
         if "metrics" in r and r["metrics"].get("wikitext2_windows", 0) > 1:
             rows[k] = r
         if (r.get("speed") or {}).get("speedup"):
-            speeds[(CUTS.get(k[0], k[0]), k[2])] = r["speed"]
+            speeds[(CUTS.get(k[0], k[0]), k[2], k[3])] = r["speed"]
     bench = {}
     if args.unstructured_speed:
         for line in Path(args.unstructured_speed).read_text().splitlines():
@@ -65,18 +62,18 @@ def main() -> int:
             if row.get("config", "").count(":") == 1:  # method:sparsity (not N:M)
                 bench[float(row["config"].split(":")[1])] = row["speed"]
     print(
-        "| method (+recovery) | share | actual | WikiText-2 | C4 | params kept (M) | bytes per "
-        "token (MB) | decode x b1 | decode x b8 | prefill x b1 | speed from |"
+        "| model | method (+recovery) | share | actual | WikiText-2 | C4 | params kept (M) "
+        "| bytes per token (MB) | decode x b1 | decode x b8 | prefill x b1 | speed from |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    if dense:
-        m, size = dense["metrics"], dense["size"]
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, d in sorted(dense.items()):
+        m, size = d["metrics"], d["size"]
         print(
-            f"| dense | 0 | 0 | {m['wikitext2']:.2f} | {m['c4']:.2f} "
-            f"| {dense['model']['params'] / 1e6:.1f} | {size['model_dense'] / 1e6:.0f} "
+            f"| {model} | dense | 0 | 0 | {m['wikitext2']:.2f} | {m['c4']:.2f} "
+            f"| {d['model']['params'] / 1e6:.3f} | {size['model_dense'] / 1e6:.2f} "
             "| 1 | 1 | 1 | — |"
         )
-    for k in sorted(rows, key=lambda k: (k[2], k[0] not in STRUCTURED, k[0], k[1])):
+    for k in sorted(rows, key=lambda k: (k[3], k[2], k[0] not in STRUCTURED, k[0], k[1])):
         r = rows[k]
         sp, m, size = r["sparsity"], r["metrics"], r["size"]
         structured = "structure" in sp
@@ -85,7 +82,7 @@ def main() -> int:
         speed, source = (r.get("speed") or {}), "this run"
         if not speed.get("speedup"):
             speed, source = (
-                (speeds.get((CUTS.get(k[0], k[0]), k[2]), {}), "a run of the same cut shapes")
+                (speeds.get((CUTS.get(k[0], k[0]), k[2], k[3]), {}), "a run of the same cut shapes")
                 if structured
                 else (bench.get(k[2], {}), "bench_speed.py, magnitude masks")
             )
@@ -108,10 +105,10 @@ def main() -> int:
                 }
             )
         print(
-            f"| {label} | {k[2]} | {sp['actual_sparsity']:.4f} | {m['wikitext2']:.2f} "
-            f"| {m['c4']:.2f} | {params / 1e6:.1f} | {nbytes / 1e6:.0f} "
+            f"| {k[3]} | {label} | {k[2]} | {sp['actual_sparsity']:.4f} | {m['wikitext2']:.2f} "
+            f"| {m['c4']:.2f} | {params / 1e6:.3f} | {nbytes / 1e6:.2f} "
             f"| {fmt(x.get('decode_b1'))} | {fmt(x.get('decode_b8'))} "
-            f"| {fmt(x.get('prefill_b1'))} | {source + ('; ' + kernels if x else '')} |"
+            f"| {fmt(x.get('prefill_b1'))} | {source + '; ' + kernels if x else '—'} |"
         )
     if args.plot:  # the report's trade-off figure, one point per row with a speed
         from sparsebench.records.plots import plot_tradeoff

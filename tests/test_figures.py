@@ -131,9 +131,17 @@ def test_an_impossible_speed_up_is_suspect_and_a_possible_one_is_not():
     assert plausibility(b8, seqlen=64) == []
     b8["kernels_8_tokens"] = b8["kernels_64_tokens"]  # had it been timed at 64 only: suspect
     assert "gains less than its linears" in plausibility(b8, seqlen=64)[0]
+    # at batch 8 dense's small GEMMs run at 3.07x their floor (Llama-2-7B's shapes, env C):
+    # 2.73x over dense is within the floors' ratio (1.85x) times that, not beyond it
+    b8["kernels_8_tokens"] = {"dense_ms": 3.0, "bitmask_ms": 1.0}
+    b8["speedup"].update(decode_b8=2.73, floor=1.85)
+    b8["dense"]["decode_over_floor_b8"] = 3.07
+    assert plausibility(b8, seqlen=64) == []
+    b8["dense"]["decode_over_floor_b8"] = 1.0  # had dense run at its floor: impossible
+    assert "bandwidth floor allows" in plausibility(b8, seqlen=64)[0]
     # prefill (seqlen x batch rows, never timed at that size) is not judged
     b8["speedup"]["prefill_b1"] = 0.4
-    assert len(plausibility(b8, seqlen=64)) == 1
+    assert len(plausibility(b8, seqlen=64)) == 1  # the floor's reason above, no other
 
 
 # ----------------------------------------------------------------------------- 3. bitmask size
