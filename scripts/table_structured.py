@@ -48,10 +48,11 @@ def main() -> int:
     rows, speeds, dense = {}, {}, {}
     for r in runs(args.runs):
         k = key(r)
+        full = r.get("metrics", {}).get("wikitext2_windows", 0) > 1  # not a speed-only run
         if k[0] == "dense":
-            dense[k[3]] = r
+            dense.update({k[3]: r} if full else {})
             continue
-        if "metrics" in r and r["metrics"].get("wikitext2_windows", 0) > 1:
+        if full:
             rows[k] = r
         if (r.get("speed") or {}).get("speedup"):
             speeds[(CUTS.get(k[0], k[0]), k[2], k[3])] = r["speed"]
@@ -97,6 +98,7 @@ def main() -> int:
                     "path": f"{label}:{k[2]}",
                     "model": r["config"]["model"]["name"],
                     "label": label,
+                    "method": k[0],
                     "pattern": "structured" if structured else sp["pattern"],
                     "sparsity": k[2],
                     "decode_speedup": x["decode_b1"],
