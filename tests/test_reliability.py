@@ -263,6 +263,10 @@ def test_cache_is_keyed_by_content_and_rebuilds_a_corrupt_entry(tmp_path, data_r
             r"cpu and 2:4: bitmask, csr16, scipy_csr, torch_csr",
         ),
         (
+            ["eval.speed.rows_many=8", "eval.speed.rows_prefill=4"],
+            r"eval.speed.rows_prefill=4 is below eval.speed.rows_many=8",
+        ),
+        (
             ["eval.speed.kernels=[csr_16]"],
             r"unknown eval.speed kernel 'csr_16' \(did you mean 'csr16'",
         ),

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..registry import Registry
 
 # The 2:4 tensor's rows and columns must be multiples of these, per dtype: the stricter of
@@ -211,14 +212,10 @@ class Bitmask(SparseForm):
 
     @classmethod
     def refuses(cls, name, weight):
-        from .. import native
-
         why = native.why_unavailable()
         return f"the compiled bitmask kernel is unavailable: {why}" if why else None
 
     def __init__(self, weight):
-        from .. import native
-
         dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
         self._hold(native.layout_of_weight(weight, dtype), weight.shape[1])
 
@@ -226,16 +223,12 @@ class Bitmask(SparseForm):
     def from_export(cls, values, bits, shape):
         """The form read from a bitmask export's entry (`<name>.__values`, `.__bits`), with
         no dense weight in between."""
-        from .. import native
-
         dtype = torch.bfloat16 if values.dtype == torch.bfloat16 else torch.float32
         form = cls.__new__(cls)
         form._hold(native.layout_of_export(values, bits, shape, dtype), int(shape[1]))
         return form
 
     def _hold(self, layout, in_features):
-        from .. import native
-
         self.bits, self.values, self.rowptr = layout
         self.in_features, self.path = in_features, native.chosen_path()
         # the operator and its arguments bound once: a decoded token makes 210 calls
@@ -331,8 +324,14 @@ class SparseLinear(nn.Module):
     ):
         super().__init__()
         forms: dict[str, SparseForm] = {}
-        form = lambda k: forms.setdefault(k, sparse_form(linear.weight, k))  # noqa: E731
-        self.decode, self.batch, self.prefill = form(decode), form(batch or prefill), form(prefill)
+        for k in (decode, batch or prefill, prefill):  # one form per kernel, built once
+            if k not in forms:
+                forms[k] = sparse_form(linear.weight, k)
+        self.decode, self.batch, self.prefill = (
+            forms[decode],
+            forms[batch or prefill],
+            forms[prefill],
+        )
         self.rows_many, self.rows_prefill, self.bias = rows_many, rows_prefill, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.calls = 0

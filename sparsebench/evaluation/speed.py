@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import native
 from ..engine.training import sync_cuda
-from ..errors import one_line
+from ..errors import SparsebenchError, one_line
 from ..registry import option
 from .kernels import (
     FORMS,
@@ -81,6 +81,11 @@ class SpeedSpec:
         self.batch_sizes, self.kernels = tuple(self.batch_sizes), tuple(self.kernels)
         for kernel in self.kernels:  # unknown: one line with did-you-mean and the valid names
             FORMS.get(kernel)
+        if self.rows_prefill < self.rows_many:
+            raise SparsebenchError(
+                f"eval.speed.rows_prefill={self.rows_prefill} is below eval.speed.rows_many="
+                f"{self.rows_many}: the tiers are one token < rows_many <= a few < rows_prefill"
+            )
         if self.enabled and (not self.kernels or "bitmask" in self.kernels):
             native.check_forced_path()  # a bad SPARSEBENCH_BITMASK_PATH: refused before any work
 
