@@ -129,6 +129,10 @@ def balance(
 class Allocation:
     targets: list[float]  # per block, what the methods prune to
     report: dict[str, Any] = field(default_factory=dict)
+    # a searched allocation (EvoPress): each linear's target, and the level database whose
+    # weights are the pruned model (evopress.py); None for a per-block rule (OWL)
+    linear_targets: dict[str, float] | None = None
+    database: Any = None
 
 
 def allocate(
@@ -139,10 +143,24 @@ def allocate(
     pattern: Pattern,
     group: str,
     device: torch.device,
+    pruner=None,
+    seed: int = 0,
+    workdir=None,
+    log_fn=lambda metrics: None,
 ) -> Allocation | None:
-    """Per-block targets for a non-uniform schedule; None for the uniform one."""
+    """Per-block targets for a non-uniform schedule; None for the uniform one. EvoPress
+    (evopress.py) also gives each linear's target and the database the pruned model comes from."""
     if schedule.allocation == "uniform":
         return None
+    if schedule.allocation == "evopress":
+        from .evopress import allocate_evopress
+        from .sparsity import EvoPressSearch
+
+        linear, blocks, report, db = allocate_evopress(
+            schedule.evopress or EvoPressSearch(), model, calib, sparsity, pattern, pruner,
+            device, seed, workdir, log_fn,
+        )  # fmt: skip
+        return Allocation(blocks, report, linear_targets=linear, database=db)
     owl: OWL = schedule.owl or OWL()
     if calib is None:
         raise SparsebenchError("schedule=owl needs calibration windows (data.nsamples > 0)")

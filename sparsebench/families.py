@@ -268,6 +268,8 @@ def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             replaced[name] = module
     conv = _conv1d_names(model)
     for key, value in model.state_dict().items():
+        if key.endswith((".lowrank_u", ".lowrank_v")):  # OATS's factors: their own file
+            continue
         owner = next((n for n in replaced if key.startswith(n + ".")), None)
         if owner is None:
             state[key] = (

@@ -285,22 +285,29 @@ def size_of(model, masks=None, quant=None, removed: int = 0) -> dict[str, Any]:
     model needs, with its masks and its quantization if any (quant.bits_of; results.json
     `size`); after a structured cut of `removed` weights, the model before it too."""
     from .evaluation.speed import weight_bytes
+    from .lowrank import lowrank_params
     from .models import prunable_linears
     from .quant import bits_of
 
     linears = prunable_linears(model)
     dtype_bytes = next(iter(linears.values())).weight.element_size()
     pruned = sizes({n: lin.weight.detach() for n, lin in linears.items()}, dtype_bytes)
-    whole = weight_bytes(model)
+    # a sparse + low-rank linear's factors (OATS) are stored dense beside its sparse weight;
+    # the dense model they are compared with holds S + U V in one weight
+    factors = [p for lin in linears.values() for p in lowrank_params(lin)]
+    factor_bytes = sum(p.numel() * p.element_size() for p in factors)
+    whole = weight_bytes(model) - factor_bytes
     rest = whole - pruned["dense"]
-    in_linears = {id(lin.weight) for lin in linears.values()}
+    in_linears = {id(lin.weight) for lin in linears.values()} | {id(p) for p in factors}
     rest_params = sum(p.numel() for p in model.parameters() if id(p) not in in_linears)
+    bitmask = rest + pruned["bitmask"] + factor_bytes
     return {
         "pruned_weights": pruned,
+        **({"lowrank_factors": factor_bytes} if factors else {}),
         "model_dense": whole,
-        "model_bitmask": rest + pruned["bitmask"],
-        "model_csr_int16": rest + pruned["csr_int16"],
-        "bitmask_over_dense": round((rest + pruned["bitmask"]) / whole, 4),
+        "model_bitmask": bitmask,
+        "model_csr_int16": rest + pruned["csr_int16"] + factor_bytes,
+        "bitmask_over_dense": round(bitmask / whole, 4),
         "bits": bits_of(linears, masks, quant, rest_params, rest * 8),
         **(
             {

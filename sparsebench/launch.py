@@ -143,7 +143,27 @@ def memory_plan(specs: Specs, world: int):
     plan.eval = eval_placement(
         shapes, specs.eval.batch_size, specs.model.seqlen, visible_gpus(specs), specs.plan.margin
     )
+    if specs.schedule.allocation == "evopress":
+        evopress_terms(plan, shapes, specs)
     return plan, shapes, launch
+
+
+def evopress_terms(plan, shapes, specs: Specs) -> None:
+    """EvoPress's search holds the dense model's logits of its windows (float32) beside the
+    model; its level database lives on disk: about 2L + 1 levels of every pruned linear as
+    bitmask + kept values (evopress.py), in the plan's `disk_bytes`."""
+    from .sparsity import EvoPressSearch
+
+    evo = specs.schedule.evopress or EvoPressSearch()
+    windows = min(evo.kl_windows or specs.data.nsamples, specs.data.nsamples)
+    logits = windows * specs.model.seqlen * shapes.vocab * 4
+    plan.add("evopress: the dense logits of the search's windows (float32)", "host", logits)
+    plan.add("evopress: one candidate's logits (float32, and log-softmax)", "host",
+             3 * specs.model.seqlen * shapes.vocab * 4)  # fmt: skip
+    kept = 1 - specs.sparsity
+    plan.disk["evopress database"] = int(
+        (2 * evo.num_levels + 1) * shapes.prunable * (1 / 8 + kept * shapes.dtype_bytes)
+    )
 
 
 def cut_plan(specs: Specs, meta) -> dict[str, Any]:
@@ -270,6 +290,8 @@ def dry_run(specs: Specs) -> dict[str, Any]:
             f"{inf['csr_int16'] / 2**30:.2f} GiB as 16-bit-index CSR (docs/speed.md)"
         )
     print(plan.table())
+    for what, nbytes in plan.disk.items():
+        print(f"disk: {what} about {nbytes / 2**30:.2f} GiB (written once, reused by later runs)")
     ok, verdict = fit_verdict(plan, shapes, specs.plan, specs.device)
     print(f"verdict: {verdict}")
     return {"plan": plan.as_dict(), "metrics": {}, "fits": ok, "verdict": verdict}

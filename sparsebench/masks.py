@@ -71,13 +71,21 @@ def verify(
 
 
 def summarize(per_tensor: dict[str, float], linears: dict[str, nn.Linear]) -> dict[str, float]:
+    """actual_sparsity = the pruned linears' zeros over their weights; for linears held as a
+    sparse part plus low-rank factors (OATS) the share of their parameters removed, counting
+    the factors as kept, with the split beside it (lowrank.compression)."""
+    from .lowrank import SparsePlusLowRank, compression
+
     total = sum(lin.weight.numel() for lin in linears.values())
     pruned = sum(per_tensor[n] * linears[n].weight.numel() for n in linears)
-    return {
+    out = {
         "actual_sparsity": pruned / total if total else 0.0,
         "pruned_params": int(round(pruned)),
         "prunable_params": total,
     }
+    if any(isinstance(lin, SparsePlusLowRank) for lin in linears.values()):
+        out.update(compression(linears, per_tensor))
+    return out
 
 
 def count_report(

@@ -310,6 +310,10 @@ def load_model(spec: ModelSpec, seed: int = 0):
             )
     model.config.use_cache = False
     adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes
+    if spec.source == "local":  # an export's low-rank factors beside its weights (OATS)
+        from .lowrank import attach_factors
+
+        attach_factors(model, Path(str(spec.path)))
     return model.eval(), tok
 
 
@@ -388,6 +392,8 @@ def kept_reason(owner: nn.Module, param_name: str, param: torch.Tensor) -> str |
     """Why a block weight that is not a pruned linear's is kept (families.py's model map), or
     None: norms, biases (one-dimensional) and mixture-of-experts routers."""
     kind = type(owner).__name__
+    if kind == "SparsePlusLowRank" and param_name.rpartition(".")[2].startswith("lowrank_"):
+        return "low-rank factor"
     if "Router" in kind:
         return "router"
     if "Norm" in kind:

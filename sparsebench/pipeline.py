@@ -47,31 +47,55 @@ def allocate_blocks(
     pattern: Pattern,
     pruner: Pruner,
     device: torch.device,
+    seed: int = 0,
+    workdir=None,
+    log: Log = lambda metrics: None,
 ) -> Allocation | None:
-    """Per-block targets of a non-uniform schedule (schedule=owl) from the dense model; None:
-    uniform."""
+    """Per-block targets of a non-uniform schedule (schedule=owl) from the dense model, or
+    each linear's (schedule=evopress, its search resumable from `workdir`); None: uniform."""
     if not schedule.needs_calibration:
         return None
-    return allocate(schedule, model, calib, sparsity, pattern, pruner.group, device)
+    return allocate(
+        schedule, model, calib, sparsity, pattern, pruner.group, device, pruner, seed, workdir, log
+    )
 
 
-def prune(pruner: Pruner, ctx: PruneContext) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def prune(
+    pruner: Pruner, ctx: PruneContext, allocation: Allocation | None = None
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(the pruned model, {linear name: keep mask}). `ctx.model` goes in; a method that hands
     back another object (FSDP2's gathered plain model) leaves it in `ctx.model`, the one
-    place a method may replace the model (PruneContext's contract)."""
+    place a method may replace the model (PruneContext's contract). A searched allocation
+    (EvoPress) already pruned every linear at each level: the model takes the database's
+    weights at the found levels, as the released code evaluates them."""
+    if allocation is not None and allocation.database is not None:
+        from .evopress import masks_of_levels
+
+        return ctx.model, masks_of_levels(
+            ctx.model, allocation.database, allocation.report["levels"]
+        )
     masks = pruner.prune(ctx)
     return ctx.model, masks
 
 
 def targets_of(
-    model: nn.Module, sparsity: float, allocation: Allocation | None, linears
+    model: nn.Module,
+    sparsity: float,
+    allocation: Allocation | None,
+    linears,
+    pruner: Pruner | None = None,
+    pattern: Pattern | None = None,
 ) -> float | dict[str, float]:
-    """What each mask must prune: the run's sparsity, or each block's allocated target."""
+    """What each mask must prune: the run's sparsity, or each block's allocated target (as the
+    method's masks count it: `Pruner.mask_target`, OATS's sparse part)."""
+    rule = (lambda s: pruner.mask_target(s, pattern)) if pruner is not None else (lambda s: s)
     if allocation is None:
-        return sparsity
+        return rule(sparsity)
+    if allocation.linear_targets is not None:  # a searched allocation: each linear its own
+        return {n: rule(allocation.linear_targets[n]) for n in linears}
     from .pruners.base import targets_by_linear
 
-    return targets_by_linear(model, allocation.targets, linears)
+    return targets_by_linear(model, [rule(t) for t in allocation.targets], linears)
 
 
 def verify_masks(
@@ -245,9 +269,9 @@ def prune_model(
         refine=refine,
     )
     with _timed(timings, "prune"):
-        model, masks = prune(pruner, ctx)
+        model, masks = prune(pruner, ctx, allocation)
     linears = prunable_linears(model)
-    targets = targets_of(model, sparsity, allocation, linears)
+    targets = targets_of(model, sparsity, allocation, linears, pruner, pattern)
     check = (
         (
             lambda: verify_masks(

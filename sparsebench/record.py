@@ -153,6 +153,9 @@ def record_stages(
                 specs.pattern,
                 specs.pruner,
                 specs.device,
+                specs.seed,
+                workdir,
+                logger.log,
             )
         results.update(allocation=allocation.report)
 
@@ -165,7 +168,7 @@ def record_stages(
         offload=launch.offload,
     )
     with timed(results, "prune"):
-        model, masks = pipeline.prune(specs.pruner, ctx)
+        model, masks = pipeline.prune(specs.pruner, ctx, allocation)
     if specs.pruner.report():
         results.update(method_report=specs.pruner.report())
     spent = Budget(calib_tokens=int(calib.numel()) if calib is not None else 0).add(
@@ -194,7 +197,9 @@ def record_stages(
     if not dense:  # what each mask must prune, and the masks the recovery keeps
         linears = prunable_linears(model)
         frozen, pattern, group = masks, specs.pattern, specs.pruner.masks_group
-        targets = pipeline.targets_of(model, specs.sparsity, allocation, linears)
+        targets = pipeline.targets_of(
+            model, specs.sparsity, allocation, linears, specs.pruner, specs.pattern
+        )
         orders = specs.pruner.column_orders  # N:M groups of permuted input columns (RIA)
     elif masked:  # eval-only on an exported pruned model: its masks still hold
         frozen, meta = saved_masks(model, saved), saved[1]
@@ -267,7 +272,12 @@ def record_stages(
         sum(p.numel() for p in model.parameters()) - summary["pruned_params"]
     )  # Elsa's Figure 3 axis
     _, blocks = find_blocks(model)
-    block_params = sum(p.numel() for b in blocks for p in b.parameters())
+    # the blocks' weights as the dense model has them (a sparse + low-rank linear's factors,
+    # OATS, are kept parameters of the pruned linears, counted in `split`)
+    block_params = sum(p.numel() for b in blocks for p in b.parameters()) - summary.get(
+        "split", {}
+    ).get("lowrank_params", 0)
+    removed_params = summary.get("removed_params", summary["pruned_params"])
     results.update(
         sparsity={
             # a reloaded export is the pruned model it is: its own target, never 0
@@ -278,7 +288,7 @@ def record_stages(
             "denominator": "prunable_params: the weights of the pruned linears of the decoder "
             "blocks (plan.model_map.pruned)",
             "block_params": block_params,
-            "sparsity_of_block_params": summary["pruned_params"] / block_params,
+            "sparsity_of_block_params": removed_params / block_params,
             "nonzero_params": nonzero,
             **(
                 {

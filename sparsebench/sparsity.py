@@ -267,7 +267,37 @@ class Ramp:
         return target + (min(self.initial, target) - target) * (1.0 - frac) ** 3
 
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "evopress")
+
+
+@dataclass(frozen=True)
+class EvoPressSearch:
+    """EvoPress's level database and search (sparsebench/evopress.py); the released defaults
+    (IST-DASLab/EvoPress scripts/run_prune_search.sh, prune.py)."""
+
+    num_levels: int = option(8, ge=1)  # levels above and below the target per linear
+    weights_diff: int = option(0, ge=0)  # weights one level moves; 0: int(0.5 min(s, 1-s) / L h^2)
+    generations: int = option(400, ge=1)
+    offspring: int = option(64, ge=1)
+    survivors: tuple[int, ...] = (8, 2, 1)  # kept after each selection stage (the last: 1)
+    tokens: tuple[int, ...] = (2048, 16384, 65536)  # calibration tokens of each stage
+    kl_windows: int = option(0, ge=0)  # calibration windows the search draws from; 0: all
+    max_level: int = option(99999, ge=1)  # |level| allowed
+    max_total_deviation: int = option(99999, ge=1)  # sum of |level| allowed
+
+    def __post_init__(self):
+        if len(self.survivors) != len(self.tokens) or not self.survivors:
+            raise SparsebenchError(
+                f"schedule.evopress: survivors {list(self.survivors)} and tokens "
+                f"{list(self.tokens)} must name the same stages (one entry each)"
+            )
+        if self.survivors[-1] != 1 or any(s < 1 for s in self.survivors):
+            raise SparsebenchError(
+                f"schedule.evopress.survivors={list(self.survivors)}: each stage keeps >= 1 and "
+                "the last keeps 1 (the next parent)"
+            )
+        if any(t < 1 for t in self.tokens):
+            raise SparsebenchError(f"schedule.evopress.tokens={list(self.tokens)}: each >= 1")
 
 
 @dataclass(frozen=True)
@@ -294,6 +324,7 @@ class Schedule:
     allocation: str = option("uniform", choices=ALLOCATIONS)
     ramp: Ramp = Ramp()
     owl: OWL | None = None  # options of allocation=owl
+    evopress: EvoPressSearch | None = None  # options of allocation=evopress
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:

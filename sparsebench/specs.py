@@ -30,7 +30,15 @@ from .pruners.layerwise import LayerwisePruner
 from .records.tracking import LoggerSpec
 from .recover import RECOVERIES
 from .registry import METHODS, build_dataclass, check_value, option
-from .sparsity import OWL, Pattern, Ramp, Schedule, check_sparsity, parse_pattern
+from .sparsity import (
+    OWL,
+    EvoPressSearch,
+    Pattern,
+    Ramp,
+    Schedule,
+    check_sparsity,
+    parse_pattern,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +140,13 @@ def build_refinement(cfg: dict | None, pruner: Pruner) -> tuple[Pruner, Any]:
         walkable = sorted(
             n for n in METHODS.names() if METHODS.get(n).refinable is not Pruner.refinable
         )
-        what = "no masks to refine" if pruner.name == "dense" else "no block-by-block masks"
+        what = (
+            "no masks to refine"
+            if pruner.name == "dense"
+            else "masks found together with low-rank factors"
+            if getattr(pruner, "lowrank", False)
+            else "no block-by-block masks"
+        )
         raise SparsebenchError(
             f"refine={name} refines a one-shot method's masks block by block, and method "
             f"{pruner.name} has {what}; methods it refines: {', '.join(walkable)}"
@@ -160,6 +174,11 @@ def build_quant(cfg: dict | None, pruner: Pruner):
     if name == "none":
         return None
     stage = QUANTIZERS.build(name, quant)
+    if getattr(pruner, "lowrank", False):
+        raise SparsebenchError(
+            f"quant={name} rounds each pruned linear's one weight; method {pruner.name} holds "
+            "low-rank factors beside it, which no quantizer here rounds: use quant=none"
+        )
     if stage.joint:
         if name != "gptq" or pruner.name != "sparsegpt":
             raise SparsebenchError(
@@ -174,6 +193,19 @@ def build_quant(cfg: dict | None, pruner: Pruner):
             )
         pruner.joint_quant = stage
     return stage
+
+
+def _walks_alone(name: str) -> bool:
+    """A method whose block walk prunes each linear on its own (EvoPress's database)."""
+    try:
+        walker = METHODS.build(name, {}).refinable()
+    except SparsebenchError:
+        return False
+    return (
+        walker is not None
+        and type(walker).prune_block is LayerwisePruner.prune_block
+        and not getattr(walker, "lowrank", False)
+    )
 
 
 def build_specs(cfg: DictConfig) -> Specs:
@@ -195,6 +227,14 @@ def build_specs(cfg: DictConfig) -> Specs:
     owl = sched.pop("owl", None)
     if owl is not None or sched.get("allocation") == "owl":
         owl = build_dataclass(OWL, owl or {}, "schedule.owl")
+    evo = sched.pop("evopress", None)
+    if evo is not None or sched.get("allocation") == "evopress":
+        evo = dict(evo or {})
+        for key in ("survivors", "tokens"):  # lists in YAML, tuples in the spec
+            if isinstance(evo.get(key), list):
+                evo[key] = tuple(evo[key])
+        evo.pop("preset", None)  # a preset's name, for tables
+        evo = build_dataclass(EvoPressSearch, evo, "schedule.evopress")
     for key in ("resume", "dense_baseline", "dry_run"):
         check_value(c.get(key, False), bool, key)
     model = build_dataclass(ModelSpec, c["model"], "model")
@@ -203,7 +243,9 @@ def build_specs(cfg: DictConfig) -> Specs:
         pruner=pruner,
         sparsity=0.0 if pruner.name == "dense" else check_sparsity(c["sparsity"], pattern),
         pattern=Pattern() if pruner.name == "dense" else pattern,
-        schedule=build_dataclass(Schedule, {**sched, "ramp": ramp, "owl": owl}, "schedule"),
+        schedule=build_dataclass(
+            Schedule, {**sched, "ramp": ramp, "owl": owl, "evopress": evo}, "schedule"
+        ),
         # a random-weight model reads random ids, no data file: it runs where no data root is
         data=build_dataclass(
             datamod.DataSpec, {**c["data"], "needs_files": not model.random_weights}, "data"
@@ -268,6 +310,27 @@ def build_specs(cfg: DictConfig) -> Specs:
                 f"eval.speed.kernels: {refused[0]}; kernels for {specs.device.type} and "
                 f"{specs.pattern}: {fits} (or [] for all of them)"
             )
+    if specs.schedule.allocation == "evopress":
+        walker = pruner.refinable()
+        ok = walker is not None and not getattr(pruner, "lowrank", False)
+        ok = ok and type(walker).prune_block is LayerwisePruner.prune_block
+        if not ok or refinement is not None or pruner.permutes_columns:
+            able = sorted(n for n in METHODS.names() if _walks_alone(n))
+            why = "with a refinement" if refinement is not None else f"method={pruner.name}"
+            raise SparsebenchError(
+                "schedule=evopress builds its level database from a one-shot method's masks of "
+                f"each linear alone; {why} has none: use one of {', '.join(able)}"
+            )
+    if specs.schedule.allocation == "evopress":  # the search's pool holds its largest stage
+        evo = specs.schedule.evopress or EvoPressSearch()
+        windows = min(evo.kl_windows or specs.data.nsamples, specs.data.nsamples)
+        pool = windows * specs.model.seqlen
+        if max(evo.tokens) > pool:
+            raise SparsebenchError(
+                f"schedule.evopress.tokens={list(evo.tokens)}: the search draws from {windows} "
+                f"calibration windows of {specs.model.seqlen} ({pool} tokens); lower the tokens "
+                "or raise schedule.evopress.kl_windows / data.nsamples"
+            )
     if owl is not None and specs.schedule.allocation != "owl":
         log.warning(
             "schedule.owl is set but schedule.allocation=%s: the OWL options do nothing",
@@ -329,6 +392,12 @@ def check_data_files(specs: Specs) -> tuple[dict[str, str], dict[str, str]]:
 
 def saved_targets(meta: dict[str, Any], model, linears) -> float | dict[str, float]:
     """The targets an exported model's masks were verified against (per block under OWL)."""
+    if meta.get("linear_targets"):  # a searched allocation (EvoPress): each linear's own
+        return {n: float(meta["linear_targets"][n]) for n in linears}
+    if "mask_sparsity" in meta:  # the masks of a part beside its factors (OATS)
+        if not meta.get("mask_block_targets"):
+            return meta["mask_sparsity"]
+        return targets_by_linear(model, list(meta["mask_block_targets"]), linears)
     if not meta.get("block_targets"):
         return meta["sparsity"]
     return targets_by_linear(model, list(meta["block_targets"]), linears)

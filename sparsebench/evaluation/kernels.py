@@ -310,7 +310,8 @@ class SparseLinear(nn.Module):
     """A pruned nn.Linear whose product runs by sparse kernels chosen by the input's rows:
     `decode` below `rows_many` (one token of one sequence), `batch` from `rows_many` to below
     `rows_prefill` (decode of a few sequences), `prefill` from `rows_prefill` (one form per
-    kernel, shared where two tiers use the same kernel).
+    kernel, shared where two tiers use the same kernel). A sparse + low-rank linear (OATS,
+    lowrank.py) adds its two thin products U (V x) to the sparse one.
     Counts its calls, so a test can assert the sparse kernel really ran."""
 
     def __init__(
@@ -334,11 +335,16 @@ class SparseLinear(nn.Module):
         )
         self.rows_many, self.rows_prefill, self.bias = rows_many, rows_prefill, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.lowrank = (  # OATS's factors (U, V), read as they are
+            (linear.lowrank_u.detach(), linear.lowrank_v.detach())
+            if hasattr(linear, "lowrank_u")
+            else None
+        )
         self.calls = 0
 
     @property
     def bytes(self) -> int:  # what one decoded token reads
-        return self.decode.bytes
+        return self.decode.bytes + (tensor_bytes(*self.lowrank) if self.lowrank else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -352,7 +358,11 @@ class SparseLinear(nn.Module):
             if n < self.rows_prefill
             else self.prefill
         )
-        y = form(rows).reshape(*shape[:-1], self.out_features)
+        y = form(rows)
+        if self.lowrank is not None:
+            u, v = self.lowrank
+            y = y + F.linear(F.linear(rows.to(v.dtype), v), u).to(y.dtype)
+        y = y.reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)

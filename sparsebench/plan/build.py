@@ -59,6 +59,14 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
             )
         if k.stats == "norms":
             plan.add("statistics: input norms (float32)", dev, s.norm_elems * 4)
+        if k.svd_copies:  # a decomposition of one linear at a time (OATS)
+            plan.add(
+                f"prune copies: one linear's decomposition ({k.svd_copies} float32 copies), masks",
+                dev,
+                rows * cols * (k.svd_copies * 4 + 2),
+            )
+        if k.grows:  # factors beside the pruned weights (OATS): the model itself grows
+            plan.add("low-rank factors the pruned model gains", host, s.prunable * k.grows * b)
         if k.stats == "hessian":
             plan.add("statistics: Hessians (float32)", dev, s.hessian_elems * 4)
             # prepare(): damped H, its Cholesky factor, the inverse and its upper factor, of

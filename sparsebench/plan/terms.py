@@ -41,6 +41,8 @@ class Terms:
     checkpointing: bool = False
     bf16: bool = False  # activations in bfloat16
     merged_copy: bool = False  # each linear's merged weight kept for the backward (adapters)
+    svd_copies: int = 0  # oneshot: float32 copies of the largest linear one pruning holds (SVD)
+    grows: float = 0.0  # new parameters the pruned model gains, as a share of the pruned weights
     # lighter variants the method offers a refusal: (the option to name, the fields it changes)
     lighter: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -72,6 +74,8 @@ class Knobs:
     act_bytes: int = 4  # 2 under bf16 autocast
     merged_copy: bool = False  # adapters keep each linear's merged weight for the backward
     refine: bool = False  # one-shot: a mask refinement in the block walk (refine/)
+    svd_copies: int = 0  # Terms.svd_copies
+    grows: float = 0.0  # Terms.grows
     device: str = "cpu"
     lighter: tuple = ()  # Terms.lighter: the method's own lighter variants
 
@@ -91,6 +95,7 @@ class Plan:
     inference: dict[str, int] = field(
         default_factory=dict
     )  # build.inference_bytes: each stored form
+    disk: dict[str, int] = field(default_factory=dict)  # what a stage writes to disk (bytes)
 
     def add(
         self, name: str, where: str, nbytes: float, phase: str = "always", rank0: bool = False
@@ -152,6 +157,7 @@ class Plan:
                 for n, w, g, ph in self.terms
             ],
             "eval": self.eval,
+            **({"disk_bytes": self.disk} if self.disk else {}),
         }
 
     def table(self) -> str:
@@ -226,6 +232,8 @@ def knobs_of(specs, launch) -> Knobs:
             knobs = Knobs(
                 kind="oneshot",
                 stats=t.stats,
+                svd_copies=t.svd_copies,
+                grows=t.grows,
                 inputs=launch.inputs,
                 calib_batch=launch.calib_batch,
                 refine=getattr(specs, "refine", None) is not None,

@@ -130,6 +130,11 @@ class Pruner:
         twin; None for a method with no block-by-block masks (dense, the training methods)."""
         return None
 
+    def mask_target(self, sparsity: float, pattern: Pattern | None = None) -> float:
+        """What a linear's mask prunes for the linear's target `sparsity` (the same, except for
+        a method that keeps a part beside the sparse weight: OATS's low-rank factors)."""
+        return sparsity
+
     def plan_terms(self, device: torch.device):
         """What the method holds, for the memory plan: a plan.Terms (None: undeclared, and the
         plan refuses the run rather than plan it without its terms)."""

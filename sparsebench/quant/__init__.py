@@ -126,9 +126,13 @@ def bits_of(
     (the mask's ones; every value without masks) at `bits`, or at the weight's own width
     without quantization; the mask, 1 bit per weight when the run has masks; per row and
     group a 16-bit scale and, on an asymmetric grid, a `bits`-bit zero point. `rest_params`
-    / `rest_bits`: every other weight (embeddings, head, norms, biases), kept in float."""
-    total = values = mask = grids = 0
+    / `rest_bits`: every other weight (embeddings, head, norms, biases), kept in float. A
+    sparse + low-rank linear's factors (OATS) count as its dense values."""
+    from ..lowrank import lowrank_params
+
+    total = values = mask = grids = factors = 0
     for name, lin in linears.items():
+        factors += sum(p.numel() * p.element_size() * 8 for p in lowrank_params(lin))
         w = lin.weight.detach()
         rows, cols = w.shape
         total += w.numel()
@@ -140,13 +144,14 @@ def bits_of(
             per_row = len(groups_of(cols, quant.group_size))
             grids += rows * per_row * (16 + (0 if quant.sym else quant.bits))
         mask += w.numel() if masks is not None else 0
-    linear_bits = values + mask + grids
+    linear_bits = values + mask + grids + factors
     whole = linear_bits + rest_bits
     return {
         "pruned_linears_bits": linear_bits,
         "values_bits": values,
         "mask_bits": mask,
         "grid_bits": grids,
+        **({"lowrank_bits": factors} if factors else {}),
         "bits_per_pruned_weight": round(linear_bits / total, 4),
         "model_bits": whole,
         "bits_per_model_param": round(whole / (total + rest_params), 4),

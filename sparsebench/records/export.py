@@ -25,6 +25,7 @@ import torch
 from ..errors import SparsebenchError
 from ..families import masks_from_original, original_masks, original_state_dict
 from ..formats import BITMASK_FILE, bitmask_state, load_bitmask_masks, save_quantized
+from ..lowrank import LOWRANK_FILE, save_factors
 from .labels import label_of
 
 MASKS_FILE = "sparsebench_masks.safetensors"
@@ -40,6 +41,14 @@ def export_meta(specs, allocation, fingerprint: str, results) -> dict[str, Any]:
         "sparsity": specs.sparsity,
         "pattern": str(specs.pattern),
         "block_targets": allocation.targets if allocation else None,
+        # a searched allocation (EvoPress): each linear's own target
+        **(
+            {"linear_targets": allocation.linear_targets}
+            if allocation is not None and allocation.linear_targets is not None
+            else {}
+        ),
+        # what the masks prune where it differs from the targets (OATS: S beside its factors)
+        **_mask_targets(specs, allocation),
         "group": specs.pruner.masks_group,
         "seed": specs.seed,
         "model": specs.model.name,
@@ -70,6 +79,14 @@ def export_meta(specs, allocation, fingerprint: str, results) -> dict[str, Any]:
             "datasets": list(specs.eval.datasets),
         },
     }
+
+
+def _mask_targets(specs, allocation) -> dict[str, Any]:
+    rule = lambda s: specs.pruner.mask_target(s, specs.pattern)  # noqa: E731
+    if rule(specs.sparsity) == specs.sparsity:
+        return {}
+    blocks = [rule(t) for t in allocation.targets] if allocation else None
+    return {"mask_sparsity": rule(specs.sparsity), "mask_block_targets": blocks}
 
 
 def check_save_dir(folder: Path, fingerprint: str) -> None:
@@ -133,6 +150,11 @@ def save_pruned(
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     meta = {**meta, "format": fmt}
+    if save_factors(model, tmp):  # S is the stored weight; the factors beside it (lowrank.py)
+        meta["lowrank"] = (
+            f"{LOWRANK_FILE}: each linear is its stored weight plus U V; loading through "
+            "sparsebench (model=local) adds them, a plain transformers load does not"
+        )
     tokenizer.save_pretrained(tmp)
     if masks and fmt != "bitmask":  # a bitmask file's bits are the masks: stored once
         save_file(

@@ -117,6 +117,16 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
             f"blocks' weights removed: {describe_cut(cut)}; the kept model is dense "
             f"({sp.get('nonzero_params', 0):,} parameters)"
         )
+    elif sp and sp.get("split"):  # a sparse + low-rank run (OATS): parameters removed
+        split = sp["split"]
+        lines.append(
+            f"sparsity: target {sp.get('target')}, actual {sp['actual_sparsity']:.6f} of the "
+            f"{sp.get('prunable_params', 0):,} parameters of the pruned linears removed, each "
+            f"held as S + U V: S keeps {split['sparse_kept_params']:,} "
+            f"({split['sparse_part_sparsity']:.6f} zeros), the factors "
+            f"{split['lowrank_params']:,} ({split['lowrank_share']:.6f})"
+        )
+        lines.append(f"  S's zeros: {sp['count_rule']}")
     elif sp:
         lines.append(
             f"sparsity: target {sp.get('target')}, actual {sp.get('actual_sparsity', 0):.6f} over "
@@ -207,6 +217,8 @@ def _speed_lines(speed: dict[str, Any], size: dict[str, Any]) -> list[str]:
         parts += [f"mask {human_bytes(bits['mask_bits'] / 8)}"] if bits["mask_bits"] else []
         grids = bits["grid_bits"]
         parts += [f"scales and zero points {human_bytes(grids / 8)}"] if grids else []
+        lowrank = bits.get("lowrank_bits")
+        parts += [f"low-rank factors {human_bytes(lowrank / 8)}"] if lowrank else []
         lines.append(
             f"bits per parameter: {bits['bits_per_pruned_weight']:.3f} per weight of the pruned "
             f"linears ({', '.join(parts)}), {bits['bits_per_model_param']:.3f} over the whole "
