@@ -143,6 +143,12 @@ def test_sparsegpt_with_evopress_from_the_cli_reloads_verified(tmp_path, monkeyp
     second = run_cli([*argv, "seed=0", "data.seed=0"], tmp_path / "c")  # the same database
     assert second["allocation"]["database"]["built"] is False
     assert second["metrics"] == first["metrics"]
+    # the report plots the per-block sparsities beside any other allocation's, labelled by preset
+    from sparsebench.records.report import main as report
+
+    report([str(tmp_path)])
+    assert (tmp_path / "report_allocation.png").is_file()
+    assert "evopress_cpu-sparsegpt" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -37,9 +37,11 @@ def label_of(cfg: dict[str, Any]) -> str:
     label = str(method.get("preset") or method.get("name", "?"))
     recover = _dict(cfg.get("recover")).get("preset") or _dict(cfg.get("recover")).get("name")
     refine = _dict(cfg.get("refine")).get("name")
-    allocation = _dict(cfg.get("schedule")).get("allocation")
+    schedule = _dict(cfg.get("schedule"))
+    allocation = schedule.get("allocation")
     if allocation and allocation != "uniform":  # OWL + Wanda is its own row
-        label = f"{allocation}-{label}"
+        preset = _dict(schedule.get(allocation)).get("preset")  # evopress_cpu: the CPU preset
+        label = f"{preset or allocation}-{label}"
     if refine and refine != "none":  # wanda + dsnot
         label += f" + {refine}"
     label += f"+{recover}" if recover and recover != "none" else ""

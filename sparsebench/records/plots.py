@@ -324,3 +324,33 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             seen.add(label)
 
     _figure(path, "decode speed-up over the dense model (x; one sequence, KV cache)", draw)
+
+
+def plot_allocation(rows: list[dict[str, Any]], path: Path) -> None:
+    """Each block's sparsity under a non-uniform allocation (OWL's targets, EvoPress's
+    realized share of each block), one line per run, the run's target dashed: the allocations
+    side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = _tags(rows)
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    targets = set()
+    for r in sorted(rows, key=lambda r: (r["sparsity"] or 0, r["label"])):
+        blocks = r.get("block_targets")
+        if r["status"] != "complete" or not blocks:
+            continue
+        targets.add(r["sparsity"])
+        ax.plot(range(len(blocks)), blocks, marker=".", lw=1,
+                label=f"{r['label']} at {r['sparsity']} ({tags[r['path']]})")  # fmt: skip
+    for s in sorted(t for t in targets if t is not None):
+        ax.axhline(s, color="gray", ls="--", lw=1)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity of the block's pruned linears")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

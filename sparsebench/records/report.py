@@ -44,7 +44,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .plots import not_plotted, plot, plot_bits, plot_nonzero, plot_speed, plot_tradeoff
+from .plots import (
+    not_plotted,
+    plot,
+    plot_allocation,
+    plot_bits,
+    plot_nonzero,
+    plot_speed,
+    plot_tradeoff,
+)
 from .rows import fold_text, load_results, table, zeroshot_tasks
 
 
@@ -344,6 +352,9 @@ def write_report(root: Path, out: Path | None = None, by_tokens: bool = False) -
     if any(r.get("quant") for r in rows):  # the frontier: perplexity against bits per weight
         paths["plot_bits"] = out / "report_bits.png"
         plot_bits(rows, paths["plot_bits"])
+    if any(r.get("block_targets") for r in rows):  # OWL's and EvoPress's per-block targets
+        paths["plot_allocation"] = out / "report_allocation.png"
+        plot_allocation(rows, paths["plot_allocation"])
     if any(r.get("decode_speedup") for r in rows):  # eval.speed ran for some rows
         paths["plot_speed"] = out / "report_speed.png"
         plot_speed(rows, paths["plot_speed"])

@@ -130,6 +130,10 @@ def load_row(path: Path) -> dict[str, Any]:
             else None,
             "wall_s": sum(_num(s.get("wall_s")) or 0 for s in stages) if stages else None,
             "nonzero_params": _num(sp.get("nonzero_params")),
+            # a non-uniform allocation's per-block targets (OWL's rule, EvoPress's realized)
+            "block_targets": [
+                v for v in _dict(rec.get("allocation")).get("targets") or [] if _num(v) is not None
+            ],
             # what sparsity buys (evaluation/speed.py, formats.py): side-by-side ratios of one run
             "decode_speedup": _num(_dict(_dict(rec.get("speed")).get("speedup")).get("decode_b1")),
             "prefill_speedup": _num(
