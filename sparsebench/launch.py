@@ -109,6 +109,9 @@ def memory_plan(specs: Specs, world: int):
         meta.sparsebench_read = (shapes_of(meta), model_map(meta))
     shapes, mapped = meta.sparsebench_read
     cut = cut_plan(specs, meta) if specs.pruner.structured else None
+    check = getattr(specs.pruner, "check_model", None)
+    if check is not None:  # a method that covers only some families (SparseLLM's MLPs)
+        check(meta)
     if specs.quant is not None:  # a group size that splits a linear's width: refused now
         from .models import prunable_linears
 

@@ -65,6 +65,13 @@ def build_plan(model_name: str, s: Shapes, k: Knobs) -> Plan:
                 dev,
                 rows * cols * (k.svd_copies * 4 + 2),
             )
+        if k.activation_copies:  # a block's MLP activations on every window (SparseLLM)
+            plan.add(
+                f"prune copies: the MLP's activations over the calibration tokens "
+                f"({k.activation_copies} float32 arrays)",
+                dev,
+                k.nsamples * k.seqlen * max(rows, cols) * k.activation_copies * 4,
+            )
         if k.grows:  # factors beside the pruned weights (OATS): the model itself grows
             plan.add("low-rank factors the pruned model gains", host, s.prunable * k.grows * b)
         if k.stats == "hessian":

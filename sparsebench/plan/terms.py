@@ -43,6 +43,8 @@ class Terms:
     merged_copy: bool = False  # each linear's merged weight kept for the backward (adapters)
     svd_copies: int = 0  # oneshot: float32 copies of the largest linear one pruning holds (SVD)
     grows: float = 0.0  # new parameters the pruned model gains, as a share of the pruned weights
+    # oneshot: (widest linear side x calibration tokens) float32 arrays a block's pruning holds
+    activation_copies: int = 0
     # lighter variants the method offers a refusal: (the option to name, the fields it changes)
     lighter: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -76,6 +78,7 @@ class Knobs:
     refine: bool = False  # one-shot: a mask refinement in the block walk (refine/)
     svd_copies: int = 0  # Terms.svd_copies
     grows: float = 0.0  # Terms.grows
+    activation_copies: int = 0  # Terms.activation_copies
     device: str = "cpu"
     lighter: tuple = ()  # Terms.lighter: the method's own lighter variants
 
@@ -234,6 +237,7 @@ def knobs_of(specs, launch) -> Knobs:
                 stats=t.stats,
                 svd_copies=t.svd_copies,
                 grows=t.grows,
+                activation_copies=t.activation_copies,
                 inputs=launch.inputs,
                 calib_batch=launch.calib_batch,
                 refine=getattr(specs, "refine", None) is not None,
