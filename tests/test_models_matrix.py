@@ -184,3 +184,21 @@ def test_every_family_held_as_sparse_plus_lowrank(family, tmp_path):
     again = _reload(tmp_path)
     assert again["metrics"]["wikitext2"] == run["metrics"]["wikitext2"]
     assert again["sparsity"]["split"] == split
+
+
+SPARSELLM = ["gemma2", "gemma3", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_sparsellm_or_is_refused(family, tmp_path, capsys):
+    """SparseLLM couples a dense gated MLP (up/gate/down) or OPT's ReLU fc1/fc2: those families
+    run (one epoch less than the default, to stay quick); any other is refused before work."""
+    argv = [f"model=tiny-{family}", "logger=disabled", "method=sparsellm", "method.epochs=2"]
+    if family not in SPARSELLM:
+        with pytest.raises(SystemExit) as err:
+            cli.main([*argv, f"hydra.run.dir={tmp_path / 'run'}"])
+        assert err.value.code and "sparsellm couples" in capsys.readouterr().err
+        return
+    res = _run([*argv, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert res["method_report"]["sparsellm"]["epochs_per_block"][0] == 2
+    assert 0.5 <= res["sparsity"]["actual_sparsity"] < 0.501

@@ -159,7 +159,7 @@ class SparseLLM(SparseGPT):
         order = ["up", "gate", "down"] if kind == "gated" else ["up", "down"]
         b1 = lin["up"].bias
         b2 = lin["down"].bias
-        keeps = {}
+        keeps, losses = {}, []
         for step in range(epochs):
             if step > 0:  # W from the auxiliary variables
                 w1 = torch.matmul(z - _col(b1, z), x_inv) if b1 is not None else z @ x_inv
@@ -171,7 +171,16 @@ class SparseLLM(SparseGPT):
                     lin["down"].weight.copy_(self._fc2_steps(lin["down"], p, Y).to(dt))
                 h["down"] = _hessian(p, a["windows"])
             for role in order:  # the shared up/gate Hessian is damped once per epoch
-                keeps[role] = self._prune(lin[role], h[role], sparsity, pattern)
+                try:
+                    keeps[role] = self._prune(lin[role], h[role], sparsity, pattern)
+                except SparsebenchError as err:  # a diverged alternation, said as such
+                    raise SparsebenchError(
+                        f"sparsellm: block {len(self.epochs_run)}, epoch {step + 1}: the "
+                        f"alternation diverged (|p| up to {float(p.float().abs().max()):.3g}, "
+                        f"|W| of {role} up to {float(lin[role].weight.float().abs().max()):.3g}; "
+                        f"{err}); the released step sizes do not suit this model: lower "
+                        "method.w_lr or method.s_lr, or use method.epochs=1 (SparseGPT)"
+                    ) from None
             for role in dict.fromkeys(order):
                 if role != "gate" or kind != "gated" or h["gate"] is not h["up"]:
                     _damp(h[role], self.percdamp)
@@ -191,6 +200,15 @@ class SparseLLM(SparseGPT):
                 s = self._s_steps(lin["gate"].weight, X, z, p, s, act, alpha, gamma)
             else:
                 z = _relu_z(z, p, m, alpha, gamma)
+            losses.append(_mlp_error(kind, lin, act, X, Y))  # the released train_loss
+        self.mlp_errors.append(losses)
+        if not all(map(math.isfinite, losses)):
+            raise SparsebenchError(
+                f"sparsellm: block {len(self.epochs_run)}: the alternation diverged (the MLP's "
+                f"squared error to its dense output by epoch: {', '.join(map(_g, losses))}); "
+                "the released step sizes do not suit this model: lower method.w_lr or "
+                "method.s_lr, or use method.epochs=1 (SparseGPT)"
+            )
         return keeps
 
     def _fc2_steps(self, fc2, p, Y):
@@ -223,12 +241,16 @@ class SparseLLM(SparseGPT):
     def prune(self, ctx):
         self._config = ctx.model.config
         self.epochs_run: list[int] = []  # per block, in order: its index is the list's length
+        self.mlp_errors: list[list[float]] = []
         return super().prune(ctx)
 
     def report(self):
         return {
             **super().report(),
-            "sparsellm": {"epochs_per_block": getattr(self, "epochs_run", [])},
+            "sparsellm": {
+                "epochs_per_block": getattr(self, "epochs_run", []),
+                "mlp_error_by_epoch": getattr(self, "mlp_errors", []),  # the released train_loss
+            },
         }
 
 
@@ -258,6 +280,26 @@ def _hessian(p: torch.Tensor, windows: int) -> RunningMean:
         inp = math.sqrt(2 / stat.nsamples) * inp.float()
         stat.value += inp.matmul(inp.t())
     return stat
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _mlp_error(kind, lin, act, X, Y) -> float:
+    """The pruned MLP's mean squared error to the dense MLP's output (float32)."""
+    x = X.float()
+    if kind == "gated":
+        h = act(lin["gate"].weight.float() @ x) * (lin["up"].weight.float() @ x)
+    else:
+        h = lin["up"].weight.float() @ x
+        if lin["up"].bias is not None:
+            h = h + lin["up"].bias.float()[:, None]
+        h = F.relu(h)
+    out = lin["down"].weight.float() @ h
+    if lin["down"].bias is not None:
+        out = out + lin["down"].bias.float()[:, None]
+    return float(F.mse_loss(out, Y.float()))
 
 
 def _relu_z(z, p, m, alpha, gamma):
