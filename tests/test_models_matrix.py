@@ -202,3 +202,18 @@ def test_every_family_runs_sparsellm_or_is_refused(family, tmp_path, capsys):
     res = _run([*argv, f"hydra.run.dir={tmp_path / 'run'}"])
     assert res["method_report"]["sparsellm"]["epochs_per_block"][0] == 2
     assert 0.5 <= res["sparsity"]["actual_sparsity"] < 0.501
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_takes_an_evopress_allocation(family, tmp_path, monkeypatch):
+    """EvoPress's database and a short search on every family (experts no token reached are in
+    the database by magnitude, as the walk prunes them); every mask verified at its level."""
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    res = _run([
+        f"model=tiny-{family}", "logger=disabled", "method=wanda", "schedule=evopress_cpu",
+        "schedule.evopress.generations=2", "schedule.evopress.tokens=[128,256]", "sparsity=0.7",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    alloc = res["allocation"]
+    assert set(alloc["linear_targets"]) == set(res["per_layer_sparsity"])
+    assert abs(alloc["expected_sparsity"] - 0.7) < 1e-9
