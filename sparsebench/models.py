@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import SparsebenchError
 from .families import adapt
+from .lowrank import attach_factors
 from .registry import option
 
 log = logging.getLogger(__name__)
@@ -290,8 +291,7 @@ def load_model(spec: ModelSpec, seed: int = 0):
         packed = Path(str(where)) / "sparsebench_bitmask.safetensors"
         narrowed = spec.source == "local" and _narrowed(Path(str(where)))
         if spec.source == "local" and (packed.is_file() or narrowed):
-            # save.format=bitmask (formats.py), or a width cut's blocks of their own widths
-            # (cut/widths.py): the config's model rebuilt at the stored shapes, then loaded
+            # a bitmask export or a width cut's own widths: built at the stored shapes, loaded
             from .formats import load_into
 
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -311,8 +311,6 @@ def load_model(spec: ModelSpec, seed: int = 0):
     model.config.use_cache = False
     adapt(model)  # fused projections, Conv1D and fused experts as the linears sparsebench prunes
     if spec.source == "local":  # an export's low-rank factors beside its weights (OATS)
-        from .lowrank import attach_factors
-
         attach_factors(model, Path(str(spec.path)))
     return model.eval(), tok
 

@@ -159,7 +159,7 @@ def test_sparsegpt_with_evopress_from_the_cli_reloads_verified(tmp_path, monkeyp
         (["method=wanda", "refine=dsnot"], "with a refinement"),
         (["method=wanda", "schedule.evopress.survivors=[2,2]"], "last keeps 1"),
         (["method=wanda", "schedule.evopress.tokens=[64]"], "same stages"),
-        (["method=wanda"], "lower the tokens"),  # the CPU preset's 4096 tokens > 8 x 64
+        (["method=wanda"], "lower the tokens"),  # the CPU preset's 1024 tokens > 8 x 64
         (["method=wanda", "pattern=2:4"], "pattern 2:4"),
     ],
 )

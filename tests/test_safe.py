@@ -265,6 +265,6 @@ def test_safe_published_defaults_and_bad_options():
     with pytest.raises(
         SparsebenchError,
         match="warm_start 'magnitude' is not a layer-wise one-shot method; valid: alps, ladmm, "
-        "ria, sparsegpt, wanda",
+        "ria, sparsegpt, sparsellm, wanda",
     ):
         build_specs(compose(["method=safe", "method.warm_start=magnitude"]))

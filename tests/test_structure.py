@@ -86,12 +86,13 @@ def test_one_shot_methods_run_through_the_shared_driver(spy):
 # ----------------------------------------------------------------------------- the code itself
 
 # what each folder may import from the package (its __init__ docstring says the same)
-FOUNDATIONS = {"errors", "registry", "sparsity", "masks", "models", "data"}
+# (lowrank: the sparse + low-rank linear the model map knows, OATS's)
+FOUNDATIONS = {"errors", "registry", "sparsity", "masks", "models", "data", "lowrank"}
 ALLOWED = {
     "engine": FOUNDATIONS | {"engine"},
     "evaluation": FOUNDATIONS | {"engine", "evaluation", "plan", "native"},
     "native": {"errors", "native"},  # the compiled kernel: torch and the compiler only
-    "records": {"errors", "registry", "records", "evaluation", "families", "formats"},
+    "records": {"errors", "registry", "records", "evaluation", "families", "formats", "lowrank"},
     "pruners": FOUNDATIONS | {"engine", "pruners", "plan", "cut"},
     "cut": FOUNDATIONS | {"engine", "cut", "families"},  # the model map: experts, fused parts
     "recover": FOUNDATIONS | {"engine", "recover", "plan"},

@@ -392,3 +392,27 @@ def swap_out(model: nn.Module, originals: dict[str, nn.Linear]) -> None:
     for name, linear in originals.items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, linear)
+
+
+def merged_in(model: nn.Module, factored: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Swap each sparse + low-rank linear for a dense nn.Linear of S + U V (the dense model
+    it is compared with); returns the originals (swap_out puts them back)."""
+    originals = {}
+    for name, lin in factored.items():
+        dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          device=lin.weight.device, dtype=lin.weight.dtype)  # fmt: skip
+        dense.weight.data.copy_(lin.merged())
+        if lin.bias is not None:
+            dense.bias.data.copy_(lin.bias)
+        parent, _, attr = name.rpartition(".")
+        originals[name] = lin
+        setattr(model.get_submodule(parent), attr, dense)
+    return originals
+
+
+def lowrank_parts(linears: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], int]:
+    """The sparse + low-rank linears (OATS, lowrank.py) in `linears`, and their factors' bytes."""
+    from ..lowrank import SparsePlusLowRank
+
+    factored = {n: lin for n, lin in linears.items() if isinstance(lin, SparsePlusLowRank)}
+    return factored, sum(tensor_bytes(lin.lowrank_u, lin.lowrank_v) for lin in factored.values())

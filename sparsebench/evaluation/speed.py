@@ -46,16 +46,16 @@ from torch import nn
 from .. import native
 from ..engine.training import sync_cuda
 from ..errors import SparsebenchError, one_line
-from ..lowrank import SparsePlusLowRank
 from ..registry import option
 from .kernels import (
     FORMS,
     SparseLinear,
     kernels_for,
+    lowrank_parts,
+    merged_in,
     sparse_form,
     swap_in,
     swap_out,
-    tensor_bytes,
     unavailable,
 )
 
@@ -306,22 +306,6 @@ def speedups(dense: dict[str, Any], other: dict[str, Any], batches) -> dict[str,
     }
 
 
-def merged_in(model: nn.Module, factored: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Swap each sparse + low-rank linear for a dense nn.Linear of S + U V (the dense model
-    it is compared with); returns the originals (swap_out puts them back)."""
-    originals = {}
-    for name, lin in factored.items():
-        dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          device=lin.weight.device, dtype=lin.weight.dtype)  # fmt: skip
-        dense.weight.data.copy_(lin.merged())
-        if lin.bias is not None:
-            dense.bias.data.copy_(lin.bias)
-        parent, _, attr = name.rpartition(".")
-        originals[name] = lin
-        setattr(model.get_submodule(parent), attr, dense)
-    return originals
-
-
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -331,9 +315,8 @@ def measure(
     pattern: str,
     spec: SpeedSpec,
 ) -> dict[str, Any]:
-    """Dense and sparse prefill / decode of `model` with its pruned linears `names`, the
-    bandwidth floor beside them, and the check that the sparse model computes the dense one's
-    logits (results.json `speed`)."""
+    """Dense and sparse prefill / decode of `model` with its pruned linears `names`, the floor
+    beside them, the sparse model's logits checked against the dense one's (results.json)."""
     linears = {n: model.get_submodule(n) for n in names}
     kernels, not_run = candidates(linears, device, pattern, spec)
     if not kernels:
@@ -346,11 +329,7 @@ def measure(
     not_run.update(failed)
     if kernel is None or batch_kernel is None or prefill_kernel is None:
         return {"skipped": "every sparse kernel failed here", "not_run": not_run}
-    # a sparse + low-rank linear (OATS): dense is its merged weight S + U V, one linear's bytes
-    factored = {n: lin for n, lin in linears.items() if isinstance(lin, SparsePlusLowRank)}
-    factor_bytes = sum(
-        tensor_bytes(lin.lowrank_u, lin.lowrank_v) for lin in factored.values()
-    )  # fmt: skip
+    factored, factor_bytes = lowrank_parts(linears)  # OATS: dense is S + U V, one weight
     dense_bytes = weight_bytes(model) - factor_bytes
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
     probe = _tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)
@@ -416,12 +395,8 @@ def measure(
         finally:
             swap_out(model, originals)
     out["speedup"] = speedups(out["dense"], out["sparse"], spec.batch_sizes)
-    if factored:
-        out["lowrank"] = {
-            "linears": len(factored),
-            "factor_bytes": factor_bytes,
-            "dense_is": "each sparse + low-rank linear as one dense linear of S + U V",
-        }
+    if factored:  # dense: each such linear as one dense linear of S + U V
+        out["lowrank"] = {"linears": len(factored), "factor_bytes": factor_bytes}
     suspect = plausibility(out, seqlen)
     if suspect:
         out["suspect"] = suspect

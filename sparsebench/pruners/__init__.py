@@ -3,7 +3,7 @@ with its options in conf/method/<name>.yaml (docs/contributing.md).
 
 Importing this package imports every module in it, so a new method file is found without
 editing a list here. Methods may import the package's foundations (errors, registry,
-sparsity, masks, models, data), plan.Terms and engine/ (the driver, the training loop, the
+sparsity, masks, models, data, lowrank), plan.Terms and engine/ (the driver, the training loop, the
 ADMM engine); never records/, evaluation/ or run.
 """
 

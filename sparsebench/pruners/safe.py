@@ -90,7 +90,11 @@ class Safe(Pruner):
         self.betas = tuple(self.betas)
         self._oneshot = None
         if self.warm_start is not None:
-            layerwise = [n for n in METHODS.names() if issubclass(METHODS.get(n), LayerwisePruner)]
+            layerwise = [  # (not OATS: its block holds factors SAFE does not train)
+                n for n in METHODS.names()
+                if issubclass(METHODS.get(n), LayerwisePruner)
+                and not getattr(METHODS.get(n), "lowrank", False)
+            ]  # fmt: skip
             if self.warm_start not in layerwise:
                 raise SparsebenchError(
                     f"{self.name}: warm_start '{self.warm_start}' is not a layer-wise one-shot "
