@@ -213,7 +213,7 @@ def search(
     levels.load(parent)
     return {
         "levels": dict(zip(db.names, parent)),
-        "fitness": fitness,
+        "fitness": fitness if history else None,  # no generation: the uniform levels
         "fitness_history": history,
         "generations": spec.generations,
         "resumed": resumed,

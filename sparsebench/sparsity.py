@@ -277,7 +277,7 @@ class EvoPressSearch:
 
     num_levels: int = option(8, ge=1)  # levels above and below the target per linear
     weights_diff: int = option(0, ge=0)  # weights one level moves; 0: int(0.5 min(s, 1-s) / L h^2)
-    generations: int = option(400, ge=1)
+    generations: int = option(400, ge=0)  # 0: the database's uniform levels (the control)
     offspring: int = option(64, ge=1)
     survivors: tuple[int, ...] = (8, 2, 1)  # kept after each selection stage (the last: 1)
     tokens: tuple[int, ...] = (2048, 16384, 65536)  # calibration tokens of each stage

@@ -98,6 +98,13 @@ def test_scored_on_the_whole_pool_the_elitist_winner_never_gets_worse(tiny):
     assert len(report["targets"]) == 2 and abs(report["expected_sparsity"] - 0.5) < 1e-9
 
 
+def test_no_generation_is_the_databases_uniform_levels(tiny):
+    model, _, calib = tiny
+    alloc = _allocate(model, calib, EvoPressSearch(**{**SMALL, "generations": 0}))
+    assert set(alloc.report["levels"].values()) == {0} and alloc.report["search"]["fitness"] is None
+    assert alloc.report["kl_found_levels"] == alloc.report["kl_uniform_levels"]
+
+
 def test_an_interrupted_search_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     model, _, calib = tiny
     spec = EvoPressSearch(**{**SMALL, "generations": 5})
