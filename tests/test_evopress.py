@@ -90,7 +90,7 @@ def test_every_mutation_keeps_the_total_and_levels_that_exist(tiny):
 
 def test_scored_on_the_whole_pool_the_elitist_winner_never_gets_worse(tiny):
     model, _, calib = tiny
-    spec = EvoPressSearch(**{**SMALL, "generations": 6, "tokens": (6 * 32, 6 * 32)})
+    spec = EvoPressSearch(**{**SMALL, "generations": 4, "tokens": (6 * 32, 6 * 32)})
     report = _allocate(model, calib, spec).report
     history = report["search"]["fitness_history"]
     assert all(b <= a * (1 + 1e-4) for a, b in zip(history, history[1:])), history
@@ -147,9 +147,6 @@ def test_sparsegpt_with_evopress_from_the_cli_reloads_verified(tmp_path, monkeyp
         assert abs(s - alloc["linear_targets"][name]) < 0.01
     again = run_reload(tmp_path / "a", tmp_path / "b")
     assert again["metrics"]["wikitext2"] == first["metrics"]["wikitext2"]
-    second = run_cli([*argv, "seed=0", "data.seed=0"], tmp_path / "c")  # the same database
-    assert second["allocation"]["database"]["built"] is False
-    assert second["metrics"] == first["metrics"]
     # the report plots the per-block sparsities beside any other allocation's, labelled by preset
     from sparsebench.records.report import main as report
 
