@@ -132,6 +132,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(tiny, tmp_path, monkey
     assert again["database"]["built"] is False  # the database came from the cache
 
 
+@pytest.mark.models  # a CLI run, an export and its reload: make test-models
 def test_sparsegpt_with_evopress_from_the_cli_reloads_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
     argv = TINY + [

@@ -124,6 +124,7 @@ def test_the_speed_measurement_adds_the_thin_products_and_compares_with_the_merg
     assert isinstance(model.get_submodule(name), SparsePlusLowRank)  # put back
 
 
+@pytest.mark.models  # a CLI run, an export and its reload: make test-models
 @pytest.mark.parametrize("fmt", ["dense", "bitmask"])
 def test_an_export_keeps_the_factors_and_reloads_to_the_same_model(fmt, tmp_path):
     first = run_cli(

@@ -69,6 +69,7 @@ def test_the_relu_z_step_is_the_proximal_minimizer():
     assert torch.all(f(z[:, None])[:, 0] <= best + 1e-5)
 
 
+@pytest.mark.models  # a CLI run, an export and its reload: make test-models
 @pytest.mark.parametrize("family, epochs", [("llama", [4, 1]), ("opt", [4, 4])])
 def test_sparsellm_from_the_cli_saves_and_reloads(family, epochs, tmp_path):
     argv = [f"model=tiny-{family}", "logger=disabled", "method=sparsellm", "save.enabled=true"]
