@@ -62,13 +62,22 @@ class Database:
     def names(self) -> list[str]:
         return sorted(self.levels)  # the released order: its folders, sorted
 
-    def weight(self, name: str, level: int) -> torch.Tensor:
+    def _raw(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         if name not in self._cache:  # a few MB a linear: kept once read
             self._cache[name] = load_file(str(self.folder / f"{_file(name)}.safetensors"))
-        raw = self._cache[name]
+        return self._cache[name]
+
+    def weight(self, name: str, level: int) -> torch.Tensor:
+        raw = self._raw(name)
         return unpack(raw[f"{level}.__values"], raw[f"{level}.__bits"], self.shapes[name])
+
+    def keep(self, name: str, level: int) -> torch.Tensor:
+        """The level's keep mask (its bits; a kept weight that rounds to 0 stays kept)."""
+        n = int(np.prod(self.shapes[name]))
+        bits = np.unpackbits(self._raw(name)[f"{level}.__bits"].numpy(), count=n).astype(bool)
+        return torch.from_numpy(bits).reshape(self.shapes[name])
 
     def bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
@@ -146,15 +155,10 @@ def masks_of_levels(
     model: nn.Module, db: Database, levels: dict[str, int]
 ) -> dict[str, torch.Tensor]:
     """Put the database's weights at `levels` into the model; their keep masks (CPU)."""
-    from safetensors.torch import load_file
-
     masks = {}
     for name, level in levels.items():
         layer = model.get_submodule(name)
         weight = db.weight(name, level)
         layer.weight.data = weight.to(layer.weight.device, layer.weight.dtype)
-        raw = load_file(str(db.folder / f"{_file(name)}.safetensors"))
-        n = int(np.prod(db.shapes[name]))
-        bits = np.unpackbits(raw[f"{level}.__bits"].numpy(), count=n).astype(bool)
-        masks[name] = torch.from_numpy(bits).reshape(db.shapes[name])
+        masks[name] = db.keep(name, level)
     return masks
