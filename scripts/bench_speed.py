@@ -156,8 +156,8 @@ def markdown(rows) -> str:
 
 
 def _named(speed, kernel: str) -> str:
-    path = speed.get("bitmask_path")
-    return f"{kernel} ({path})" if kernel == "bitmask" and path else kernel
+    path = speed.get(f"{kernel}_path")  # the compiled kernels' path (bitmask, gather)
+    return f"{kernel} ({path})" if path else kernel
 
 
 def _alone(table, floors: bool) -> str:

@@ -1,7 +1,8 @@
-"""The compiled bitmask kernel (sparsebench/native): every path this CPU has, forced one at a
-time, computes y = x W^T within the float32 dot-product bound on random and adversarial masks,
-really runs (its own call counters), gives the same bits whatever the thread count, reads the
-bitmask export directly, and is refused with one line where it cannot be built or forced."""
+"""The compiled kernels (sparsebench/native: bitmask's expand, gather's index-gather): every path
+this CPU has, forced one at a time, computes y = x W^T within the float32 dot-product bound on
+random and adversarial masks, really runs (its own call counters), gives the same bits whatever
+the thread count; the bitmask export is the expand kernel's input; and a kernel is refused with
+one line where it cannot be built or forced."""
 
 import os
 
@@ -10,7 +11,7 @@ import torch
 
 from sparsebench import native
 from sparsebench.errors import SparsebenchError
-from sparsebench.evaluation.kernels import Bitmask, sparse_form, unavailable
+from sparsebench.evaluation.kernels import Bitmask, Gather, sparse_form, unavailable
 from sparsebench.formats import pack
 
 from .numerics import gamma
@@ -19,6 +20,7 @@ if native.why_unavailable():  # CI and make install build it; only a machine wit
     pytest.skip(f"bitmask kernel unavailable: {native.why_unavailable()}", allow_module_level=True)
 
 PATHS = native.supported()
+KERNELS = ("bitmask", "gather")
 
 
 def _weight(rows, cols, sparsity, seed, dtype=torch.float32):
@@ -41,51 +43,57 @@ def _adversarial(rows, cols):
     return w
 
 
-def _check(w, x, path):
+def _check(w, x, path, kernel):
     """|y - x W^T| <= gamma(in) sum |x| |w| against the exact (float64) product of the stored
     values: each output sums at most `in` products, whatever the lanes' order."""
-    bits, values, rowptr = native.layout_of_weight(w, w.dtype)
-    y = native.linear(x, bits, values, rowptr, w.shape[1], path)
+    index, values, rowptr = native.layout_of_weight(w, w.dtype, kernel)
+    y = native.linear(x, index, values, rowptr, w.shape[1], path, kernel)
     exact = x.double() @ w.double().t()
     bound = gamma(w.shape[1]) * (x.double().abs() @ w.double().abs().t())
     assert y.dtype == torch.float32 and y.shape == (x.shape[0], w.shape[0])
     assert bool(((y.double() - exact).abs() <= bound).all()), (path, w.shape, x.shape)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_path_computes_the_linear_within_the_dot_product_bound(path, dtype):
-    before = native.calls(path)
+def test_each_path_computes_the_linear_within_the_dot_product_bound(kernel, path, dtype):
+    before = native.calls(path, kernel)
     n = 0
     # widths around the vector lengths (8, 16) and the mask word (64), and tokens around the
-    # tiles (4, 6), at sparsities from none to all
+    # tiles (bitmask 4, 6; gather's gathers up to 3, then tiles of 8 and 16), at sparsities
+    # from none to all
     for cols in (1, 7, 16, 17, 63, 64, 65, 130):
         for sparsity in (0.0, 0.5, 0.9, 1.0):
             w = _weight(13, cols, sparsity, cols, dtype)
-            for tokens in (1, 2, 5, 6, 13, 64):
-                _check(w, torch.randn(tokens, cols), path)
+            for tokens in (1, 2, 3, 4, 5, 6, 9, 13, 17, 64):
+                _check(w, torch.randn(tokens, cols), path, kernel)
                 n += 1
-        for tokens in (1, 7):
-            _check(_adversarial(9, cols).to(dtype), torch.randn(tokens, cols), path)
+        for tokens in (1, 7, 20):
+            _check(_adversarial(9, cols).to(dtype), torch.randn(tokens, cols), path, kernel)
             n += 1
-    assert native.calls(path) - before == n  # the compiled path itself ran every product
+    assert native.calls(path, kernel) - before == n  # the compiled path itself ran each one
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("path", PATHS)
-def test_an_empty_row_gives_zero_and_a_full_row_the_dense_product(path):
+def test_an_empty_row_gives_zero_and_a_full_row_the_dense_product(path, kernel):
     w = torch.zeros(3, 40)
     w[1] = 1.0
-    x = torch.arange(40, dtype=torch.float32)[None]
-    bits, values, rowptr = native.layout_of_weight(w, torch.float32)
-    y = native.linear(x, bits, values, rowptr, 40, path)
-    assert y.tolist() == [[0.0, 780.0, 0.0]]  # integers: exact in any order
+    layout = native.layout_of_weight(w, torch.float32, kernel)
+    for tokens in (1, 20):  # gathers, tiles
+        x = torch.arange(40, dtype=torch.float32).repeat(tokens, 1)
+        y = native.linear(x, *layout, 40, path, kernel)
+        assert y.tolist() == [[0.0, 780.0, 0.0]] * tokens  # integers: exact in any order
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("path", PATHS)
-def test_the_same_bits_whatever_the_thread_count(path):
+def test_the_same_bits_whatever_the_thread_count(path, kernel):
     """Each output is summed by one thread in a fixed order (rows split, never a sum)."""
     w, threads = _weight(203, 300, 0.6, 3), torch.get_num_threads()
-    layout = native.layout_of_weight(w, torch.float32)
+    layout = native.layout_of_weight(w, torch.float32, kernel)
+    tokens = (1, 9, 17)
     try:
         outs = []
         for n in (1, 2, 3):
@@ -96,23 +104,26 @@ def test_the_same_bits_whatever_the_thread_count(path):
                     *layout,
                     300,
                     path,
+                    kernel,
                 )
-                for t in (1, 9)
+                for t in tokens
             ]
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:4]))
-    assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[4:6]))
+    k = len(tokens)
+    assert all(torch.equal(a, b) for a, b in zip(outs[:k], outs[k : 2 * k]))
+    assert all(torch.equal(a, b) for a, b in zip(outs[:k], outs[2 * k :]))
 
 
-def test_the_forced_path_is_the_one_that_runs(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_forced_path_is_the_one_that_runs(monkeypatch, kernel):
     w, x = _weight(32, 96, 0.5, 4), torch.randn(2, 96)
     for path in PATHS:
         monkeypatch.setenv(native.ENV_PATH, path)
-        form = sparse_form(w, "bitmask")
-        before = native.calls(path)
+        form = sparse_form(w, kernel)
+        before = native.calls(path, kernel)
         form(x)
-        assert form.path == path and native.calls(path) == before + 1
+        assert form.path == path and native.calls(path, kernel) == before + 1
 
 
 def test_a_path_that_is_not_one_or_not_here_is_refused_in_one_line(monkeypatch):
@@ -139,7 +150,27 @@ def test_the_export_is_the_inference_format():
     x = torch.randn(3, 100)
     assert torch.equal(a(x), b(x))
     # bytes: 1 bit per weight (rows padded to 64) + 4 per kept value + the row pointers
-    assert a.bytes == 24 * 2 * 8 + 4 * int((w != 0).sum()) + 8 * 25
+    nnz = int((w != 0).sum())
+    assert a.bytes == 24 * 2 * 8 + 4 * nnz + 8 * 25
+    # the gather form: 2 bytes of column per kept value instead of the bits
+    g = Gather(w)
+    assert g.bytes == 6 * nnz + 8 * 25
+    assert torch.equal(g.bits[:nnz].long() % 65536, (w != 0).nonzero()[:, 1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gather_reads_columns_past_32767_as_unsigned(path):
+    """The 16-bit columns are stored in an int16 tensor; 40000 must not read as -25536."""
+    w = torch.zeros(3, 40000)
+    w[0, 39999], w[1, 32768], w[2, 0] = 2.0, -1.0, 3.0
+    x = torch.arange(40000, dtype=torch.float32).repeat(5, 1)  # 5 tokens: tiles
+    for xs in (x[:1], x):
+        y = native.linear(xs, *native.layout_of_weight(w, torch.float32, "gather"), 40000, path,
+                          "gather")  # fmt: skip
+        assert y.tolist() == [[79998.0, -32768.0, 0.0]] * xs.shape[0]
+    wide = torch.zeros(2, 65537)
+    why = unavailable("gather", torch.device("cpu"), "unstructured", {"w": wide})
+    assert why == "w has more than 65536 columns (16-bit indices)"
 
 
 def test_no_compiler_leaves_the_other_kernels_and_says_why_in_one_line(monkeypatch, capsys):
@@ -149,21 +180,26 @@ def test_no_compiler_leaves_the_other_kernels_and_says_why_in_one_line(monkeypat
     assert native.main() == 0  # make install goes on
     line = capsys.readouterr().out.strip()
     assert (
-        line.startswith("bitmask kernel: unavailable (no C++ compiler found") and "\n" not in line
+        line.startswith("bitmask and gather kernels: unavailable (no C++ compiler found")
+        and "\n" not in line
     )
     monkeypatch.setattr(native, "why_unavailable", lambda: "no C++ compiler found (set CXX)")
     why = unavailable("bitmask", torch.device("cpu"), "unstructured", {"w": torch.ones(2, 2)})
     assert why == "the compiled bitmask kernel is unavailable: no C++ compiler found (set CXX)"
+    why = unavailable("gather", torch.device("cpu"), "unstructured", {"w": torch.ones(2, 2)})
+    assert why == "the compiled gather kernel is unavailable: no C++ compiler found (set CXX)"
     assert (
         unavailable("csr16", torch.device("cpu"), "unstructured", {"w": torch.ones(2, 2)}) is None
     )
 
 
-def test_an_edited_source_is_rebuilt_not_served_stale(tmp_path, monkeypatch):
-    src = tmp_path / "bitmask.cpp"
-    src.write_text(native.SOURCE.read_text())
-    monkeypatch.setattr(native, "SOURCE", src)
+@pytest.mark.parametrize("edited", ["gather.cpp", "cpu.h"])
+def test_an_edited_source_is_rebuilt_not_served_stale(tmp_path, monkeypatch, edited):
+    for f in native.SOURCES + native.HEADERS:
+        (tmp_path / f.name).write_text(f.read_text())
+    monkeypatch.setattr(native, "SOURCES", tuple(tmp_path / f.name for f in native.SOURCES))
+    monkeypatch.setattr(native, "HEADERS", tuple(tmp_path / f.name for f in native.HEADERS))
     first = native._library_path(native.compiler())
-    src.write_text(native.SOURCE.read_text() + "\n// edited\n")
+    (tmp_path / edited).write_text((tmp_path / edited).read_text() + "\n// edited\n")
     assert native._library_path(native.compiler()) != first
     assert os.path.basename(first).startswith("sparsebench_bitmask_")

@@ -62,6 +62,7 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
     floor_ms = sum(f.bytes for f in forms.values()) / (out["bandwidth_gbs"] * 1e9) * 1e3
     assert one["csr16_over_floor"] == pytest.approx(one["csr16_ms"] / floor_ms, rel=0.02)
     assert out["bitmask_path"] in ("avx512", "avx2", "portable")
+    assert out["gather_path"] == out["bitmask_path"]  # one switch forces both
     assert out["prefill_kernel"] in CPU_KERNELS and "not_run" not in out
     # every pruned linear ran sparse in every forward of the sparse measurements (none fell back)
     assert out["sparse"]["sparse_calls"] > 0 and out["sparse"]["sparse_calls"] % len(names) == 0
@@ -79,7 +80,8 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
 
 def test_the_candidates_follow_the_device_and_the_pattern():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name needs no GPU
-    assert CPU_KERNELS == ("bitmask", "csr16", "scipy_csr", "torch_csr") == kernels_for(cpu, "2:4")
+    assert CPU_KERNELS == ("bitmask", "csr16", "gather", "scipy_csr", "torch_csr")
+    assert CPU_KERNELS == kernels_for(cpu, "2:4")
     assert kernels_for(cuda, "unstructured") == ("torch_csr",) == kernels_for(cuda, "4:8")
     assert kernels_for(cuda, "2:4") == ("semi_structured", "torch_csr")
     assert set(KERNELS) == set(CPU_KERNELS) | {"semi_structured"}
@@ -441,7 +443,8 @@ def test_a_kernel_that_raises_is_recorded_and_left_out(monkeypatch):
     names = list(prunable_linears(model))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
     assert out["not_run"] == {"scipy_csr": "RuntimeError: no backend for this product"}
-    assert out["kernel"] in ("torch_csr", "csr16", "bitmask") and out["sparse"]["sparse_calls"] > 0
+    assert out["kernel"] in ("torch_csr", "csr16", "bitmask", "gather")
+    assert out["sparse"]["sparse_calls"] > 0
     only = replace(FAST, kernels=("scipy_csr",))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", only)
     assert out == {

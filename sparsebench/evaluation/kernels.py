@@ -11,6 +11,9 @@ times them against the dense kernel.
                                               kept values (float32, or bfloat16 for a bfloat16
                                               model), the compiled expand kernel of
                                               sparsebench/native (1/8 per weight, not per kept)
+    gather           cpu     any              CSR with 16-bit column indices, the compiled
+                                              index-gather kernel of sparsebench/native (2);
+                                              values as bitmask's
     semi_structured  cuda    2:4              torch's SparseSemiStructuredTensor (cuSPARSELt,
                                               or CUTLASS where cuSPARSELt is absent; packed
                                               values + metadata)
@@ -228,17 +231,40 @@ class Bitmask(SparseForm):
         form._hold(native.layout_of_export(values, bits, shape, dtype), int(shape[1]))
         return form
 
-    def _hold(self, layout, in_features):
+    def _hold(self, layout, in_features, kernel="bitmask"):
+        # bits: the mask words (bitmask) or the kept weights' 16-bit columns (gather)
         self.bits, self.values, self.rowptr = layout
         self.in_features, self.path = in_features, native.chosen_path()
         # the operator and its arguments bound once: a decoded token makes 210 calls
-        self.op = native.operator()
+        self.op = native.operator(kernel)
         self.args = (self.bits, self.values, self.rowptr, in_features, native.PATHS[self.path])
         nnz = int(self.rowptr[-1])
-        self.bytes = tensor_bytes(self.bits, self.rowptr) + nnz * self.values.element_size()
+        index = self.bits if kernel == "bitmask" else self.bits[:nnz]  # not the padding
+        self.bytes = tensor_bytes(index, self.rowptr) + nnz * self.values.element_size()
 
     def __call__(self, x):
         return self.op(x.float().contiguous(), *self.args)
+
+
+@FORMS.register("gather")
+class Gather(Bitmask):
+    """The kept values and their 16-bit column indices (the form of csr16), multiplied by the
+    compiled index-gather kernel (sparsebench/native/gather.cpp): its work falls with the
+    sparsity, where the expand kernel multiplies every zero of a group of 16, so it is the one
+    picked at high sparsities (docs/speed.md). Paths, values and the forcing switch as bitmask's."""
+
+    @classmethod
+    def refuses(cls, name, weight):
+        if weight.shape[1] > 65536:
+            return f"{name} has more than 65536 columns (16-bit indices)"
+        why = native.why_unavailable()
+        return f"the compiled gather kernel is unavailable: {why}" if why else None
+
+    def __init__(self, weight):
+        dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+        self._hold(native.layout_of_weight(weight, dtype, "gather"), weight.shape[1], "gather")
+
+    from_export = None  # a bitmask export holds bits, not indices: built from the weight
 
 
 @FORMS.register("semi_structured")

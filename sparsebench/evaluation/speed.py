@@ -88,7 +88,7 @@ class SpeedSpec:
                 f"eval.speed.rows_prefill={self.rows_prefill} is below eval.speed.rows_many="
                 f"{self.rows_many}: the tiers are one token < rows_many <= a few < rows_prefill"
             )
-        if self.enabled and (not self.kernels or "bitmask" in self.kernels):
+        if self.enabled and (not self.kernels or {"bitmask", "gather"} & set(self.kernels)):
             native.check_forced_path()  # a bad SPARSEBENCH_BITMASK_PATH: refused before any work
 
 
@@ -349,8 +349,9 @@ def measure(
     }
     if not_run:
         out["not_run"] = not_run
-    if "bitmask" in kernels and "bitmask" not in not_run:  # which compiled path it timed
-        out["bitmask_path"] = native.chosen_path()
+    for compiled in ("bitmask", "gather"):  # which compiled path it timed
+        if compiled in kernels and compiled not in not_run:
+            out[f"{compiled}_path"] = native.chosen_path()
     if ":" in pattern and "semi_structured" not in kernels:
         out["note"] = (
             f"no {pattern} kernel on {device.type}: its masks run through the unstructured "

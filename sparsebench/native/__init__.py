@@ -1,6 +1,8 @@
-"""The compiled CPU kernel for bitmask-stored weights (bitmask.cpp), built from source with the
-machine's C++ compiler against the installed torch, and loaded as torch operators
-(`torch.ops.sparsebench.*`).
+"""The compiled CPU kernels for pruned weights, built from source with the machine's C++
+compiler against the installed torch into one library, and loaded as torch operators
+(`torch.ops.sparsebench.*`): bitmask.cpp (the expand form: a mask bit per weight and the kept
+values, what `save.format=bitmask` writes) and gather.cpp (the index-gather form: the kept
+values and their 16-bit column indices).
 
     python -m sparsebench.native           # build (make install runs it); one line either way
 
@@ -10,9 +12,9 @@ Where no
 compiler is found or the build fails, `why_unavailable()` says so in one line and the other
 kernels of evaluation/kernels.py remain.
 
-Paths (bitmask.cpp): `avx512`, `avx2`, `portable`, chosen from the CPU's flags; the environment
-variable SPARSEBENCH_BITMASK_PATH forces one (a path this CPU lacks is refused with the ones it
-has), so one machine tests every path it has.
+Paths (cpu.h, both kernels): `avx512`, `avx2`, `portable`, chosen from the CPU's flags; the
+environment variable SPARSEBENCH_BITMASK_PATH forces one (a path this CPU lacks is refused with
+the ones it has), so one machine tests every path it has.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import torch
 
 from ..errors import SparsebenchError
 
-SOURCE = Path(__file__).with_name("bitmask.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "bitmask.cpp", HERE / "gather.cpp")
+HEADERS = (HERE / "cpu.h",)
 PATHS = {"portable": 1, "avx2": 2, "avx512": 3}
 PATH_NAMES = {v: k for k, v in PATHS.items()}
 ENV_PATH = "SPARSEBENCH_BITMASK_PATH"
@@ -47,7 +51,7 @@ def compiler() -> str | None:
 
 
 def _build_dir() -> Path:
-    here = SOURCE.parent / "_build"
+    here = HERE / "_build"
     try:
         here.mkdir(exist_ok=True)
         if os.access(here, os.W_OK):
@@ -60,10 +64,11 @@ def _build_dir() -> Path:
 
 
 def _library_path(cxx: str) -> Path:
-    """Keyed by the source, the compile line (flags, torch's headers), torch and Python."""
+    """Keyed by the sources, the compile line (flags, torch's headers), torch and Python."""
     line = " ".join(_command(cxx, Path("out.so")))
+    text = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     key = hashlib.sha256(
-        SOURCE.read_bytes() + line.encode() + torch.__version__.encode() + sys.version.encode()
+        text + line.encode() + torch.__version__.encode() + sys.version.encode()
     ).hexdigest()[:16]
     return _build_dir() / f"sparsebench_bitmask_{key}.so"
 
@@ -85,7 +90,7 @@ def _command(cxx: str, out: Path) -> list[str]:
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in include_paths()),
         f"-I{sysconfig.get_paths()['include']}",
-        str(SOURCE),
+        *(str(f) for f in SOURCES),
         "-o",
         str(out),
         *(f"-L{p}" for p in library_paths()),
@@ -96,7 +101,7 @@ def _command(cxx: str, out: Path) -> list[str]:
 
 
 def build(force: bool = False) -> Path:
-    """Compile bitmask.cpp (once per source, torch and compiler); the library's path. Raises
+    """Compile the kernels (once per source, torch and compiler); the library's path. Raises
     SparsebenchError with the compiler's first error line when it cannot."""
     cxx = compiler()
     if cxx is None:
@@ -109,7 +114,7 @@ def build(force: bool = False) -> Path:
     if done.returncode:
         tmp.unlink(missing_ok=True)
         errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or [done.stderr[-300:]]
-        raise SparsebenchError(f"building the bitmask kernel failed: {errors[0].strip()}")
+        raise SparsebenchError(f"building the compiled kernels failed: {errors[0].strip()}")
     tmp.replace(out)
     return out
 
@@ -118,7 +123,7 @@ def build(force: bool = False) -> Path:
 def _load() -> str | None:
     """Build if needed and load the operators; None, or why they are unavailable."""
     if sys.platform != "linux":
-        return f"the bitmask kernel is built on Linux only, not {sys.platform}"
+        return f"the compiled kernels are built on Linux only, not {sys.platform}"
     try:
         path = build()
         torch.ops.load_library(str(path))
@@ -176,38 +181,42 @@ def check_forced_path() -> None:
 def _require() -> None:
     why = _load()
     if why:
-        raise SparsebenchError(f"the compiled bitmask kernel is unavailable: {why}")
+        raise SparsebenchError(f"the compiled kernels are unavailable: {why}")
 
 
-def calls(path: str) -> int:
-    """How many products the kernel has run on `path` in this process."""
+def calls(path: str, kernel: str = "bitmask") -> int:
+    """How many products `kernel` (bitmask | gather) has run on `path` in this process."""
     _require()
-    return int(torch.ops.sparsebench.bitmask_calls(PATHS[path]))
+    return int(getattr(torch.ops.sparsebench, f"{kernel}_calls")(PATHS[path]))
 
 
-def operator():
-    """torch.ops.sparsebench.bitmask_linear (x, bits, values, rowptr, in_features, path id)."""
+def operator(kernel: str = "bitmask"):
+    """torch.ops.sparsebench.bitmask_linear (x, bits, values, rowptr, in_features, path id), or
+    gather_linear (x, cols, values, rowptr, in_features, path id)."""
     _require()
-    return torch.ops.sparsebench.bitmask_linear
+    return getattr(torch.ops.sparsebench, f"{kernel}_linear")
 
 
-def linear(x, bits, values, rowptr, in_features: int, path: str) -> torch.Tensor:
-    """y = x @ W^T for W in the kernel's layout (bitmask.cpp), x float32 (tokens, in)."""
-    _require()
-    return torch.ops.sparsebench.bitmask_linear(x, bits, values, rowptr, in_features, PATHS[path])
+def linear(x, index, values, rowptr, in_features: int, path: str, kernel: str = "bitmask"):
+    """y = x @ W^T for W in `kernel`'s layout (`layout_of_weight`), x float32 (tokens, in);
+    `index` is the mask's bits (bitmask) or the kept weights' columns (gather)."""
+    return operator(kernel)(x, index, values, rowptr, in_features, PATHS[path])
 
 
 def main() -> int:
     try:
         path = build()
     except SparsebenchError as err:
-        print(f"bitmask kernel: unavailable ({err}); the other eval.speed kernels remain")
+        print(f"bitmask and gather kernels: unavailable ({err}); the other kernels remain")
         return 0
     why = why_unavailable()
     if why:
-        print(f"bitmask kernel: built at {path} but does not load ({why})")
+        print(f"bitmask and gather kernels: built at {path} but do not load ({why})")
         return 0
-    print(f"bitmask kernel: built ({path.name}); paths on this CPU: {', '.join(supported())}")
+    print(
+        f"bitmask and gather kernels: built ({path.name}); paths on this CPU: "
+        f"{', '.join(supported())}"
+    )
     return 0
 
 
@@ -229,9 +238,11 @@ def layout(keep: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
     return torch.from_numpy(bits.copy()), vals, rowptr
 
 
-def layout_of_weight(weight: torch.Tensor, dtype: torch.dtype):
+def layout_of_weight(weight: torch.Tensor, dtype: torch.dtype, kernel: str = "bitmask"):
+    """`kernel`'s form (bitmask | gather) of a pruned weight: its nonzeros are the kept ones."""
     keep = weight.detach().cpu() != 0
-    return layout(keep, weight.detach().cpu()[keep], dtype)
+    build = layout if kernel == "bitmask" else gather_layout
+    return build(keep, weight.detach().cpu()[keep], dtype)
 
 
 def layout_of_export(values: torch.Tensor, bits: torch.Tensor, shape, dtype: torch.dtype):
@@ -240,3 +251,18 @@ def layout_of_export(values: torch.Tensor, bits: torch.Tensor, shape, dtype: tor
     n = int(np.prod(shape))
     keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=n).astype(bool)).reshape(shape)
     return layout(keep, values, dtype)
+
+
+def gather_layout(keep: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
+    """gather.cpp's form of a (out, in) weight from its mask and its kept values in row-major
+    order: (cols int16 (nnz + PAD): each kept weight's column as 16 bits, values `dtype`
+    (nnz + PAD), rowptr int64 (out + 1))."""
+    if keep.shape[1] > 65536:
+        raise SparsebenchError(f"{keep.shape[1]} columns do not fit the gather form's 16 bits")
+    cols = keep.nonzero()[:, 1].to(torch.int32)  # row-major order, as the values
+    cols = torch.cat([cols, torch.zeros(PAD, dtype=torch.int32)])
+    cols = torch.from_numpy(cols.numpy().astype(np.uint16).view(np.int16))
+    rowptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64)
+    rowptr[1:] = keep.sum(1).cumsum(0)
+    vals = torch.cat([values.reshape(-1).to(dtype), torch.zeros(PAD, dtype=dtype)])
+    return cols, vals, rowptr

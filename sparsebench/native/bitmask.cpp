@@ -15,9 +15,8 @@
 // inputs: the arithmetic per weight of a dense product, while memory traffic is 1/8 byte of mask
 // plus the kept values. An index-gather form (csr16) pays a gather per kept weight instead.
 //
-// Paths: 1 portable (scalar, any CPU), 2 avx2 (+fma), 3 avx512 (f, bw, vl), chosen at run time
-// from the CPU's flags (0 = the best this CPU has); each is compiled with its own target
-// attribute, so one binary runs everywhere and a test can force every path its CPU has.
+// Paths (cpu.h): 1 portable, 2 avx2, 3 avx512, chosen at run time from the CPU's flags (0 = the
+// best this CPU has).
 //
 // Threads: rows split over torch's intra-op pool (at::parallel_for, torch's thread count). Every
 // output is computed by one thread in a fixed order (lanes, then the lanes' sum), so the result
@@ -36,10 +35,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SB_X86 1
-#endif
+#include "cpu.h"
 
 namespace {
 
@@ -101,8 +97,6 @@ void tile_portable(const Problem& P, int64_t r, int64_t t0) {
 
 #if SB_X86
 // ----------------------------------------------------------------------------- avx512
-
-#define SB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
 
 // 16 kept values from p, spread to the lanes set in m (the others 0).
 // (A full load, then the expand from the register: the memory form, vexpandps zmm{k}, m512,
@@ -191,8 +185,6 @@ const Avx2Tables& avx2_tables() {
   return t;
 }
 
-#define SB_AVX2 __attribute__((target("avx2,fma,popcnt")))
-
 SB_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 SB_AVX2 inline __m256 load8(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -275,25 +267,8 @@ SB_AVX2 void tile_avx2(const Problem& P, int64_t r, int64_t t0) {
 
 // ----------------------------------------------------------------------------- dispatch
 
-bool supported(int64_t path) {
-  if (path == 1) return true;
-#if SB_X86
-  __builtin_cpu_init();
-  if (path == 2)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("popcnt");
-  if (path == 3)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("popcnt");
-#endif
-  return false;
-}
-
-int64_t best_path() {
-  for (int64_t p = 3; p > 1; --p)
-    if (supported(p)) return p;
-  return 1;
-}
+using sparsebench_cpu::best_path;
+using sparsebench_cpu::supported;
 
 // A tile function per (rows, tokens) count, so accumulators stay in registers: F<V, RB, NT>.
 template <typename V, int RB, template <typename, int, int> class F>
@@ -357,13 +332,8 @@ void rows(const Problem& P, int64_t path, int64_t r0, int64_t r1) {
 
 at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& values,
                           const at::Tensor& rowptr, int64_t in_features, int64_t path) {
-  if (path == 0) path = best_path();
-  TORCH_CHECK(path >= 1 && path <= 3, "bitmask_linear: path ", path, " is not 0-3");
-  TORCH_CHECK(supported(path), "bitmask_linear: this CPU lacks path ", path);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "bitmask_linear: x must be a 2-D float32 CPU tensor");
-  TORCH_CHECK(x.size(1) == in_features, "bitmask_linear: x has ", x.size(1), " columns, not ",
-              in_features);
+  path = sparsebench_cpu::checked_path(path, "bitmask_linear");
+  sparsebench_cpu::check_input(x, in_features, "bitmask_linear");
   TORCH_CHECK(bits.scalar_type() == at::kLong && bits.dim() == 2 && bits.is_contiguous(),
               "bitmask_linear: bits must be a contiguous int64 (out, words) tensor");
   TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
@@ -386,13 +356,10 @@ at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& bits, const at:
   const Problem P{xp.data_ptr<float>(), tokens, xp.size(1),
                   reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()), words,
                   values.data_ptr(), rowptr.data_ptr<int64_t>(), y.data_ptr<float>(), out};
-  const bool half = values.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, out, GRAIN, [&](int64_t r0, int64_t r1) {
-    if (half)
-      rows<uint16_t>(P, path, r0, r1);
-    else
-      rows<float>(P, path, r0, r1);
-  });
+  sparsebench_cpu::over_rows(out, GRAIN, values.scalar_type() == at::kBFloat16,
+                             [&](auto v, int64_t r0, int64_t r1) {
+                               rows<decltype(v)>(P, path, r0, r1);
+                             });
   calls[path].fetch_add(1, std::memory_order_relaxed);
   return y;
 }

@@ -164,8 +164,7 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
 def _kernels(speed: dict[str, Any]) -> str:
     """'bitmask (avx512) / bitmask / torch_csr': the kernels at one token, a few, many."""
     names = [speed["kernel"], speed.get("batch_kernel"), speed["prefill_kernel"]]
-    path = speed.get("bitmask_path")
-    names = [f"{k} ({path})" if k == "bitmask" and path else k for k in names if k]
+    names = [f"{k} ({speed[f'{k}_path']})" if f"{k}_path" in speed else k for k in names if k]
     return names[0] if len(set(names)) == 1 else " / ".join(names)
 
 

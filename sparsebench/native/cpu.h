@@ -1,0 +1,69 @@
+// What this CPU runs, shared by the two kernels of the library (bitmask.cpp, gather.cpp).
+// Paths: 1 portable (scalar, any CPU), 2 avx2 (+fma), 3 avx512 (f, bw, vl); each kernel
+// function is compiled with its own target attribute, so one binary runs everywhere and a test
+// can force every path its CPU has.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SB_X86 1
+#define SB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
+#define SB_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#endif
+
+namespace sparsebench_cpu {
+
+inline bool supported(int64_t path) {
+  if (path == 1) return true;
+#if SB_X86
+  __builtin_cpu_init();
+  if (path == 2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("popcnt");
+  if (path == 3)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("popcnt");
+#endif
+  return false;
+}
+
+inline int64_t best_path() {
+  for (int64_t p = 3; p > 1; --p)
+    if (supported(p)) return p;
+  return 1;
+}
+
+// The path an operator runs (0: the best this CPU has), refused in one line where it cannot.
+inline int64_t checked_path(int64_t path, const char* op) {
+  if (path == 0) path = best_path();
+  TORCH_CHECK(path >= 1 && path <= 3, op, ": path ", path, " is not 0-3");
+  TORCH_CHECK(supported(path), op, ": this CPU lacks path ", path);
+  return path;
+}
+
+inline void check_input(const at::Tensor& x, int64_t in_features, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, op,
+              ": x must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, op, ": x has ", x.size(1), " columns, not ",
+              in_features);
+}
+
+// rows(V{}, r0, r1) over rows [0, out) split over torch's intra-op pool (torch's thread count),
+// V = float for float32 values, uint16_t for bfloat16 ones.
+template <typename Rows>
+void over_rows(int64_t out, int64_t grain, bool bfloat16, const Rows& rows) {
+  at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
+    if (bfloat16)
+      rows(uint16_t{}, r0, r1);
+    else
+      rows(float{}, r0, r1);
+  });
+}
+
+}  // namespace sparsebench_cpu
