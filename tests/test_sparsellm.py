@@ -5,6 +5,8 @@ objective (the auxiliary p, the gated z, the ReLU proximal z); the command-line 
 families it covers (save and reload, N:M, the released single-epoch blocks) and the refusal of
 the others before any work."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,30 @@ def test_a_diverging_alternation_stops_with_one_line_saying_so(tmp_path, capsys)
         cli.main(["model=tiny-opt", "logger=disabled", "method=sparsellm", "pattern=2:4",
                   f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
     assert err.value.code and "alternation diverged" in capsys.readouterr().err
+
+
+def test_an_alternation_that_raises_its_error_is_said_in_the_summary_and_the_report(
+    tmp_path, capsys
+):
+    """A finite divergence (the MLP's error after the last epoch above the first epoch's, here
+    by a gate step size 30x the released one on a random model) still gives a result, but
+    never a bare one: results.json method_report.warnings, the summary's WARNING line and the
+    report's (warning) cells and list."""
+    from sparsebench import cli
+    from sparsebench.records import report
+
+    run = tmp_path / "sweep" / "run"
+    cli.main(["model=tiny-llama", "logger=disabled", "method=sparsellm", "sparsity=0.7",
+              "method.s_lr=0.3", f"hydra.run.dir={run}"])  # fmt: skip
+    res = json.loads((run / "results.json").read_text())
+    errors = res["method_report"]["sparsellm"]["mlp_error_by_epoch"]
+    assert errors[0][-1] > errors[0][0]  # block 0 alternates (4 epochs), block 1 runs one
+    (warning,) = res["method_report"]["warnings"]
+    assert warning.startswith("sparsellm: the alternation raised the MLP's error to its dense "
+                              "output in 1 of 1 blocks (worst: block 0, ")  # fmt: skip
+    assert f"WARNING: {warning}" in capsys.readouterr().out
+    text = report.write_report(tmp_path / "sweep")["markdown"].read_text()
+    assert " (warning)" in text and f": {warning}" in text.split("Warnings of the methods")[1]
 
 
 @pytest.mark.parametrize(

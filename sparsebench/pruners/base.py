@@ -148,5 +148,8 @@ class Pruner:
         return Budget()
 
     def report(self) -> dict[str, Any]:
-        """Method-specific measurements for results.json (curves, state sizes, ...)."""
+        """Method-specific measurements for results.json (curves, state sizes, ...). A
+        `warnings` list holds one-line findings of the method about its own result (an
+        alternation that raised its error, say): the end-of-run summary prints them and the
+        report lists the run under them, so a figure the method doubts is never printed bare."""
         return {}

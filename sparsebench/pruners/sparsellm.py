@@ -162,6 +162,11 @@ class SparseLLM(SparseGPT):
         keeps, losses = {}, []
         for step in range(epochs):
             if step > 0:  # W from the auxiliary variables
+                if not all(
+                    bool(torch.isfinite(t).all())
+                    for t in (p, z) + ((s,) if kind == "gated" else ())
+                ):
+                    raise self._diverged(step, "the auxiliary variables are not finite")
                 w1 = torch.matmul(z - _col(b1, z), x_inv) if b1 is not None else z @ x_inv
                 lin["up"].weight.copy_(w1)
                 if kind == "gated":
@@ -174,12 +179,11 @@ class SparseLLM(SparseGPT):
                 try:
                     keeps[role] = self._prune(lin[role], h[role], sparsity, pattern)
                 except SparsebenchError as err:  # a diverged alternation, said as such
-                    raise SparsebenchError(
-                        f"sparsellm: block {len(self.epochs_run)}, epoch {step + 1}: the "
-                        f"alternation diverged (|p| up to {float(p.float().abs().max()):.3g}, "
-                        f"|W| of {role} up to {float(lin[role].weight.float().abs().max()):.3g}; "
-                        f"{err}); the released step sizes do not suit this model: lower "
-                        "method.w_lr or method.s_lr, or use method.epochs=1 (SparseGPT)"
+                    big = float(lin[role].weight.float().abs().max())
+                    raise self._diverged(
+                        step,
+                        f"|p| up to {float(p.float().abs().max()):.3g}, "
+                        f"|W| of {role} up to {big:.3g}; {err}",
                     ) from None
             for role in dict.fromkeys(order):
                 if role != "gate" or kind != "gated" or h["gate"] is not h["up"]:
@@ -203,13 +207,17 @@ class SparseLLM(SparseGPT):
             losses.append(_mlp_error(kind, lin, act, X, Y))  # the released train_loss
         self.mlp_errors.append(losses)
         if not all(map(math.isfinite, losses)):
-            raise SparsebenchError(
-                f"sparsellm: block {len(self.epochs_run)}: the alternation diverged (the MLP's "
-                f"squared error to its dense output by epoch: {', '.join(map(_g, losses))}); "
-                "the released step sizes do not suit this model: lower method.w_lr or "
-                "method.s_lr, or use method.epochs=1 (SparseGPT)"
-            )
+            raise self._diverged(epochs - 1, "the MLP's squared error to its dense output by "
+                                 f"epoch: {', '.join(map(_g, losses))}")  # fmt: skip
         return keeps
+
+    def _diverged(self, step: int, detail: str) -> SparsebenchError:
+        """The one line a non-finite alternation stops with (float16 overflows first)."""
+        return SparsebenchError(
+            f"sparsellm: block {len(self.epochs_run)}, epoch {step + 1}: the alternation "
+            f"diverged ({detail}); its step sizes do not suit this model: lower method.w_lr or "
+            "method.s_lr, or use method.epochs=1 (SparseGPT)"
+        )
 
     def _fc2_steps(self, fc2, p, Y):
         w = fc2.weight.detach().float().clone().requires_grad_(True)
@@ -245,13 +253,35 @@ class SparseLLM(SparseGPT):
         return super().prune(ctx)
 
     def report(self):
+        out = super().report()
+        errors = getattr(self, "mlp_errors", [])
+        why = raised_error(errors)
+        if why:
+            out["warnings"] = [*out.get("warnings", []), why]
         return {
-            **super().report(),
+            **out,
             "sparsellm": {
                 "epochs_per_block": getattr(self, "epochs_run", []),
-                "mlp_error_by_epoch": getattr(self, "mlp_errors", []),  # the released train_loss
+                "mlp_error_by_epoch": errors,  # the released train_loss
             },
         }
+
+
+def raised_error(errors: list[list[float]]) -> str | None:
+    """A warning where the alternation ended with a larger MLP error than its first epoch's
+    (SparseGPT's masks on the weights as they came): there it made the MLP worse than no
+    alternation, and its released step sizes do not converge on this model."""
+    worse = [(i, e) for i, e in enumerate(errors) if len(e) > 1 and e[-1] > e[0]]
+    if not worse:
+        return None
+    i, e = max(worse, key=lambda ie: ie[1][-1] / ie[1][0])
+    alternating = sum(len(e) > 1 for e in errors)
+    return (
+        f"sparsellm: the alternation raised the MLP's error to its dense output in {len(worse)} "
+        f"of {alternating} blocks (worst: block {i}, {_g(e[0])} after the first epoch, "
+        f"{_g(e[-1])} after the last): its step sizes do not converge on this model; compare "
+        "method.epochs=1 (SparseGPT inside) or a lower method.s_lr"
+    )
 
 
 def _col(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,11 @@ def _fmt(v, digits=2):
 
 
 def _ppl(r: dict[str, Any], k: str) -> str:
+    """A perplexity cell; (warning): the method doubts its own result (listed below)."""
+    mark = " (warning)" if r.get("warnings") and r.get(k) is not None else ""
     if r.get("n", 1) > 1 and r.get(f"{k}_std") is not None:
-        return f"{r[k]:.2f} ± {r[f'{k}_std']:.2f} ({fold_text(r)})"
-    return _fmt(r[k])
+        return f"{r[k]:.2f} ± {r[f'{k}_std']:.2f} ({fold_text(r)}){mark}"
+    return _fmt(r[k]) + mark
 
 
 def _folded(r: dict[str, Any], k: str, digits: int = 2) -> str:
@@ -234,6 +236,13 @@ def notes(rows: list[dict[str, Any]], tasks: list[str], spread: bool) -> str:
     if rules:
         lines += ["", "Count rules (how actual sparsity may differ from the target):"]
         lines += [f"- {what}: {rule}" for what, rule in rules.items()]
+    warned = [r for r in rows if r.get("warnings")]
+    if warned:
+        lines += ["", "Warnings of the methods about their own results (results.json "
+                  "method_report.warnings):"]  # fmt: skip
+        for r in warned:
+            lines += [f"- {r['label']} at {_fmt(r['sparsity'])} {r['pattern']}: "]
+            lines[-1] += "; ".join(r["warnings"])
     suspect = [r for r in rows if r.get("speed_suspect")]
     if suspect:
         lines += ["", "Suspect speed measurements (results.json speed.suspect):"]

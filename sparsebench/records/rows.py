@@ -78,6 +78,7 @@ def load_row(path: Path) -> dict[str, Any]:
         "prefill_speedup": None,
         "bitmask_mb": None,
         "speed_suspect": [],
+        "warnings": [],
         "count_rule": None,
         "reloaded_from": None,
         "seed": None,
@@ -163,6 +164,7 @@ def load_row(path: Path) -> dict[str, Any]:
         (digest(seedless) + (f"|{row['kernels']}" if row["kernels"] else "")) if cfg else str(path)
     )
     row["speed_suspect"] = [str(x) for x in _dict(rec.get("speed")).get("suspect") or []]
+    row["warnings"] = [str(x) for x in _dict(rec.get("method_report")).get("warnings") or []]
     row["count_rule"] = sp.get("count_rule") if isinstance(sp.get("count_rule"), str) else None
     row["sort_label"] = row["label"]
     source = _dict(rec.get("loaded_pruned_model"))
@@ -248,6 +250,7 @@ def fold_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             dict.fromkeys(x for m in members for x in m.get("speed_suspect") or [])
         )
         row["speed_suspect_runs"] = sum(bool(m.get("speed_suspect")) for m in members)
+        row["warnings"] = list(dict.fromkeys(x for m in members for x in m.get("warnings") or []))
         if len(members) > 1:
             row["path"] = "; ".join(m["path"] for m in members)
         for k in numeric:

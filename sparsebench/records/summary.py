@@ -89,6 +89,8 @@ def run_summary(res: dict[str, Any], results_path: Path, extra: list[str] = ()) 
         lines += _table(["dataset", "perplexity", f"windows of {seqlen}"], ppl, {1, 2}) + [""]
     elif res.get("evaluation"):
         lines += [f"evaluation: {res['evaluation']}", ""]
+    warnings = (res.get("method_report") or {}).get("warnings") or []
+    lines += [f"WARNING: {w}" for w in warnings] + ([""] if warnings else [])
     zs = res.get("zeroshot") or {}
     if zs.get("tasks"):
         rows = []
