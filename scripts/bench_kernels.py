@@ -1,0 +1,99 @@
+"""One pruned matrix through each CPU kernel, side by side in one process: the dense product
+(`F.linear`), the compiled expand (`bitmask`) and index-gather (`gather`) kernels on each path
+this CPU has, and csr16's numba loops, at a few token counts. Where bench_speed.py times a whole
+model, this isolates one shape, to say which form wins where and why (docs/speed.md).
+
+    python scripts/bench_kernels.py                                 # SmolLM2's MLP shape
+    python scripts/bench_kernels.py --shape 11008x4096 --repeats 30  # Llama-2-7B's MLP shape
+    python scripts/bench_kernels.py --paths avx2 --sparsity 0.5 0.7 0.9
+
+Random weights and random masks at each sparsity (a mask's pattern, not its method, sets the
+speed); microseconds, the median of --repeats calls after one warm-up; the threads are
+torch's (--threads). One matrix called again and again stays in the last-level cache when it
+fits there (SmolLM2's shapes do): these are cache figures, the memory's are bench_speed.py's.
+Prints one JSON object per (shape, sparsity, tokens), then a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench import native
+from sparsebench.evaluation.kernels import sparse_form
+
+
+def median_us(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--shape", nargs="+", default=["1536x576"], help="OUTxIN, one or more")
+    ap.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64])
+    ap.add_argument("--paths", nargs="+", default=None, help="compiled paths (default: all here)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--no-csr16", action="store_true", help="leave numba's csr16 out")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    why = native.why_unavailable()
+    if why:
+        print(f"the compiled kernels are unavailable: {why}", file=sys.stderr)
+        return 2
+    paths = args.paths or native.supported()
+    torch.manual_seed(0)
+    rows = []
+    for shape in args.shape:
+        out, inp = (int(v) for v in shape.lower().split("x"))
+        for sparsity in args.sparsity:
+            w = torch.randn(out, inp) * (torch.rand(out, inp) >= sparsity)
+            layouts = {
+                k: native.layout_of_weight(w, torch.float32, k) for k in ("bitmask", "gather")
+            }
+            csr16 = None if args.no_csr16 else sparse_form(w, "csr16")
+            for tokens in args.tokens:
+                x = torch.randn(tokens, inp)
+                row = {"shape": shape, "sparsity": sparsity, "tokens": tokens,
+                       "threads": torch.get_num_threads(),
+                       "dense_us": median_us(lambda: F.linear(x, w), args.repeats)}  # fmt: skip
+                for kernel, layout in layouts.items():
+                    op = native.operator(kernel)
+                    for path in paths:
+                        pid = native.PATHS[path]
+                        row[f"{kernel}_{path}_us"] = median_us(
+                            lambda op=op, pid=pid, layout=layout: op(x, *layout, inp, pid),
+                            args.repeats,
+                        )
+                if csr16 is not None:
+                    row["csr16_us"] = median_us(lambda: csr16(x), args.repeats)
+                rows.append(row)
+                print(json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                                  for k, v in row.items()}), flush=True)  # fmt: skip
+    keys = [k for k in rows[0] if k.endswith("_us")]
+    print()
+    print("| shape | sparsity | tokens | " + " | ".join(k.removesuffix("_us") for k in keys) + " |")
+    print("|---|---|---|" + "---|" * len(keys))
+    for r in rows:
+        cells = " | ".join(f"{r[k]:.0f}" for k in keys)
+        print(f"| {r['shape']} | {r['sparsity']} | {r['tokens']} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
