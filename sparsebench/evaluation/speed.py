@@ -349,9 +349,8 @@ def measure(
     }
     if not_run:
         out["not_run"] = not_run
-    for compiled in ("bitmask", "gather"):  # which compiled path it timed
-        if compiled in kernels and compiled not in not_run:
-            out[f"{compiled}_path"] = native.chosen_path()
+    compiled = [k for k in ("bitmask", "gather") if k in kernels and k not in not_run]
+    out.update({f"{k}_path": native.chosen_path() for k in compiled})  # the path each timed
     if ":" in pattern and "semi_structured" not in kernels:
         out["note"] = (
             f"no {pattern} kernel on {device.type}: its masks run through the unstructured "

@@ -40,7 +40,9 @@ namespace {
 
 constexpr int64_t PAD = 16;           // entries past nnz in cols and values
 constexpr int64_t GRAIN = 16;         // rows per parallel task at least
-constexpr int64_t GATHER_TOKENS = 3;  // up to this many tokens: gathers; more: transposed tiles
+// up to this many tokens: gathers; more: transposed tiles (a first choice, not yet measured
+// between 2 and 7 tokens: a gather per token against one load per kept weight and tile)
+constexpr int64_t GATHER_TOKENS = 3;
 
 std::array<std::atomic<int64_t>, 4> calls{};  // per path: products run (tests read them)
 
