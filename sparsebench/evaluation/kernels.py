@@ -216,11 +216,11 @@ class Bitmask(SparseForm):
     @classmethod
     def refuses(cls, name, weight):
         why = native.why_unavailable()
-        return f"the compiled bitmask kernel is unavailable: {why}" if why else None
+        return f"the compiled {cls.name} kernel is unavailable: {why}" if why else None
 
     def __init__(self, weight):
         dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
-        self._hold(native.layout_of_weight(weight, dtype), weight.shape[1])
+        self._hold(native.layout_of_weight(weight, dtype, self.name), weight.shape[1], self.name)
 
     @classmethod
     def from_export(cls, values, bits, shape):
@@ -254,15 +254,8 @@ class Gather(Bitmask):
     picked at high sparsities (docs/speed.md). Paths, values and the forcing switch as bitmask's."""
 
     @classmethod
-    def refuses(cls, name, weight):
-        if weight.shape[1] > 65536:
-            return f"{name} has more than 65536 columns (16-bit indices)"
-        why = native.why_unavailable()
-        return f"the compiled gather kernel is unavailable: {why}" if why else None
-
-    def __init__(self, weight):
-        dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
-        self._hold(native.layout_of_weight(weight, dtype, "gather"), weight.shape[1], "gather")
+    def refuses(cls, name, weight):  # csr16's 16-bit columns, then the compiled library
+        return CSR16.refuses(name, weight) or super().refuses(name, weight)
 
     from_export = None  # a bitmask export holds bits, not indices: built from the weight
 
