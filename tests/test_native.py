@@ -116,6 +116,22 @@ def test_the_same_bits_whatever_the_thread_count(path, kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_product_over_many_cache_panels_has_the_bits_of_its_parts(path, kernel):
+    """Many tokens of a wide input run in cache-sized panels of rows x tokens (cpu.h: at 4096
+    columns a panel holds 12-16 tokens and 28-60 rows); panels change no tile, so every output
+    has the bits it has when its rows or its tokens are multiplied alone, within the bound."""
+    w, x = _weight(100, 4096, 0.5, 5), torch.randn(40, 4096)
+    y = native.linear(x, *native.layout_of_weight(w, torch.float32, kernel), 4096, path, kernel)
+    _check(w, x, path, kernel)
+    first = native.linear(x[:20], *native.layout_of_weight(w, torch.float32, kernel), 4096,
+                          path, kernel)  # fmt: skip
+    rows = native.linear(x, *native.layout_of_weight(w[37:], torch.float32, kernel), 4096,
+                         path, kernel)  # fmt: skip
+    assert torch.equal(y[:20], first) and torch.equal(y[:, 37:], rows)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_the_forced_path_is_the_one_that_runs(monkeypatch, kernel):
     w, x = _weight(32, 96, 0.5, 4), torch.randn(2, 96)
     for path in PATHS:

@@ -34,6 +34,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu.h"
 
@@ -124,6 +125,9 @@ SB_AVX512 void row1_avx512(const Problem& P, int64_t r) {
     const V* p2 = p1 + _mm_popcnt_u32(m1);
     const V* p3 = p2 + _mm_popcnt_u32(m2);
     const float* x = P.x + w * 64;
+    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD);  // the 1-2 lines of values a word
+    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD + 16);  // uses, a distance ahead
+    sparsebench_cpu::prefetch(b + w + sparsebench_cpu::AHEAD);
     a0 = _mm512_fmadd_ps(expand16(p, m0), _mm512_loadu_ps(x), a0);
     a1 = _mm512_fmadd_ps(expand16(p1, m1), _mm512_loadu_ps(x + 16), a1);
     a2 = _mm512_fmadd_ps(expand16(p2, m2), _mm512_loadu_ps(x + 32), a2);
@@ -149,6 +153,10 @@ SB_AVX512 void tile_avx512(const Problem& P, int64_t r, int64_t t0) {
   for (int64_t g = 0; g < P.words * 4; ++g) {
     __m512 v[RB];
     for (int i = 0; i < RB; ++i) {
+      if ((g & 3) == 0) {  // once a mask word: the lines of values it uses, a distance ahead
+        sparsebench_cpu::prefetch(p[i] + sparsebench_cpu::AHEAD);
+        sparsebench_cpu::prefetch(p[i] + sparsebench_cpu::AHEAD + 16);
+      }
       const __mmask16 m = b[i][g >> 2] >> ((g & 3) * 16);
       v[i] = expand16(p[i], m);
       p[i] += _mm_popcnt_u32(m);
@@ -216,6 +224,9 @@ SB_AVX2 void row1_avx2(const Problem& P, int64_t r) {
     const uint64_t m = b[w];
     const uint64_t off = byte_offsets(m);
     const float* x = P.x + w * 64;
+    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD);  // as row1_avx512
+    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD + 16);
+    sparsebench_cpu::prefetch(b + w + sparsebench_cpu::AHEAD);
 #define SB_BYTE(k, acc)                                                                      \
   acc = _mm256_fmadd_ps(expand8(p + ((off >> (8 * k)) & 0xFF), (m >> (8 * k)) & 0xFF, T), \
                         _mm256_loadu_ps(x + 8 * k), acc)
@@ -283,18 +294,23 @@ void tile(const Problem& P, int64_t r, int64_t t0, int nt) {
   }
 }
 
-// Rows [r0, r1) of y over all tokens: blocks of RB rows x `tile_tokens` tokens, then the rows
-// left over one at a time. The blocking is fixed by the shape and the path, never by the
-// thread count, so every output's summation order is too.
+// Rows [r0, r1) of y over all tokens: in cache-sized panels (cpu.h), blocks of RB rows x
+// `tile_tokens` tokens, then the rows left over one at a time. The blocking is fixed by the
+// shape and the path, never by the thread count, so every output's summation order is too.
 template <typename V, int RB, template <typename, int, int> class F>
 void blocks(const Problem& P, int64_t r0, int64_t r1, int tile_tokens) {
-  int64_t r = r0;
-  for (; r + RB <= r1; r += RB)
-    for (int64_t t0 = 0; t0 < P.tokens; t0 += tile_tokens)
-      tile<V, RB, F>(P, r, t0, static_cast<int>(std::min<int64_t>(tile_tokens, P.tokens - t0)));
-  for (; r < r1; ++r)
-    for (int64_t t0 = 0; t0 < P.tokens; t0 += tile_tokens)
-      tile<V, 1, F>(P, r, t0, static_cast<int>(std::min<int64_t>(tile_tokens, P.tokens - t0)));
+  const double row_bytes = P.words * 8.0 + sizeof(V) * double(P.rowptr[P.out]) / P.out;
+  auto panel = [&](int64_t ra, int64_t rb, int64_t ta, int64_t tb) {
+    auto tiles = [&](auto rows_at_once, int64_t r) {
+      for (int64_t t0 = ta; t0 < tb; t0 += tile_tokens)
+        tile<V, decltype(rows_at_once)::value, F>(
+            P, r, t0, static_cast<int>(std::min<int64_t>(tile_tokens, tb - t0)));
+    };
+    int64_t r = ra;
+    for (; r + RB <= rb; r += RB) tiles(std::integral_constant<int, RB>{}, r);
+    for (; r < rb; ++r) tiles(std::integral_constant<int, 1>{}, r);
+  };
+  sparsebench_cpu::panels(r0, r1, RB, row_bytes, P.tokens, tile_tokens, P.xs * 4.0, panel);
 }
 
 template <typename V, int RB, int NT>

@@ -82,36 +82,38 @@ void row_portable(const Problem& P, int64_t r) {
 // ----------------------------------------------------------------------------- avx512
 
 
-// One row, a tile of up to 16 tokens (lanes): per kept weight, its value broadcast times the
-// tile's 16 inputs of its column. Four accumulators (kept weight j goes to j % 4): with one or
-// two the loop waits on the multiply-add's latency (measured 2.3 cycles per kept weight with
-// two on env C).
+// One row, the tile of up to 16 tokens (lanes) from t0: per kept weight, its value broadcast
+// times the tile's 16 inputs of its column. Four accumulators (kept weight j goes to j % 4):
+// with one or two the loop waits on the multiply-add's latency (measured 2.3 cycles per kept
+// weight with two on env C).
 template <typename V>
-SB_AVX512 void row_tiles_avx512(const Problem& P, int64_t r) {
+SB_AVX512 void row_tiles_avx512(const Problem& P, int64_t r, int64_t t0) {
   const V* vals = static_cast<const V*>(P.values);
   const int64_t start = P.rowptr[r], end = P.rowptr[r + 1];
-  for (int64_t t0 = 0; t0 < P.tokens; t0 += 16) {
-    const float* xt = P.xt + (t0 / 16) * P.in * 16;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t j = start;
-    for (; j + 4 <= end; j += 4) {
-      a0 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j)),
-                           _mm512_loadu_ps(xt + int64_t{P.cols[j]} * 16), a0);
-      a1 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j + 1)),
-                           _mm512_loadu_ps(xt + int64_t{P.cols[j + 1]} * 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j + 2)),
-                           _mm512_loadu_ps(xt + int64_t{P.cols[j + 2]} * 16), a2);
-      a3 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j + 3)),
-                           _mm512_loadu_ps(xt + int64_t{P.cols[j + 3]} * 16), a3);
+  const float* xt = P.xt + (t0 / 16) * P.in * 16;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = start;
+  for (; j + 4 <= end; j += 4) {
+    if ((j & 15) < 4) {  // once a line of values: the line a distance ahead, and its columns
+      sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
+      sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
     }
-    for (; j < end; ++j)
-      a0 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j)),
-                           _mm512_loadu_ps(xt + int64_t{P.cols[j]} * 16), a0);
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    const int64_t nt = std::min<int64_t>(16, P.tokens - t0);
-    for (int64_t t = 0; t < nt; ++t) P.y[(t0 + t) * P.out + r] = lanes[t];
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j)),
+                         _mm512_loadu_ps(xt + int64_t{P.cols[j]} * 16), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j + 1)),
+                         _mm512_loadu_ps(xt + int64_t{P.cols[j + 1]} * 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j + 2)),
+                         _mm512_loadu_ps(xt + int64_t{P.cols[j + 2]} * 16), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j + 3)),
+                         _mm512_loadu_ps(xt + int64_t{P.cols[j + 3]} * 16), a3);
   }
+  for (; j < end; ++j)
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(value(vals, j)),
+                         _mm512_loadu_ps(xt + int64_t{P.cols[j]} * 16), a0);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  const int64_t nt = std::min<int64_t>(16, P.tokens - t0);
+  for (int64_t t = 0; t < nt; ++t) P.y[(t0 + t) * P.out + r] = lanes[t];
 }
 
 // ----------------------------------------------------------------------------- avx2
@@ -140,6 +142,8 @@ SB_AVX2 void row_gather_avx2(const Problem& P, int64_t r) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     int64_t j = start;
     for (; j + 16 <= end; j += 16) {
+      sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
+      sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
       a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4), a0);
       a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4),
                            a1);
@@ -158,31 +162,33 @@ SB_AVX2 void row_gather_avx2(const Problem& P, int64_t r) {
 
 // row_tiles_avx512 in 8 lanes (its own target: a template cannot carry one).
 template <typename V>
-SB_AVX2 void row_tiles_avx2(const Problem& P, int64_t r) {
+SB_AVX2 void row_tiles_avx2(const Problem& P, int64_t r, int64_t t0) {
   const V* vals = static_cast<const V*>(P.values);
   const int64_t start = P.rowptr[r], end = P.rowptr[r + 1];
-  for (int64_t t0 = 0; t0 < P.tokens; t0 += 8) {
-    const float* xt = P.xt + (t0 / 8) * P.in * 8;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t j = start;
-    for (; j + 4 <= end; j += 4) {
-      a0 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j)),
-                           _mm256_loadu_ps(xt + int64_t{P.cols[j]} * 8), a0);
-      a1 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j + 1)),
-                           _mm256_loadu_ps(xt + int64_t{P.cols[j + 1]} * 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j + 2)),
-                           _mm256_loadu_ps(xt + int64_t{P.cols[j + 2]} * 8), a2);
-      a3 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j + 3)),
-                           _mm256_loadu_ps(xt + int64_t{P.cols[j + 3]} * 8), a3);
+  const float* xt = P.xt + (t0 / 8) * P.in * 8;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = start;
+  for (; j + 4 <= end; j += 4) {
+    if ((j & 15) < 4) {  // once a line of values: the line a distance ahead, and its columns
+      sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
+      sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
     }
-    for (; j < end; ++j)
-      a0 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j)),
-                           _mm256_loadu_ps(xt + int64_t{P.cols[j]} * 8), a0);
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    const int64_t nt = std::min<int64_t>(8, P.tokens - t0);
-    for (int64_t t = 0; t < nt; ++t) P.y[(t0 + t) * P.out + r] = lanes[t];
+    a0 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j)),
+                         _mm256_loadu_ps(xt + int64_t{P.cols[j]} * 8), a0);
+    a1 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j + 1)),
+                         _mm256_loadu_ps(xt + int64_t{P.cols[j + 1]} * 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j + 2)),
+                         _mm256_loadu_ps(xt + int64_t{P.cols[j + 2]} * 8), a2);
+    a3 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j + 3)),
+                         _mm256_loadu_ps(xt + int64_t{P.cols[j + 3]} * 8), a3);
   }
+  for (; j < end; ++j)
+    a0 = _mm256_fmadd_ps(_mm256_set1_ps(value(vals, j)),
+                         _mm256_loadu_ps(xt + int64_t{P.cols[j]} * 8), a0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  const int64_t nt = std::min<int64_t>(8, P.tokens - t0);
+  for (int64_t t = 0; t < nt; ++t) P.y[(t0 + t) * P.out + r] = lanes[t];
 }
 #endif  // SB_X86
 
@@ -200,15 +206,23 @@ int64_t tile_width(int64_t path, int64_t tokens) {
 template <typename V>
 void rows(const Problem& P, int64_t path, int64_t r0, int64_t r1) {
 #if SB_X86
-  if (path >= 2) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (!P.xt)
-        row_gather_avx2<V>(P, r);
-      else if (P.width == 16)
-        row_tiles_avx512<V>(P, r);
-      else
-        row_tiles_avx2<V>(P, r);
-    }
+  if (path >= 2 && !P.xt) {
+    for (int64_t r = r0; r < r1; ++r) row_gather_avx2<V>(P, r);
+    return;
+  }
+  if (path >= 2) {  // tiles, in cache-sized panels of rows x tiles (cpu.h)
+    const double row_bytes = (2.0 + sizeof(V)) * double(P.rowptr[P.out]) / P.out;
+    sparsebench_cpu::panels(
+        r0, r1, 1, row_bytes, P.tokens, P.width, P.in * 4.0,
+        [&](int64_t ra, int64_t rb, int64_t ta, int64_t tb) {
+          for (int64_t r = ra; r < rb; ++r)
+            for (int64_t t0 = ta; t0 < tb; t0 += P.width) {
+              if (P.width == 16)
+                row_tiles_avx512<V>(P, r, t0);
+              else
+                row_tiles_avx2<V>(P, r, t0);
+            }
+        });
     return;
   }
 #endif
