@@ -10,7 +10,11 @@ model, this isolates one shape, to say which form wins where and why (docs/speed
 Random weights and random masks at each sparsity (a mask's pattern, not its method, sets the
 speed); microseconds, the median of --repeats calls after one warm-up; the threads are
 torch's (--threads). One matrix called again and again stays in the last-level cache when it
-fits there (SmolLM2's shapes do): these are cache figures, the memory's are bench_speed.py's.
+fits there (SmolLM2's shapes do): these are cache figures, the memory's are bench_speed.py's,
+or --copies N: N different matrices of each shape, called in turn (microseconds a matrix), so
+that N x the matrix's bytes beyond the last-level cache streams from memory:
+
+    python scripts/bench_kernels.py --shape 1536x576 576x1536 --copies 300 --repeats 7 --no-csr16
 Prints one JSON object per (shape, sparsity, tokens), then a Markdown table.
 """
 
@@ -49,6 +53,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--no-csr16", action="store_true", help="leave numba's csr16 out")
+    ap.add_argument("--copies", type=int, default=1, help="matrices of each shape, in turn")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,26 +67,28 @@ def main() -> int:
     for shape in args.shape:
         out, inp = (int(v) for v in shape.lower().split("x"))
         for sparsity in args.sparsity:
-            w = torch.randn(out, inp) * (torch.rand(out, inp) >= sparsity)
+            ws = [torch.randn(out, inp) * (torch.rand(out, inp) >= sparsity)
+                  for _ in range(args.copies)]  # fmt: skip
             layouts = {
-                k: native.layout_of_weight(w, torch.float32, k) for k in ("bitmask", "gather")
+                k: [native.layout_of_weight(w, torch.float32, k) for w in ws]
+                for k in ("bitmask", "gather")
             }
-            csr16 = None if args.no_csr16 else sparse_form(w, "csr16")
+            csr16 = None if args.no_csr16 else [sparse_form(w, "csr16") for w in ws]
+            per = lambda fn: median_us(fn, args.repeats) / args.copies  # noqa: E731
             for tokens in args.tokens:
                 x = torch.randn(tokens, inp)
                 row = {"shape": shape, "sparsity": sparsity, "tokens": tokens,
-                       "threads": torch.get_num_threads(),
-                       "dense_us": median_us(lambda: F.linear(x, w), args.repeats)}  # fmt: skip
-                for kernel, layout in layouts.items():
+                       "threads": torch.get_num_threads(), "copies": args.copies,
+                       "dense_us": per(lambda: [F.linear(x, w) for w in ws])}  # fmt: skip
+                for kernel, each in layouts.items():
                     op = native.operator(kernel)
                     for path in paths:
                         pid = native.PATHS[path]
-                        row[f"{kernel}_{path}_us"] = median_us(
-                            lambda op=op, pid=pid, layout=layout: op(x, *layout, inp, pid),
-                            args.repeats,
+                        row[f"{kernel}_{path}_us"] = per(
+                            lambda op=op, pid=pid, each=each: [op(x, *la, inp, pid) for la in each]
                         )
                 if csr16 is not None:
-                    row["csr16_us"] = median_us(lambda: csr16(x), args.repeats)
+                    row["csr16_us"] = per(lambda: [f(x) for f in csr16])
                 rows.append(row)
                 print(json.dumps({k: round(v, 1) if isinstance(v, float) else v
                                   for k, v in row.items()}), flush=True)  # fmt: skip
