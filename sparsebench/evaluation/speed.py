@@ -3,7 +3,8 @@ every pruned linear run by the dense kernel and by a sparse kernel, side by side
 beside the floor that memory bandwidth sets (`eval.speed.enabled=true`; on in `eval=full`).
 
 Measurements (the model's own forward on the run's device, `torch.no_grad`, after `warmup`
-runs, median of `repeats`; CUDA work is synchronized before each clock read):
+runs, median of `repeats`, the dense and the sparse side's samples taken in turn, so the
+machine's drift falls on both (timing.py); CUDA work is synchronized before each clock read):
   prefill  tokens/s of one forward of `batch` windows of the protocol's seqlen
   decode   ms per generated token with the KV cache (transformers' DynamicCache), `batch`
            sequences after a 16-token prompt, `decode_tokens` steps
@@ -33,23 +34,18 @@ cache (under TOO_SMALL_BYTES) is timed by per-call overhead, and says so.
 
 from __future__ import annotations
 
-import inspect
-import statistics
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from ..engine.training import sync_cuda
 from ..errors import SparsebenchError, one_line
 from ..registry import option
 from .kernels import (
     FORMS,
-    SparseLinear,
     kernels_for,
     lowrank_parts,
     merged_in,
@@ -57,6 +53,14 @@ from .kernels import (
     swap_in,
     swap_out,
     unavailable,
+)
+from .timing import (
+    bandwidth_gbs,
+    decode_sampler,
+    interleaved,
+    median_s,
+    prefill_sampler,
+    random_tokens,
 )
 
 
@@ -95,68 +99,15 @@ class SpeedSpec:
 # ----------------------------------------------------------------------------- timing
 
 
-def _clock() -> float:
-    sync_cuda()  # queued CUDA work first
-    return time.perf_counter()
-
-
-def _median_s(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = _clock()
-        fn()
-        times.append(_clock() - start)
-    return statistics.median(times)
-
-
-def bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
-    """Memory bandwidth of the device now: a copy (256 MiB on the CPU, 2 GiB on a GPU, well
-    beyond its caches), bytes read + written / time."""
-    mib = 2048 if device.type == "cuda" else 256
-    a = torch.ones(mib * 2**20 // 4, device=device)
-    b = torch.empty_like(a)
-    t = _median_s(lambda: b.copy_(a), repeats, 1)
-    return 2 * mib * 2**20 / t / 1e9
-
-
-def _tokens(vocab: int, shape: tuple[int, int], device: torch.device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(vocab, shape, generator=g).to(device)
-
-
-@torch.no_grad()
 def prefill_tps(model: nn.Module, batch: int, seqlen: int, spec: SpeedSpec) -> float:
-    device = model.get_input_embeddings().weight.device
-    x = _tokens(model.config.vocab_size, (batch, seqlen), device, 0)
-    forward = lambda: model(input_ids=x, use_cache=False)  # noqa: E731
-    return batch * seqlen / _median_s(forward, spec.prefill_repeats, 0)
+    sample = prefill_sampler(model, batch, seqlen)
+    return batch * seqlen / median_s(sample, spec.prefill_repeats, 0)
 
 
-@torch.no_grad()
 def decode_ms(model: nn.Module, batch: int, spec: SpeedSpec) -> float:
     """Median ms per generated token (greedy, with the KV cache) after a 16-token prompt."""
-    from transformers import DynamicCache
-
-    device = model.get_input_embeddings().weight.device
-    prompt = _tokens(model.config.vocab_size, (batch, 16), device, 0)
-    # transformers 5.24 names the KV cache `cache` (`past_key_values` is deprecated)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def generate():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=prompt, use_cache=True, **{key: cache})
-        token = out.logits[:, -1:].argmax(-1)
-        start = _clock()
-        for _ in range(spec.decode_tokens):
-            out = model(input_ids=token, use_cache=True, **{key: cache})
-            token = out.logits[:, -1:].argmax(-1)
-        return (_clock() - start) / spec.decode_tokens
-
-    for _ in range(spec.warmup):
-        generate()
-    return 1000 * statistics.median(generate() for _ in range(spec.repeats))
+    sample = decode_sampler(model, batch, spec.decode_tokens)
+    return 1000 * median_s(sample, spec.repeats, spec.warmup)
 
 
 def pick_kernel(
@@ -181,7 +132,7 @@ def pick_kernel(
         )
         for n, lin in linears.items()
     }
-    timed = lambda fn: _median_s(fn, spec.repeats, max(1, spec.warmup))  # noqa: E731
+    timed = lambda fn: median_s(fn, spec.repeats, max(1, spec.warmup))  # noqa: E731
     totals, nbytes = {}, {}
     for kernel in (k for k in kernels if k not in failed):
         try:
@@ -306,6 +257,21 @@ def speedups(dense: dict[str, Any], other: dict[str, Any], batches) -> dict[str,
     }
 
 
+def _sides(model: nn.Module, names: list[str], factored: dict, tiers: tuple) -> dict[str, dict]:
+    """The modules at `names` for each side of the comparison, built once: the run's own
+    (`original`), the dense product's (a merged S + U V linear where OATS factored one) and the
+    sparse kernels' (SparseLinear with the `tiers` swap_in takes)."""
+    here = lambda: {n: model.get_submodule(n) for n in names}  # noqa: E731
+    sides = {"original": here()}
+    swap_in(model, names, *tiers)  # each built from the module in place: the original
+    sides["sparse"] = here()
+    swap_out(model, sides["original"])
+    merged_in(model, factored)
+    sides["dense"] = here()
+    swap_out(model, sides["original"])
+    return sides
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -332,7 +298,7 @@ def measure(
     factored, factor_bytes = lowrank_parts(linears)  # OATS: dense is S + U V, one weight
     dense_bytes = weight_bytes(model) - factor_bytes
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
-    probe = _tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)
+    probe = random_tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)
     out: dict[str, Any] = {
         "device": device.type,
         "kernel": kernel,
@@ -357,43 +323,39 @@ def measure(
             f"{kernel} kernel"
         )
     dense_logits = model(input_ids=probe, use_cache=False).logits.float()
-    for mode in ("dense", "sparse"):
-        originals = (
-            swap_in(
-                model,
-                names,
-                kernel,
-                prefill_kernel,
-                spec.rows_many,
-                batch_kernel,
-                spec.rows_prefill,
+    tiers = (kernel, prefill_kernel, spec.rows_many, batch_kernel, spec.rows_prefill)
+    sides = _sides(model, names, factored, tiers)
+    use = lambda side: swap_out(model, sides[side])  # noqa: E731 (puts that side's modules in)
+    both = ("dense", "sparse")
+    try:
+        stats: dict[str, dict[str, Any]] = {side: {} for side in both}
+        for b in spec.batch_sizes:  # the two sides' samples in turn (timing.py says why)
+            pre = interleaved(use, prefill_sampler(model, b, seqlen), both, spec.prefill_repeats, 0)
+            dec = interleaved(
+                use, decode_sampler(model, b, spec.decode_tokens), both, spec.repeats, spec.warmup
             )
-            if mode == "sparse"
-            else merged_in(model, factored)
-        )
-        try:
-            stats: dict[str, Any] = {}
+            for side in both:
+                stats[side][f"prefill_tps_b{b}"] = round(b * seqlen / pre[side], 2)
+                stats[side][f"decode_ms_b{b}"] = round(1000 * dec[side], 3)
+        use("sparse")
+        sparse = list(sides["sparse"].values())
+        logits = model(input_ids=probe, use_cache=False).logits.float()
+        stats["sparse"]["sparse_calls"] = sum(m.calls for m in sparse)
+        stats["sparse"]["logits_max_abs_diff"] = float((logits - dense_logits).abs().max())
+        stats["sparse"]["logits_max_abs"] = float(dense_logits.abs().max())
+        reads = {"dense": dense_bytes,
+                 "sparse": dense_bytes - pruned_dense + sum(m.bytes for m in sparse)}  # fmt: skip
+        for side in both:
+            st = stats[side]
+            st["bytes_per_token"] = reads[side]
+            st["floor_ms_per_token"] = round(1000 * reads[side] / (bandwidth * 1e9), 4)
             for b in spec.batch_sizes:
-                stats[f"prefill_tps_b{b}"] = round(prefill_tps(model, b, seqlen, spec), 2)
-                stats[f"decode_ms_b{b}"] = round(decode_ms(model, b, spec), 3)
-            if mode == "sparse":
-                sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
-                stats["sparse_calls"] = sum(m.calls for m in sparse)
-                read = dense_bytes - pruned_dense + sum(m.bytes for m in sparse)
-                logits = model(input_ids=probe, use_cache=False).logits.float()
-                stats["logits_max_abs_diff"] = float((logits - dense_logits).abs().max())
-                stats["logits_max_abs"] = float(dense_logits.abs().max())
-            else:
-                read = dense_bytes
-            stats["bytes_per_token"] = read
-            stats["floor_ms_per_token"] = round(1000 * read / (bandwidth * 1e9), 4)
-            for b in spec.batch_sizes:
-                stats[f"decode_over_floor_b{b}"] = round(
-                    stats[f"decode_ms_b{b}"] / stats["floor_ms_per_token"], 2
+                st[f"decode_over_floor_b{b}"] = round(
+                    st[f"decode_ms_b{b}"] / st["floor_ms_per_token"], 2
                 )
-            out[mode] = stats
-        finally:
-            swap_out(model, originals)
+            out[side] = st
+    finally:
+        use("original")
     out["speedup"] = speedups(out["dense"], out["sparse"], spec.batch_sizes)
     if factored:  # dense: each such linear as one dense linear of S + U V
         out["lowrank"] = {"linears": len(factored), "factor_bytes": factor_bytes}
