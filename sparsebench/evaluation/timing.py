@@ -5,7 +5,8 @@ samples of two or more sides of a comparison in turn.
 Why in turn: on a shared or throttling machine the speed drifts by several percent within a
 minute, so a dense run measured wholly before the sparse one moves their ratio by as much as a
 kernel change does (env C: the same 0.5 model measured 1.32x and 1.15x dense in two consecutive
-dense-then-sparse pairs). Taking one sample of each side in turn puts the drift into both.
+dense-then-sparse pairs of a one-off script, docs/notes/2026-12-07-panels-prefetch.md).
+Taking one sample of each side in turn puts the drift into both.
 """
 
 from __future__ import annotations

@@ -78,6 +78,16 @@ struct Cursor {
 };
 inline float value(const uint16_t* v, int64_t i) { return bf16(v[i]); }
 
+// A distance ahead (cpu.h): the one or two lines of values that a mask word's 64 weights use
+// from p, and, once a line of mask words (every 8th), the mask words from `bits`.
+template <typename V>
+inline void prefetch_word(const V* p, const uint64_t* bits) {
+  sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD);
+  sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD + 16);
+  if (bits && (reinterpret_cast<uintptr_t>(bits) & 63) == 0)
+    sparsebench_cpu::prefetch(bits + sparsebench_cpu::AHEAD);
+}
+
 // ----------------------------------------------------------------------------- portable
 
 template <typename V, int NT>
@@ -125,9 +135,7 @@ SB_AVX512 void row1_avx512(const Problem& P, int64_t r) {
     const V* p2 = p1 + _mm_popcnt_u32(m1);
     const V* p3 = p2 + _mm_popcnt_u32(m2);
     const float* x = P.x + w * 64;
-    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD);  // the 1-2 lines of values a word
-    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD + 16);  // uses, a distance ahead
-    sparsebench_cpu::prefetch(b + w + sparsebench_cpu::AHEAD);
+    prefetch_word(p, b + w);
     a0 = _mm512_fmadd_ps(expand16(p, m0), _mm512_loadu_ps(x), a0);
     a1 = _mm512_fmadd_ps(expand16(p1, m1), _mm512_loadu_ps(x + 16), a1);
     a2 = _mm512_fmadd_ps(expand16(p2, m2), _mm512_loadu_ps(x + 32), a2);
@@ -153,10 +161,7 @@ SB_AVX512 void tile_avx512(const Problem& P, int64_t r, int64_t t0) {
   for (int64_t g = 0; g < P.words * 4; ++g) {
     __m512 v[RB];
     for (int i = 0; i < RB; ++i) {
-      if ((g & 3) == 0) {  // once a mask word: the lines of values it uses, a distance ahead
-        sparsebench_cpu::prefetch(p[i] + sparsebench_cpu::AHEAD);
-        sparsebench_cpu::prefetch(p[i] + sparsebench_cpu::AHEAD + 16);
-      }
+      if ((g & 3) == 0) prefetch_word(p[i], nullptr);  // once a mask word
       const __mmask16 m = b[i][g >> 2] >> ((g & 3) * 16);
       v[i] = expand16(p[i], m);
       p[i] += _mm_popcnt_u32(m);
@@ -224,9 +229,7 @@ SB_AVX2 void row1_avx2(const Problem& P, int64_t r) {
     const uint64_t m = b[w];
     const uint64_t off = byte_offsets(m);
     const float* x = P.x + w * 64;
-    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD);  // as row1_avx512
-    sparsebench_cpu::prefetch(p + sparsebench_cpu::AHEAD + 16);
-    sparsebench_cpu::prefetch(b + w + sparsebench_cpu::AHEAD);
+    prefetch_word(p, b + w);
 #define SB_BYTE(k, acc)                                                                      \
   acc = _mm256_fmadd_ps(expand8(p + ((off >> (8 * k)) & 0xFF), (m >> (8 * k)) & 0xFF, T), \
                         _mm256_loadu_ps(x + 8 * k), acc)

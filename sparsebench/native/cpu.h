@@ -69,10 +69,9 @@ void over_rows(int64_t out, int64_t grain, bool bfloat16, const Rows& rows) {
 
 // The loops that stream a weight (one token's, and the tiles' first pass) ask the second-level
 // cache, once a line, for the line AHEAD entries past the one they read, so memory is read
-// while the core does the arithmetic of the lines before; without it the two alternate. On env
-// C, 2 threads, 0.85 GB of SmolLM2's shapes streamed at one token: 0.5 bitmask 31-32 -> 23-27
-// ms, 0.9 gather 12 -> 9-11 (dense 33-39); at 8 tokens gather 0.5 67 -> 48 (dense 73). 512
-// entries (2 KiB of float32 values) against 1024: no difference beyond the noise.
+// while the core does the arithmetic of the lines before; without it the two alternate
+// (docs/notes/2026-12-07-panels-prefetch.md: 1536 x 576 at 0.5, one token, 250 matrices from
+// memory, 2 threads on env C: bitmask 108-111 -> 88-97 us a matrix, dense 138-146).
 constexpr int64_t AHEAD = 512;
 template <typename T>
 inline void prefetch(const T* p) {
