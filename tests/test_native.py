@@ -117,6 +117,29 @@ def test_the_same_bits_whatever_the_thread_count(path, kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("path", PATHS)
+def test_rows_read_as_streams_have_the_bits_of_a_row_alone(path, kernel):
+    """One token reads a thread's rows as four far-apart streams at once (cpu.h `streams`: rows
+    k, k + q, k + 2q, k + 3q, the rest alone); each row is summed in the order it has alone, so
+    rows of different lengths in one group give the bits of their one-row products."""
+    w, x, threads = _weight(37, 300, 0.6, 7), torch.randn(1, 300), torch.get_num_threads()
+    assert len(set((w != 0).sum(1).tolist())) > 5  # rows of many lengths share the groups
+    try:
+        torch.set_num_threads(1)  # one part: q = 9, rows 0-35 in groups, 36 alone
+        y = native.linear(x, *native.layout_of_weight(w, torch.float32, kernel), 300, path,
+                          kernel)  # fmt: skip
+        alone = [
+            native.linear(x, *native.layout_of_weight(w[r : r + 1], torch.float32, kernel), 300,
+                          path, kernel)  # fmt: skip
+            for r in range(37)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    _check(w, x, path, kernel)
+    assert torch.equal(y, torch.cat(alone, 1))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("path", PATHS)
 def test_a_product_over_many_cache_panels_has_the_bits_of_its_parts(path, kernel):
     """Many tokens of a wide input run in cache-sized panels of rows x tokens (cpu.h: at 4096
     columns a panel holds 12-16 tokens and 28-60 rows); panels change no tile, so every output

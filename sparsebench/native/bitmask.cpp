@@ -64,15 +64,15 @@ inline float bf16(uint16_t v) {
 }
 inline float value(const float* v, int64_t i) { return v[i]; }
 
-// Where each of RB consecutive rows starts: its kept values and its mask words.
+// Where each of RB rows r, r + stride, ... starts: its kept values and its mask words.
 template <typename V, int RB>
 struct Cursor {
   const V* p[RB];
   const uint64_t* b[RB];
-  Cursor(const Problem& P, int64_t r) {
+  Cursor(const Problem& P, int64_t r, int64_t stride = 1) {
     for (int i = 0; i < RB; ++i) {
-      p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i];
-      b[i] = P.bits + (r + i) * P.words;
+      p[i] = static_cast<const V*>(P.values) + P.rowptr[r + i * stride];
+      b[i] = P.bits + (r + i * stride) * P.words;
     }
   }
 };
@@ -121,28 +121,41 @@ SB_AVX512 inline __m512 expand16(const uint16_t* p, __mmask16 m) {
   return _mm512_maskz_expand_ps(m, _mm512_castsi512_ps(f));
 }
 
-// One row, one token: four independent accumulators, one per 16-bit quarter of a mask word,
-// whose value offsets come from four popcounts at once.
-template <typename V>
-SB_AVX512 void row1_avx512(const Problem& P, int64_t r) {
-  const V* p = static_cast<const V*>(P.values) + P.rowptr[r];
-  const uint64_t* b = P.bits + r * P.words;
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// One token, RB rows r, r + stride, ... (cpu.h `streams`: RB far-apart streams read at once),
+// each with four accumulators, one per 16-bit quarter of a mask word, whose value offsets come
+// from four popcounts at once. A row's sums are the same whatever RB, so rows run in a group or
+// alone give the same bits.
+template <typename V, int RB>
+SB_AVX512 void rows1_avx512(const Problem& P, int64_t r, int64_t stride) {
+  Cursor<V, RB> c(P, r, stride);
+  __m512 a[RB][4];
+  for (int i = 0; i < RB; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm512_setzero_ps();
   for (int64_t w = 0; w < P.words; ++w) {
-    const uint64_t m = b[w];
-    const __mmask16 m0 = m, m1 = m >> 16, m2 = m >> 32, m3 = m >> 48;
-    const V* p1 = p + _mm_popcnt_u32(m0);
-    const V* p2 = p1 + _mm_popcnt_u32(m1);
-    const V* p3 = p2 + _mm_popcnt_u32(m2);
     const float* x = P.x + w * 64;
-    prefetch_word(p, b + w);
-    a0 = _mm512_fmadd_ps(expand16(p, m0), _mm512_loadu_ps(x), a0);
-    a1 = _mm512_fmadd_ps(expand16(p1, m1), _mm512_loadu_ps(x + 16), a1);
-    a2 = _mm512_fmadd_ps(expand16(p2, m2), _mm512_loadu_ps(x + 32), a2);
-    a3 = _mm512_fmadd_ps(expand16(p3, m3), _mm512_loadu_ps(x + 48), a3);
-    p = p3 + _mm_popcnt_u32(m3);
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16),
+                 x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
+    for (int i = 0; i < RB; ++i) {
+      const V* p = c.p[i];
+      const uint64_t m = c.b[i][w];
+      // the quarters loaded into mask registers from memory (a load each), where moving them
+      // from the word (or shifting them there) takes the expands' port
+      __mmask16* q = reinterpret_cast<__mmask16*>(const_cast<uint64_t*>(c.b[i] + w));
+      const __mmask16 m0 = _load_mask16(q), m1 = _load_mask16(q + 1), m2 = _load_mask16(q + 2),
+                      m3 = _load_mask16(q + 3);
+      const V* p1 = p + _mm_popcnt_u32(uint16_t(m));
+      const V* p2 = p1 + _mm_popcnt_u32(uint16_t(m >> 16));
+      const V* p3 = p2 + _mm_popcnt_u32(uint16_t(m >> 32));
+      prefetch_word(p, c.b[i] + w);
+      a[i][0] = _mm512_fmadd_ps(expand16(p, m0), x0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(expand16(p1, m1), x1, a[i][1]);
+      a[i][2] = _mm512_fmadd_ps(expand16(p2, m2), x2, a[i][2]);
+      a[i][3] = _mm512_fmadd_ps(expand16(p3, m3), x3, a[i][3]);
+      c.p[i] = p3 + _mm_popcnt_u32(uint32_t(m >> 48));
+    }
   }
-  P.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (int i = 0; i < RB; ++i)
+    P.y[r + i * stride] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3])));
 }
 
 // RB rows x NT tokens: each group of 16 kept values of a row is expanded once and multiplied
@@ -219,30 +232,37 @@ SB_AVX2 inline uint64_t byte_offsets(uint64_t m) {
   return (c * 0x0101010101010101ULL) << 8;
 }
 
-template <typename V>
-SB_AVX2 void row1_avx2(const Problem& P, int64_t r) {
+// One token, RB rows at a stride, as rows1_avx512: each mask byte's 8 values permuted to
+// their lanes, two accumulators a row (even and odd bytes; 4 rows x 2 of AVX2's 16 registers).
+template <typename V, int RB>
+SB_AVX2 void rows1_avx2(const Problem& P, int64_t r, int64_t stride) {
   const Avx2Tables& T = avx2_tables();
-  const V* p = static_cast<const V*>(P.values) + P.rowptr[r];
-  const uint64_t* b = P.bits + r * P.words;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  Cursor<V, RB> c(P, r, stride);
+  __m256 a[RB][2];
+  for (int i = 0; i < RB; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
   for (int64_t w = 0; w < P.words; ++w) {
-    const uint64_t m = b[w];
-    const uint64_t off = byte_offsets(m);
     const float* x = P.x + w * 64;
-    prefetch_word(p, b + w);
-#define SB_BYTE(k, acc)                                                                      \
-  acc = _mm256_fmadd_ps(expand8(p + ((off >> (8 * k)) & 0xFF), (m >> (8 * k)) & 0xFF, T), \
-                        _mm256_loadu_ps(x + 8 * k), acc)
-    SB_BYTE(0, a0); SB_BYTE(1, a1); SB_BYTE(2, a2); SB_BYTE(3, a3);
-    SB_BYTE(4, a0); SB_BYTE(5, a1); SB_BYTE(6, a2); SB_BYTE(7, a3);
+    for (int i = 0; i < RB; ++i) {
+      const V* p = c.p[i];
+      const uint64_t m = c.b[i][w];
+      const uint64_t off = byte_offsets(m);
+      prefetch_word(p, c.b[i] + w);
+#define SB_BYTE(k)                                                                              \
+  a[i][k & 1] = _mm256_fmadd_ps(expand8(p + ((off >> (8 * k)) & 0xFF), (m >> (8 * k)) & 0xFF, T), \
+                                _mm256_loadu_ps(x + 8 * k), a[i][k & 1])
+      SB_BYTE(0); SB_BYTE(1); SB_BYTE(2); SB_BYTE(3);
+      SB_BYTE(4); SB_BYTE(5); SB_BYTE(6); SB_BYTE(7);
 #undef SB_BYTE
-    p += _mm_popcnt_u64(m);
+      c.p[i] = p + _mm_popcnt_u64(m);
+    }
   }
-  __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  P.y[r] = _mm_cvtss_f32(h);
+  for (int i = 0; i < RB; ++i) {
+    const __m256 s = _mm256_add_ps(a[i][0], a[i][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    P.y[r + i * stride] = _mm_cvtss_f32(h);
+  }
 }
 
 // RB rows x NT tokens, as tile_avx512 (8 of AVX2's 16 registers hold accumulators).
@@ -336,10 +356,15 @@ struct Avx2Tile {
 template <typename V>
 void rows(const Problem& P, int64_t path, int64_t r0, int64_t r1) {
 #if SB_X86
+  using sparsebench_cpu::STREAMS;
   if (path == 3 && P.tokens == 1) {
-    for (int64_t r = r0; r < r1; ++r) row1_avx512<V>(P, r);
+    sparsebench_cpu::streams<STREAMS>(
+        r0, r1, [&](int64_t r, int64_t q) { rows1_avx512<V, STREAMS>(P, r, q); },
+        [&](int64_t r) { rows1_avx512<V, 1>(P, r, 1); });
   } else if (path == 2 && P.tokens == 1) {
-    for (int64_t r = r0; r < r1; ++r) row1_avx2<V>(P, r);
+    sparsebench_cpu::streams<STREAMS>(
+        r0, r1, [&](int64_t r, int64_t q) { rows1_avx2<V, STREAMS>(P, r, q); },
+        [&](int64_t r) { rows1_avx2<V, 1>(P, r, 1); });
   } else if (path == 3) {
     blocks<V, 4, Avx512Tile>(P, r0, r1, 6);
   } else if (path == 2) {

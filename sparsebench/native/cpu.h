@@ -80,6 +80,22 @@ inline void prefetch(const T* p) {
 #endif
 }
 
+// One token's rows [r0, r1) as STREAMS far-apart streams read at once: the rows split into
+// STREAMS contiguous parts of q rows, group(r, q) for rows r, r + q, r + 2q, r + 3q (k-th row
+// of each part), then one(r) for the rows left over. A one-token product reads each weight
+// once; one stream per core (row after row) kept too few memory reads in flight: on env C, 2
+// threads, 1536 x 576 at 0.5 from memory, 88 us a matrix against 65 read as four streams, and
+// four adjacent rows at once (streams a row apart, overlapping their prefetches) 110
+// (docs/notes/2026-12-07-streams.md).
+constexpr int64_t STREAMS = 4;
+
+template <int K, typename G, typename One>
+void streams(int64_t r0, int64_t r1, const G& group, const One& one) {
+  const int64_t q = (r1 - r0) / K;
+  for (int64_t k = 0; k < q; ++k) group(r0 + k, q);
+  for (int64_t r = r0 + K * q; r < r1; ++r) one(r);
+}
+
 // Rows [r0, r1) by tokens [0, tokens) in panels that one core's second-level cache holds:
 // f(ra, rb, ta, tb) for each panel, rows outer. `row_bytes` and `token_bytes` are what one row
 // of the weight and one token of the input occupy; `rstep` and `tstep` the units a panel's sides

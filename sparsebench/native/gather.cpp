@@ -13,7 +13,8 @@
 //
 // One to GATHER_TOKENS tokens: per row and token, 8 kept values and their columns at a time,
 // the inputs gathered (vgatherdps), one fused multiply-add; a row's values are re-read for each
-// token from L1 (a row of 4096 inputs at 0.5 is 12 KB).
+// token from L1 (a row of 4096 inputs at 0.5 is 12 KB). One token reads four rows at once, far
+// apart (cpu.h `streams`).
 // More tokens: x transposed into tiles of 8 or 16 tokens, (in, width) each, so a kept weight's
 // inputs for the whole tile are one contiguous vector: one broadcast, one load and one
 // multiply-add per kept weight and tile, with no gather (`tile_width` says which, and why).
@@ -31,6 +32,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -133,30 +135,60 @@ SB_AVX2 inline float sum8(__m256 s) {
   return _mm_cvtss_f32(h);
 }
 
+// Kept weights [j, end) of one row into a0 (the tail of fewer than 8 masked), for one token.
 template <typename V>
-SB_AVX2 void row_gather_avx2(const Problem& P, int64_t r) {
+SB_AVX2 __m256 gather_tail(const Problem& P, const float* x, int64_t j, int64_t end, __m256 a0) {
   const V* vals = static_cast<const V*>(P.values);
-  const int64_t start = P.rowptr[r], end = P.rowptr[r + 1];
+  for (; j < end; j += 8) {
+    const int64_t n = std::min<int64_t>(8, end - j);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, index8(P.cols + j), m, 4);
+    a0 = _mm256_fmadd_ps(_mm256_and_ps(m, load8(vals + j)), xv, a0);
+  }
+  return a0;
+}
+
+// RB rows r, r + stride, ... (cpu.h `streams`), one to GATHER_TOKENS tokens: per token, the
+// rows' kept weights 16 at a time in lockstep while every row has 16 left, then each row's
+// rest alone. A row's sums (blocks of 16 into a0 and a1 alternately, the rest into a0) are the
+// same whatever RB.
+template <typename V, int RB>
+SB_AVX2 void rows_gather_avx2(const Problem& P, int64_t r, int64_t stride) {
+  const V* vals = static_cast<const V*>(P.values);
+  int64_t start[RB], end[RB], common = INT64_MAX;
+  for (int i = 0; i < RB; ++i) {
+    start[i] = P.rowptr[r + i * stride];
+    end[i] = P.rowptr[r + i * stride + 1];
+    common = std::min(common, (end[i] - start[i]) / 16 * 16);
+  }
   for (int64_t t = 0; t < P.tokens; ++t) {
     const float* x = P.x + t * P.in;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t j = start;
-    for (; j + 16 <= end; j += 16) {
-      sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
-      sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
-      a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4), a0);
-      a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4),
-                           a1);
+    __m256 a0[RB], a1[RB];
+    for (int i = 0; i < RB; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < common; k += 16)
+      for (int i = 0; i < RB; ++i) {
+        const int64_t j = start[i] + k;
+        sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
+        sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
+        a0[i] = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4),
+                                a0[i]);
+        a1[i] = _mm256_fmadd_ps(load8(vals + j + 8),
+                                _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4), a1[i]);
+      }
+    for (int i = 0; i < RB; ++i) {
+      int64_t j = start[i] + common;
+      for (; j + 16 <= end[i]; j += 16) {
+        sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
+        sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
+        a0[i] = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4),
+                                a0[i]);
+        a1[i] = _mm256_fmadd_ps(load8(vals + j + 8),
+                                _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4), a1[i]);
+      }
+      a0[i] = gather_tail<V>(P, x, j, end[i], a0[i]);
+      P.y[t * P.out + r + i * stride] = sum8(_mm256_add_ps(a0[i], a1[i]));
     }
-    for (; j < end; j += 8) {
-      const int64_t n = std::min<int64_t>(8, end - j);
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
-      const __m256 xv =
-          _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, index8(P.cols + j), m, 4);
-      a0 = _mm256_fmadd_ps(_mm256_and_ps(m, load8(vals + j)), xv, a0);
-    }
-    P.y[t * P.out + r] = sum8(_mm256_add_ps(a0, a1));
   }
 }
 
@@ -206,8 +238,15 @@ int64_t tile_width(int64_t path, int64_t tokens) {
 template <typename V>
 void rows(const Problem& P, int64_t path, int64_t r0, int64_t r1) {
 #if SB_X86
-  if (path >= 2 && !P.xt) {
-    for (int64_t r = r0; r < r1; ++r) row_gather_avx2<V>(P, r);
+  if (path >= 2 && !P.xt) {  // one token: streams; two or three: row after row (two tokens
+    // of 1536 x 576 at 0.9 took 42 us as streams against 38 row after row, env C)
+    using sparsebench_cpu::STREAMS;
+    auto one = [&](int64_t r) { rows_gather_avx2<V, 1>(P, r, 1); };
+    if (P.tokens == 1)
+      sparsebench_cpu::streams<STREAMS>(
+          r0, r1, [&](int64_t r, int64_t q) { rows_gather_avx2<V, STREAMS>(P, r, q); }, one);
+    else
+      for (int64_t r = r0; r < r1; ++r) one(r);
     return;
   }
   if (path >= 2) {  // tiles, in cache-sized panels of rows x tiles (cpu.h)
