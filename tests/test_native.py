@@ -125,13 +125,8 @@ def test_rows_read_as_streams_have_the_bits_of_a_row_alone(path, kernel):
     assert len(set((w != 0).sum(1).tolist())) > 5  # rows of many lengths share the groups
     try:
         torch.set_num_threads(1)  # one part: q = 9, rows 0-35 in groups, 36 alone
-        y = native.linear(x, *native.layout_of_weight(w, torch.float32, kernel), 300, path,
-                          kernel)  # fmt: skip
-        alone = [
-            native.linear(x, *native.layout_of_weight(w[r : r + 1], torch.float32, kernel), 300,
-                          path, kernel)  # fmt: skip
-            for r in range(37)
-        ]
+        layouts = [native.layout_of_weight(v, torch.float32, kernel) for v in (w, *w.split(1))]
+        y, *alone = [native.linear(x, *la, 300, path, kernel) for la in layouts]
     finally:
         torch.set_num_threads(threads)
     _check(w, x, path, kernel)

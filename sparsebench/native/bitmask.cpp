@@ -364,7 +364,8 @@ void rows(const Problem& P, int64_t path, int64_t r0, int64_t r1) {
         [&](int64_t r) { rows1_avx512<V, 1>(P, r, 1); });
   } else if (path == 2 && P.tokens == 1) {
     // Streams where memory bounds the loop; at 0.9 the AVX2 expands bound it, and four rows at
-    // once ran slower (1536 x 576, 2 threads, env C: 0.9 52 -> 63 us, 0.5 105 -> 86)
+    // once ran slower (1536 x 576 from memory, 2 threads, env C: 0.9 51-54 -> 63 us; 0.5
+    // 103-107 -> 85-87)
     auto one = [&](int64_t r) { rows1_avx2<V, 1>(P, r, 1); };
     if (P.rowptr[P.out] >= AVX2_STREAMS_DENSITY * double(P.out) * P.words * 64)
       sparsebench_cpu::streams<STREAMS>(

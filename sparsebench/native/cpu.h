@@ -84,9 +84,10 @@ inline void prefetch(const T* p) {
 // STREAMS contiguous parts of q rows, group(r, q) for rows r, r + q, r + 2q, r + 3q (k-th row
 // of each part), then one(r) for the rows left over. A one-token product reads each weight
 // once; one stream per core (row after row) kept too few memory reads in flight: on env C, 2
-// threads, 1536 x 576 at 0.5 from memory, 88 us a matrix against 65 read as four streams, and
-// four adjacent rows at once (streams a row apart, overlapping their prefetches) 110
-// (docs/notes/2026-12-07-streams.md).
+// threads, from memory, the expand kernel took 88-93 us on 1536 x 576 at 0.5 row after row and
+// 78-79 as four streams, 3.9-4.1 ms on 4096 x 11008 and 3.1-3.3 (dense 5.7-6.0). Four adjacent
+// rows at once are not four streams where rows are short (their prefetches overlap: 110 us in a
+// one-off program that gave 65-71 for four streams; docs/notes/2026-12-07-streams.md).
 constexpr int64_t STREAMS = 4;
 
 template <int K, typename G, typename One>

@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -135,6 +134,18 @@ SB_AVX2 inline float sum8(__m256 s) {
   return _mm_cvtss_f32(h);
 }
 
+// Kept weights [j, j + 16) of one row for one token: the first 8 into a0, the next into a1.
+template <typename V>
+SB_AVX2 inline void gather16(const Problem& P, const float* x, int64_t j, __m256& a0,
+                             __m256& a1) {
+  const V* vals = static_cast<const V*>(P.values);
+  sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
+  sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
+  a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4), a0);
+  a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4),
+                       a1);
+}
+
 // Kept weights [j, end) of one row into a0 (the tail of fewer than 8 masked), for one token.
 template <typename V>
 SB_AVX2 __m256 gather_tail(const Problem& P, const float* x, int64_t j, int64_t end, __m256 a0) {
@@ -155,7 +166,6 @@ SB_AVX2 __m256 gather_tail(const Problem& P, const float* x, int64_t j, int64_t 
 // same whatever RB.
 template <typename V, int RB>
 SB_AVX2 void rows_gather_avx2(const Problem& P, int64_t r, int64_t stride) {
-  const V* vals = static_cast<const V*>(P.values);
   int64_t start[RB], end[RB], common = INT64_MAX;
   for (int i = 0; i < RB; ++i) {
     start[i] = P.rowptr[r + i * stride];
@@ -167,25 +177,10 @@ SB_AVX2 void rows_gather_avx2(const Problem& P, int64_t r, int64_t stride) {
     __m256 a0[RB], a1[RB];
     for (int i = 0; i < RB; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < common; k += 16)
-      for (int i = 0; i < RB; ++i) {
-        const int64_t j = start[i] + k;
-        sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
-        sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
-        a0[i] = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4),
-                                a0[i]);
-        a1[i] = _mm256_fmadd_ps(load8(vals + j + 8),
-                                _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4), a1[i]);
-      }
+      for (int i = 0; i < RB; ++i) gather16<V>(P, x, start[i] + k, a0[i], a1[i]);
     for (int i = 0; i < RB; ++i) {
       int64_t j = start[i] + common;
-      for (; j + 16 <= end[i]; j += 16) {
-        sparsebench_cpu::prefetch(vals + j + sparsebench_cpu::AHEAD);
-        sparsebench_cpu::prefetch(P.cols + j + sparsebench_cpu::AHEAD);
-        a0[i] = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(x, index8(P.cols + j), 4),
-                                a0[i]);
-        a1[i] = _mm256_fmadd_ps(load8(vals + j + 8),
-                                _mm256_i32gather_ps(x, index8(P.cols + j + 8), 4), a1[i]);
-      }
+      for (; j + 16 <= end[i]; j += 16) gather16<V>(P, x, j, a0[i], a1[i]);
       a0[i] = gather_tail<V>(P, x, j, end[i], a0[i]);
       P.y[t * P.out + r + i * stride] = sum8(_mm256_add_ps(a0[i], a1[i]));
     }
