@@ -23,23 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sparsebench import native
 from sparsebench.evaluation.kernels import sparse_form
-
-
-def median_us(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e6
+from sparsebench.evaluation.timing import median_s
 
 
 def main() -> int:
@@ -74,7 +64,7 @@ def main() -> int:
                 for k in ("bitmask", "gather")
             }
             csr16 = None if args.no_csr16 else [sparse_form(w, "csr16") for w in ws]
-            per = lambda fn: median_us(fn, args.repeats) / args.copies  # noqa: E731
+            per = lambda fn: 1e6 * median_s(fn, args.repeats, 1) / args.copies  # noqa: E731
             for tokens in args.tokens:
                 x = torch.randn(tokens, inp)
                 row = {"shape": shape, "sparsity": sparsity, "tokens": tokens,
