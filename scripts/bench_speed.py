@@ -152,6 +152,14 @@ def markdown(rows) -> str:
             f"| {_alone(s.get('kernels_8_tokens', {}), False)} "
             f"| {_alone(s['kernels_64_tokens'], False)} |"
         )
+    lines.append("")
+    for r in rows:  # the bandwidth the floors divide by, sampled beside the timings (speed.py)
+        s = r["speed"]
+        low, high = s.get("bandwidth_gbs_range", [s["bandwidth_gbs"]] * 2)
+        lines.append(
+            f"- {r['config']}: copy bandwidth {s['bandwidth_gbs']:.1f} GB/s "
+            f"({low:.1f}-{high:.1f} beside the kernels' timings)"
+        )
     return "\n".join(lines)
 
 

@@ -54,13 +54,17 @@ def test_the_sparse_model_runs_its_kernels_and_agrees_with_the_dense_one():
     names = list(prunable_linears(model))
     out = measure(model, names, 32, torch.device("cpu"), "unstructured", FAST)
     one = out["kernels_one_token"]
-    assert out["kernel"] in CPU_KERNELS and set(one) == {"dense_ms", "dense_over_floor"} | {
-        f"{k}_{what}" for k in CPU_KERNELS for what in ("ms", "over_floor")
+    assert out["kernel"] in CPU_KERNELS and set(one) == {
+        f"{k}_{what}" for k in ("dense", *CPU_KERNELS) for what in ("ms", "gbs", "over_floor")
     }
-    # each kernel's time over its own floor is its time over (its form's bytes / bandwidth)
+    # each kernel's time over its own floor is its time over (its form's bytes / the bandwidth
+    # sampled beside its timing); the whole model's floor is the median of those bandwidths
     forms = {n: sparse_form(model.get_submodule(n).weight, "csr16") for n in names}
-    floor_ms = sum(f.bytes for f in forms.values()) / (out["bandwidth_gbs"] * 1e9) * 1e3
+    floor_ms = sum(f.bytes for f in forms.values()) / (one["csr16_gbs"] * 1e9) * 1e3
     assert one["csr16_over_floor"] == pytest.approx(one["csr16_ms"] / floor_ms, rel=0.02)
+    beside = sorted(one[f"{k}_gbs"] for k in ("dense", *CPU_KERNELS))
+    assert out["bandwidth_gbs_range"] == [beside[0], beside[-1]]
+    assert beside[0] <= out["bandwidth_gbs"] <= beside[-1]
     assert out["bitmask_path"] in ("avx512", "avx2", "portable")
     assert out["gather_path"] == out["bitmask_path"]  # one switch forces both
     assert out["prefill_kernel"] in CPU_KERNELS and "not_run" not in out

@@ -3,7 +3,7 @@ sampled in turn, so a machine that slows down during the measurement slows both.
 
 import pytest
 
-from sparsebench.evaluation.timing import interleaved
+from sparsebench.evaluation.timing import interleaved, median_beside
 
 
 def test_the_sides_are_sampled_in_turn_after_their_warmup_and_the_median_is_kept():
@@ -38,3 +38,17 @@ def test_a_drift_during_the_measurement_falls_on_both_sides():
 
     got = interleaved(use, sample, ("dense", "sparse"), repeats=5, warmup=0)
     assert got["dense"] / got["sparse"] == pytest.approx(2.0 / 1.01, rel=1e-9)
+
+
+def test_the_bandwidth_is_sampled_after_each_timed_run_not_after_the_warmup():
+    """median_beside: one probe sample per counted run, in order, none for the warm-up, so a
+    kernel's floor is the bandwidth of the seconds it was timed in."""
+    events = []
+    seconds, probes = median_beside(
+        lambda: events.append("run"),
+        lambda: events.append("probe") or float(len(events)),
+        repeats=3,
+        warmup=2,
+    )
+    assert events == ["run", "run"] + ["run", "probe"] * 3
+    assert probes == [4.0, 6.0, 8.0] and seconds >= 0

@@ -10,7 +10,10 @@ machine's drift falls on both (timing.py); CUDA work is synchronized before each
            sequences after a 16-token prompt, `decode_tokens` steps
   floor    for decode: the bytes one token reads (every weight once, in the form used) over the
            device's memory bandwidth, measured in the same run by a copy benchmark (bytes read
-           + written / time); measured / floor says how much of the possible gain a kernel gets.
+           + written / time), sampled after each timing of the pruned linears alone (each
+           kernel's floor is from its own samples; the whole model's from all of them, which
+           the decode timings follow); measured / floor says how much of the possible gain a
+           kernel gets.
 
 The sparse kernels are kernels.py's. Every candidate that applies to the device and pattern
 is timed on the model's own pruned weights at 1, 8 and 64 tokens; the fastest at one token
@@ -34,8 +37,9 @@ cache (under TOO_SMALL_BYTES) is timed by per-call overhead, and says so.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +60,10 @@ from .kernels import (
 )
 from .timing import (
     bandwidth_gbs,
+    copy_sampler,
     decode_sampler,
     interleaved,
+    median_beside,
     median_s,
     prefill_sampler,
     random_tokens,
@@ -116,15 +122,16 @@ def pick_kernel(
     spec: SpeedSpec,
     tokens: int,
     failed: dict[str, str],
-    bandwidth: float | None = None,
+    probe: Callable[[], float] | None = None,
 ) -> tuple[str | None, dict[str, float]]:
     """The fastest of `kernels` for `tokens` input rows over the model's own pruned weights
     (each kernel timed on every pruned linear in turn, side by side with the dense product,
     after a warm-up). A kernel that raises (a backend missing from this build of torch, say) is
     recorded in `failed` with its error's first line and left out; None when none ran.
-    With `bandwidth` (GB/s), each kernel's time over its own floor (the bytes of its form over
-    the bandwidth) too, `<kernel>_over_floor`, the dense product's beside them: how far each
-    is from what memory allows, so a speed-up is never credited to a slow dense product."""
+    With a bandwidth `probe` (timing.copy_sampler), each kernel's time over its own floor too,
+    `<kernel>_over_floor`: the bytes of its form over the bandwidth sampled after each of its
+    runs (`<kernel>_gbs`, their median), the dense product's beside them: how far each is from
+    what memory allows, so a speed-up is never credited to a slow dense product."""
     device = next(iter(linears.values())).weight.device
     x = {
         n: torch.randn(tokens, lin.in_features, generator=torch.Generator().manual_seed(2)).to(
@@ -132,28 +139,37 @@ def pick_kernel(
         )
         for n, lin in linears.items()
     }
-    timed = lambda fn: median_s(fn, spec.repeats, max(1, spec.warmup))  # noqa: E731
+    gbs: dict[str, float] = {}
+
+    def timed(kernel: str, fn) -> float:
+        if probe is None:
+            return median_s(fn, spec.repeats, max(1, spec.warmup))
+        seconds, samples = median_beside(fn, probe, spec.repeats, max(1, spec.warmup))
+        gbs[kernel] = statistics.median(samples)
+        return seconds
+
     totals, nbytes = {}, {}
     for kernel in (k for k in kernels if k not in failed):
         try:
             forms = {n: sparse_form(lin.weight, kernel) for n, lin in linears.items()}
-            totals[kernel] = timed(lambda: [forms[n](x[n]) for n in forms])
+            totals[kernel] = timed(kernel, lambda: [forms[n](x[n]) for n in forms])
             nbytes[kernel] = sum(f.bytes for f in forms.values())
         except (RuntimeError, NotImplementedError, ValueError) as err:
             failed[kernel] = one_line(err, 300)
         forms = None  # free the forms before the next kernel's
-    dense_s = timed(lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
+    dense_s = timed("dense", lambda: [F.linear(x[n], lin.weight) for n, lin in linears.items()])
     best = min(totals, key=totals.get) if totals else None
     out = {
         "dense_ms": round(1000 * dense_s, 3),
         **{f"{k}_ms": round(1000 * v, 3) for k, v in totals.items()},
     }
-    if bandwidth:
+    if probe is not None:
         nbytes["dense"] = sum(
             lin.weight.numel() * lin.weight.element_size() for lin in linears.values()
         )
         for k, t in {"dense": dense_s, **totals}.items():
-            out[f"{k}_over_floor"] = round(t / (nbytes[k] / (bandwidth * 1e9)), 2)
+            out[f"{k}_gbs"] = round(gbs[k], 2)
+            out[f"{k}_over_floor"] = round(t / (nbytes[k] / (gbs[k] * 1e9)), 2)
     return best, out
 
 
@@ -287,9 +303,11 @@ def measure(
     kernels, not_run = candidates(linears, device, pattern, spec)
     if not kernels:
         return {"skipped": "no sparse kernel can run this model here", "not_run": not_run}
-    bandwidth = bandwidth_gbs(device)
     failed: dict[str, str] = {}
-    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed, bandwidth)
+    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed, copy_sampler(device))
+    # the whole model's floor: the bandwidth sampled beside the kernels' timings (their median)
+    beside = [v for k, v in kernels_one.items() if k.endswith("_gbs")]
+    bandwidth = statistics.median(beside)
     batch_kernel, kernels_eight = pick_kernel(linears, kernels, spec, 8, failed)
     prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64, failed)
     not_run.update(failed)
@@ -310,6 +328,7 @@ def measure(
         "kernels_8_tokens": kernels_eight,
         "kernels_64_tokens": kernels_many,
         "bandwidth_gbs": round(bandwidth, 2),
+        "bandwidth_gbs_range": [min(beside), max(beside)],  # how much it moved in the run
         "pattern": pattern,
         "threads": torch.get_num_threads(),
     }

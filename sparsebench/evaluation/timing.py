@@ -59,14 +59,45 @@ def interleaved(
     return {side: statistics.median(v) for side, v in samples.items()}
 
 
-def bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
-    """Memory bandwidth of the device now: a copy (256 MiB on the CPU, 2 GiB on a GPU, well
-    beyond its caches), bytes read + written / time."""
+def copy_sampler(device: torch.device) -> Callable[[], float]:
+    """One sample of the device's memory bandwidth now, in GB/s: a copy (256 MiB on the CPU, 2
+    GiB on a GPU, well beyond its caches), bytes read + written / time."""
     mib = 2048 if device.type == "cuda" else 256
     a = torch.ones(mib * 2**20 // 4, device=device)
     b = torch.empty_like(a)
-    t = median_s(lambda: b.copy_(a), repeats, 1)
-    return 2 * mib * 2**20 / t / 1e9
+
+    def sample() -> float:
+        start = clock()
+        b.copy_(a)
+        return 2 * mib * 2**20 / (clock() - start) / 1e9
+
+    return sample
+
+
+def bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
+    """The median of `repeats` copy samples taken now (after one unrecorded)."""
+    sample = copy_sampler(device)
+    sample()
+    return statistics.median(sample() for _ in range(repeats))
+
+
+def median_beside(
+    fn: Callable[[], Any], probe: Callable[[], float], repeats: int, warmup: int
+) -> tuple[float, list[float]]:
+    """The median seconds of `fn` over `repeats` runs after `warmup`, and a sample of `probe`
+    after each run: a bandwidth measured in the same seconds as the timing it is a floor for.
+    (On a shared host the copy bandwidth moves by half within a minute: env B gave 24 to 55
+    GB/s in one run of bench_speed.py, where a floor from one moment put the same kernel at 0.9
+    and at 2.2 of it.)"""
+    for _ in range(warmup):
+        fn()
+    times, probes = [], []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+        probes.append(probe())
+    return statistics.median(times), probes
 
 
 def random_tokens(vocab: int, shape: tuple[int, int], device: torch.device, seed: int):
