@@ -165,7 +165,8 @@ def markdown(rows) -> str:
 
 def _named(speed, kernel: str) -> str:
     path = speed.get(f"{kernel}_path")  # the compiled kernels' path (bitmask, gather)
-    return f"{kernel} ({path})" if path else kernel
+    masks = speed.get("bitmask_masks") if kernel == "bitmask" else None  # AVX-512, one token
+    return f"{kernel} ({path}{', masks ' + masks if masks else ''})" if path else kernel
 
 
 def _alone(table, floors: bool) -> str:

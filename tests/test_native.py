@@ -174,6 +174,42 @@ def test_a_path_that_is_not_one_or_not_here_is_refused_in_one_line(monkeypatch):
             native.chosen_path()
 
 
+@pytest.fixture
+def masks_mode():
+    """Sets bitmask.cpp's masks mode (0 loads, 1 moves); decides it again afterwards."""
+    yield lambda mode: torch.ops.sparsebench.bitmask_masks(mode)
+    torch.ops.sparsebench.bitmask_masks(2)
+
+
+@pytest.mark.skipif("avx512" not in PATHS, reason="this CPU has no AVX-512")
+def test_both_ways_of_taking_the_masks_give_the_same_bits(masks_mode):
+    """The AVX-512 one-token loop moves a mask word's quarters into mask registers or loads them
+    (measured once a process, bitmask.cpp): each within the bound, and the same bits, on random
+    and adversarial masks of widths that end in every quarter of a word, grouped or alone."""
+    ws = (_adversarial(37, 300), _weight(41, 64 * 3 + 17, 0.5, 2), _weight(9, 40, 0.9, 3))
+    xs = [torch.randn(1, w.shape[1]) for w in ws]
+    ys = {}
+    for mode in (0, 1):
+        assert masks_mode(mode) == mode
+        for w, x in zip(ws, xs):
+            _check(w, x, "avx512", "bitmask")
+        ys[mode] = [native.linear(x, *native.layout_of_weight(w, torch.float32), w.shape[1],
+                                  "avx512") for w, x in zip(ws, xs)]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(ys[0], ys[1]))
+
+
+def test_the_masks_mode_is_forced_or_refused_in_one_line(monkeypatch, masks_mode):
+    from sparsebench.evaluation.speed import SpeedSpec
+
+    for name, mode in (("loads", 0), ("moves", 1)):
+        monkeypatch.setenv(native.ENV_MASKS, name)
+        assert masks_mode(2) == mode and native.expand_masks() == name
+    monkeypatch.setenv(native.ENV_MASKS, "fast")
+    with pytest.raises(SparsebenchError, match=r"'fast' is not a mode; allowed: auto, loads, mo"):
+        SpeedSpec(enabled=True)  # refused when the run's options are read, before any work
+    monkeypatch.delenv(native.ENV_MASKS)
+
+
 def test_the_export_is_the_inference_format():
     """A bitmask export's entry becomes the kernel's form without a dense weight: the same
     values tensor and the same bits (reordered within bytes), so the same product."""

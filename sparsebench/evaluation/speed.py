@@ -336,6 +336,8 @@ def measure(
         out["not_run"] = not_run
     compiled = [k for k in ("bitmask", "gather") if k in kernels and k not in not_run]
     out.update({f"{k}_path": native.chosen_path() for k in compiled})  # the path each timed
+    if out.get("bitmask_path") == "avx512":  # and how its one-token loop took its masks
+        out["bitmask_masks"] = native.expand_masks()
     if ":" in pattern and "semi_structured" not in kernels:
         out["note"] = (
             f"no {pattern} kernel on {device.type}: its masks run through the unstructured "

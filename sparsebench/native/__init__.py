@@ -14,7 +14,10 @@ kernels of evaluation/kernels.py remain.
 
 Paths (cpu.h, both kernels): `avx512`, `avx2`, `portable`, chosen from the CPU's flags; the
 environment variable SPARSEBENCH_BITMASK_PATH forces one (a path this CPU lacks is refused with
-the ones it has), so one machine tests every path it has.
+the ones it has), so one machine tests every path it has. The AVX-512 expand loop at one token
+moves a mask word's quarters into mask registers or loads them (which is faster depends on the
+core, bitmask.cpp): measured once a process, or forced by SPARSEBENCH_EXPAND_MASKS=loads|moves;
+`expand_masks()` says which ran. Either way the bits are the same.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ HEADERS = (HERE / "cpu.h",)
 PATHS = {"portable": 1, "avx2": 2, "avx512": 3}
 PATH_NAMES = {v: k for k, v in PATHS.items()}
 ENV_PATH = "SPARSEBENCH_BITMASK_PATH"
+ENV_MASKS = "SPARSEBENCH_EXPAND_MASKS"
+MASKS = ("loads", "moves")  # bitmask.cpp's masks_mode 0, 1
 PAD = 16  # values past nnz that the kernel may read (bitmask.cpp PAD)
 
 
@@ -165,8 +170,24 @@ def chosen_path() -> str:
     return asked
 
 
+def expand_masks() -> str:
+    """How the AVX-512 expand loop at one token takes its masks: loads | moves (measured on
+    first use, or SPARSEBENCH_EXPAND_MASKS)."""
+    _require()
+    _check_masks()
+    return MASKS[int(torch.ops.sparsebench.bitmask_masks(-1))]
+
+
+def _check_masks() -> None:
+    asked = os.environ.get(ENV_MASKS, "").strip().lower()
+    if asked not in ("", "auto", *MASKS):
+        raise SparsebenchError(f"{ENV_MASKS}={asked!r} is not a mode; allowed: auto, loads, moves")
+
+
 def check_forced_path() -> None:
-    """Refuse a bad SPARSEBENCH_BITMASK_PATH now (one line), not when the kernel first runs."""
+    """Refuse a bad SPARSEBENCH_BITMASK_PATH or SPARSEBENCH_EXPAND_MASKS now (one line), not
+    when the kernel first runs."""
+    _check_masks()
     asked = os.environ.get(ENV_PATH, "").strip().lower()
     if asked in ("", "auto"):
         return

@@ -115,6 +115,7 @@ def kernel_environment() -> dict[str, Any]:
             "MKL_NUM_THREADS",
             "OPENBLAS_CORETYPE",
             "SPARSEBENCH_BITMASK_PATH",  # forces a path of the compiled bitmask kernel
+            "SPARSEBENCH_EXPAND_MASKS",  # forces how its AVX-512 loop takes its masks
         )
         if os.environ.get(k)
     }
