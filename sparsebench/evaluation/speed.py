@@ -142,10 +142,9 @@ def pick_kernel(
     gbs: dict[str, float] = {}
 
     def timed(kernel: str, fn) -> float:
-        if probe is None:
-            return median_s(fn, spec.repeats, max(1, spec.warmup))
         seconds, samples = median_beside(fn, probe, spec.repeats, max(1, spec.warmup))
-        gbs[kernel] = statistics.median(samples)
+        if samples:
+            gbs[kernel] = statistics.median(samples)
         return seconds
 
     totals, nbytes = {}, {}

@@ -28,14 +28,7 @@ def clock() -> float:
 
 
 def median_s(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
+    return median_beside(fn, None, repeats, warmup)[0]
 
 
 def interleaved(
@@ -82,13 +75,13 @@ def bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
 
 
 def median_beside(
-    fn: Callable[[], Any], probe: Callable[[], float], repeats: int, warmup: int
+    fn: Callable[[], Any], probe: Callable[[], float] | None, repeats: int, warmup: int
 ) -> tuple[float, list[float]]:
     """The median seconds of `fn` over `repeats` runs after `warmup`, and a sample of `probe`
-    after each run: a bandwidth measured in the same seconds as the timing it is a floor for.
-    (On a shared host the copy bandwidth moves by half within a minute: env B gave 24 to 55
-    GB/s in one run of bench_speed.py, where a floor from one moment put the same kernel at 0.9
-    and at 2.2 of it.)"""
+    (if any) after each run: a bandwidth measured in the same seconds as the timing it is a
+    floor for. (On a shared host the copy bandwidth moves by half within a minute: env B gave 24
+    to 55 GB/s in one run of bench_speed.py, where a floor from one moment put the same kernel
+    at 0.9 and at 2.2 of it.)"""
     for _ in range(warmup):
         fn()
     times, probes = [], []
@@ -96,7 +89,8 @@ def median_beside(
         start = clock()
         fn()
         times.append(clock() - start)
-        probes.append(probe())
+        if probe is not None:
+            probes.append(probe())
     return statistics.median(times), probes
 
 

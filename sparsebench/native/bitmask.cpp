@@ -310,84 +310,6 @@ SB_AVX2 void tile_avx2(const Problem& P, int64_t r, int64_t t0) {
 }
 #endif  // SB_X86
 
-// ----------------------------------------------------------------------------- masks mode
-
-// How the one-token AVX-512 loop puts a mask word's quarters into mask registers: 0 loads each
-// from memory (kmovw k, m16), 1 moves each from the word (kmovd k, r32 after a shift). Which is
-// faster depends on the core: on Intel a move takes the port the expands need (env C chose
-// loads), on AMD's Zen 4 a load into a mask register is slow (env B, one thread, SmolLM2's
-// shapes in cache: 66-77 us with moves against 88-98 with loads; docs/notes/2026-12-07-env-b.md).
-// SPARSEBENCH_EXPAND_MASKS (loads | moves) forces one; else it is measured once a process: a
-// 256 x 576 weight at 0.5 (in the second-level cache), one thread, both ways seven times in turn,
-// the faster by its best time. Either gives the same bits.
-std::atomic<int> masks{-1};
-
-#if SB_X86
-template <bool MOVES>
-double seconds_of(const Problem& P) {
-  using sparsebench_cpu::STREAMS;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int k = 0; k < 4; ++k)
-    sparsebench_cpu::streams<STREAMS>(
-        0, P.out, [&](int64_t r, int64_t q) { rows1_avx512<float, STREAMS, MOVES>(P, r, q); },
-        [&](int64_t r) { rows1_avx512<float, 1, MOVES>(P, r, 1); });
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-int measured_masks() {
-  const int64_t out = 256, words = 9;  // 576 columns
-  std::vector<float> x(words * 64, 1.0f), values, y(out);
-  std::vector<uint64_t> bits(out * words, 0);
-  std::vector<int64_t> rowptr{0};
-  uint64_t state = 0;  // splitmix64: each weight kept with probability 1/2
-  for (int64_t i = 0; i < out * words; ++i) {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    bits[i] = z ^ (z >> 31);
-  }
-  for (int64_t r = 0; r < out; ++r) {
-    int64_t n = 0;
-    for (int64_t w = 0; w < words; ++w) n += __builtin_popcountll(bits[r * words + w]);
-    values.resize(values.size() + n, 0.5f);
-    rowptr.push_back(static_cast<int64_t>(values.size()));
-  }
-  values.resize(values.size() + PAD, 0.0f);
-  const Problem P{x.data(), 1, words * 64, bits.data(), words, values.data(), rowptr.data(),
-                  y.data(), out};
-  double loads = 1e30, moves = 1e30;
-  for (int k = 0; k < 7; ++k) {
-    loads = std::min(loads, seconds_of<false>(P));
-    moves = std::min(moves, seconds_of<true>(P));
-  }
-  return moves < loads ? 1 : 0;
-}
-#endif
-
-// Decided on first use: the forced mode, else the measured one (0 where AVX-512 is missing).
-int masks_mode() {
-  int mode = masks.load();
-  if (mode >= 0) return mode;
-  const char* asked = std::getenv("SPARSEBENCH_EXPAND_MASKS");
-  const std::string a = asked ? asked : "";
-  TORCH_CHECK(a.empty() || a == "auto" || a == "loads" || a == "moves",
-              "SPARSEBENCH_EXPAND_MASKS=", a, " is not one of auto, loads, moves");
-  mode = a == "moves" ? 1 : 0;
-#if SB_X86
-  if ((a.empty() || a == "auto") && sparsebench_cpu::supported(3)) mode = measured_masks();
-#endif
-  masks.store(mode);
-  return mode;
-}
-
-// -1: the mode (deciding it first if not yet); 0 or 1: set it (tests); 2: decide again now.
-int64_t bitmask_masks(int64_t set) {
-  TORCH_CHECK(set >= -1 && set <= 2, "bitmask_masks: ", set, " is not -1, 0, 1 or 2");
-  if (set == 0 || set == 1) masks.store(static_cast<int>(set));
-  if (set == 2) masks.store(-1);
-  return masks_mode();
-}
-
 // ----------------------------------------------------------------------------- dispatch
 
 using sparsebench_cpu::best_path;
@@ -446,14 +368,17 @@ template <typename V>
 void rows(const Problem& P, int64_t path, bool moves, int64_t r0, int64_t r1) {
 #if SB_X86
   using sparsebench_cpu::STREAMS;
-  if (path == 3 && P.tokens == 1 && moves) {
-    sparsebench_cpu::streams<STREAMS>(
-        r0, r1, [&](int64_t r, int64_t q) { rows1_avx512<V, STREAMS, true>(P, r, q); },
-        [&](int64_t r) { rows1_avx512<V, 1, true>(P, r, 1); });
-  } else if (path == 3 && P.tokens == 1) {
-    sparsebench_cpu::streams<STREAMS>(
-        r0, r1, [&](int64_t r, int64_t q) { rows1_avx512<V, STREAMS, false>(P, r, q); },
-        [&](int64_t r) { rows1_avx512<V, 1, false>(P, r, 1); });
+  if (path == 3 && P.tokens == 1) {
+    auto one_token = [&](auto how) {  // how: std::bool_constant<moves>
+      constexpr bool M = decltype(how)::value;
+      sparsebench_cpu::streams<STREAMS>(
+          r0, r1, [&](int64_t r, int64_t q) { rows1_avx512<V, STREAMS, M>(P, r, q); },
+          [&](int64_t r) { rows1_avx512<V, 1, M>(P, r, 1); });
+    };
+    if (moves)
+      one_token(std::true_type{});
+    else
+      one_token(std::false_type{});
   } else if (path == 2 && P.tokens == 1) {
     // Streams where memory bounds the loop; at 0.9 the AVX2 expands bound it, and four rows at
     // once ran slower (1536 x 576 from memory, 2 threads, env C: 0.9 51-54 -> 63 us; 0.5
@@ -471,6 +396,79 @@ void rows(const Problem& P, int64_t path, bool moves, int64_t r0, int64_t r1) {
   } else
 #endif
     blocks<V, 1, PortableTile>(P, r0, r1, 6);
+}
+
+// ----------------------------------------------------------------------------- masks mode
+
+// How the one-token AVX-512 loop puts a mask word's quarters into mask registers: 0 loads each
+// from memory (kmovw k, m16), 1 moves each from the word (kmovd k, r32 after a shift). Which is
+// faster depends on the core: on Intel a move takes the port the expands need (env C chose
+// loads), on AMD's Zen 4 a load into a mask register is slow (env B, one thread, SmolLM2's
+// shapes in cache: 66-77 us with moves against 88-98 with loads; docs/notes/2026-12-07-env-b.md).
+// SPARSEBENCH_EXPAND_MASKS (loads | moves) forces one; else it is measured once a process: a
+// 256 x 576 weight at 0.5 (in the second-level cache), one thread, both ways seven times in turn,
+// the faster by its best time. Either gives the same bits.
+std::atomic<int> masks{-1};
+
+#if SB_X86
+double seconds_of(const Problem& P, bool moves) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int k = 0; k < 4; ++k) rows<float>(P, 3, moves, 0, P.out);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int measured_masks() {
+  const int64_t out = 256, words = 9;  // 576 columns
+  std::vector<float> x(words * 64, 1.0f), values, y(out);
+  std::vector<uint64_t> bits(out * words, 0);
+  std::vector<int64_t> rowptr{0};
+  uint64_t state = 0;  // splitmix64: each weight kept with probability 1/2
+  for (int64_t i = 0; i < out * words; ++i) {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    bits[i] = z ^ (z >> 31);
+  }
+  for (int64_t r = 0; r < out; ++r) {
+    int64_t n = 0;
+    for (int64_t w = 0; w < words; ++w) n += __builtin_popcountll(bits[r * words + w]);
+    values.resize(values.size() + n, 0.5f);
+    rowptr.push_back(static_cast<int64_t>(values.size()));
+  }
+  values.resize(values.size() + PAD, 0.0f);
+  const Problem P{x.data(), 1, words * 64, bits.data(), words, values.data(), rowptr.data(),
+                  y.data(), out};
+  double loads = 1e30, moves = 1e30;
+  for (int k = 0; k < 7; ++k) {
+    loads = std::min(loads, seconds_of(P, false));
+    moves = std::min(moves, seconds_of(P, true));
+  }
+  return moves < loads ? 1 : 0;
+}
+#endif
+
+// Decided on first use: the forced mode, else the measured one (0 where AVX-512 is missing).
+int masks_mode() {
+  int mode = masks.load();
+  if (mode >= 0) return mode;
+  const char* asked = std::getenv("SPARSEBENCH_EXPAND_MASKS");
+  const std::string a = asked ? asked : "";
+  TORCH_CHECK(a.empty() || a == "auto" || a == "loads" || a == "moves",
+              "SPARSEBENCH_EXPAND_MASKS=", a, " is not one of auto, loads, moves");
+  mode = a == "moves" ? 1 : 0;
+#if SB_X86
+  if ((a.empty() || a == "auto") && sparsebench_cpu::supported(3)) mode = measured_masks();
+#endif
+  masks.store(mode);
+  return mode;
+}
+
+// -1: the mode (deciding it first if not yet); 0 or 1: set it (tests); 2: decide again now.
+int64_t bitmask_masks(int64_t set) {
+  TORCH_CHECK(set >= -1 && set <= 2, "bitmask_masks: ", set, " is not -1, 0, 1 or 2");
+  if (set == 0 || set == 1) masks.store(static_cast<int>(set));
+  if (set == 2) masks.store(-1);
+  return masks_mode();
 }
 
 at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& values,
