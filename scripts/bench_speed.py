@@ -6,6 +6,7 @@ and the bytes of each stored form (evaluation/speed.py, formats.py).
     python scripts/bench_speed.py wanda:0.9 --threads 2
     python scripts/bench_speed.py --llama7b-blocks 2   # Llama-2-7B's shapes, random weights
     SPARSEBENCH_BITMASK_PATH=avx2 python scripts/bench_speed.py   # force a bitmask kernel path
+    python scripts/bench_speed.py --no-fuse            # q/k/v and gate/up as separate products
 
 --llama7b-blocks N: a Llama with Llama-2-7B's block shapes (hidden 4096, MLP 11008, 32 heads)
 and N blocks of random weights, a 1024-token vocabulary so the linears are the model, timed the
@@ -52,6 +53,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--llama7b-blocks", type=int, default=0, help="Llama-2-7B shapes, N blocks")
     ap.add_argument("--kernels", default="", help="comma-separated eval.speed.kernels")
+    ap.add_argument(
+        "--no-fuse", action="store_true", help="eval.speed.fuse=false: every linear on its own"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +91,7 @@ def main() -> int:
             args.seqlen,
             torch.device("cpu"),
             pattern,
-            SpeedSpec(enabled=True, kernels=kernels),
+            SpeedSpec(enabled=True, kernels=kernels, fuse=not args.no_fuse),
         )
         row = {"config": item, "speed": speed, "size": size_of(model)}
         rows.append(row)

@@ -394,26 +394,6 @@ class SparseLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def swap_in(
-    model: nn.Module,
-    names: list[str],
-    decode: str,
-    prefill: str,
-    rows_many: int = 2,
-    batch: str | None = None,
-    rows_prefill: int = 16,
-) -> dict[str, nn.Linear]:
-    """Replace the named linears by SparseLinear in place; returns the originals (swap_out)."""
-    originals = {}
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        originals[name] = getattr(parent, attr)
-        sparse = SparseLinear(originals[name], decode, prefill, rows_many, batch, rows_prefill)
-        setattr(parent, attr, sparse)
-    return originals
-
-
 def swap_out(model: nn.Module, originals: dict[str, nn.Linear]) -> None:
     for name, linear in originals.items():
         parent_name, _, attr = name.rpartition(".")

@@ -48,13 +48,14 @@ from torch import nn
 from .. import native
 from ..errors import SparsebenchError, one_line
 from ..registry import option
+from . import fusion
 from .kernels import (
     FORMS,
+    SparseLinear,
     kernels_for,
     lowrank_parts,
     merged_in,
     sparse_form,
-    swap_in,
     swap_out,
     unavailable,
 )
@@ -88,6 +89,9 @@ class SpeedSpec:
     # tokens; from rows_prefill (prefill) the one picked at 64 tokens
     rows_many: int = option(2, ge=1)
     rows_prefill: int = option(16, ge=2)
+    # linears that read the same input (q/k/v, gate/up) multiplied as one matrix, on both
+    # sides (fusion.py): what a serving runtime does, and what a small sparse matrix needs
+    fuse: bool = True
 
     def __post_init__(self):
         self.batch_sizes, self.kernels = tuple(self.batch_sizes), tuple(self.kernels)
@@ -272,18 +276,20 @@ def speedups(dense: dict[str, Any], other: dict[str, Any], batches) -> dict[str,
     }
 
 
-def _sides(model: nn.Module, names: list[str], factored: dict, tiers: tuple) -> dict[str, dict]:
-    """The modules at `names` for each side of the comparison, built once: the run's own
-    (`original`), the dense product's (a merged S + U V linear where OATS factored one) and the
-    sparse kernels' (SparseLinear with the `tiers` swap_in takes)."""
-    here = lambda: {n: model.get_submodule(n) for n in names}  # noqa: E731
-    sides = {"original": here()}
-    swap_in(model, names, *tiers)  # each built from the module in place: the original
-    sides["sparse"] = here()
+def _sides(
+    model: nn.Module, linears: dict, units: dict, groups: list, factored: dict, tiers: tuple
+) -> dict[str, dict]:
+    """The modules at the pruned linears' names for each side of the comparison, built once: the
+    run's own (`original`), the dense product's (a merged S + U V linear where OATS factored
+    one) and the sparse kernels' (SparseLinear of the kernel `tiers`), a group of linears that
+    read one input (fusion.py) multiplied as its one stacked unit on both sides."""
+    sides = {"original": dict(linears)}
+    merged_in(model, factored)  # a factored linear is in no group: its dense side is S + U V
+    dense = {u: model.get_submodule(u) if u in factored else lin for u, lin in units.items()}
     swap_out(model, sides["original"])
-    merged_in(model, factored)
-    sides["dense"] = here()
-    swap_out(model, sides["original"])
+    sides["dense"] = fusion.members(groups, linears, dense)
+    sparse = {u: SparseLinear(lin, *tiers) for u, lin in units.items()}  # the original's form
+    sides["sparse"] = fusion.members(groups, linears, sparse)
     return sides
 
 
@@ -302,20 +308,23 @@ def measure(
     kernels, not_run = candidates(linears, device, pattern, spec)
     if not kernels:
         return {"skipped": "no sparse kernel can run this model here", "not_run": not_run}
+    factored, factor_bytes = lowrank_parts(linears)  # OATS: dense is S + U V, one weight
+    probe = random_tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)
+    plain = [n for n in names if n not in factored]
+    groups = fusion.shared_inputs(model, plain, probe[:, :2]) if spec.fuse else []
+    units = fusion.units(linears, groups)  # what the kernels multiply, timed as it runs
     failed: dict[str, str] = {}
-    kernel, kernels_one = pick_kernel(linears, kernels, spec, 1, failed, copy_sampler(device))
+    kernel, kernels_one = pick_kernel(units, kernels, spec, 1, failed, copy_sampler(device))
     # the whole model's floor: the bandwidth sampled beside the kernels' timings (their median)
     beside = [v for k, v in kernels_one.items() if k.endswith("_gbs")]
     bandwidth = statistics.median(beside)
-    batch_kernel, kernels_eight = pick_kernel(linears, kernels, spec, 8, failed)
-    prefill_kernel, kernels_many = pick_kernel(linears, kernels, spec, 64, failed)
+    batch_kernel, kernels_eight = pick_kernel(units, kernels, spec, 8, failed)
+    prefill_kernel, kernels_many = pick_kernel(units, kernels, spec, 64, failed)
     not_run.update(failed)
     if kernel is None or batch_kernel is None or prefill_kernel is None:
         return {"skipped": "every sparse kernel failed here", "not_run": not_run}
-    factored, factor_bytes = lowrank_parts(linears)  # OATS: dense is S + U V, one weight
     dense_bytes = weight_bytes(model) - factor_bytes
     pruned_dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
-    probe = random_tokens(model.config.vocab_size, (1, min(seqlen, 64)), device, 1)
     out: dict[str, Any] = {
         "device": device.type,
         "kernel": kernel,
@@ -330,6 +339,7 @@ def measure(
         "bandwidth_gbs_range": [min(beside), max(beside)],  # how much it moved in the run
         "pattern": pattern,
         "threads": torch.get_num_threads(),
+        "fused": fusion.summary(groups),  # {} unfused; the kernels' tables time the units
     }
     if not_run:
         out["not_run"] = not_run
@@ -344,7 +354,7 @@ def measure(
         )
     dense_logits = model(input_ids=probe, use_cache=False).logits.float()
     tiers = (kernel, prefill_kernel, spec.rows_many, batch_kernel, spec.rows_prefill)
-    sides = _sides(model, names, factored, tiers)
+    sides = _sides(model, linears, units, groups, factored, tiers)
     use = lambda side: swap_out(model, sides[side])  # noqa: E731 (puts that side's modules in)
     both = ("dense", "sparse")
     try:
@@ -358,9 +368,12 @@ def measure(
                 stats[side][f"prefill_tps_b{b}"] = round(b * seqlen / pre[side], 2)
                 stats[side][f"decode_ms_b{b}"] = round(1000 * dec[side], 3)
         use("sparse")
-        sparse = list(sides["sparse"].values())
+        sparse = fusion.distinct_units(sides["sparse"].values())  # each SparseLinear once
         logits = model(input_ids=probe, use_cache=False).logits.float()
-        stats["sparse"]["sparse_calls"] = sum(m.calls for m in sparse)
+        # products served sparse, a member of a group counted as its own linear (so a multiple
+        # of the pruned linears when none fell back), and the kernels' own calls
+        stats["sparse"]["sparse_calls"] = sum(m.calls for m in sides["sparse"].values())
+        stats["sparse"]["kernel_calls"] = sum(m.calls for m in sparse)
         stats["sparse"]["logits_max_abs_diff"] = float((logits - dense_logits).abs().max())
         stats["sparse"]["logits_max_abs"] = float(dense_logits.abs().max())
         reads = {"dense": dense_bytes,
