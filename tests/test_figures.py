@@ -139,6 +139,15 @@ def test_an_impossible_speed_up_is_suspect_and_a_possible_one_is_not():
     assert plausibility(b8, seqlen=64) == []
     b8["dense"]["decode_over_floor_b8"] = 1.0  # had dense run at its floor: impossible
     assert "bandwidth floor allows" in plausibility(b8, seqlen=64)[0]
+    # a kernel timed faster than the copy sampled beside it: that copy was slowed, not a floor
+    # (env B, 2:4: bitmask at 0.54 of a floor from copies at 12.4 GB/s, the others' 25-34)
+    b8["kernels_one_token"].update(bitmask_gbs=12.41, bitmask_over_floor=0.54)
+    b8["kernels_one_token"].update(dense_gbs=31.84, dense_over_floor=1.0)
+    (below,) = [r for r in plausibility(b8, seqlen=64) if "of its floor" in r]
+    assert (
+        below.startswith("bitmask at one token ran at 0.54 of its floor") and "12.4 GB/s" in below
+    )
+    del b8["kernels_one_token"]["bitmask_over_floor"]
     # prefill (seqlen x batch rows, never timed at that size) is not judged
     b8["speedup"]["prefill_b1"] = 0.4
     assert len(plausibility(b8, seqlen=64)) == 1  # the floor's reason above, no other

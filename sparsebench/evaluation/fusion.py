@@ -24,6 +24,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .kernels import SparseLinear, merged_in, swap_out
+
 
 def _version(x: torch.Tensor) -> int | None:
     # an inference-mode tensor has no version counter (and cannot be modified in place outside
@@ -130,6 +132,23 @@ class FusedMember(nn.Module):
         # one token's slice is contiguous already (no copy); a batch's is copied, as the
         # attention's view() of a member's output may need
         return self.product(x)[..., self.start : self.stop].contiguous()
+
+
+def sides(
+    model: nn.Module, linears: dict, units: dict, groups: list, factored: dict, tiers: tuple
+) -> dict[str, dict]:
+    """The modules at the pruned linears' names for each side of the comparison, built once: the
+    run's own (`original`), the dense product's (a merged S + U V linear where OATS factored
+    one) and the sparse kernels' (SparseLinear of the kernel `tiers`), a group of linears that
+    read one input multiplied as its one stacked unit on both sides."""
+    out = {"original": dict(linears)}
+    merged_in(model, factored)  # a factored linear is in no group: its dense side is S + U V
+    dense = {u: model.get_submodule(u) if u in factored else lin for u, lin in units.items()}
+    swap_out(model, out["original"])
+    out["dense"] = members(groups, linears, dense)
+    sparse = {u: SparseLinear(lin, *tiers) for u, lin in units.items()}  # the original's form
+    out["sparse"] = members(groups, linears, sparse)
+    return out
 
 
 def members(

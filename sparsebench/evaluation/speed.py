@@ -49,16 +49,7 @@ from .. import native
 from ..errors import SparsebenchError, one_line
 from ..registry import option
 from . import fusion
-from .kernels import (
-    FORMS,
-    SparseLinear,
-    kernels_for,
-    lowrank_parts,
-    merged_in,
-    sparse_form,
-    swap_out,
-    unavailable,
-)
+from .kernels import FORMS, kernels_for, lowrank_parts, sparse_form, swap_out, unavailable
 from .timing import (
     bandwidth_gbs,
     copy_sampler,
@@ -207,6 +198,14 @@ def plausibility(out: dict[str, Any], seqlen: int) -> list[str]:
             "such a model says anything about a real one"
         ]
     reasons = []
+    for key, ratio in out["kernels_one_token"].items():  # no kernel reads faster than memory
+        if key.endswith("_over_floor") and ratio < 1 / SUSPECT_MARGIN:
+            k = key.removesuffix("_over_floor")
+            reasons.append(
+                f"{k} at one token ran at {ratio:.2f} of its floor: the copy sampled beside it "
+                f"({out['kernels_one_token'][f'{k}_gbs']:.1f} GB/s) was slowed, so that floor "
+                "is none (a busy machine)"
+            )
     for key, x in out["speedup"].items():
         kind, _, b = key.rpartition("_b")
         if kind != "decode":  # prefill: seqlen x batch rows, far from the 64 the kernels were
@@ -276,23 +275,6 @@ def speedups(dense: dict[str, Any], other: dict[str, Any], batches) -> dict[str,
     }
 
 
-def _sides(
-    model: nn.Module, linears: dict, units: dict, groups: list, factored: dict, tiers: tuple
-) -> dict[str, dict]:
-    """The modules at the pruned linears' names for each side of the comparison, built once: the
-    run's own (`original`), the dense product's (a merged S + U V linear where OATS factored
-    one) and the sparse kernels' (SparseLinear of the kernel `tiers`), a group of linears that
-    read one input (fusion.py) multiplied as its one stacked unit on both sides."""
-    sides = {"original": dict(linears)}
-    merged_in(model, factored)  # a factored linear is in no group: its dense side is S + U V
-    dense = {u: model.get_submodule(u) if u in factored else lin for u, lin in units.items()}
-    swap_out(model, sides["original"])
-    sides["dense"] = fusion.members(groups, linears, dense)
-    sparse = {u: SparseLinear(lin, *tiers) for u, lin in units.items()}  # the original's form
-    sides["sparse"] = fusion.members(groups, linears, sparse)
-    return sides
-
-
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -354,7 +336,7 @@ def measure(
         )
     dense_logits = model(input_ids=probe, use_cache=False).logits.float()
     tiers = (kernel, prefill_kernel, spec.rows_many, batch_kernel, spec.rows_prefill)
-    sides = _sides(model, linears, units, groups, factored, tiers)
+    sides = fusion.sides(model, linears, units, groups, factored, tiers)
     use = lambda side: swap_out(model, sides[side])  # noqa: E731 (puts that side's modules in)
     both = ("dense", "sparse")
     try:
