@@ -5,8 +5,12 @@ up; serving runtimes (llama.cpp, vLLM) multiply each such group as one matrix of
 rows stacked. For a sparse kernel that matters more than for a dense one: a small matrix pays
 its threads' and its read streams' start-up once a call, so on SmolLM2's shapes (2 threads,
 env B, from memory) q / k / v at 0.5 took 47-62 us as three products and 46-47 as one, gate /
-up 170-174 and 129-132, where dense (MKL) gained 1-6% (docs/notes/2026-12-07-env-b.md).
-The speed measurement fuses both sides alike, so the ratio compares like with like.
+up 170-174 and 129-132, where dense (MKL) gained 1-6% (docs/notes/2026-12-07-env-b.md). In
+the library the sparse units of SmolLM2 took 7-19% less time than its linears one by one,
+while the whole token moved within +-3% (docs/notes/2026-12-07-fusion.md). The speed
+measurement fuses both sides alike, so the ratio compares like with like. A stacked unit is a
+copy: while the speed is measured the grouped weights are held twice (`eval.speed.fuse=false`
+where that does not fit).
 
 Which linears share an input is found, not assumed per family: one short forward with a hook
 on each pruned linear records the tensor each receives; linears handed the very same tensor
