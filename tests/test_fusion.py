@@ -29,8 +29,12 @@ def groups_of(family: str):
     "family, kinds",
     [
         ("llama", {"q_proj+k_proj+v_proj", "gate_proj+up_proj"}),
+        ("gemma3", {"q_proj+k_proj+v_proj", "gate_proj+up_proj"}),
+        ("phi3", {"q+k+v", "gate+up"}),  # its fused projections, split for pruning
         ("opt", {"q_proj+k_proj+v_proj"}),
         ("gpt2", {"q+k+v"}),
+        ("gpt-neox", {"q+k+v"}),
+        ("falcon", {"q+k+v"}),
     ],
 )
 def test_the_linears_handed_one_input_form_the_groups(family, kinds):
