@@ -57,17 +57,16 @@ def shared_inputs(model: nn.Module, names: list[str], input_ids: torch.Tensor) -
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    keys: list[tuple[torch.Tensor, int | None]] = []
+    keys: list[tuple] = []  # each group's input, its version, and its weights' dtype and device
     for name, (x, version) in seen.items():
         w = model.get_submodule(name).weight
-        for group, (gx, gv) in zip(groups, keys):
-            first = model.get_submodule(group[0]).weight
-            if gx is x and gv == version and (w.dtype, w.device) == (first.dtype, first.device):
-                group.append(name)
-                break
-        else:
+        key = (x, version, w.dtype, w.device)
+        i = next((i for i, k in enumerate(keys) if k[0] is x and k[1:] == key[1:]), None)
+        if i is None:
             groups.append([name])
-            keys.append((x, version))
+            keys.append(key)
+        else:
+            groups[i].append(name)
     return [g for g in groups if len(g) > 1]
 
 
